@@ -1,0 +1,87 @@
+"""The records kept in the registry: machines, jobs, schedule entries and unit states."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DESIRED_STATES = ("inactive", "loaded", "launched")
+
+
+@dataclass(frozen=True)
+class Machine:
+    """A live fleetd host, as it registered itself."""
+
+    id: str
+    public_ip: str = ""
+    metadata: dict[str, str] = field(default_factory=dict, hash=False)
+    # http(s)://host:port of this machine's fleetd API, when it listens on TCP; used to reach
+    # the machine that runs a unit for `fleetctl status/journal`.
+    api_endpoint: str = ""
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "primaryIP": self.public_ip, "metadata": dict(self.metadata),
+                "apiEndpoint": self.api_endpoint}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Machine:
+        return cls(id=data["id"], public_ip=data.get("primaryIP", ""),
+                   metadata=dict(data.get("metadata") or {}),
+                   api_endpoint=data.get("apiEndpoint", ""))
+
+
+@dataclass(frozen=True)
+class Job:
+    """A unit the user submitted, with the state they want it in."""
+
+    name: str
+    hash: str
+    desired_state: str = "inactive"
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "hash": self.hash, "desiredState": self.desired_state}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Job:
+        return cls(name=data["name"], hash=data["hash"], desired_state=data["desiredState"])
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """The engine's decision: run this unit (this content, in this state) on this machine."""
+
+    unit: str
+    machine_id: str
+    hash: str
+    desired_state: str
+
+    def to_json(self) -> dict:
+        return {"unit": self.unit, "machineID": self.machine_id, "hash": self.hash,
+                "desiredState": self.desired_state}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Assignment:
+        return cls(unit=data["unit"], machine_id=data["machineID"], hash=data["hash"],
+                   desired_state=data["desiredState"])
+
+
+@dataclass(frozen=True)
+class UnitState:
+    """What systemd on a machine reports for a unit, as published by that machine's agent."""
+
+    unit: str
+    machine_id: str
+    hash: str
+    load_state: str
+    active_state: str
+    sub_state: str
+
+    def to_json(self) -> dict:
+        return {"name": self.unit, "machineID": self.machine_id, "hash": self.hash,
+                "systemdLoadState": self.load_state, "systemdActiveState": self.active_state,
+                "systemdSubState": self.sub_state}
+
+    @classmethod
+    def from_json(cls, data: dict) -> UnitState:
+        return cls(unit=data["name"], machine_id=data["machineID"], hash=data["hash"],
+                   load_state=data["systemdLoadState"], active_state=data["systemdActiveState"],
+                   sub_state=data["systemdSubState"])
