@@ -1,0 +1,191 @@
+"""The cluster state in a key-value store: one key layout (docs/registry.md), JSON records."""
+
+from __future__ import annotations
+
+import json
+
+from fleetpy.registry.models import Assignment, Job, Machine, UnitState
+from fleetpy.registry.store import AlreadyExists, CompareFailed, MemoryStore, Store
+from fleetpy.unit import UnitFile
+
+SCHEMA_VERSION = "1"
+DEFAULT_PREFIX = "/_fleetpy/"
+
+
+class NotFound(LookupError):
+    pass
+
+
+class Conflict(Exception):
+    """The record changed under us or already exists."""
+
+
+class Registry:
+    """Everything fleetd and the API read and write in etcd, and nothing else.
+
+    Keys (relative to the prefix), each written by one party:
+      version                      schema version                    first fleetd
+      machines/<id>                Machine JSON, with the agent TTL  that machine's agent
+      unit/<hash>                  unit file text, content-addressed API (submit)
+      job/<name>                   Job JSON: hash + desired state    API
+      schedule/<machine>/<name>    Assignment JSON                   engine
+      pending/<name>               why a unit fits nowhere           engine
+      state/<name>/<machine>       UnitState JSON                    that machine's agent
+      engine/leader                machine id of the engine, TTL     the elected engine
+    """
+
+    def __init__(self, store: Store, prefix: str = DEFAULT_PREFIX):
+        self.store = store
+        self.prefix = "/" + prefix.strip("/") + "/"
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + "/".join(parts)
+
+    def _list(self, *parts: str) -> dict[str, str]:
+        """Records under a directory, by their path relative to it."""
+        base = self.key(*parts) + "/"
+        return {k[len(base):]: v for k, v in self.store.list(base).items()}
+
+    def ensure_schema(self) -> None:
+        try:
+            self.store.put(self.key("version"), SCHEMA_VERSION, create_only=True)
+        except AlreadyExists:
+            found = self.store.get(self.key("version"))
+            if found != SCHEMA_VERSION:
+                raise RuntimeError(f"registry at {self.prefix} has schema version {found}, this fleetd "
+                                   f"speaks {SCHEMA_VERSION}; use another --etcd-key-prefix or upgrade") from None
+
+    # Unit files: immutable, so readers may cache them by hash forever.
+    def put_unit_file(self, unit_file: UnitFile) -> str:
+        digest = unit_file.hash
+        try:
+            self.store.put(self.key("unit", digest), unit_file.to_text(), create_only=True)
+        except AlreadyExists:
+            pass
+        return digest
+
+    def unit_file(self, digest: str) -> UnitFile | None:
+        text = self.store.get(self.key("unit", digest))
+        return None if text is None else UnitFile.parse(text)
+
+    # Jobs: what the user asked for.
+    def create_job(self, job: Job) -> None:
+        try:
+            self.store.put(self.key("job", job.name), json.dumps(job.to_json()), create_only=True)
+        except AlreadyExists:
+            raise Conflict(f"unit {job.name} already exists") from None
+
+    def job(self, name: str) -> Job | None:
+        text = self.store.get(self.key("job", name))
+        return None if text is None else Job.from_json(json.loads(text))
+
+    def jobs(self) -> list[Job]:
+        return [Job.from_json(json.loads(v)) for _, v in sorted(self._list("job").items())]
+
+    def set_desired_state(self, name: str, state: str) -> None:
+        key = self.key("job", name)
+        current = self.store.get(key)
+        if current is None:
+            raise NotFound(f"unit {name} not found")
+        job = Job.from_json(json.loads(current))
+        if job.desired_state == state:
+            return
+        updated = Job(job.name, job.hash, state)
+        try:
+            self.store.put(key, json.dumps(updated.to_json()), prev_value=current)
+        except CompareFailed:
+            raise Conflict(f"unit {name} changed while being updated; try again") from None
+
+    def delete_job(self, name: str) -> None:
+        if not self.store.delete(self.key("job", name)):
+            raise NotFound(f"unit {name} not found")
+
+    # Machines: each agent's own record, alive while its TTL is refreshed.
+    def register_machine(self, machine: Machine, ttl: float) -> None:
+        self.store.put(self.key("machines", machine.id), json.dumps(machine.to_json()), ttl=ttl)
+
+    def refresh_machine(self, machine_id: str, ttl: float) -> bool:
+        return self.store.refresh(self.key("machines", machine_id), ttl)
+
+    def machines(self) -> list[Machine]:
+        return [Machine.from_json(json.loads(v)) for _, v in sorted(self._list("machines").items())]
+
+    def replace_machine(self, old: Machine, new: Machine, ttl: float) -> None:
+        """Compare-and-swap a machine record (metadata edits through the API)."""
+        key = self.key("machines", old.id)
+        current = self.store.get(key)
+        if current is None or Machine.from_json(json.loads(current)) != old:
+            raise Conflict(f"machine {old.id} changed or disappeared; try again")
+        try:
+            self.store.put(key, json.dumps(new.to_json()), ttl=ttl, prev_value=current)
+        except CompareFailed:
+            raise Conflict(f"machine {old.id} changed while being updated; try again") from None
+
+    def remove_machine(self, machine_id: str) -> None:
+        self.store.delete(self.key("machines", machine_id))
+
+    # Schedule: the engine's decisions, one directory per machine so an agent watches only its own.
+    def assign(self, assignment: Assignment) -> None:
+        self.store.put(self.key("schedule", assignment.machine_id, assignment.unit),
+                       json.dumps(assignment.to_json()))
+
+    def unassign(self, unit: str, machine_id: str) -> None:
+        self.store.delete(self.key("schedule", machine_id, unit))
+
+    def assignments(self, machine_id: str | None = None) -> list[Assignment]:
+        parts = ("schedule", machine_id) if machine_id else ("schedule",)
+        return [Assignment.from_json(json.loads(v)) for _, v in sorted(self._list(*parts).items())]
+
+    def set_pending(self, unit: str, reason: str | None) -> None:
+        if reason is None:
+            self.store.delete(self.key("pending", unit))
+        else:
+            self.store.put(self.key("pending", unit), reason)
+
+    def pending(self) -> dict[str, str]:
+        return self._list("pending")
+
+    # Unit states: published by the agent running the unit.
+    def publish_state(self, state: UnitState) -> None:
+        self.store.put(self.key("state", state.unit, state.machine_id), json.dumps(state.to_json()))
+
+    def remove_state(self, unit: str, machine_id: str) -> None:
+        self.store.delete(self.key("state", unit, machine_id))
+
+    def states(self) -> list[UnitState]:
+        return [UnitState.from_json(json.loads(v)) for _, v in sorted(self._list("state").items())]
+
+    # Engine leadership: a TTL'd key; whoever creates it leads until it stops refreshing.
+    def acquire_leadership(self, holder: str, ttl: float) -> bool:
+        try:
+            self.store.put(self.key("engine", "leader"), holder, ttl=ttl, create_only=True)
+            return True
+        except AlreadyExists:
+            return False
+
+    def renew_leadership(self, holder: str, ttl: float) -> bool:
+        key = self.key("engine", "leader")
+        if self.store.get(key) != holder:
+            return False
+        return self.store.refresh(key, ttl)
+
+    def leader(self) -> str | None:
+        return self.store.get(self.key("engine", "leader"))
+
+    def resign(self, holder: str) -> None:
+        try:
+            self.store.delete(self.key("engine", "leader"), prev_value=holder)
+        except CompareFailed:
+            pass
+
+    # Watches: block until something under a directory changes after `after_index`.
+    def index(self) -> int:
+        return self.store.index()
+
+    def wait(self, after_index: int, *parts: str, timeout: float = 30.0) -> int | None:
+        return self.store.wait(self.key(*parts), after_index, timeout)
+
+
+def memory_registry(prefix: str = DEFAULT_PREFIX) -> Registry:
+    """A registry over the in-memory store: the fake used by fast tests."""
+    return Registry(MemoryStore(), prefix)
