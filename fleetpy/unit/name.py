@@ -1,0 +1,132 @@
+"""Unit names: parsing and fleet's rules for what a unit may be called."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from fleetpy.unit.errors import InvalidUnitName
+
+SUFFIXES = frozenset(
+    {
+        "automount",
+        "busname",
+        "device",
+        "mount",
+        "path",
+        "scope",
+        "service",
+        "slice",
+        "snapshot",
+        "socket",
+        "swap",
+        "target",
+        "timer",
+    }
+)
+TEMPLATE_SUFFIXES = frozenset({"path", "service", "socket", "target", "timer"})
+
+# systemd's UNIT_NAME_MAX is 256 including the terminating NUL.
+MAX_NAME_BYTES = 255
+
+_ALLOWED = re.compile(r"[a-zA-Z0-9:_.@-]*")
+
+
+def _fail(name: str, why: str) -> InvalidUnitName:
+    return InvalidUnitName(f'"{name}": {why}')
+
+
+@dataclass(frozen=True)
+class UnitName:
+    """A validated unit name split into prefix, optional instance and type suffix."""
+
+    full: str
+    prefix: str
+    # None for a plain unit, "" for a template ("foo@.service"), else the instance.
+    instance: str | None
+    suffix: str
+
+    @classmethod
+    def parse(cls, name: str) -> UnitName:
+        if not isinstance(name, str):
+            raise InvalidUnitName(
+                f"unit name must be a string, not {type(name).__name__}"
+            )
+        if not name:
+            raise InvalidUnitName(
+                "unit name is empty; give a name such as hello.service"
+            )
+        if len(name.encode()) > MAX_NAME_BYTES:
+            raise _fail(
+                name[:40] + "...",
+                f"unit names may be at most {MAX_NAME_BYTES} bytes long "
+                f"(this one is {len(name.encode())}); choose a shorter name",
+            )
+        if not _ALLOWED.fullmatch(name):
+            bad = next(ch for ch in name if not _ALLOWED.fullmatch(ch))
+            raise _fail(
+                name,
+                'unit names may contain only letters, digits and ":_.@-" '
+                f"(found {bad!r}); rename the unit",
+            )
+        stem, dot, suffix = name.rpartition(".")
+        if not dot or suffix not in SUFFIXES:
+            kinds = ", ".join(sorted(SUFFIXES))
+            unknown = f'; ".{suffix}" is not a unit type' if dot else ""
+            raise _fail(
+                name,
+                f"missing a unit type suffix such as .service (one of {kinds}){unknown}",
+            )
+        if name.count("@") > 1:
+            raise _fail(
+                name,
+                'unit names may contain at most one "@", which separates the '
+                "template name from the instance (e.g. web@1.service)",
+            )
+        prefix, at, instance = stem.partition("@")
+        if not prefix:
+            raise _fail(
+                name,
+                "nothing before the "
+                + ('"@"' if at else f'".{suffix}"')
+                + "; the unit needs a name such as hello."
+                + suffix,
+            )
+        if at and suffix not in TEMPLATE_SUFFIXES:
+            kinds = ", ".join(sorted(TEMPLATE_SUFFIXES))
+            raise _fail(
+                name,
+                f"only units of type {kinds} can be templates or instances; "
+                f'remove the "@" or change the type',
+            )
+        return cls(
+            full=name, prefix=prefix, instance=instance if at else None, suffix=suffix
+        )
+
+    @property
+    def is_template(self) -> bool:
+        return self.instance == ""
+
+    @property
+    def is_instance(self) -> bool:
+        return bool(self.instance)
+
+    @property
+    def template(self) -> str | None:
+        """The template an instance is made from ("foo@.service" for "foo@1.service")."""
+        if not self.is_instance:
+            return None
+        return f"{self.prefix}@.{self.suffix}"
+
+    @property
+    def stem(self) -> str:
+        """The full name without its type suffix, i.e. systemd's %N."""
+        return self.full[: -len(self.suffix) - 1]
+
+    def __str__(self) -> str:
+        return self.full
+
+
+def validate_unit_name(name: str) -> UnitName:
+    """Parse `name`, raising InvalidUnitName with a readable reason if it is not usable."""
+    return UnitName.parse(name)
