@@ -1,0 +1,1 @@
+"""A local multi-node lab: simulated machines on one host."""

@@ -1,0 +1,296 @@
+"""Simulated machines on one host: a systemd --user manager per node, in its own cgroup and namespaces."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# Every hierarchy a node's processes must be confined to; "unified" is the
+# cgroup2 mount of the hybrid layout and is the one that has cgroup.kill.
+CGROUP_HIERARCHIES = ("systemd", "unified", "pids", "memory", "cpu", "cpuacct")
+BRIDGE_ADDRESS = "10.251.0.1/24"
+SYSTEMD = "/lib/systemd/systemd"
+START_TIMEOUT = 10.0
+KILL_TIMEOUT = 5.0
+
+_NAME_RE = re.compile(r"^[a-zA-Z0-9_.-]{1,40}$")
+_SPAWN = str(Path(__file__).with_name("_spawn.py"))
+
+
+class NodeError(RuntimeError):
+    """A node could not be started or torn down; the message says why."""
+
+
+@dataclass
+class Node:
+    name: str
+    dir: Path
+    pid: int
+    env: dict[str, str]
+    ip: str
+    cgroup: str
+    netns: str | None = None
+    veth: str | None = None
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def cgroup_dirs(self) -> list[Path]:
+        return _cgroup_dirs(self.cgroup)
+
+    def popen(
+        self,
+        argv: list[str],
+        env_extra: dict[str, str] | None = None,
+        stdout: int | IO[Any] | None = None,
+        stderr: int | IO[Any] | None = None,
+        **kwargs: Any,
+    ) -> subprocess.Popen:
+        """Run argv inside the node: its mount (and net) namespace, its env, its cgroup."""
+        env = {**os.environ, **self.env, **(env_extra or {})}
+        return subprocess.Popen(self._enter_argv(argv), env=env, stdout=stdout, stderr=stderr, **kwargs)
+
+    def run(
+        self,
+        argv: list[str],
+        env_extra: dict[str, str] | None = None,
+        timeout: float | None = 30.0,
+        check: bool = False,
+    ) -> subprocess.CompletedProcess:
+        """Run argv inside the node and wait; output is captured as text."""
+        env = {**os.environ, **self.env, **(env_extra or {})}
+        return subprocess.run(
+            self._enter_argv(argv), env=env, capture_output=True, text=True, timeout=timeout, check=check
+        )
+
+    def _enter_argv(self, argv: list[str]) -> list[str]:
+        if not argv:
+            raise ValueError("empty command")
+        # The helper joins the node's cgroups before exec'ing nsenter, so the
+        # command and all its children die with the node.
+        enter = ["nsenter", f"--target={self.pid}", "--mount", f"--wd={Path.cwd()}"]
+        if self.netns:
+            enter.append("--net")
+        return [sys.executable, _SPAWN, *_procs_args(self.cgroup), "--", *enter, "--", *argv]
+
+    def kill(self) -> None:
+        """Kill every process of the node and remove its cgroups and network namespace."""
+        dirs = [d for d in self.cgroup_dirs if d.is_dir()]
+        unified = CGROUP_ROOT / "unified" / self.cgroup
+        if (unified / "cgroup.kill").exists():
+            (unified / "cgroup.kill").write_text("1")
+        deadline = time.monotonic() + KILL_TIMEOUT
+        while pids := _cgroup_pids(dirs):
+            # Fallback for kernels without cgroup.kill, and for the v1
+            # hierarchies: these pids are ours because they are in our cgroup.
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if time.monotonic() > deadline:
+                raise NodeError(f"node {self.name}: processes {sorted(pids)} survived SIGKILL")
+            time.sleep(0.02)
+        if self.process is not None:
+            self.process.wait(timeout=KILL_TIMEOUT)
+        for d in dirs:
+            _rmtree_cgroup(d)
+        if self.netns:
+            _ip("netns", "delete", self.netns, check=False)
+        if self.veth and _link_exists(self.veth):
+            _ip("link", "delete", self.veth, check=False)
+
+
+def start_node(
+    name: str,
+    base_dir: Path,
+    ip: str | None = None,
+    netns: bool = False,
+    bridge: str | None = None,
+) -> Node:
+    """Start a node: its own cgroups, mount namespace, machine-id, runtime dir and systemd --user."""
+    if not _NAME_RE.match(name):
+        raise ValueError(f"{name!r}: node names may contain only letters, digits and '_.-' (at most 40)")
+    if netns and not (ip and bridge):
+        raise ValueError("a node with its own network namespace needs an ip and a bridge")
+    _check_host()
+    node_dir = Path(base_dir) / name
+    run_dir = node_dir / "run"
+    home = node_dir / "home"
+    for d in (node_dir, run_dir, home):
+        d.mkdir(mode=0o755, parents=True, exist_ok=True)
+    machine_id = _machine_id(node_dir)
+
+    token = secrets.token_hex(4)
+    cgroup = f"fleetpy-{name}-{token}"
+    env = {
+        "XDG_RUNTIME_DIR": str(run_dir),
+        "DBUS_SESSION_BUS_ADDRESS": f"unix:path={run_dir / 'bus'}",
+        "HOME": str(home),
+    }
+    node = Node(name=name, dir=node_dir, pid=0, env=env, ip="127.0.0.1", cgroup=cgroup)
+    try:
+        for d in node.cgroup_dirs:
+            d.mkdir()
+        prefix: list[str] = []
+        if netns:
+            node.netns = f"fleetpy-{name}-{token}"
+            node.veth = f"fv{token}"
+            node.ip = _setup_netns(node.netns, node.veth, str(ip), str(bridge))
+            prefix = ["nsenter", f"--net=/run/netns/{node.netns}", "--"]
+        elif ip:
+            node.ip = str(ipaddress.ip_address(ip))
+        argv = [
+            sys.executable, _SPAWN, *_procs_args(cgroup), "--",
+            *prefix, "unshare", "--mount", "--propagation", "private", "--",
+            sys.executable, _SPAWN,
+            "--tmpfs", "/run/systemd", "--mkdir", "/run/systemd/system",
+            "--bind", str(machine_id), "/etc/machine-id",
+            "--", SYSTEMD, "--user",
+        ]  # fmt: skip
+        # A clean environment: the user manager hands its own to every unit.
+        manager_env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "USER": "root", **env}
+        log = open(node_dir / "systemd.log", "ab")
+        with log:
+            node.process = subprocess.Popen(
+                argv, env=manager_env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/"
+            )
+        # Every helper in the chain exec's, so this is the manager's own pid.
+        node.pid = node.process.pid
+        _wait_ready(node)
+    except BaseException:
+        node.kill()
+        raise
+    return node
+
+
+def ensure_bridge(bridge: str) -> None:
+    """Create the lab bridge (host side, address 10.251.0.1/24) unless it exists."""
+    if _link_exists(bridge):
+        return
+    _ip("link", "add", "name", bridge, "type", "bridge")
+    _ip("addr", "add", BRIDGE_ADDRESS, "dev", bridge)
+    _ip("link", "set", bridge, "up")
+
+
+def remove_bridge(bridge: str) -> None:
+    """Delete the lab bridge if it exists."""
+    if _link_exists(bridge):
+        _ip("link", "delete", bridge, check=False)
+
+
+def _setup_netns(netns: str, veth: str, ip: str, bridge: str) -> str:
+    iface = ipaddress.ip_interface(ip if "/" in ip else f"{ip}/24")
+    ensure_bridge(bridge)
+    _ip("netns", "add", netns)
+    peer = f"fp{veth[2:]}"
+    _ip("link", "add", veth, "type", "veth", "peer", "name", peer)
+    _ip("link", "set", veth, "master", bridge)
+    _ip("link", "set", veth, "up")
+    _ip("link", "set", peer, "netns", netns)
+    _ip("-n", netns, "link", "set", peer, "name", "eth0")
+    _ip("-n", netns, "addr", "add", str(iface), "dev", "eth0")
+    _ip("-n", netns, "link", "set", "eth0", "up")
+    _ip("-n", netns, "link", "set", "lo", "up")
+    return str(iface.ip)
+
+
+def _wait_ready(node: Node) -> None:
+    assert node.process is not None
+    argv = [
+        "busctl", "--user", "call", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+        "org.freedesktop.DBus.Peer", "Ping",
+    ]  # fmt: skip
+    env = {**os.environ, **node.env}
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if node.process.poll() is not None:
+            raise NodeError(f"node {node.name}: systemd --user exited ({node.process.returncode}); {_log_tail(node)}")
+        if (node.dir / "run" / "bus").exists():
+            if subprocess.run(argv, env=env, capture_output=True).returncode == 0:
+                return
+        if time.monotonic() > deadline:
+            raise NodeError(f"node {node.name}: systemd --user did not answer on D-Bus in {START_TIMEOUT}s")
+        time.sleep(0.02)
+
+
+def _log_tail(node: Node) -> str:
+    try:
+        return (node.dir / "systemd.log").read_text(errors="replace")[-2000:]
+    except OSError:
+        return "(no log)"
+
+
+def _check_host() -> None:
+    missing = [tool for tool in ("unshare", "nsenter", "busctl", "ip", "mount") if shutil.which(tool) is None]
+    if not os.access(SYSTEMD, os.X_OK):
+        missing.append(f"{SYSTEMD} (Debian package systemd)")
+    if not Path("/usr/lib/systemd/user/dbus.socket").exists():
+        missing.append("dbus.socket for the user manager (Debian package dbus-user-session)")
+    if missing:
+        raise NodeError("cannot start a lab node, missing: " + ", ".join(missing))
+    if os.geteuid() != 0:
+        raise NodeError("lab nodes need root (cgroups, mount and network namespaces)")
+
+
+def _machine_id(node_dir: Path) -> Path:
+    path = node_dir / "machine-id"
+    if not path.exists():
+        path.write_text(secrets.token_hex(16) + "\n")
+    return path
+
+
+def _cgroup_dirs(cgroup: str) -> list[Path]:
+    return [CGROUP_ROOT / h / cgroup for h in CGROUP_HIERARCHIES if (CGROUP_ROOT / h).is_dir()]
+
+
+def _procs_args(cgroup: str) -> list[str]:
+    return [arg for d in _cgroup_dirs(cgroup) for arg in ("--cgroup-procs", str(d / "cgroup.procs"))]
+
+
+def _cgroup_pids(dirs: list[Path]) -> set[int]:
+    pids: set[int] = set()
+    for top in dirs:
+        for procs in top.rglob("cgroup.procs"):
+            try:
+                pids.update(int(line) for line in procs.read_text().split())
+            except FileNotFoundError:
+                pass
+    return pids
+
+
+def _rmtree_cgroup(top: Path) -> None:
+    # Only directories can be removed from cgroupfs, and only leaves first.
+    for dirpath, _dirnames, _files in os.walk(top, topdown=False):
+        deadline = time.monotonic() + KILL_TIMEOUT
+        while True:
+            try:
+                os.rmdir(dirpath)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                # EBUSY until the kernel has finished tearing down exited tasks.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+
+def _link_exists(name: str) -> bool:
+    return subprocess.run(["ip", "link", "show", "dev", name], capture_output=True).returncode == 0
+
+
+def _ip(*args: str, check: bool = True) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise NodeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
