@@ -1,0 +1,1 @@
+"""The engine: the elected fleetd that assigns units to machines."""
