@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 
 import etcd
 import urllib3
-from tenacity import (RetryError, Retrying, retry_if_exception_type, stop_after_delay,
-                      wait_exponential)
+from tenacity import (RetryError, Retrying, retry_if_exception_type,
+                      retry_if_not_exception_type, stop_after_delay, wait_exponential)
 
 
 class StoreError(Exception):
@@ -80,12 +80,15 @@ class EtcdStore:
         def attempt() -> object:
             try:
                 return operation(self._client)
+            except etcd.EtcdWatchTimedOut:
+                raise  # a long poll that saw no change: an answer, not a failure
             except _TRANSIENT:
                 # Try the next member on the next attempt; a cluster keeps serving without one.
                 self._current = (self._current + 1) % len(self._servers)
                 raise
 
-        retrying = Retrying(retry=retry_if_exception_type(_TRANSIENT),
+        retrying = Retrying(retry=retry_if_exception_type(_TRANSIENT)
+                            & retry_if_not_exception_type(etcd.EtcdWatchTimedOut),
                             wait=wait_exponential(multiplier=0.05, max=2.0),
                             stop=stop_after_delay(self._retry_for), reraise=False)
         try:
