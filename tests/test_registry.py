@@ -7,8 +7,19 @@ import time
 
 import pytest
 
-from fleetpy.registry import (Assignment, Conflict, EtcdStore, HistoryLost, Job, Machine,
-                              NotFound, Registry, Unavailable, UnitState, memory_registry)
+from fleetpy.registry import (
+    Assignment,
+    Conflict,
+    EtcdStore,
+    HistoryLost,
+    Job,
+    Machine,
+    NotFound,
+    Registry,
+    Unavailable,
+    UnitState,
+    memory_registry,
+)
 from fleetpy.unit import UnitFile
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -35,9 +36,9 @@ class EtcdMember:
                 "--initial-cluster-token", "fleetpy", "--enable-v2=true",
                 # Fast elections: members share one host, so round trips are microseconds.
                 "--heartbeat-interval", "50", "--election-timeout", "500"]
-        out = open(log, "ab") if log else subprocess.DEVNULL
-        self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        with open(log or os.devnull, "ab") as out:
+            self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
 
     def healthy(self) -> bool:
         try:

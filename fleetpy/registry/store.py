@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import etcd
 import urllib3
-from tenacity import (RetryError, Retrying, retry_if_exception_type,
-                      retry_if_not_exception_type, stop_after_delay, wait_exponential)
+from tenacity import (
+    RetryError,
+    Retrying,
+    retry_if_exception_type,
+    retry_if_not_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
 
 class StoreError(Exception):
