@@ -70,7 +70,12 @@ class Node:
         """Run argv inside the node and wait; output is captured as text."""
         env = {**os.environ, **self.env, **(env_extra or {})}
         return subprocess.run(
-            self._enter_argv(argv), env=env, capture_output=True, text=True, timeout=timeout, check=check
+            self._enter_argv(argv),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
         )
 
     def _enter_argv(self, argv: list[str]) -> list[str]:
@@ -81,7 +86,15 @@ class Node:
         enter = ["nsenter", f"--target={self.pid}", "--mount", f"--wd={Path.cwd()}"]
         if self.netns:
             enter.append("--net")
-        return [sys.executable, _SPAWN, *_procs_args(self.cgroup), "--", *enter, "--", *argv]
+        return [
+            sys.executable,
+            _SPAWN,
+            *_procs_args(self.cgroup),
+            "--",
+            *enter,
+            "--",
+            *argv,
+        ]
 
     def kill(self) -> None:
         """Kill every process of the node and remove its cgroups and network namespace."""
@@ -127,6 +140,9 @@ def start_node(
     node_dir = Path(base_dir) / name
     run_dir = node_dir / "run"
     home = node_dir / "home"
+    # systemd binds sockets such as run/systemd/private: sun_path holds 108 bytes.
+    if len(str(run_dir.absolute())) > 80:
+        raise ValueError(f"{run_dir}: path too long for the node's D-Bus and systemd sockets")
     for d in (node_dir, run_dir, home):
         d.mkdir(mode=0o755, parents=True, exist_ok=True)
     machine_id = _machine_id(node_dir)
@@ -159,11 +175,19 @@ def start_node(
             "--", SYSTEMD, "--user",
         ]  # fmt: skip
         # A clean environment: the user manager hands its own to every unit.
-        manager_env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "USER": "root", **env}
-        log = open(node_dir / "systemd.log", "ab")
-        with log:
+        manager_env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "USER": "root",
+            **env,
+        }
+        with open(node_dir / "systemd.log", "ab") as log:
             node.process = subprocess.Popen(
-                argv, env=manager_env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/"
+                argv,
+                env=manager_env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd="/",
             )
         # Every helper in the chain exec's, so this is the manager's own pid.
         node.pid = node.process.pid
@@ -215,10 +239,12 @@ def _wait_ready(node: Node) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         if node.process.poll() is not None:
-            raise NodeError(f"node {node.name}: systemd --user exited ({node.process.returncode}); {_log_tail(node)}")
-        if (node.dir / "run" / "bus").exists():
-            if subprocess.run(argv, env=env, capture_output=True).returncode == 0:
-                return
+            raise NodeError(
+                f"node {node.name}: systemd --user exited ({node.process.returncode}); {_log_tail(node)}"
+            )
+        bus_up = (node.dir / "run" / "bus").exists()
+        if bus_up and subprocess.run(argv, check=False, env=env, capture_output=True).returncode == 0:
+            return
         if time.monotonic() > deadline:
             raise NodeError(f"node {node.name}: systemd --user did not answer on D-Bus in {START_TIMEOUT}s")
         time.sleep(0.02)
@@ -287,10 +313,12 @@ def _rmtree_cgroup(top: Path) -> None:
 
 
 def _link_exists(name: str) -> bool:
-    return subprocess.run(["ip", "link", "show", "dev", name], capture_output=True).returncode == 0
+    return (
+        subprocess.run(["ip", "link", "show", "dev", name], check=False, capture_output=True).returncode == 0
+    )
 
 
 def _ip(*args: str, check: bool = True) -> None:
-    result = subprocess.run(["ip", *args], capture_output=True, text=True)
+    result = subprocess.run(["ip", *args], check=False, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise NodeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
