@@ -1,0 +1,137 @@
+"""SystemdManager against a real systemd --user manager in a lab node."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+
+from fleetpy.agent.systemd import SystemdManager
+from fleetpy.lab.node import Node
+
+pytest_plugins = ["fixtures_nodes"]
+pytestmark = pytest.mark.integration
+
+SLEEPER = "[Service]\nExecStart=/bin/sleep 1000\n"
+FAILING = "[Service]\nType=oneshot\nExecStart=/bin/false\n"
+
+
+@pytest.fixture
+async def manager(systemd_node: Node) -> AsyncIterator[SystemdManager]:
+    m = await SystemdManager.connect(systemd_node.env["DBUS_SESSION_BUS_ADDRESS"], systemd_node.dir / "units")
+    yield m
+    await m.close()
+
+
+class StateLog:
+    """Collects on_state_change callbacks and lets a test wait for one, without polling systemd."""
+
+    def __init__(self, manager: SystemdManager) -> None:
+        self.events: list[tuple[str, str, str, str]] = []
+        self._changed = asyncio.Condition()
+        manager.on_state_change(self._record)
+
+    async def _record(self, name: str, load: str, active: str, sub: str) -> None:
+        async with self._changed:
+            self.events.append((name, load, active, sub))
+            self._changed.notify_all()
+
+    async def wait_for(self, event: tuple[str, str, str, str], timeout: float = 5.0) -> None:
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(lambda: event in self.events), timeout)
+
+
+async def install(manager: SystemdManager, name: str, text: str) -> None:
+    assert await manager.write_unit(name, text)
+    await manager.link([name])
+
+
+async def test_sleep_service_reports_running_then_dead_through_callbacks(manager, systemd_node) -> None:
+    log = StateLog(manager)
+    await install(manager, "hello.service", SLEEPER)
+    assert await manager.unit_state("hello.service") == ("loaded", "inactive", "dead")
+
+    assert await manager.start("hello.service") == "done"
+    await log.wait_for(("hello.service", "loaded", "active", "running"))
+    pid = await manager.main_pid("hello.service")
+    assert pid > 0
+    os.kill(pid, 0)
+
+    assert await manager.stop("hello.service") == "done"
+    await log.wait_for(("hello.service", "loaded", "inactive", "dead"))
+    assert await manager.main_pid("hello.service") == 0
+    # Each state is reported once, however many PropertiesChanged systemd sends;
+    # a transient deactivating/stop-sigterm may show up between the two.
+    assert all(a != b for a, b in zip(log.events, log.events[1:]))
+    assert log.events[0] == ("hello.service", "loaded", "active", "running")
+    assert log.events[-1] == ("hello.service", "loaded", "inactive", "dead")
+
+
+async def test_remove_units_leaves_no_file_link_or_unit(manager, systemd_node) -> None:
+    await install(manager, "hello.service", SLEEPER)
+    assert await manager.start("hello.service") == "done"
+    assert await manager.stop("hello.service") == "done"
+    await manager.remove_units(["hello.service"])
+
+    assert await manager.installed_units() == {}
+    assert not (manager.unit_dir / "hello.service").exists()
+    runtime_units = systemd_node.dir / "run" / "systemd" / "user"
+    assert not (runtime_units / "hello.service").exists()
+    assert await manager.unit_state("hello.service") == ("not-found", "inactive", "dead")
+    listed = systemd_node.run(["systemctl", "--user", "list-units", "--all", "--plain"]).stdout
+    assert "hello.service" not in listed
+
+
+async def test_start_of_a_failing_unit_returns_failed(manager) -> None:
+    await install(manager, "broken.service", FAILING)
+    assert await manager.start("broken.service") == "failed"
+    assert await manager.unit_state("broken.service") == ("loaded", "failed", "failed")
+
+
+async def test_unknown_unit_reads_as_not_found(manager) -> None:
+    assert await manager.unit_state("nothing-here.service") == ("not-found", "inactive", "dead")
+    assert await manager.main_pid("nothing-here.service") == 0
+
+
+@pytest.mark.parametrize(
+    "name", ["../evil.service", "a/b.service", "a b.service", "..", "", "x..service", "é.service"]
+)
+async def test_writing_a_bad_unit_name_raises(manager, name) -> None:
+    with pytest.raises(ValueError, match="unit names"):
+        await manager.write_unit(name, SLEEPER)
+    assert list(manager.unit_dir.iterdir()) == []
+
+
+async def test_rewriting_the_same_content_changes_nothing(manager) -> None:
+    assert await manager.write_unit("hello.service", SLEEPER)
+    mtime = (manager.unit_dir / "hello.service").stat().st_mtime_ns
+    assert not await manager.write_unit("hello.service", SLEEPER)
+    assert (manager.unit_dir / "hello.service").stat().st_mtime_ns == mtime
+    assert await manager.write_unit("hello.service", FAILING)
+    assert await manager.installed_units() == {"hello.service": FAILING}
+
+
+async def test_twenty_concurrent_starts_all_get_their_job_result(manager) -> None:
+    names = [f"sleeper{i}.service" for i in range(20)]
+    for name in names:
+        assert await manager.write_unit(name, SLEEPER)
+    await manager.link(names)
+    # JobRemoved for a fast job can beat StartUnit's reply; a lost one would hang here.
+    results = await asyncio.wait_for(asyncio.gather(*(manager.start(n) for n in names)), 20)
+    assert results == ["done"] * 20
+    states = await asyncio.gather(*(manager.unit_state(n) for n in names))
+    assert set(states) == {("loaded", "active", "running")}
+    results = await asyncio.wait_for(asyncio.gather(*(manager.stop(n) for n in names)), 20)
+    assert results == ["done"] * 20
+
+
+async def test_units_not_in_unit_dir_raise_no_callbacks(manager, systemd_node) -> None:
+    log = StateLog(manager)
+    result = systemd_node.run(["systemd-run", "--user", "--unit=foreign", "sleep", "1000"])
+    assert result.returncode == 0, result.stderr
+    await install(manager, "ours.service", SLEEPER)
+    assert await manager.start("ours.service") == "done"
+    await log.wait_for(("ours.service", "loaded", "active", "running"))
+    assert {event[0] for event in log.events} == {"ours.service"}
