@@ -70,14 +70,15 @@ async def test_sleep_service_reports_running_then_dead_through_callbacks(manager
 
 
 async def test_remove_units_leaves_no_file_link_or_unit(manager, systemd_node) -> None:
+    runtime_units = systemd_node.dir / "run" / "systemd" / "user"
     await install(manager, "hello.service", SLEEPER)
+    assert (runtime_units / "hello.service").is_symlink()
     assert await manager.start("hello.service") == "done"
     assert await manager.stop("hello.service") == "done"
     await manager.remove_units(["hello.service"])
 
     assert await manager.installed_units() == {}
     assert not (manager.unit_dir / "hello.service").exists()
-    runtime_units = systemd_node.dir / "run" / "systemd" / "user"
     assert not (runtime_units / "hello.service").exists()
     assert await manager.unit_state("hello.service") == ("not-found", "inactive", "dead")
     listed = systemd_node.run(["systemctl", "--user", "list-units", "--all", "--plain"]).stdout
@@ -135,3 +136,11 @@ async def test_units_not_in_unit_dir_raise_no_callbacks(manager, systemd_node) -
     assert await manager.start("ours.service") == "done"
     await log.wait_for(("ours.service", "loaded", "active", "running"))
     assert {event[0] for event in log.events} == {"ours.service"}
+
+
+async def test_remove_units_tolerates_units_never_linked(manager) -> None:
+    await install(manager, "linked.service", SLEEPER)
+    assert await manager.write_unit("written.service", SLEEPER)
+    await manager.remove_units(["never.service", "written.service", "linked.service"])
+    assert await manager.installed_units() == {}
+    assert await manager.unit_state("linked.service") == ("not-found", "inactive", "dead")

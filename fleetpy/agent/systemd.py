@@ -22,6 +22,7 @@ SERVICE_IFACE = "org.freedesktop.systemd1.Service"
 PROPS_IFACE = "org.freedesktop.DBus.Properties"
 UNIT_PATH_PREFIX = MANAGER_PATH + "/unit/"
 UNKNOWN_STATE = ("not-found", "inactive", "dead")
+NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
 
 _UNIT_NAME_RE = re.compile(r"^[a-zA-Z0-9:_.@-]+$")
 
@@ -136,7 +137,18 @@ class SystemdManager:
     async def remove_units(self, names: list[str]) -> None:
         files = [self._unit_file(name) for name in names]
         # Disabling in the runtime scope removes the links LinkUnitFiles made there.
-        await self._manager("DisableUnitFiles", "asb", [list(names), True])
+        try:
+            await self._manager("DisableUnitFiles", "asb", [list(names), True])
+        except SystemdError as e:
+            if e.error_name != NO_SUCH_UNIT:
+                raise
+            # One name was never linked and systemd refuses the whole batch: go one by one.
+            for name in names:
+                try:
+                    await self._manager("DisableUnitFiles", "asb", [[name], True])
+                except SystemdError as e:
+                    if e.error_name != NO_SUCH_UNIT:
+                        raise
         for path in files:
             try:
                 path.unlink()
