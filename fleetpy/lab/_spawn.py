@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import sys
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="fleetpy.lab._spawn")
     parser.add_argument("--cgroup-procs", action="append", default=[])
+    parser.add_argument("--hostname", help="set in the (new) UTS namespace")
     parser.add_argument("--tmpfs", action="append", default=[])
     parser.add_argument("--mkdir", action="append", default=[])
     parser.add_argument("--bind", action="append", nargs=2, default=[], metavar=("SRC", "DST"))
@@ -26,6 +28,8 @@ def main(argv: list[str]) -> None:
     for procs in args.cgroup_procs:
         with open(procs, "w") as f:
             f.write(pid)
+    if args.hostname:
+        socket.sethostname(args.hostname)
     for target in args.tmpfs:
         subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", target], check=True)
     for path in args.mkdir:

@@ -83,7 +83,7 @@ class Node:
             raise ValueError("empty command")
         # The helper joins the node's cgroups before exec'ing nsenter, so the
         # command and all its children die with the node.
-        enter = ["nsenter", f"--target={self.pid}", "--mount", f"--wd={Path.cwd()}"]
+        enter = ["nsenter", f"--target={self.pid}", "--mount", "--uts", f"--wd={Path.cwd()}"]
         if self.netns:
             enter.append("--net")
         return [
@@ -131,7 +131,7 @@ def start_node(
     netns: bool = False,
     bridge: str | None = None,
 ) -> Node:
-    """Start a node: its own cgroups, mount namespace, machine-id, runtime dir and systemd --user."""
+    """Start a node: own cgroups, mount and UTS namespaces, machine-id, runtime dir and systemd --user."""
     if not _NAME_RE.match(name):
         raise ValueError(f"{name!r}: node names may contain only letters, digits and '_.-' (at most 40)")
     if netns and not (ip and bridge):
@@ -168,8 +168,8 @@ def start_node(
             node.ip = str(ipaddress.ip_address(ip))
         argv = [
             sys.executable, _SPAWN, *_procs_args(cgroup), "--",
-            *prefix, "unshare", "--mount", "--propagation", "private", "--",
-            sys.executable, _SPAWN,
+            *prefix, "unshare", "--mount", "--uts", "--propagation", "private", "--",
+            sys.executable, _SPAWN, "--hostname", name,
             "--tmpfs", "/run/systemd", "--mkdir", "/run/systemd/system",
             "--bind", str(machine_id), "/etc/machine-id",
             "--", SYSTEMD, "--user",
@@ -188,6 +188,8 @@ def start_node(
                 stdout=log,
                 stderr=log,
                 cwd="/",
+                # Its own session: a Ctrl-C or hangup of whoever started the node must not reach it.
+                start_new_session=True,
             )
         # Every helper in the chain exec's, so this is the manager's own pid.
         node.pid = node.process.pid
