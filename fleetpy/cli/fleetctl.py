@@ -1,0 +1,487 @@
+"""fleetctl: fleet's command-line tool, talking to fleetd's API through `fleetpy.client`.
+
+API errors become "Error: ..." on stderr and exit status 1; usage errors exit 2 (click).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import click
+
+from fleetpy.client import APIError, Client
+from fleetpy.unit import SUFFIXES, UnitError, UnitFile, UnitName, parse_fleet_options
+
+DEFAULT_ENDPOINT = "unix:///var/run/fleet.sock"
+POLL_INTERVAL = 0.2
+# fleet blocks forever by default; fleetpy gives up after 30 s unless told otherwise.
+DEFAULT_BLOCK_ATTEMPTS = 150
+TAB_WIDTH = 8
+_GLOB_CHARS = frozenset("*?[")
+
+
+class _Group(click.Group):
+    """Turns API and unit errors into click's "Error: ..." and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except APIError as error:
+            raise click.ClickException(error.message) from None
+        except (UnitError, ValueError, OSError) as error:
+            raise click.ClickException(str(error)) from None
+
+
+class _Session:
+    """The client for one invocation, plus the machine list fetched once for legends."""
+
+    def __init__(self, endpoint: str, token: str | None):
+        self.endpoint = endpoint
+        self.token = token
+        self._client: Client | None = None
+        self._machines: dict[str, dict] | None = None
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client(self.endpoint, self.token)
+        return self._client
+
+    def machines(self) -> dict[str, dict]:
+        if self._machines is None:
+            self._machines = {m["id"]: m for m in self.client.machines()}
+        return self._machines
+
+    def legend(self, machine_id: str, full: bool) -> str:
+        """fleet's "113f16a7.../10.0.0.2" form of a machine."""
+        shown = machine_id if full else f"{machine_id[:8]}..."
+        ip = self.machines().get(machine_id, {}).get("primaryIP", "")
+        return f"{shown}/{ip}" if ip else shown
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+pass_session = click.make_pass_decorator(_Session)
+
+
+@click.group(cls=_Group)
+@click.option("--endpoint", envvar="FLEETCTL_ENDPOINT", default=DEFAULT_ENDPOINT, show_default=True,
+              help="fleetd API: unix:///path/fleet.sock or http(s)://HOST:PORT (env FLEETCTL_ENDPOINT)")
+@click.option("--token", envvar="FLEETCTL_TOKEN", default=None,
+              help="bearer token for a TCP endpoint (env FLEETCTL_TOKEN)")
+@click.pass_context
+def cli(ctx: click.Context, endpoint: str, token: str | None) -> None:
+    """Manage units in a fleetpy cluster."""
+    session = _Session(endpoint, token)
+    ctx.obj = session
+    ctx.call_on_close(session.close)
+
+
+def tabulate(rows: list[list[str]]) -> str:
+    """Align columns as Go's tabwriter does for fleet (tab width 8, padding 1, tab padding)."""
+    if not rows:
+        return ""
+    columns = max(len(row) for row in rows)
+    widths = []
+    for index in range(columns - 1):
+        text = max(len(row[index]) for row in rows if len(row) > index + 1)
+        widths.append(math.ceil((text + 1) / TAB_WIDTH) * TAB_WIDTH)
+    lines = []
+    for row in rows:
+        cells = [cell + "\t" * math.ceil((widths[i] - len(cell)) / TAB_WIDTH)
+                 for i, cell in enumerate(row[:-1])]
+        lines.append("".join(cells) + row[-1])
+    return "\n".join(lines) + "\n"
+
+
+def _print_table(fields: str, known: dict[str, Callable[[Any], str]], items: Iterable[Any],
+                 legend: bool) -> None:
+    if not fields:
+        raise click.ClickException("Must define output format")
+    columns = fields.split(",")
+    for column in columns:
+        if column not in known:
+            raise click.ClickException(f'Invalid key in output format: "{column}"; valid fields '
+                                       f'are {",".join(sorted(known))}')
+    rows = [[c.upper() for c in columns]] if legend else []
+    rows += [[known[c](item) for c in columns] for item in items]
+    click.echo(tabulate(rows), nl=False)
+
+
+def _fields_option(default: str) -> Callable:
+    return click.option("--fields", default=default, show_default=True,
+                        help="comma-separated columns to print")
+
+
+def _is_global(name: str, options: list[dict]) -> bool:
+    try:
+        return parse_fleet_options(name, UnitFile.from_options(options)).is_global
+    except UnitError:
+        return False
+
+
+# Listing
+@cli.command("list-machines")
+@click.option("-l", "--full", is_flag=True, help="do not ellipsize machine IDs")
+@click.option("--no-legend", is_flag=True, help="do not print column headers")
+@_fields_option("machine,ip,metadata")
+@pass_session
+def list_machines(session: _Session, full: bool, no_legend: bool, fields: str) -> None:
+    """List the machines in the cluster."""
+    def metadata(m: dict) -> str:
+        pairs = sorted(m.get("metadata", {}).items())
+        return ",".join(f"{k}={v}" for k, v in pairs) or "-"
+
+    known: dict[str, Callable[[dict], str]] = {
+        "machine": lambda m: m["id"] if full else f"{m['id'][:8]}...",
+        "ip": lambda m: m.get("primaryIP") or "-",
+        "metadata": metadata,
+    }
+    _print_table(fields, known, session.machines().values(), not no_legend)
+
+
+@cli.command("list-units")
+@click.option("-l", "--full", is_flag=True, help="do not ellipsize fields")
+@click.option("--no-legend", is_flag=True, help="do not print column headers")
+@_fields_option("unit,machine,active,sub")
+@pass_session
+def list_units(session: _Session, full: bool, no_legend: bool, fields: str) -> None:
+    """List the state of units loaded onto machines, and units waiting for one.
+
+    A unit that should run but reports no state shows "-"; the fleetpy field `reason` says
+    why it is waiting (e.g. --fields unit,machine,active,reason).
+    """
+    client = session.client
+    states = client.unit_states()
+    reported = {s["name"] for s in states}
+    rows: list[dict] = [dict(s) for s in states]
+    for unit in client.units():
+        if unit["desiredState"] != "inactive" and unit["name"] not in reported:
+            reason = client.pending_reason(unit["name"]) if "reason" in fields.split(",") else None
+            rows.append({"name": unit["name"], "reason": reason})
+    rows.sort(key=lambda r: (r["name"], r.get("machineID", "")))
+
+    def state(key: str) -> Callable[[dict], str]:
+        return lambda r: r.get(key) or "-"
+
+    known: dict[str, Callable[[dict], str]] = {
+        "unit": lambda r: r["name"],
+        "machine": lambda r: session.legend(r["machineID"], full) if r.get("machineID") else "-",
+        "load": state("systemdLoadState"),
+        "active": state("systemdActiveState"),
+        "sub": state("systemdSubState"),
+        "hash": lambda r: (r["hash"] if full else r["hash"][:7]) if r.get("hash") else "-",
+        "reason": state("reason"),
+    }
+    _print_table(fields, known, rows, not no_legend)
+
+
+@cli.command("list-unit-files")
+@click.option("-l", "--full", is_flag=True, help="do not ellipsize fields")
+@click.option("--no-legend", is_flag=True, help="do not print column headers")
+@_fields_option("unit,hash,dstate,state,target")
+@pass_session
+def list_unit_files(session: _Session, full: bool, no_legend: bool, fields: str) -> None:
+    """List the units submitted to the cluster, whether or not they run anywhere."""
+    def target(u: dict) -> str:
+        if _is_global(u["name"], u["options"]):
+            return "global"
+        return session.legend(u["machineID"], full) if u.get("machineID") else "-"
+
+    def digest(u: dict) -> str:
+        value = UnitFile.from_options(u["options"]).hash
+        return value if full else value[:7]
+
+    def description(u: dict) -> str:
+        return next((o["value"] for o in u["options"]
+                     if o["section"] == "Unit" and o["name"] == "Description"), "-")
+
+    known: dict[str, Callable[[dict], str]] = {
+        "unit": lambda u: u["name"],
+        "hash": digest,
+        "dstate": lambda u: u.get("desiredState") or "-",
+        "state": lambda u: "-" if _is_global(u["name"], u["options"]) else u.get("currentState") or "-",
+        "target": target,
+        "global": lambda u: str(_is_global(u["name"], u["options"])).lower(),
+        "desc": description,
+    }
+    _print_table(fields, known, session.client.units(), not no_legend)
+
+
+# Reading units
+@cli.command("cat")
+@click.argument("unit")
+@pass_session
+def cat(session: _Session, unit: str) -> None:
+    """Print the unit file of a submitted unit."""
+    name = _unit_name(unit)
+    found = session.client.unit(name)
+    if found is None:
+        raise click.ClickException(f"Unit {name} not found")
+    click.echo(UnitFile.from_options(found["options"]).to_text(), nl=False)
+
+
+@cli.command("status")
+@click.argument("units", nargs=-1, required=True)
+@pass_session
+def status(session: _Session, units: tuple[str, ...]) -> None:
+    """Show systemctl status of units, from the machines running them."""
+    names = _expand(session.client, units)
+    for index, name in enumerate(names):
+        if index:
+            click.echo()
+        click.echo(session.client.unit_status(name), nl=False)
+
+
+@cli.command("journal")
+@click.option("--lines", default=10, show_default=True, type=click.IntRange(min=0),
+              help="number of recent journal lines")
+@click.option("-f", "--follow", is_flag=True, help="keep printing new lines as they arrive")
+@click.argument("unit")
+@pass_session
+def journal(session: _Session, lines: int, follow: bool, unit: str) -> None:
+    """Print the journal of a unit, from the machine running it."""
+    for line in session.client.unit_journal(_unit_name(unit), lines, follow):
+        click.echo(line)
+
+
+# Changing units
+def _block_options(command: Callable) -> Callable:
+    command = click.option("--no-block", is_flag=True,
+                           help="do not wait for the units to reach their state")(command)
+    return click.option("--block-attempts", default=DEFAULT_BLOCK_ATTEMPTS, show_default=True,
+                        type=click.IntRange(min=0),
+                        help=f"poll the state this many times, {POLL_INTERVAL}s apart (0 = forever)")(command)
+
+
+@cli.command("submit")
+@click.argument("unit_files", nargs=-1, required=True)
+@pass_session
+def submit(session: _Session, unit_files: tuple[str, ...]) -> None:
+    """Upload unit files to the cluster without scheduling them."""
+    _create_units(session.client, unit_files, replace=False)
+
+
+@cli.command("load")
+@click.option("--replace", is_flag=True, help="replace units whose local file differs")
+@_block_options
+@click.argument("units", nargs=-1, required=True)
+@pass_session
+def load(session: _Session, units: tuple[str, ...], replace: bool, no_block: bool,
+         block_attempts: int) -> None:
+    """Schedule units onto machines and load them into systemd there, without starting them."""
+    names = _create_units(session.client, units, replace)
+    _change_state(session, names, "loaded", no_block, block_attempts)
+
+
+@cli.command("start")
+@click.option("--replace", is_flag=True, help="replace units whose local file differs")
+@_block_options
+@click.argument("units", nargs=-1, required=True)
+@pass_session
+def start(session: _Session, units: tuple[str, ...], replace: bool, no_block: bool,
+          block_attempts: int) -> None:
+    """Schedule and start units, submitting local unit files first if needed."""
+    names = _create_units(session.client, units, replace)
+    _change_state(session, names, "launched", no_block, block_attempts)
+
+
+@cli.command("stop")
+@_block_options
+@click.argument("units", nargs=-1, required=True)
+@pass_session
+def stop(session: _Session, units: tuple[str, ...], no_block: bool, block_attempts: int) -> None:
+    """Stop units; they stay loaded on their machines."""
+    _change_state(session, _existing(session.client, units), "loaded", no_block, block_attempts)
+
+
+@cli.command("unload")
+@_block_options
+@click.argument("units", nargs=-1, required=True)
+@pass_session
+def unload(session: _Session, units: tuple[str, ...], no_block: bool, block_attempts: int) -> None:
+    """Unload units from their machines; they stay submitted."""
+    _change_state(session, _existing(session.client, units), "inactive", no_block, block_attempts)
+
+
+@cli.command("destroy")
+@_block_options
+@click.argument("units", nargs=-1, required=True)
+@pass_session
+def destroy(session: _Session, units: tuple[str, ...], no_block: bool, block_attempts: int) -> None:
+    """Remove units from the cluster altogether."""
+    client = session.client
+    destroyed = []
+    for name in _expand(client, units):
+        try:
+            client.destroy_unit(name)
+        except APIError as error:
+            if error.code != 404:
+                raise
+            click.echo(f"Unit {name} does not exist", err=True)
+            continue
+        destroyed.append(name)
+        click.echo(f"Destroyed {name}")
+    if no_block:
+        return
+
+    def gone(name: str) -> bool:
+        return not client.unit_states(unit_name=name)
+
+    late = _poll(destroyed, gone, block_attempts)
+    if late:
+        raise click.ClickException("; ".join(f"timed out waiting for unit {n} to be removed "
+                                             "from its machine" for n in late))
+
+
+def _unit_name(arg: str) -> str:
+    """fleet's name mangling: a path's base name, with .service added if it has no type."""
+    base = os.path.basename(arg)
+    _, dot, suffix = base.rpartition(".")
+    return base if dot and suffix in SUFFIXES else f"{base}.service"
+
+
+def _expand(client: Client, args: Iterable[str]) -> list[str]:
+    """Unit names for the arguments; glob patterns match units already submitted."""
+    names: list[str] = []
+    submitted: list[str] | None = None
+    for arg in args:
+        if _GLOB_CHARS & set(arg):
+            if submitted is None:
+                submitted = [u["name"] for u in client.units()]
+            matched = [n for n in submitted if fnmatch.fnmatchcase(n, os.path.basename(arg))]
+            if not matched:
+                raise click.ClickException(f"no submitted unit matches {arg}")
+            names.extend(matched)
+        else:
+            names.append(_unit_name(arg))
+    return list(dict.fromkeys(names))
+
+
+def _existing(client: Client, args: Iterable[str]) -> list[str]:
+    names = _expand(client, args)
+    missing = [n for n in names if client.unit(n) is None]
+    if missing:
+        raise click.ClickException(f"unable to find unit {', '.join(missing)}; submit it first")
+    return names
+
+
+def _local_options(path: str) -> list[dict] | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    try:
+        return UnitFile.parse(text).to_options()
+    except UnitError as error:
+        raise click.ClickException(f"{path}: {error}") from None
+
+
+def _hash(options: list[dict]) -> str:
+    return UnitFile.from_options(options).hash
+
+
+def _create_units(client: Client, args: Iterable[str], replace: bool) -> list[str]:
+    """Submit what is not in the registry yet (fleet's lazy create) and return all names."""
+    names = []
+    for arg in args:
+        if _GLOB_CHARS & set(arg):
+            names.extend(_expand(client, [arg]))
+            continue
+        name = _unit_name(arg)
+        UnitName.parse(name)
+        names.append(name)
+        local = _local_options(arg)
+        existing = client.unit(name)
+        if existing is not None:
+            if local is None or _hash(local) == _hash(existing["options"]):
+                continue
+            if not replace:
+                click.echo(f"WARNING: Unit {name} in registry differs from local unit file {arg}; "
+                           "use --replace to replace it", err=True)
+                continue
+            client.destroy_unit(name)
+        options = local or _template_options(client, name, arg)
+        client.create_unit(name, "inactive", options)
+    return list(dict.fromkeys(names))
+
+
+def _template_options(client: Client, name: str, arg: str) -> list[dict]:
+    """An instance's options from its template: submitted, or a local file beside `arg`."""
+    parsed = UnitName.parse(name)
+    if not parsed.is_instance:
+        raise click.ClickException(f"unable to find unit file {arg} locally or unit {name} in the cluster")
+    template = client.unit(parsed.template)
+    if template is not None:
+        return template["options"]
+    local = _local_options(os.path.join(os.path.dirname(arg), parsed.template))
+    if local is None:
+        raise click.ClickException(f"unable to find unit {name}, its template {parsed.template} "
+                                   "in the cluster, or a local file for either")
+    return local
+
+
+def _change_state(session: _Session, names: list[str], target: str, no_block: bool,
+                  attempts: int) -> None:
+    client = session.client
+    units = {}
+    for name in names:
+        unit = client.unit(name)
+        if unit is None:
+            raise click.ClickException(f"unable to find unit {name}")
+        if UnitName.parse(name).is_template and target != "inactive":
+            raise click.ClickException(f"unable to {'start' if target == 'launched' else 'load'} "
+                                       f"{name}: it is a template; use an instance such as "
+                                       f"{name.replace('@.', '@1.')}")
+        units[name] = unit
+        if unit["desiredState"] != target:
+            client.set_unit_target_state(name, target)
+    if no_block:
+        return
+    # As fleet does, global units are not waited for: they have no single machine to report.
+    waited = [n for n, u in units.items() if not _is_global(n, u["options"])]
+
+    def reached(name: str) -> bool:
+        unit = client.unit(name)
+        if unit is None or unit["currentState"] != target:
+            return False
+        where = unit.get("machineID")
+        click.echo(f"Unit {name} {target}" + (f" on {session.legend(where, False)}" if where else ""))
+        return True
+
+    late = _poll(waited, reached, attempts)
+    if late:
+        problems = []
+        for name in late:
+            reason = client.pending_reason(name)
+            problems.append(f"timed out waiting for unit {name} to report state {target}"
+                            + (f" (pending: {reason})" if reason else ""))
+        raise click.ClickException("; ".join(problems))
+
+
+def _poll(names: list[str], done: Callable[[str], bool], attempts: int) -> list[str]:
+    """Check each name until done or out of attempts (0 = forever); the names left over."""
+    left = list(names)
+    attempt = 0
+    while left:
+        left = [n for n in left if not done(n)]
+        attempt += 1
+        if not left or (attempts and attempt >= attempts):
+            break
+        time.sleep(POLL_INTERVAL)
+    return left
+
+
+def main() -> None:
+    cli(prog_name="fleetctl")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""fleetctl end to end: click's CliRunner against a real API server on a unix socket.
+
+The server runs on its own event loop thread over the in-memory registry; a small thread
+stands in for the engine and agents, scheduling every wanted unit on the first machine and
+publishing the systemd state its desired state implies, so blocking commands complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+from click.testing import CliRunner
+
+from fleetpy.api import create_app, serve
+from fleetpy.cli.fleetctl import cli, tabulate
+from fleetpy.client import Client
+from fleetpy.registry import Assignment, Machine, Registry, UnitState, memory_registry
+from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.unit import UnitFile
+
+M1 = "113f16a7" + "a" * 24
+M2 = "2c9a1b3e" + "b" * 24
+HELLO = "[Unit]\nDescription=Hello\n\n[Service]\nExecStart=/bin/sleep 1000\n"
+WEB = "[Service]\nExecStart=/bin/web %i\n"
+ACTIVE = {"loaded": ("inactive", "dead"), "launched": ("active", "running")}
+
+
+class FakeLocal:
+    async def status(self, name: str) -> str:
+        return f"* {name}\n   Active: active (running)\n"
+
+    async def journal(self, name: str, lines: int, follow: bool) -> AsyncIterator[str]:
+        for i in range(lines):
+            yield f"{name} line {i}\n"
+
+
+def simulate_cluster(registry: Registry, stop: threading.Event) -> None:
+    """Engine and agent in one loop: units called stuck*.service never fit anywhere."""
+    while not stop.wait(0.02):
+        jobs = {job.name: job for job in registry.jobs()}
+        for assignment in registry.assignments():
+            job = jobs.get(assignment.unit)
+            if job is None or job.desired_state == "inactive":
+                registry.unassign(assignment.unit, assignment.machine_id)
+                registry.remove_state(assignment.unit, assignment.machine_id)
+        for job in jobs.values():
+            if job.desired_state == "inactive":
+                continue
+            if job.name.startswith("stuck"):
+                registry.set_pending(job.name, "no machine has region=mars")
+                continue
+            registry.assign(Assignment(job.name, M1, job.hash, job.desired_state))
+            active, sub = ACTIVE[job.desired_state]
+            registry.publish_state(UnitState(job.name, M1, job.hash, "loaded", active, sub))
+
+
+@dataclass
+class Fleet:
+    registry: Registry
+    endpoint: str
+
+    def run(self, *args: str, env: dict | None = None):
+        return CliRunner().invoke(cli, ["--endpoint", self.endpoint, *args], env=env)
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    registry = memory_registry()
+    registry.register_machine(Machine(M1, "10.0.0.1", {"region": "us", "disk": "ssd"}), ttl=600)
+    registry.register_machine(Machine(M2, "10.0.0.2"), ttl=600)
+    loop = asyncio.new_event_loop()
+    server = threading.Thread(target=loop.run_forever, daemon=True)
+    server.start()
+    socket_path = tmp_path / "fleet.sock"
+    app = create_app(AsyncRegistry(registry), machine_id=M1, local=FakeLocal())
+    runner = asyncio.run_coroutine_threadsafe(serve(app, socket_path=str(socket_path)), loop).result(10)
+    stop = threading.Event()
+    cluster = threading.Thread(target=simulate_cluster, args=(registry, stop), daemon=True)
+    cluster.start()
+    try:
+        yield Fleet(registry, f"unix://{socket_path}")
+    finally:
+        stop.set()
+        cluster.join()
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        server.join()
+        loop.close()
+
+
+@pytest.fixture
+def unit_dir(tmp_path, monkeypatch):
+    directory = tmp_path / "units"
+    directory.mkdir()
+    (directory / "hello.service").write_text(HELLO)
+    (directory / "web@.service").write_text(WEB)
+    monkeypatch.chdir(directory)
+    return directory
+
+
+def test_tabulate_pads_with_tabs_like_gos_tabwriter():
+    assert tabulate([["MACHINE", "IP", "METADATA"], ["113f16a7...", "10.0.0.1", "-"]]) == (
+        "MACHINE\t\tIP\t\tMETADATA\n113f16a7...\t10.0.0.1\t-\n")
+
+
+def test_list_machines(fleet):
+    result = fleet.run("list-machines")
+    assert result.exit_code == 0, result.output
+    assert result.output == ("MACHINE\t\tIP\t\tMETADATA\n"
+                             "113f16a7...\t10.0.0.1\tdisk=ssd,region=us\n"
+                             "2c9a1b3e...\t10.0.0.2\t-\n")
+
+
+def test_list_machines_full_no_legend_and_fields(fleet):
+    result = fleet.run("list-machines", "--full", "--no-legend", "--fields", "machine,ip")
+    assert result.output == f"{M1}\t10.0.0.1\n{M2}\t10.0.0.2\n"
+
+
+def test_bad_fields_are_an_error(fleet):
+    result = fleet.run("list-machines", "--fields", "machine,colour")
+    assert result.exit_code == 1
+    assert 'Error: Invalid key in output format: "colour"' in result.output
+
+
+def test_submit_then_list_unit_files(fleet, unit_dir):
+    result = fleet.run("submit", "hello.service")
+    assert result.exit_code == 0, result.output
+    digest = UnitFile.parse(HELLO).hash
+    result = fleet.run("list-unit-files")
+    assert result.output == ("UNIT\t\tHASH\tDSTATE\t\tSTATE\t\tTARGET\n"
+                             f"hello.service\t{digest[:7]}\tinactive\tinactive\t-\n")
+    assert fleet.registry.job("hello.service").desired_state == "inactive"
+
+
+def test_start_blocks_until_launched_and_says_where(fleet, unit_dir):
+    result = fleet.run("start", "hello.service")
+    assert result.exit_code == 0, result.output
+    assert result.output == "Unit hello.service launched on 113f16a7.../10.0.0.1\n"
+    result = fleet.run("list-units")
+    assert result.output == ("UNIT\t\tMACHINE\t\t\tACTIVE\tSUB\n"
+                             "hello.service\t113f16a7.../10.0.0.1\tactive\trunning\n")
+    result = fleet.run("list-unit-files", "--full", "--no-legend", "--fields", "unit,dstate,state,target,desc")
+    assert result.output == f"hello.service\tlaunched\tlaunched\t{M1}/10.0.0.1\tHello\n"
+
+
+def test_load_stop_unload_destroy(fleet, unit_dir):
+    assert fleet.run("load", "hello.service").output == "Unit hello.service loaded on 113f16a7.../10.0.0.1\n"
+    assert fleet.run("start", "hello").output == "Unit hello.service launched on 113f16a7.../10.0.0.1\n"
+    assert fleet.run("stop", "hello.service").output == "Unit hello.service loaded on 113f16a7.../10.0.0.1\n"
+    assert fleet.run("unload", "hello.service").output == "Unit hello.service inactive\n"
+    result = fleet.run("destroy", "hello.service")
+    assert (result.exit_code, result.output) == (0, "Destroyed hello.service\n")
+    assert fleet.registry.job("hello.service") is None
+
+
+def test_pending_unit_times_out_with_its_reason(fleet, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "stuck.service").write_text(HELLO)
+    result = fleet.run("start", "--block-attempts", "5", "stuck.service")
+    assert result.exit_code == 1
+    assert ("Error: timed out waiting for unit stuck.service to report state launched "
+            "(pending: no machine has region=mars)") in result.output
+    result = fleet.run("list-units", "--fields", "unit,machine,active,reason")
+    assert result.output == ("UNIT\t\tMACHINE\tACTIVE\tREASON\n"
+                             "stuck.service\t-\t-\tno machine has region=mars\n")
+
+
+def test_no_block_returns_at_once(fleet, unit_dir):
+    result = fleet.run("start", "--no-block", "hello.service")
+    assert (result.exit_code, result.output) == (0, "")
+    assert fleet.registry.job("hello.service").desired_state == "launched"
+
+
+def test_instance_of_submitted_template(fleet, unit_dir):
+    assert fleet.run("submit", "web@.service").exit_code == 0
+    (unit_dir / "web@.service").unlink()  # the registry's template must be used
+    result = fleet.run("start", "web@1.service", "web@2.service")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == ["Unit web@1.service launched on 113f16a7.../10.0.0.1",
+                                          "Unit web@2.service launched on 113f16a7.../10.0.0.1"]
+    assert fleet.registry.job("web@1.service").hash == fleet.registry.job("web@.service").hash
+
+
+def test_instance_of_local_template_file(fleet, unit_dir):
+    result = fleet.run("start", "web@7.service")
+    assert result.exit_code == 0, result.output
+    assert fleet.registry.job("web@7.service").hash == UnitFile.parse(WEB).hash
+    assert fleet.registry.job("web@.service") is None
+
+
+def test_template_cannot_be_started(fleet, unit_dir):
+    result = fleet.run("start", "web@.service")
+    assert result.exit_code == 1
+    assert "template" in result.output
+
+
+def test_globs_match_submitted_units(fleet, unit_dir):
+    fleet.run("start", "--no-block", "web@1.service", "web@2.service", "hello.service")
+    result = fleet.run("stop", "web@*.service")
+    assert result.exit_code == 0, result.output
+    assert [j.desired_state for j in fleet.registry.jobs()] == ["launched", "loaded", "loaded"]
+    result = fleet.run("destroy", "nothing*.service")
+    assert result.exit_code == 1 and "no submitted unit matches nothing*.service" in result.output
+
+
+def test_replace_resubmits_a_changed_file(fleet, unit_dir):
+    fleet.run("submit", "hello.service")
+    (unit_dir / "hello.service").write_text(HELLO.replace("1000", "2000"))
+    result = fleet.run("start", "--no-block", "hello.service")
+    assert "differs from local unit file" in result.output
+    assert fleet.registry.job("hello.service").hash == UnitFile.parse(HELLO).hash
+    result = fleet.run("start", "--replace", "hello.service")
+    assert result.exit_code == 0, result.output
+    assert fleet.registry.job("hello.service").hash == UnitFile.parse(HELLO.replace("1000", "2000")).hash
+
+
+def test_cat_prints_the_unit_file(fleet, unit_dir):
+    fleet.run("submit", "hello.service")
+    result = fleet.run("cat", "hello.service")
+    assert result.output == UnitFile.parse(HELLO).to_text()
+    result = fleet.run("cat", "nope.service")
+    assert (result.exit_code, result.output) == (1, "Error: Unit nope.service not found\n")
+
+
+def test_status_and_journal(fleet, unit_dir):
+    fleet.run("start", "hello.service")
+    result = fleet.run("status", "hello.service")
+    assert result.output == "* hello.service\n   Active: active (running)\n"
+    result = fleet.run("journal", "--lines", "2", "hello.service")
+    assert result.output == "hello.service line 0\nhello.service line 1\n"
+
+
+def test_stop_unknown_unit_fails(fleet):
+    result = fleet.run("stop", "ghost.service")
+    assert result.exit_code == 1
+    assert "unable to find unit ghost.service" in result.output
+
+
+def test_invalid_local_file_is_reported(fleet, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.service").write_text("ExecStart=/bin/true\n")
+    result = fleet.run("submit", "bad.service")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: bad.service: line 1:")
+
+
+def test_unreachable_fleetd_is_explained(tmp_path):
+    result = CliRunner().invoke(cli, ["list-machines"],
+                                env={"FLEETCTL_ENDPOINT": f"unix://{tmp_path}/none.sock"})
+    assert result.exit_code == 1
+    assert f"Error: cannot reach fleetd at unix://{tmp_path}/none.sock" in result.output
+    assert "set --endpoint or FLEETCTL_ENDPOINT" in result.output
+
+
+def test_client_sets_and_removes_machine_metadata(fleet):
+    with Client(fleet.endpoint) as client:
+        client.set_machine_metadata(M2, "role", "db")
+        assert client.machines()[1]["metadata"] == {"role": "db"}
+        client.set_machine_metadata(M2, "role", None)
+        assert client.machines()[1]["metadata"] == {}
+        assert client.unit("nope.service") is None
