@@ -1,0 +1,60 @@
+"""The HTTP API over the real etcd registry: the same contract as over the in-memory twin."""
+
+from __future__ import annotations
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from fleetpy.api import create_app
+from fleetpy.registry import Assignment, Machine, UnitState
+from fleetpy.registry.aio import AsyncRegistry
+
+HELLO = [{"section": "Service", "name": "ExecStart", "value": "/bin/sleep 1000"}]
+M1 = "113f16a7" + "0" * 24
+
+
+@pytest.fixture
+async def client(etcd_registry):
+    etcd_registry.register_machine(Machine(M1, "10.0.0.1", {"region": "us"}), ttl=60)
+    app = create_app(AsyncRegistry(etcd_registry), machine_id=M1)
+    async with TestClient(TestServer(app)) as test_client:
+        yield test_client
+
+
+async def test_unit_lifecycle_on_etcd(client, etcd_registry):
+    resp = await client.put("/fleet/v1/units/hello.service",
+                            json={"desiredState": "launched", "options": HELLO})
+    assert resp.status == 201
+    digest = etcd_registry.job("hello.service").hash
+    etcd_registry.assign(Assignment("hello.service", M1, digest, "launched"))
+    etcd_registry.publish_state(UnitState("hello.service", M1, digest, "loaded", "active", "running"))
+    unit = await (await client.get("/fleet/v1/units/hello.service")).json()
+    assert (unit["currentState"], unit["machineID"]) == ("launched", M1)
+    assert (await client.put("/fleet/v1/units/hello.service", json={"desiredState": "loaded"})).status == 204
+    assert etcd_registry.job("hello.service").desired_state == "loaded"
+    states = (await (await client.get("/fleet/v1/state")).json())["states"]
+    assert [(s["name"], s["systemdSubState"]) for s in states] == [("hello.service", "running")]
+    assert (await client.delete("/fleet/v1/units/hello.service")).status == 204
+    assert (await client.get("/fleet/v1/units/hello.service")).status == 404
+
+
+async def test_conflicting_content_on_etcd(client):
+    await client.put("/fleet/v1/units/hello.service", json={"desiredState": "inactive", "options": HELLO})
+    other = [{"section": "Service", "name": "ExecStart", "value": "/bin/true"}]
+    resp = await client.put("/fleet/v1/units/hello.service", json={"desiredState": "launched", "options": other})
+    assert resp.status == 409
+    assert (await resp.json())["error"]["message"].startswith("unit hello.service already exists")
+
+
+async def test_patch_metadata_on_etcd(client, etcd_registry):
+    ops = [{"op": "add", "path": f"/{M1}/metadata/disk", "value": "ssd"}]
+    assert (await client.patch("/fleet/v1/machines", json=ops)).status == 204
+    assert etcd_registry.machines()[0].metadata == {"region": "us", "disk": "ssd"}
+    body = await (await client.get("/fleet/v1/machines")).json()
+    assert body["machines"][0]["metadata"] == {"region": "us", "disk": "ssd"}
+
+
+async def test_bad_name_writes_nothing_to_etcd(client, etcd_registry):
+    resp = await client.put("/fleet/v1/units/..%2Fx.service", json={"desiredState": "launched", "options": HELLO})
+    assert resp.status == 400
+    assert etcd_registry.jobs() == []
