@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from fleetpy.api import SystemctlUnitInfo, create_app, serve
 from fleetpy.api.server import PAGE_SIZE
+from fleetpy.api.views import machine_state
 from fleetpy.registry import Assignment, Job, Machine, Unavailable, UnitState, memory_registry
 from fleetpy.registry.aio import AsyncRegistry
 from fleetpy.unit import UnitFile
@@ -424,3 +425,11 @@ def _free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
+
+
+def test_failed_unit_counts_as_launched_only_while_meant_to_run():
+    failed = UnitState("a.service", M1, "h", "loaded", "failed", "failed")
+    assert machine_state(Assignment("a.service", M1, "h", "launched"), failed) == "launched"
+    assert machine_state(Assignment("a.service", M1, "h", "loaded"), failed) == "loaded"
+    assert machine_state(Assignment("a.service", M1, "new", "launched"), failed) == "inactive"
+    assert machine_state(Assignment("a.service", M1, "h", "launched"), None) == "inactive"

@@ -8,6 +8,7 @@ publishing the systemd state its desired state implies, so blocking commands com
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ M1 = "113f16a7" + "a" * 24
 M2 = "2c9a1b3e" + "b" * 24
 HELLO = "[Unit]\nDescription=Hello\n\n[Service]\nExecStart=/bin/sleep 1000\n"
 WEB = "[Service]\nExecStart=/bin/web %i\n"
+TOKEN = "s3cret"
 ACTIVE = {"loaded": ("inactive", "dead"), "launched": ("active", "running")}
 
 
@@ -62,6 +64,7 @@ def simulate_cluster(registry: Registry, stop: threading.Event) -> None:
 class Fleet:
     registry: Registry
     endpoint: str
+    tcp_endpoint: str
 
     def run(self, *args: str, env: dict | None = None):
         return CliRunner().invoke(cli, ["--endpoint", self.endpoint, *args], env=env)
@@ -77,12 +80,16 @@ def fleet(tmp_path):
     server.start()
     socket_path = tmp_path / "fleet.sock"
     app = create_app(AsyncRegistry(registry), machine_id=M1, local=FakeLocal())
-    runner = asyncio.run_coroutine_threadsafe(serve(app, socket_path=str(socket_path)), loop).result(10)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    serving = serve(app, socket_path=str(socket_path), listen=f"127.0.0.1:{port}", token=TOKEN)
+    runner = asyncio.run_coroutine_threadsafe(serving, loop).result(10)
     stop = threading.Event()
     cluster = threading.Thread(target=simulate_cluster, args=(registry, stop), daemon=True)
     cluster.start()
     try:
-        yield Fleet(registry, f"unix://{socket_path}")
+        yield Fleet(registry, f"unix://{socket_path}", f"http://127.0.0.1:{port}")
     finally:
         stop.set()
         cluster.join()
@@ -263,3 +270,13 @@ def test_client_sets_and_removes_machine_metadata(fleet):
         client.set_machine_metadata(M2, "role", None)
         assert client.machines()[1]["metadata"] == {}
         assert client.unit("nope.service") is None
+
+
+def test_tcp_endpoint_needs_the_token(fleet):
+    refused = CliRunner().invoke(cli, ["--endpoint", fleet.tcp_endpoint, "list-machines", "--no-legend"])
+    assert refused.exit_code == 1
+    assert "Error: missing or wrong API token" in refused.output
+    allowed = CliRunner().invoke(cli, ["--endpoint", fleet.tcp_endpoint, "list-machines", "--no-legend"],
+                                 env={"FLEETCTL_TOKEN": TOKEN})
+    assert allowed.exit_code == 0
+    assert allowed.output.startswith("113f16a7...\t10.0.0.1")
