@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -21,6 +22,20 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_HIERARCHIES = ("systemd", "unified", "pids", "memory", "cpu", "cpuacct")
 BRIDGE_ADDRESS = "10.251.0.1/24"
 SYSTEMD = "/lib/systemd/systemd"
+JOURNALD = "/lib/systemd/systemd-journald"
+MANAGER_CGROUP = "user@0.service"
+# Volatile and quiet: the node's journal lives in its private /run/log and copies nothing
+# from the host (kernel log, audit) nor forwards anything to it.
+JOURNALD_CONF = """[Journal]
+Storage=volatile
+RuntimeMaxUse=16M
+ReadKMSG=no
+Audit=no
+ForwardToSyslog=no
+ForwardToKMsg=no
+ForwardToConsole=no
+ForwardToWall=no
+"""
 START_TIMEOUT = 10.0
 KILL_TIMEOUT = 5.0
 
@@ -98,30 +113,42 @@ class Node:
 
     def kill(self) -> None:
         """Kill every process of the node and remove its cgroups and network namespace."""
-        dirs = [d for d in self.cgroup_dirs if d.is_dir()]
-        unified = CGROUP_ROOT / "unified" / self.cgroup
-        if (unified / "cgroup.kill").exists():
-            (unified / "cgroup.kill").write_text("1")
-        deadline = time.monotonic() + KILL_TIMEOUT
-        while pids := _cgroup_pids(dirs):
-            # Fallback for kernels without cgroup.kill, and for the v1
-            # hierarchies: these pids are ours because they are in our cgroup.
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            if time.monotonic() > deadline:
-                raise NodeError(f"node {self.name}: processes {sorted(pids)} survived SIGKILL")
-            time.sleep(0.02)
+        kill_cgroup(self.cgroup, what=f"node {self.name}")
         if self.process is not None:
             self.process.wait(timeout=KILL_TIMEOUT)
-        for d in dirs:
-            _rmtree_cgroup(d)
         if self.netns:
             _ip("netns", "delete", self.netns, check=False)
         if self.veth and _link_exists(self.veth):
             _ip("link", "delete", self.veth, check=False)
+
+
+def kill_cgroup(cgroup: str, what: str = "") -> None:
+    """SIGKILL every process in `cgroup` (all hierarchies, all descendants), then remove it."""
+    dirs = [d for d in _cgroup_dirs(cgroup) if d.is_dir()]
+    unified = CGROUP_ROOT / "unified" / cgroup
+    if (unified / "cgroup.kill").exists():
+        (unified / "cgroup.kill").write_text("1")
+    deadline = time.monotonic() + KILL_TIMEOUT
+    while pids := _cgroup_pids(dirs):
+        # Fallback for kernels without cgroup.kill, and for the v1
+        # hierarchies: these pids are ours because they are in our cgroup.
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if time.monotonic() > deadline:
+            raise NodeError(f"{what or cgroup}: processes {sorted(pids)} survived SIGKILL")
+        time.sleep(0.02)
+    for d in dirs:
+        _rmtree_cgroup(d)
+
+
+def make_cgroup(cgroup: str) -> list[str]:
+    """Create `cgroup` in every hierarchy; returns _spawn.py arguments that make a process join it."""
+    for d in _cgroup_dirs(cgroup):
+        d.mkdir(parents=True, exist_ok=True)
+    return [sys.executable, _SPAWN, *_procs_args(cgroup), "--"]
 
 
 def start_node(
@@ -130,8 +157,16 @@ def start_node(
     ip: str | None = None,
     netns: bool = False,
     bridge: str | None = None,
+    on_created: Callable[[Node], None] | None = None,
+    journald: bool = True,
 ) -> Node:
-    """Start a node: own cgroups, mount and UTS namespaces, machine-id, runtime dir and systemd --user."""
+    """Start a node: own cgroups, mount and UTS namespaces, machine-id, runtime dir and systemd --user.
+
+    `on_created` sees the node once its cgroup, netns and veth names are chosen and before any
+    of them exists, so a caller can record them and clean up even if this process dies midway.
+    With `journald`, the node runs its own systemd-journald (private /run/log) before its manager,
+    so `journalctl --user-unit X` inside the node shows the unit's output.
+    """
     if not _NAME_RE.match(name):
         raise ValueError(f"{name!r}: node names may contain only letters, digits and '_.-' (at most 40)")
     if netns and not (ip and bridge):
@@ -148,30 +183,48 @@ def start_node(
     machine_id = _machine_id(node_dir)
 
     token = secrets.token_hex(4)
-    cgroup = f"fleetpy-{name}-{token}"
+    # A ".slice" top and a "user@0.service" below it make the cgroup paths of the node's units
+    # read like a normal user manager's, so journald files their output under _SYSTEMD_USER_UNIT.
+    cgroup = f"fleetpy-{name}-{token}.slice"
+    manager_cgroup = f"{cgroup}/{MANAGER_CGROUP}"
     env = {
         "XDG_RUNTIME_DIR": str(run_dir),
         "DBUS_SESSION_BUS_ADDRESS": f"unix:path={run_dir / 'bus'}",
         "HOME": str(home),
     }
     node = Node(name=name, dir=node_dir, pid=0, env=env, ip="127.0.0.1", cgroup=cgroup)
+    if netns:
+        node.netns = f"fleetpy-{name}-{token}"
+        node.veth = f"fv{token}"
+    if on_created:
+        on_created(node)
     try:
-        for d in node.cgroup_dirs:
-            d.mkdir()
+        make_cgroup(cgroup)
         prefix: list[str] = []
-        if netns:
-            node.netns = f"fleetpy-{name}-{token}"
-            node.veth = f"fv{token}"
+        if node.netns and node.veth:
             node.ip = _setup_netns(node.netns, node.veth, str(ip), str(bridge))
             prefix = ["nsenter", f"--net=/run/netns/{node.netns}", "--"]
         elif ip:
             node.ip = str(ipaddress.ip_address(ip))
+        journal_args: list[str] = []
+        if journald:
+            conf = node_dir / "journald.conf.d"
+            conf.mkdir(exist_ok=True)
+            (conf / "fleetpy-lab.conf").write_text(JOURNALD_CONF)
+            journal_args = [
+                "--mkdir", "/run/systemd/journald.conf.d",
+                "--bind", str(conf), "/run/systemd/journald.conf.d",
+                "--journald", JOURNALD,
+                # journald belongs to the node, not to the manager's cgroup.
+                *(a for d in _cgroup_dirs(cgroup) for a in ("--journald-cgroup-procs", str(d / "cgroup.procs"))),
+            ]  # fmt: skip
         argv = [
-            sys.executable, _SPAWN, *_procs_args(cgroup), "--",
+            *make_cgroup(manager_cgroup),
             *prefix, "unshare", "--mount", "--uts", "--propagation", "private", "--",
             sys.executable, _SPAWN, "--hostname", name,
             "--tmpfs", "/run/systemd", "--mkdir", "/run/systemd/system",
             "--bind", str(machine_id), "/etc/machine-id",
+            *journal_args,
             "--", SYSTEMD, "--user",
         ]  # fmt: skip
         # A clean environment: the user manager hands its own to every unit.
