@@ -1,0 +1,321 @@
+"""Generate systemd units that run one container in the foreground, for podman or docker.
+
+Every user value is validated, then quoted with systemd's own rules: systemd
+splits ExecStart= itself (no shell ever sees it), so quoting must defeat its
+word splitting, its `;` command separator, `$VAR` expansion and `%` specifiers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cache
+
+import jinja2
+
+from fleetpy.unit import UnitError, load_unit, validate_unit_name
+
+RUNTIMES = {"podman": "/usr/bin/podman", "docker": "/usr/bin/docker"}
+RESTART_POLICIES = ("no", "always", "on-success", "on-failure", "on-abnormal", "on-abort", "on-watchdog")
+NETWORKS = ("host", "none", "bridge")
+# Exit statuses of a container stopped by SIGKILL (128+9) or SIGTERM (128+15): a clean stop, not a failure.
+SUCCESS_EXIT_STATUS = "137 143"
+# Images a registry-less lab keeps locally: never pull them.
+LOCAL_PREFIX = "localhost/"
+# Settings this host's rootful podman needs (HOST-NOTES): default ulimits exceed
+# the hard limits; --cgroups=disabled keeps the container in the unit's own
+# cgroup so systemd (and a lab node kill) reaches it; --init reaps and forwards signals.
+PODMAN_RUN_FLAGS = (
+    "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096", "--cgroups=disabled", "--init",
+)  # fmt: skip
+
+# Characters that never need quoting in an ExecStart= word.
+_SAFE_WORD = re.compile(r"[A-Za-z0-9_./:=@,+-]+")
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A simplified distribution/reference grammar: [host[:port]/]path[:tag][@digest].
+_IMAGE = re.compile(
+    r"(?:(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]{1,5})?)/)?"
+    r"(?P<path>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
+    r"(?:@(?P<digest>sha256:[a-f0-9]{64}))?"
+)
+_PORT = re.compile(
+    r"(?:(?P<ip>[0-9.]+|\[[0-9a-fA-F:]+\]):)?(?:(?P<host>[0-9]{1,5})?:)?(?P<container>[0-9]{1,5})(?:/(?P<proto>tcp|udp|sctp))?"
+)
+_VOLUME_OPTIONS = frozenset({"ro", "rw", "z", "Z", "U", "O", "shared", "rshared", "slave", "rslave", "private", "rprivate", "nocopy"})
+_META_KEY = re.compile(r"[A-Za-z0-9_.-]+")
+_META_VALUE = re.compile(r"[A-Za-z0-9_.:/@+-]+")
+_GLOB = re.compile(r"[A-Za-z0-9:_.@*?\[\]-]+(?:\.(?:service|socket|timer|path|target|mount|device))?")
+
+
+class ContainerUnitError(ValueError):
+    """A generator argument that would make a wrong or unsafe unit; the message says which and why."""
+
+
+class InvalidImage(ContainerUnitError):
+    """Not an image reference podman or docker would accept."""
+
+
+class InvalidPort(ContainerUnitError):
+    """Not a [ip:][hostPort:]containerPort[/proto] port mapping."""
+
+
+class InvalidEnv(ContainerUnitError):
+    """Not a KEY=VALUE container environment entry."""
+
+
+class InvalidVolume(ContainerUnitError):
+    """Not an absolute SRC:DST[:OPTIONS] bind mount."""
+
+
+class InvalidValue(ContainerUnitError):
+    """Any other unusable value: line breaks, control characters, unknown choices."""
+
+
+@dataclass(frozen=True)
+class _Rendered:
+    """What the template lays out; every string in here is already quoted for systemd."""
+
+    description: str
+    runtime: str
+    unit_deps: tuple[str, ...]
+    environment: tuple[str, ...]
+    pre: tuple[str, ...]
+    start: str
+    stop: str
+    post: tuple[str, ...]
+    unit_type: str
+    notify_all: bool
+    restart: str
+    success_exit_status: str
+    start_timeout: int
+    stop_timeout: int
+    fleet: tuple[tuple[str, str], ...]
+
+
+def systemd_quote(value: str, expand_dollar: bool = True) -> str:
+    """Quote one word so systemd reads it back verbatim.
+
+    `%` becomes `%%` (specifiers) and, for command lines, `$` becomes `$$`
+    (environment expansion); anything outside a conservative safe set is
+    put in double quotes with backslashes and quotes escaped.
+    """
+    _check_text("value", value)
+    escaped = value.replace("%", "%%")
+    if expand_dollar:
+        escaped = escaped.replace("$", "$$")
+    if _SAFE_WORD.fullmatch(escaped):
+        return escaped
+    return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def generate_unit(
+    name: str,
+    image: str,
+    runtime: str = "podman",
+    ports: Sequence[str] = (),
+    env: Sequence[str] = (),
+    volumes: Sequence[str] = (),
+    conflicts: Sequence[str] = (),
+    metadata: Sequence[str] = (),
+    is_global: bool = False,
+    machine_of: str | None = None,
+    command: Sequence[str] = (),
+    restart: str = "always",
+    network: str | None = None,
+    description: str | None = None,
+    containers_conf: str | None = None,
+    storage_conf: str | None = None,
+    start_timeout: int = 300,
+    stop_timeout: int = 10,
+) -> str:
+    """Return the text of a unit running `image` in the foreground, named after the unit.
+
+    Raises a ContainerUnitError subclass for a bad argument, or a UnitError
+    when the [X-Fleet] options contradict each other (e.g. Global with MachineOf).
+    """
+    try:
+        unit_name = validate_unit_name(name)
+    except UnitError as err:
+        raise InvalidValue(str(err)) from err
+    if unit_name.suffix != "service":
+        raise InvalidValue(f"{name}: a container unit must be a .service")
+    if runtime not in RUNTIMES:
+        raise InvalidValue(f"runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    if restart not in RESTART_POLICIES:
+        raise InvalidValue(f"restart {restart!r}: choose one of {', '.join(RESTART_POLICIES)}")
+    if network is not None and network not in NETWORKS:
+        raise InvalidValue(f"network {network!r}: choose one of {', '.join(NETWORKS)}")
+    for label, seconds in (("start timeout", start_timeout), ("stop timeout", stop_timeout)):
+        if not isinstance(seconds, int) or seconds <= 0:
+            raise InvalidValue(f"{label} {seconds!r}: give a positive number of seconds")
+    _check_image(image)
+    binary = RUNTIMES[runtime]
+    # The container is named after the unit, so ExecStop and the cleanup find it.
+    container = "%p-%i" if unit_name.is_template or unit_name.is_instance else "%p"
+    quoted_image = systemd_quote(image)
+
+    run = [binary, "run", "--rm", f"--name={container}"]
+    pre: list[str] = []
+    environment: list[str] = []
+    unit_deps: list[str] = []
+    if runtime == "podman":
+        pre.append(f"-{binary} rm -f --ignore {container}")
+        if not image.startswith(LOCAL_PREFIX):
+            pre.append(f"-{binary} pull {quoted_image}")
+        # The pull, if any, happened above; the run must never reach for the network.
+        run += ["--pull=never", "--sdnotify=conmon", *PODMAN_RUN_FLAGS]
+        stop = f"{binary} stop -t {stop_timeout} --ignore {container}"
+        post = (f"-{binary} rm -f --ignore {container}",)
+        unit_type, notify_all = "notify", True
+        for var, path in (("CONTAINERS_CONF", containers_conf), ("CONTAINERS_STORAGE_CONF", storage_conf)):
+            if path is not None:
+                _check_absolute(var, path)
+                environment.append(systemd_quote(f"{var}={path}", expand_dollar=False))
+    else:
+        unit_deps += ["After=docker.service", "Requires=docker.service"]
+        pre += [f"-{binary} kill {container}", f"-{binary} rm {container}"]
+        if not image.startswith(LOCAL_PREFIX):
+            pre.append(f"-{binary} pull {quoted_image}")
+        stop = f"{binary} stop -t {stop_timeout} {container}"
+        post = (f"-{binary} rm -f {container}",)
+        # The docker client stays in the foreground and exits with the container.
+        unit_type, notify_all = "simple", False
+        if containers_conf or storage_conf:
+            raise InvalidValue("--containers-conf and --storage-conf are podman settings; drop them for docker")
+    if network:
+        run.append(f"--network={network}")
+    run += [a for port in ports for a in ("-p", systemd_quote(_check_port(port)))]
+    run += [a for item in env for a in ("-e", systemd_quote(_check_env(item)))]
+    run += [a for volume in volumes for a in ("-v", systemd_quote(_check_volume(volume)))]
+    run.append(quoted_image)
+    run += [systemd_quote(arg) for arg in command]
+
+    if description is None:
+        description = f"{image} in a {runtime} container"
+    rendered = _Rendered(
+        description=_description(description),
+        runtime=runtime,
+        unit_deps=tuple(unit_deps),
+        environment=tuple(environment),
+        pre=tuple(pre),
+        start=" ".join(run),
+        stop=stop,
+        post=post,
+        unit_type=unit_type,
+        notify_all=notify_all,
+        restart=restart,
+        success_exit_status=SUCCESS_EXIT_STATUS,
+        start_timeout=start_timeout,
+        stop_timeout=stop_timeout + 5,
+        fleet=tuple(_fleet_options(conflicts, metadata, is_global, machine_of)),
+    )
+    text = _template().render(unit=rendered)
+    # The last word on [X-Fleet]: its own parser, so contradictions fail here, not at scheduling time.
+    load_unit(name, text)
+    return text
+
+
+@cache
+def _template() -> jinja2.Template:
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("fleetpy", "templates"),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        # A unit file, not HTML: values are quoted for systemd before rendering.
+        autoescape=False,
+    )
+    return environment.get_template("container.service.j2")
+
+
+def _fleet_options(
+    conflicts: Iterable[str], metadata: Iterable[str], is_global: bool, machine_of: str | None
+) -> list[tuple[str, str]]:
+    options: list[tuple[str, str]] = []
+    for pattern in conflicts:
+        _check_text("conflicts", pattern)
+        if not _GLOB.fullmatch(pattern.replace("%i", "").replace("%p", "")):
+            raise InvalidValue(f"conflicts {pattern!r}: give a unit name or glob such as 'web@*.service'")
+        options.append(("Conflicts", pattern))
+    for item in metadata:
+        key, eq, value = item.partition("=")
+        if not eq or not _META_KEY.fullmatch(key) or not _META_VALUE.fullmatch(value):
+            raise InvalidValue(f"metadata {item!r}: write key=value with no spaces or quotes, e.g. role=web")
+        options.append(("MachineMetadata", f'"{key}={value}"'))
+    if machine_of is not None:
+        _check_text("machine-of", machine_of)
+        if not _GLOB.fullmatch(machine_of.replace("%i", "x").replace("%p", "x")) or "*" in machine_of:
+            raise InvalidValue(f"machine-of {machine_of!r}: give one unit name, e.g. web@%i.service")
+        options.append(("MachineOf", machine_of))
+    if is_global:
+        options.append(("Global", "true"))
+    return options
+
+
+def _check_text(label: str, value: str) -> None:
+    if not isinstance(value, str):
+        raise InvalidValue(f"{label}: expected a string, got {type(value).__name__}")
+    bad = sorted({c for c in value if ord(c) < 32 or ord(c) == 127})
+    if bad:
+        what = "line breaks" if {"\n", "\r"} & set(bad) else "control characters"
+        raise InvalidValue(f"{label} {value!r}: {what} are not allowed in a unit file value")
+
+
+def _description(text: str) -> str:
+    # Description= is not split into words; only specifiers are expanded there.
+    _check_text("description", text)
+    return text.replace("%", "%%")
+
+
+def _check_image(image: str) -> None:
+    _check_text("image", image)
+    if not _IMAGE.fullmatch(image):
+        raise InvalidImage(
+            f"image {image!r} is not an image reference; write e.g. docker.io/library/nginx:1.25 "
+            "or localhost/fleetpy-busybox (lowercase repository, optional :tag and @sha256:digest)"
+        )
+
+
+def _check_port(spec: str) -> str:
+    _check_text("port", spec)
+    match = _PORT.fullmatch(spec)
+    ports = [match.group(g) for g in ("host", "container") if match and match.group(g)] if match else []
+    if not match or any(not 1 <= int(p) <= 65535 for p in ports):
+        raise InvalidPort(
+            f"port {spec!r}: write [ip:]hostPort:containerPort[/tcp|udp], e.g. 8080:80, with ports 1-65535"
+        )
+    return spec
+
+
+def _check_env(item: str) -> str:
+    _check_text("env", item)
+    key, eq, _value = item.partition("=")
+    if not eq or not _ENV_KEY.fullmatch(key):
+        raise InvalidEnv(
+            f"env {item!r}: write KEY=VALUE with KEY made of letters, digits and '_', not starting with a digit"
+        )
+    return item
+
+
+def _check_volume(spec: str) -> str:
+    _check_text("volume", spec)
+    parts = spec.split(":")
+    if len(parts) not in (2, 3):
+        raise InvalidVolume(f"volume {spec!r}: write SRC:DST[:OPTIONS] with absolute paths, e.g. /srv/data:/data:ro")
+    for label, path in (("source", parts[0]), ("destination", parts[1])):
+        if not path.startswith("/"):
+            raise InvalidVolume(f"volume {spec!r}: the {label} {path!r} must be an absolute path")
+    if len(parts) == 3 and not set(parts[2].split(",")) <= _VOLUME_OPTIONS:
+        raise InvalidVolume(
+            f"volume {spec!r}: unknown options {parts[2]!r}; use some of {', '.join(sorted(_VOLUME_OPTIONS))}"
+        )
+    return spec
+
+
+def _check_absolute(label: str, path: str) -> None:
+    _check_text(label, path)
+    if not path.startswith("/"):
+        raise InvalidValue(f"{label} {path!r}: give an absolute path")
