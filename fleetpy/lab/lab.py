@@ -1,0 +1,613 @@
+"""The local multi-node lab: etcd, nodes and their fleetd, recorded in a state file.
+
+Everything the lab creates (cgroups, network namespaces, veths, the bridge, etcd data) is
+written to `<dir>/state.json` before it is created, so `down` can remove it all even after
+the process that made it crashed. Processes are found through their cgroups, never by name.
+
+Networking: in "netns" mode each node has its own network namespace with an address on a
+bridge the lab creates (10.251.0.0/24); etcd listens on the bridge's host side, 10.251.0.1,
+which every node reaches through its veth and which exists only on this host. Without network
+namespaces ("loopback" mode) the nodes share the host's network and use 127.0.0.x addresses.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleetpy.cloudinit import CloudConfigError, load
+from fleetpy.fleetd.config import ConfigError, parse_metadata
+from fleetpy.lab import node as nodes
+from fleetpy.lab.etcd import EtcdMember, EtcdMissing, free_port, initial_cluster, start_cluster
+from fleetpy.lab.node import Node, NodeError
+from fleetpy.registry import EtcdStore, Registry, StoreError
+
+DEFAULT_DIR = Path("/run/fleetpy-lab")
+BRIDGE = "fleetpy-lab0"
+HOST_IP = "10.251.0.1"
+FIRST_NODE_IP = 11  # node1 is 10.251.0.11 (or 127.0.0.11)
+API_PORT = 8080
+KEY_PREFIX = "/_fleetpy/"
+REGISTER_TIMEOUT = 20.0
+STATE_VERSION = 1
+
+
+class LabError(RuntimeError):
+    """Something the user can act on; the message says what."""
+
+
+@dataclass
+class NodeState:
+    name: str
+    ip: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    machine_id: str = ""
+    # From lab.node.Node; pid 0 means "recorded, not (yet) running".
+    pid: int = 0
+    cgroup: str = ""
+    netns: str | None = None
+    veth: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    fleetd_pid: int = 0
+    partitioned: bool = False
+
+
+@dataclass
+class EtcdState:
+    name: str
+    client_url: str
+    peer_url: str
+    data_dir: str
+    cgroup: str
+
+
+@dataclass
+class State:
+    dir: str
+    network: str  # "netns" or "loopback"
+    bridge: str | None
+    agent_ttl: str
+    token_file: str
+    etcd: list[EtcdState] = field(default_factory=list)
+    nodes: list[NodeState] = field(default_factory=list)
+    version: int = STATE_VERSION
+
+    @classmethod
+    def load(cls, path: Path) -> State:
+        raw = json.loads(path.read_text())
+        if raw.get("version") != STATE_VERSION:
+            raise LabError(f"{path}: unknown state version {raw.get('version')!r}")
+        raw["etcd"] = [EtcdState(**e) for e in raw["etcd"]]
+        raw["nodes"] = [NodeState(**n) for n in raw["nodes"]]
+        return cls(**raw)
+
+    @property
+    def etcd_urls(self) -> list[str]:
+        return [e.client_url for e in self.etcd]
+
+    def node(self, name: str) -> NodeState:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise LabError(f"no node {name!r} in the lab; nodes: {', '.join(n.name for n in self.nodes)}")
+
+
+def check_host() -> None:
+    """Fail early, saying what to install, rather than halfway through `up`."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("the lab needs root (cgroups, mount and network namespaces): run it with sudo")
+    if shutil.which("etcd") is None:
+        problems.append("no etcd binary: apt-get install -y etcd-server etcd-client")
+    if not os.access(nodes.SYSTEMD, os.X_OK) or shutil.which("systemctl") is None:
+        problems.append(f"no {nodes.SYSTEMD}: apt-get install -y systemd")
+    if not Path("/usr/lib/systemd/user/dbus.socket").exists() or shutil.which("dbus-daemon") is None:
+        problems.append("no D-Bus user session: apt-get install -y dbus dbus-user-session")
+    missing = [t for t in ("ip", "nsenter", "unshare", "busctl", "mount") if shutil.which(t) is None]
+    if missing:
+        problems.append(f"missing {', '.join(missing)}: apt-get install -y iproute2 util-linux systemd")
+    if problems:
+        raise LabError("cannot run the lab:\n  " + "\n  ".join(problems))
+
+
+class Lab:
+    def __init__(self, directory: Path | str = DEFAULT_DIR):
+        self.dir = Path(directory).absolute()
+        self.state_file = self.dir / "state.json"
+        self._state_lock = threading.Lock()
+        self.state: State | None = State.load(self.state_file) if self.state_file.exists() else None
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _save(self) -> None:
+        assert self.state is not None
+        with self._state_lock:
+            tmp = self.state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(asdict(self.state), indent=1))
+            tmp.replace(self.state_file)  # atomic: a crash leaves the old or the new state
+
+    def _require_state(self) -> State:
+        if self.state is None:
+            raise LabError(
+                f"no lab in {self.dir} (no {self.state_file.name}); start one with `fleetpy lab up`"
+            )
+        return self.state
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """One lab command at a time per lab dir."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            # Another command may have changed the state while we waited.
+            self.state = State.load(self.state_file) if self.state_file.exists() else None
+            yield
+
+    # -- up ----------------------------------------------------------------------------------
+
+    def up(
+        self,
+        node_count: int = 3,
+        etcd_members: int = 1,
+        metadata: dict[str, dict[str, str]] | None = None,
+        network: str = "auto",
+        agent_ttl: str = "10s",
+        user_data: str | None = None,
+    ) -> list[str]:
+        """Start the lab, or what is missing of it; returns notes for the user."""
+        check_host()
+        if etcd_members not in (1, 3):
+            raise LabError("--etcd-members must be 1 or 3")
+        if not 1 <= node_count <= 200:
+            raise LabError("--nodes must be between 1 and 200")
+        if len(str(self.dir / "node999" / "run" / "systemd" / "private")) > 100:
+            raise LabError(f"{self.dir}: path too long for unix sockets; pick a shorter --dir")
+        notes: list[str] = []
+        names = [f"node{i}" for i in range(1, node_count + 1)]
+        metadata = metadata or {}
+        unknown = set(metadata) - set(names)
+        if unknown:
+            raise LabError(f"--metadata for unknown node(s) {', '.join(sorted(unknown))}")
+        if self.state is not None:
+            if [n.name for n in self.state.nodes] != names or len(self.state.etcd) != etcd_members:
+                raise LabError(
+                    f"a lab with {len(self.state.nodes)} nodes and {len(self.state.etcd)} etcd member(s) "
+                    f"is already in {self.dir}; run `fleetpy lab down` first"
+                )
+            return self._repair(notes)
+
+        mode = self._choose_network(network, notes)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        token_file = self.dir / "token"
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+        self.state = State(
+            dir=str(self.dir),
+            network=mode,
+            bridge=BRIDGE if mode == "netns" else None,
+            agent_ttl=agent_ttl,
+            token_file=str(token_file),
+        )
+        base = HOST_IP.rsplit(".", 1)[0] if mode == "netns" else "127.0.0"
+        extra = _user_data_metadata(user_data)
+        for i, name in enumerate(names):
+            self.state.nodes.append(
+                NodeState(
+                    name=name, ip=f"{base}.{FIRST_NODE_IP + i}", metadata={**extra, **metadata.get(name, {})}
+                )
+            )
+        self._save()
+        try:
+            if mode == "netns":
+                nodes.ensure_bridge(BRIDGE)
+            with concurrent.futures.ThreadPoolExecutor(len(names) + 1) as pool:
+                etcd_done = pool.submit(self._start_etcd, etcd_members)
+                started = [pool.submit(self._start_node, n) for n in self.state.nodes]
+                etcd_done.result()
+                for future in started:
+                    future.result()
+            for n in self.state.nodes:
+                self._start_fleetd(n)
+            self._save()
+            self.wait_registered()
+        except BaseException:
+            # Leave nothing half-up behind; the state file still lets a later `down` retry.
+            self.down()
+            raise
+        return notes
+
+    def _choose_network(self, network: str, notes: list[str]) -> str:
+        if network == "loopback":
+            notes.append("network: loopback (127.0.0.x), as asked; partition/heal are not available")
+            return "loopback"
+        owner = _address_owner(HOST_IP)
+        if owner and owner != BRIDGE:
+            raise LabError(
+                f"{HOST_IP} is already on interface {owner}: is another lab up? (`fleetpy lab down --dir ...`)"
+            )
+        probe = f"fleetpy-probe-{secrets.token_hex(3)}"
+        result = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, check=False)
+        if result.returncode == 0:
+            subprocess.run(["ip", "netns", "delete", probe], capture_output=True, check=False)
+            return "netns"
+        if network == "netns":
+            raise LabError(f"cannot create network namespaces: {result.stderr.strip()}")
+        notes.append(
+            "network namespaces unavailable ("
+            + result.stderr.strip()
+            + "): FALLBACK to loopback, nodes share the host network on 127.0.0.x; partition/heal disabled"
+        )
+        return "loopback"
+
+    def _start_etcd(self, members: int) -> None:
+        state = self._require_state()
+        host = HOST_IP if state.network == "netns" else "127.0.0.1"
+
+        def wrap(member: EtcdMember) -> list[str]:
+            cgroup = f"fleetpy-lab-{member.name}-{secrets.token_hex(4)}.slice"
+            state.etcd.append(
+                EtcdState(member.name, member.client_url, member.peer_url, str(member.data_dir), cgroup)
+            )
+            self._save()  # recorded before it exists
+            return nodes.make_cgroup(cgroup)
+
+        try:
+            start_cluster(self.dir, members, host=host, wrap=wrap)
+        except EtcdMissing as error:
+            raise LabError(str(error)) from None
+        except RuntimeError as error:
+            raise LabError(f"{error}") from None
+
+    def _start_node(self, ns: NodeState) -> None:
+        state = self._require_state()
+
+        def record(node: Node) -> None:
+            ns.cgroup, ns.netns, ns.veth, ns.env = node.cgroup, node.netns, node.veth, node.env
+            self._save()
+
+        node = nodes.start_node(
+            ns.name,
+            self.dir,
+            ip=ns.ip,
+            netns=state.network == "netns",
+            bridge=state.bridge,
+            on_created=record,
+        )
+        ns.pid, ns.ip = node.pid, node.ip
+        ns.machine_id = (node.dir / "machine-id").read_text().strip()
+        ns.partitioned = False
+        self._save()
+
+    def _start_fleetd(self, ns: NodeState) -> None:
+        state = self._require_state()
+        node_dir = self.dir / ns.name
+        port = API_PORT if state.network == "netns" else free_port(ns.ip)
+        argv = [
+            sys.executable, "-m", "fleetpy.fleetd.main",
+            "--etcd-servers", ",".join(state.etcd_urls),
+            "--etcd-key-prefix", KEY_PREFIX,
+            "--public-ip", ns.ip,
+            "--machine-id", ns.machine_id,
+            "--unit-dir", str(node_dir / "units"),
+            "--api-socket", str(node_dir / "fleet.sock"),
+            "--api-listen", f"{ns.ip}:{port}",
+            "--api-token-file", state.token_file,
+            "--systemd-bus", "user",
+            "--agent-ttl", state.agent_ttl,
+        ]  # fmt: skip
+        if ns.metadata:
+            argv += ["--metadata", ",".join(f"{k}={v}" for k, v in ns.metadata.items())]
+        # The package may be used from a checkout without being installed.
+        pythonpath = os.pathsep.join(
+            filter(None, [str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH")])
+        )
+        with open(node_dir / "fleetd.log", "ab") as log:
+            proc = self._node(ns).popen(
+                argv,
+                env_extra={"PYTHONPATH": pythonpath},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        ns.fleetd_pid = proc.pid  # the helpers exec, so this becomes fleetd's own pid
+        self._save()
+
+    def _repair(self, notes: list[str]) -> list[str]:
+        """`up` on a lab that exists: restart what died, leave the rest alone."""
+        state = self._require_state()
+        for member in state.etcd:
+            if not _cgroup_alive(member.cgroup):
+                self.etcd_start(member.name)
+                notes.append(f"restarted {member.name}")
+        for ns in state.nodes:
+            if not (_pid_alive(ns.pid) and _pid_alive(ns.fleetd_pid)):
+                self.restart_node(ns.name, wait=False)
+                notes.append(f"restarted {ns.name}")
+        self.wait_registered()
+        if not notes:
+            notes.append("lab already up; nothing to do")
+        return notes
+
+    def wait_registered(self, timeout: float = REGISTER_TIMEOUT, names: list[str] | None = None) -> None:
+        """Wait until every (named) node's fleetd has registered its machine in etcd."""
+        state = self._require_state()
+        want = {n.machine_id: n for n in state.nodes if names is None or n.name in names}
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = set(self.machines())
+            if set(want) <= seen:
+                return
+            for mid, ns in want.items():
+                if mid not in seen and not _pid_alive(ns.fleetd_pid):
+                    raise LabError(f"fleetd on {ns.name} exited:\n{_tail(self.dir / ns.name / 'fleetd.log')}")
+            if time.monotonic() > deadline:
+                missing = ", ".join(n.name for m, n in want.items() if m not in seen)
+                raise LabError(
+                    f"machines not registered after {timeout:.0f}s: {missing}; see {self.dir}/NODE/fleetd.log"
+                )
+            time.sleep(0.1)
+
+    def machines(self) -> set[str]:
+        """Ids of the machines registered in etcd; empty if etcd does not answer."""
+        state = self._require_state()
+        store = EtcdStore(state.etcd_urls, retry_for=1.0, request_timeout=1.0)
+        try:
+            return {m.id for m in Registry(store, KEY_PREFIX).machines()}
+        except StoreError:
+            return set()
+
+    # -- node operations ---------------------------------------------------------------------
+
+    def _node(self, ns: NodeState) -> Node:
+        return Node(
+            name=ns.name,
+            dir=self.dir / ns.name,
+            pid=ns.pid,
+            env=ns.env,
+            ip=ns.ip,
+            cgroup=ns.cgroup,
+            netns=ns.netns,
+            veth=ns.veth,
+        )
+
+    def node(self, name: str) -> Node:
+        ns = self._require_state().node(name)
+        if not _pid_alive(ns.pid):
+            raise LabError(f"{name} is not running; `fleetpy lab restart-node {name}`")
+        return self._node(ns)
+
+    def kill_node(self, name: str) -> None:
+        """Kill a node as a power cut would: every process of it at once, and its network."""
+        ns = self._require_state().node(name)
+        if ns.cgroup:
+            self._node(ns).kill()
+        ns.pid = ns.fleetd_pid = 0
+        self._save()
+
+    def restart_node(self, name: str, wait: bool = True) -> None:
+        ns = self._require_state().node(name)
+        self.kill_node(name)
+        self._start_node(ns)
+        self._start_fleetd(ns)
+        if wait:
+            self.wait_registered(names=[name])
+
+    def partition(self, name: str) -> None:
+        """Cut the node's link: its veth goes down, so it reaches neither etcd nor its peers."""
+        ns = self._link_node(name)
+        _run(["ip", "link", "set", str(ns.veth), "down"])
+        ns.partitioned = True
+        self._save()
+
+    def heal(self, name: str) -> None:
+        ns = self._link_node(name)
+        _run(["ip", "link", "set", str(ns.veth), "up"])
+        ns.partitioned = False
+        self._save()
+
+    def _link_node(self, name: str) -> NodeState:
+        state = self._require_state()
+        ns = state.node(name)
+        if state.network != "netns" or not ns.veth:
+            raise LabError("partition/heal need network namespaces; this lab runs on loopback")
+        if not _pid_alive(ns.pid):
+            raise LabError(f"{name} is not running")
+        return ns
+
+    def _etcd(self, which: str) -> tuple[int, EtcdState]:
+        state = self._require_state()
+        for i, member in enumerate(state.etcd):
+            if which in (member.name, str(i)):
+                return i, member
+        raise LabError(f"no etcd member {which!r}; members: {', '.join(m.name for m in state.etcd)}")
+
+    def etcd_kill(self, which: str) -> str:
+        _, member = self._etcd(which)
+        nodes.kill_cgroup(member.cgroup, what=member.name)
+        return member.name
+
+    def etcd_start(self, which: str) -> str:
+        state = self._require_state()
+        _, member = self._etcd(which)
+        if _cgroup_alive(member.cgroup):
+            return member.name
+        members = [EtcdMember(m.name, m.client_url, m.peer_url, Path(m.data_dir)) for m in state.etcd]
+        me = next(m for m in members if m.name == member.name)
+        me.start(
+            initial_cluster(members),
+            log=self.dir / f"{member.name}.log",
+            wrap=nodes.make_cgroup(member.cgroup),
+        )
+        deadline = time.monotonic() + 10
+        while not me.healthy():
+            if time.monotonic() > deadline or (me.process and me.process.poll() is not None):
+                raise LabError(f"{member.name} did not come back; see {self.dir}/{member.name}.log")
+            time.sleep(0.05)
+        return member.name
+
+    # -- status and down ---------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        state = self._require_state()
+        machines = self.machines()
+        etcd = []
+        for member in state.etcd:
+            m = EtcdMember(member.name, member.client_url, member.peer_url, Path(member.data_dir))
+            etcd.append(
+                {
+                    "name": member.name,
+                    "url": member.client_url,
+                    "running": _cgroup_alive(member.cgroup),
+                    "healthy": m.healthy(),
+                }
+            )
+        node_rows = []
+        for ns in state.nodes:
+            rss, pss, procs = _cgroup_memory(ns.cgroup) if ns.cgroup else (0, 0, 0)
+            node_rows.append(
+                {
+                    "name": ns.name,
+                    "ip": ns.ip,
+                    "machine_id": ns.machine_id,
+                    "metadata": ns.metadata,
+                    "systemd": _pid_alive(ns.pid),
+                    "fleetd": _pid_alive(ns.fleetd_pid),
+                    "registered": ns.machine_id in machines,
+                    "partitioned": ns.partitioned,
+                    "processes": procs,
+                    "rss_kib": rss,
+                    "pss_kib": pss,
+                }
+            )
+        return {
+            "dir": state.dir,
+            "network": state.network,
+            "bridge": state.bridge,
+            "endpoint": self.endpoint(),
+            "etcd": etcd,
+            "nodes": node_rows,
+        }
+
+    def endpoint(self) -> str:
+        state = self._require_state()
+        return f"unix://{self.dir / state.nodes[0].name / 'fleet.sock'}"
+
+    def down(self) -> list[str]:
+        """Remove everything the state file lists; safe to repeat, and after a crash."""
+        state = self.state
+        if state is None:
+            return []
+        errors: list[str] = []
+        for ns in state.nodes:
+            if ns.cgroup:
+                try:
+                    self._node(ns).kill()
+                except (NodeError, OSError) as error:
+                    errors.append(f"{ns.name}: {error}")
+        for member in state.etcd:
+            try:
+                nodes.kill_cgroup(member.cgroup, what=member.name)
+            except (NodeError, OSError) as error:
+                errors.append(f"{member.name}: {error}")
+            shutil.rmtree(member.data_dir, ignore_errors=True)
+        if state.bridge:
+            nodes.remove_bridge(state.bridge)
+        if errors:
+            self._save()
+            raise LabError("down left some things behind:\n  " + "\n  ".join(errors))
+        # Node dirs stay (logs, machine-ids); state, token and etcd data go.
+        for name in ("state.json", "token"):
+            (self.dir / name).unlink(missing_ok=True)
+        for ns in state.nodes:
+            (self.dir / ns.name / "fleet.sock").unlink(missing_ok=True)
+        self.state = None
+        return [f"stopped {len(state.nodes)} node(s) and {len(state.etcd)} etcd member(s)"]
+
+
+def _user_data_metadata(path: str | None) -> dict[str, str]:
+    """Metadata from a cloud-config's coreos.fleet.metadata; the rest of the file is not applied."""
+    if not path:
+        return {}
+    try:
+        config = load(Path(path).read_text())
+        value = config.fleet.get("metadata", "")
+        return parse_metadata(value) if isinstance(value, str) else {str(k): str(v) for k, v in value.items()}
+    except (OSError, CloudConfigError, ConfigError) as error:
+        raise LabError(f"--user-data {path}: {error}") from None
+
+
+def _address_owner(address: str) -> str | None:
+    result = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, check=False)
+    for line in result.stdout.splitlines():
+        fields = line.split()
+        if len(fields) > 3 and fields[3].split("/")[0] == address:
+            return fields[1]
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        # A zombie is dead for our purposes.
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _cgroup_alive(cgroup: str) -> bool:
+    procs = nodes.CGROUP_ROOT / "unified" / cgroup / "cgroup.procs"
+    try:
+        return bool(procs.read_text().split())
+    except OSError:
+        return False
+
+
+def _cgroup_memory(cgroup: str) -> tuple[int, int, int]:
+    """(RSS KiB, PSS KiB, process count) of everything in the cgroup tree; PSS splits shared pages."""
+    top = nodes.CGROUP_ROOT / "unified" / cgroup
+    pids: set[int] = set()
+    for procs in top.rglob("cgroup.procs"):
+        try:
+            pids.update(int(p) for p in procs.read_text().split())
+        except OSError:
+            pass
+    rss = pss = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+        except OSError:
+            pass
+    return rss, pss, len(pids)
+
+
+def _tail(path: Path, chars: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return f"(no {path})"
+
+
+def _run(argv: list[str]) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise LabError(f"{' '.join(argv)}: {result.stderr.strip()}")
