@@ -314,19 +314,24 @@ def _plan_unit(unit: Unit, target: Target, result: Plan) -> None:
         result.changes.append(FileChange(_inside(unit_dir, f"{unit.name}.d/{drop_in.name}"),
                                          drop_in.content.encode()))
     if unit.enable and not unit.mask:
-        result.changes += _install_links(unit, path, unit_dir, target.root, result.notes)
+        result.changes += _install_links(unit, path, unit_dir, target.root, result.changes, result.notes)
     if unit.command:
         result.commands.append((unit.command, unit.name))
 
 
-def _install_links(unit: Unit, path: Path, unit_dir: Path, root: Path, notes: list[str]) -> list[LinkChange]:
+def _install_links(
+    unit: Unit, path: Path, unit_dir: Path, root: Path, planned_changes: list[FileChange | LinkChange],
+    notes: list[str],
+) -> list[LinkChange]:
     """The symlinks `systemctl enable` would make from the unit's [Install] section."""
     # Links point where the unit is on the target system, like `systemctl --root` makes them.
     link_target = "/" + str(path.relative_to(root)) if root in path.parents else str(path)
     text = unit.content
     if text is None:
+        # The unit may be one this same apply writes, such as etcd2.service.
+        planned = [c.content for c in planned_changes if isinstance(c, FileChange) and c.path == path]
         try:
-            text = path.read_text()
+            text = planned[-1].decode() if planned else path.read_text()
         except OSError:
             notes.append(f"{unit.name}: enable needs the unit's content, and {path} is not readable")
             return []
