@@ -1,0 +1,38 @@
+"""The units/ library: every unit parses and states the scheduling it documents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fleetpy.unit import FleetOptions, load_unit
+
+UNITS = Path(__file__).resolve().parent.parent / "units"
+
+
+@pytest.mark.parametrize("path", sorted(UNITS.glob("*.service")), ids=lambda p: p.name)
+def test_unit_parses(path: Path) -> None:
+    name = path.name.replace("@.", "@1.")
+    unit = load_unit(name, path.read_text())
+    assert unit.file.values("Service", "ExecStart")
+
+
+def _fleet(name: str, instance: str | None = None) -> FleetOptions:
+    return load_unit(instance or name, (UNITS / name).read_text()).fleet
+
+
+def test_scheduling_options() -> None:
+    assert _fleet("web@.service", "web@1.service").conflicts_with("web@2.service")
+    assert _fleet("web-discovery@.service", "web-discovery@7.service").machine_of == ("web@7.service",)
+    assert _fleet("logger.service").is_global
+    assert _fleet("db.service").metadata_matches({"role": "db"})
+    assert not _fleet("db.service").metadata_matches({"role": "web"})
+
+
+def test_dependencies() -> None:
+    es = load_unit("es.service", (UNITS / "es.service").read_text()).file
+    assert es.values("Unit", "After") == ["docker.service"] and es.values("Unit", "Requires") == ["docker.service"]
+    sidekick = load_unit("web-discovery@7.service", (UNITS / "web-discovery@.service").read_text()).file
+    assert sidekick.values("Unit", "BindsTo") == ["web@%i.service"]
+    assert sidekick.values("Service", "EnvironmentFile") == ["-/etc/fleetpy/discovery.env"]
