@@ -1,0 +1,26 @@
+"""The `fleetpy` tool: everything that is not fleetctl (the local lab, cloud-config checks)."""
+
+from __future__ import annotations
+
+import click
+
+from fleetpy.cloudinit.cli import validate_command
+from fleetpy.lab.cli import group as lab_group
+
+
+@click.group("fleetpy", context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """fleetpy: a fleet-style cluster scheduler for systemd units, on etcd."""
+
+
+@main.group("cloud-config")
+def cloud_config() -> None:
+    """Cloud-config user-data."""
+
+
+cloud_config.add_command(validate_command)
+main.add_command(lab_group)
+
+
+if __name__ == "__main__":
+    main()

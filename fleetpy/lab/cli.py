@@ -1,0 +1,235 @@
+"""`fleetpy lab ...`: bring a local multi-node lab up and down, and break it on purpose."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fleetpy.lab.lab import DEFAULT_DIR, KEY_PREFIX, Lab, LabError
+from fleetpy.lab.node import NodeError
+from fleetpy.registry import EtcdStore, Registry, StoreError
+
+DIR_OPTION = click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="FLEETPY_LAB_DIR",
+    default=DEFAULT_DIR,
+    show_default=True,
+    help="lab directory (state, logs, sockets); keep it short: unix socket paths are limited",
+)
+
+
+def _lab_command(name: str, **kwargs: Any) -> Callable[[Callable[..., None]], click.Command]:
+    """A lab subcommand run under the lab's lock, with LabError shown as a message, not a traceback."""
+
+    def decorate(function: Callable[..., None]) -> click.Command:
+        def run(directory: Path, **params: Any) -> None:
+            lab = Lab(directory)
+            try:
+                with lab.locked():
+                    function(lab, **params)
+            except (LabError, NodeError) as error:
+                raise click.ClickException(str(error)) from None
+
+        run.__doc__ = function.__doc__
+        run.__name__ = function.__name__
+        # The command's own click options and arguments, in the order they were written.
+        run.__click_params__ = getattr(function, "__click_params__", [])  # type: ignore[attr-defined]
+        return group.command(name, **kwargs)(DIR_OPTION(run))
+
+    return decorate
+
+
+@click.group("lab")
+def group() -> None:
+    """A local multi-node fleet lab: one etcd cluster, N nodes with systemd --user and fleetd."""
+
+
+def _parse_metadata(values: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    result: dict[str, dict[str, str]] = {}
+    for value in values:
+        node, sep, pairs = value.partition("=")
+        if not sep or not pairs:
+            raise click.BadParameter(f"{value!r}: use NODE=key=value[,key=value]", param_hint="--metadata")
+        for pair in pairs.split(","):
+            key, sep, val = pair.partition("=")
+            if not sep or not key:
+                raise click.BadParameter(f"{value!r}: {pair!r} is not key=value", param_hint="--metadata")
+            result.setdefault(node, {})[key] = val
+    return result
+
+
+@_lab_command("up")
+@click.option("--nodes", "node_count", type=click.IntRange(1, 200), default=3, show_default=True)
+@click.option("--etcd-members", type=click.Choice(["1", "3"]), default="1", show_default=True)
+@click.option("--metadata", multiple=True, help="NODE=key=value[,key=value], e.g. node1=role=db; repeatable")
+@click.option(
+    "--user-data",
+    type=click.Path(exists=True, dir_okay=False),
+    help="cloud-config: coreos.fleet.metadata for every node",
+)
+@click.option(
+    "--network",
+    type=click.Choice(["auto", "netns", "loopback"]),
+    default="auto",
+    show_default=True,
+    help="netns: own namespace and 10.251.0.x address per node; loopback: shared network, 127.0.0.x",
+)
+@click.option(
+    "--agent-ttl",
+    default="10s",
+    show_default=True,
+    help="fleetd machine TTL (how fast a dead node is noticed)",
+)
+def up(
+    lab: Lab,
+    node_count: int,
+    etcd_members: str,
+    metadata: tuple[str, ...],
+    user_data: str | None,
+    network: str,
+    agent_ttl: str,
+) -> None:
+    """Start etcd and the nodes, wait until every machine is registered; idempotent."""
+    started = time.monotonic()
+    notes = lab.up(
+        node_count=node_count,
+        etcd_members=int(etcd_members),
+        metadata=_parse_metadata(metadata),
+        network=network,
+        agent_ttl=agent_ttl,
+        user_data=user_data,
+    )
+    for note in notes:
+        click.echo(f"note: {note}")
+    _print_status(lab.status())
+    click.echo(f"lab up in {time.monotonic() - started:.1f}s")
+    click.echo(f"export FLEETCTL_ENDPOINT={lab.endpoint()}")
+
+
+@_lab_command("status")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def status(lab: Lab, as_json: bool) -> None:
+    """Nodes, processes, health, memory."""
+    info = lab.status()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        _print_status(info)
+
+
+@_lab_command("down")
+def down(lab: Lab) -> None:
+    """Stop every process the lab started and remove its namespaces, links and cgroups."""
+    notes = lab.down() or [f"no lab in {lab.dir}; nothing to do"]
+    for note in notes:
+        click.echo(note)
+
+
+@_lab_command("shell", context_settings={"ignore_unknown_options": True})
+@click.argument("target")
+@click.argument("command", nargs=-1)
+def shell(lab: Lab, target: str, command: tuple[str, ...]) -> None:
+    """A shell (or COMMAND) inside node TARGET, or inside the node running unit TARGET."""
+    node = lab.node(_resolve_node(lab, target))
+    argv = list(command) or [os.environ.get("SHELL", "/bin/bash")]
+    env = {"PS1": f"[{node.name} \\W]# ", "FLEETCTL_ENDPOINT": f"unix://{node.dir / 'fleet.sock'}"}
+    proc = node.popen(argv, env_extra=env)
+    sys.exit(proc.wait())
+
+
+@_lab_command("kill-node")
+@click.argument("node")
+def kill_node(lab: Lab, node: str) -> None:
+    """Kill every process of NODE at once (systemd, fleetd, units), like a power cut."""
+    lab.kill_node(node)
+    click.echo(f"{node} killed")
+
+
+@_lab_command("restart-node")
+@click.argument("node")
+def restart_node(lab: Lab, node: str) -> None:
+    """Kill NODE if it runs, start it again (same machine-id) and wait until it registers."""
+    lab.restart_node(node)
+    click.echo(f"{node} restarted")
+
+
+@_lab_command("partition")
+@click.argument("node")
+def partition(lab: Lab, node: str) -> None:
+    """Cut NODE off the lab network (its veth goes down): no etcd, no peers."""
+    lab.partition(node)
+    click.echo(f"{node} partitioned")
+
+
+@_lab_command("heal")
+@click.argument("node")
+def heal(lab: Lab, node: str) -> None:
+    """Reconnect a partitioned NODE."""
+    lab.heal(node)
+    click.echo(f"{node} healed")
+
+
+@_lab_command("etcd-kill")
+@click.argument("member")
+def etcd_kill(lab: Lab, member: str) -> None:
+    """SIGKILL etcd MEMBER, given by index (0, 1, 2) or name (etcd0, ...)."""
+    click.echo(f"{lab.etcd_kill(member)} killed")
+
+
+@_lab_command("etcd-start")
+@click.argument("member")
+def etcd_start(lab: Lab, member: str) -> None:
+    """Start a killed etcd MEMBER again on its data dir."""
+    click.echo(f"{lab.etcd_start(member)} running")
+
+
+def _resolve_node(lab: Lab, target: str) -> str:
+    """A node name as is; a unit name becomes the node its machine runs it on."""
+    state = lab.state
+    if state is None:
+        raise LabError(f"no lab in {lab.dir}; start one with `fleetpy lab up`")
+    if any(n.name == target for n in state.nodes):
+        return target
+    try:
+        store = EtcdStore(state.etcd_urls, retry_for=2.0)
+        assignments = [a for a in Registry(store, KEY_PREFIX).assignments() if a.unit == target]
+    except StoreError as error:
+        raise LabError(f"{target} is not a node, and etcd cannot say where it runs: {error}") from None
+    by_machine = {n.machine_id: n.name for n in state.nodes}
+    for assignment in assignments:
+        if assignment.machine_id in by_machine:
+            return by_machine[assignment.machine_id]
+    raise LabError(
+        f"{target} is neither a node ({', '.join(n.name for n in state.nodes)}) nor a scheduled unit"
+    )
+
+
+def _print_status(info: dict[str, Any]) -> None:
+    def yes(flag: bool) -> str:
+        return "up" if flag else "DOWN"
+
+    click.echo(
+        f"lab {info['dir']}  network: {info['network']}"
+        + (f" (bridge {info['bridge']})" if info["bridge"] else "")
+    )
+    for member in info["etcd"]:
+        health = "healthy" if member["healthy"] else ("running, unhealthy" if member["running"] else "DOWN")
+        click.echo(f"  {member['name']:<8} {member['url']:<28} {health}")
+    header = f"  {'NODE':<8} {'IP':<13} {'MACHINE':<9} {'SYSTEMD':<8} {'FLEETD':<7} {'REGISTERED':<11} {'PROCS':>5} {'RSS':>7} {'PSS':>7}  METADATA"
+    click.echo(header)
+    for n in info["nodes"]:
+        ip = n["ip"] + (" (cut)" if n["partitioned"] else "")
+        metadata = ",".join(f"{k}={v}" for k, v in n["metadata"].items()) or "-"
+        click.echo(
+            f"  {n['name']:<8} {ip:<13} {n['machine_id'][:8]:<9} {yes(n['systemd']):<8} {yes(n['fleetd']):<7} "
+            f"{'yes' if n['registered'] else 'no':<11} {n['processes']:>5} {n['rss_kib'] // 1024:>5}MB {n['pss_kib'] // 1024:>5}MB  {metadata}"
+        )
