@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import stat
@@ -158,7 +159,7 @@ async def test_bad_json_is_a_bad_request(client):
 
 
 async def test_oversized_body_is_refused(client, registry):
-    resp = await client.put("/fleet/v1/units/hello.service", data=b" " * (1 << 20 + 1))
+    resp = await client.put("/fleet/v1/units/hello.service", data=io.BytesIO(b" " * ((1 << 20) + 1)))
     assert (await error_of(resp))[0] == 413
     assert registry.jobs() == []
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any, Self
 from urllib.parse import quote
@@ -34,9 +35,11 @@ class Client:
             path = endpoint.removeprefix("unix://")
             if not path:
                 raise ValueError(f"bad endpoint {endpoint!r}; expected unix:///path/to/fleet.sock")
+            self._socket_path: str | None = path
             transport = httpx.HTTPTransport(uds=path)
             base_url = "http://fleetd"
         elif endpoint.startswith(("http://", "https://")):
+            self._socket_path = None
             transport = None
             base_url = endpoint.rstrip("/")
         else:
@@ -58,7 +61,13 @@ class Client:
         return ConnectionFailed(0, f"cannot reach fleetd at {self.endpoint}: {error}; is fleetd "
                                    "running? set --endpoint or FLEETCTL_ENDPOINT")
 
+    def _check_socket(self) -> None:
+        # Said plainly up front; httpcore would also leak the socket of a failed unix connect.
+        if self._socket_path is not None and not os.path.exists(self._socket_path):
+            raise self._unreachable(FileNotFoundError(f"no socket at {self._socket_path}"))
+
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        self._check_socket()
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as error:
@@ -135,6 +144,7 @@ class Client:
         # A followed journal has no end; only connecting may time out.
         timeout = (httpx.Timeout(self._http.timeout.connect, read=None) if follow
                    else httpx.USE_CLIENT_DEFAULT)
+        self._check_socket()
         try:
             with self._http.stream("GET", path, params=params, timeout=timeout) as response:
                 if response.status_code >= 400:
