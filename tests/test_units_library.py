@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from fleetpy.containers.discovery import key_url, remove_key, set_key
 from fleetpy.unit import FleetOptions, load_unit
 
 UNITS = Path(__file__).resolve().parent.parent / "units"
@@ -36,3 +39,14 @@ def test_dependencies() -> None:
     sidekick = load_unit("web-discovery@7.service", (UNITS / "web-discovery@.service").read_text()).file
     assert sidekick.values("Unit", "BindsTo") == ["web@%i.service"]
     assert sidekick.values("Service", "EnvironmentFile") == ["-/etc/fleetpy/discovery.env"]
+
+
+@pytest.mark.integration
+def test_discovery_sets_and_removes_a_key_with_ttl(etcd_url: str, etcd_prefix: str) -> None:
+    key = f"{etcd_prefix}services/web/web@1"
+    set_key(etcd_url, key, "10.251.0.11:8080", ttl=30)
+    with urllib.request.urlopen(key_url(etcd_url, key)) as response:
+        node = json.load(response)["node"]
+    assert node["value"] == "10.251.0.11:8080" and 0 < node["ttl"] <= 30
+    remove_key(etcd_url, key)
+    remove_key(etcd_url, key)  # already gone is fine
