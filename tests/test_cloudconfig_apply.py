@@ -275,3 +275,15 @@ coreos:
     again, lines = apply(root, text, bus=bus)
     assert again == 0
     assert "unchanged hello.service (active)" in lines
+
+
+def test_cli_prints_a_line_per_action_and_a_summary(tmp_path: Path) -> None:
+    path = tmp_path / "user-data"
+    path.write_text("#cloud-config\nhostname: core-01\n")
+    root = tmp_path / "root"
+    args = [str(path), "--root", str(root)]
+    first = CliRunner().invoke(apply_command, args)
+    second = CliRunner().invoke(apply_command, args)
+    assert (first.exit_code, second.exit_code) == (0, 0)
+    assert first.output == f"created {root}/etc/hostname\n1 change(s)\n"
+    assert second.output == f"unchanged {root}/etc/hostname\nno changes\n"
