@@ -11,7 +11,6 @@ from click.testing import CliRunner
 
 from fleetpy.cloudinit.apply import ApplyError, apply_user_data, detect_ipv4
 from fleetpy.cloudinit.cli import apply_command
-from fleetpy.fleetd.config import build_config
 from fleetpy.lab.node import Node
 
 pytest_plugins = ["fixtures_nodes"]
@@ -134,6 +133,9 @@ def test_etcd2_options_become_an_environment_drop_in_and_a_unit(tmp_path: Path) 
 
 
 def test_fleet_conf_is_what_fleetd_reads(tmp_path: Path) -> None:
+    # Imported here so that only this test depends on fleetd's module.
+    from fleetpy.fleetd.config import build_config
+
     _, lines = apply(tmp_path)
     conf = tmp_path / "etc/fleet/fleet.conf"
     config = build_config({}, environ={}, config_file=str(conf))
