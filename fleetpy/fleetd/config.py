@@ -1,0 +1,152 @@
+"""fleetd's configuration, as fleet reads it: flags over FLEET_* variables over a config file."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+DEFAULT_CONFIG_FILE = "/etc/fleet/fleet.conf"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Config:
+    etcd_servers: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    etcd_key_prefix: str = "/_fleetpy/"
+    etcd_cafile: str = ""
+    etcd_certfile: str = ""
+    etcd_keyfile: str = ""
+    etcd_request_timeout: float = 5.0
+    public_ip: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    machine_id: str = ""
+    machine_id_file: str = "/var/lib/fleetpy/machine-id"
+    unit_dir: str = "/run/fleetpy/units"
+    api_socket: str = "/var/run/fleet.sock"
+    api_listen: str = ""
+    api_token_file: str = ""
+    api_tls_cert: str = ""
+    api_tls_key: str = ""
+    systemd_bus: str = "system"
+    agent_ttl: float = 10.0
+    engine_reconcile_interval: float = 30.0
+    disable_engine: bool = False
+    verbosity: int = 0
+
+
+def parse_duration(value: str) -> float:
+    """fleet writes durations as Go does ("10s", "1m30s", "500ms"); bare numbers are seconds."""
+    text = value.strip().strip('"')
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ConfigError(f"bad duration {value!r}: use seconds (10) or Go style (10s, 1m30s, 500ms)")
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def parse_metadata(value: str) -> dict[str, str]:
+    """`role=web,zone=a` -> {"role": "web", "zone": "a"}."""
+    metadata = {}
+    for pair in filter(None, (p.strip() for p in value.strip().strip('"').split(","))):
+        key, sep, val = pair.partition("=")
+        if not sep or not key.strip() or not val.strip():
+            raise ConfigError(f"bad metadata {pair!r}: expected key=value pairs joined by commas, "
+                              "e.g. role=web,zone=a")
+        metadata[key.strip()] = val.strip()
+    return metadata
+
+
+def _list(value: str) -> tuple[str, ...]:
+    # fleet.conf writes lists as ["a","b"]; flags and env as a,b.
+    text = value.strip().strip("[]")
+    return tuple(item.strip().strip('"') for item in text.split(",") if item.strip().strip('"'))
+
+
+def _bool(value: str) -> bool:
+    text = value.strip().strip('"').lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"bad boolean {value!r}: use true or false")
+
+
+_CONVERT = {"etcd_servers": _list, "metadata": parse_metadata, "agent_ttl": parse_duration,
+            "engine_reconcile_interval": parse_duration, "etcd_request_timeout": parse_duration,
+            "disable_engine": _bool, "verbosity": int}
+KNOWN = {f.name for f in fields(Config)}
+
+
+def read_config_file(path: str) -> dict[str, str]:
+    """key=value lines as in fleet.conf; '#' comments; values may be quoted."""
+    values = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise ConfigError(f"{path}:{number}: expected key=value, got {line!r}")
+        if key not in KNOWN:
+            raise ConfigError(f"{path}:{number}: unknown option {key!r}; known: {', '.join(sorted(KNOWN))}")
+        stripped = value.strip()
+        values[key] = shlex.split(stripped)[0] if stripped.startswith(('"', "'")) else stripped
+    return values
+
+
+def from_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    return {name[6:].lower(): value for name, value in environ.items()
+            if name.startswith("FLEET_") and name[6:].lower() in KNOWN}
+
+
+def build_config(flags: Mapping[str, str | None], environ: Mapping[str, str] = os.environ,
+                 config_file: str | None = None) -> Config:
+    """Merge the three sources; flags win, then FLEET_* variables, then the file."""
+    path = config_file or environ.get("FLEET_CONFIG") or DEFAULT_CONFIG_FILE
+    raw: dict[str, str] = {}
+    if config_file or os.path.exists(path):
+        try:
+            raw.update(read_config_file(path))
+        except OSError as error:
+            raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    raw.update(from_environment(environ))
+    raw.update({k: v for k, v in flags.items() if v is not None})
+    values = {}
+    for key, value in raw.items():
+        convert = _CONVERT.get(key)
+        try:
+            values[key] = convert(value) if convert else value
+        except ValueError as error:
+            raise ConfigError(f"{key}: {error}") from None
+    config = Config(**values)
+    if config.agent_ttl < 1:
+        raise ConfigError("agent_ttl must be at least 1s")
+    return config
+
+
+def machine_id(config: Config) -> str:
+    """The configured id, else /etc/machine-id, else one generated once and kept."""
+    if config.machine_id:
+        return config.machine_id
+    for path in ("/etc/machine-id", config.machine_id_file):
+        try:
+            found = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if found:
+            return found
+    generated = uuid.uuid4().hex
+    Path(config.machine_id_file).parent.mkdir(parents=True, exist_ok=True)
+    Path(config.machine_id_file).write_text(generated + "\n")
+    return generated

@@ -1,0 +1,121 @@
+"""fleetd's entry point: read the configuration, then run agent, engine and API together."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from fleetpy.agent.agent import Agent
+from fleetpy.agent.systemd import SystemdManager
+from fleetpy.api.local import SystemctlUnitInfo
+from fleetpy.api.server import create_app, serve
+from fleetpy.engine.engine import Engine
+from fleetpy.fleetd.config import Config, ConfigError, build_config, machine_id
+from fleetpy.registry import EtcdStore, Machine, Registry, StoreError
+from fleetpy.registry.aio import AsyncRegistry
+
+log = logging.getLogger("fleetd")
+
+# Watches hold a thread each for as long as they long-poll; API calls need threads meanwhile.
+REGISTRY_THREADS = 32
+
+
+def api_endpoint(config: Config) -> str:
+    if not config.api_listen:
+        return ""
+    host, _, port = config.api_listen.rpartition(":")
+    if host in ("", "0.0.0.0", "[::]"):
+        host = config.public_ip or "127.0.0.1"
+    scheme = "https" if config.api_tls_cert else "http"
+    return f"{scheme}://{host}:{port}"
+
+
+def open_registry(config: Config) -> Registry:
+    cert = (config.etcd_certfile, config.etcd_keyfile) if config.etcd_certfile else None
+    store = EtcdStore(list(config.etcd_servers), request_timeout=config.etcd_request_timeout,
+                      ca_cert=config.etcd_cafile or None, cert=cert)
+    return Registry(store, config.etcd_key_prefix)
+
+
+async def run(config: Config) -> None:
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(REGISTRY_THREADS))
+    registry = AsyncRegistry(open_registry(config))
+    machine = Machine(machine_id(config), config.public_ip, dict(config.metadata), api_endpoint(config))
+    token = Path(config.api_token_file).read_text().strip() if config.api_token_file else None
+
+    while True:
+        try:
+            await registry.ensure_schema()
+            break
+        except StoreError as error:
+            log.warning("waiting for etcd: %s", error)
+            await asyncio.sleep(1)
+    systemd = await SystemdManager.connect(config.systemd_bus, config.unit_dir)
+    app = create_app(registry, machine_id=machine.id,
+                     local=SystemctlUnitInfo(config.systemd_bus, dict(os.environ)), peer_token=token)
+    runner = await serve(app, socket_path=config.api_socket, listen=config.api_listen or None,
+                         token=token, tls_cert=config.api_tls_cert or None,
+                         tls_key=config.api_tls_key or None)
+    log.info("fleetd %s up: api %s%s, etcd %s", machine.id, config.api_socket,
+             f" and {config.api_listen}" if config.api_listen else "", ",".join(config.etcd_servers))
+    parts = [Agent(registry, systemd, machine, config.agent_ttl).run()]
+    if not config.disable_engine:
+        parts.append(Engine(registry, machine.id, config.agent_ttl,
+                            config.engine_reconcile_interval).run())
+    main = asyncio.gather(*parts)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, main.cancel)
+    try:
+        await main
+    except asyncio.CancelledError:
+        log.info("fleetd stopping; units keep running")
+    finally:
+        await runner.cleanup()
+        await systemd.close()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", help="config file (default /etc/fleet/fleet.conf, or $FLEET_CONFIG)")
+@click.option("--etcd-servers", help="comma-separated etcd client URLs")
+@click.option("--etcd-key-prefix", help="key prefix of the registry in etcd (default /_fleetpy/)")
+@click.option("--etcd-cafile")
+@click.option("--etcd-certfile")
+@click.option("--etcd-keyfile")
+@click.option("--public-ip", help="IP address other machines reach this one at")
+@click.option("--metadata", help="machine metadata, e.g. role=web,zone=a")
+@click.option("--machine-id", help="machine id (default /etc/machine-id, else generated and kept)")
+@click.option("--unit-dir", help="where unit files are written (default /run/fleetpy/units)")
+@click.option("--api-socket", help="unix socket of the API (default /var/run/fleet.sock)")
+@click.option("--api-listen", help="also serve the API on HOST:PORT (needs a token or TLS)")
+@click.option("--api-token-file", help="file holding the bearer token for TCP clients and peers")
+@click.option("--api-tls-cert")
+@click.option("--api-tls-key")
+@click.option("--systemd-bus", help="system, user or a D-Bus address (default system)")
+@click.option("--agent-ttl", help="machine heartbeat TTL, e.g. 10s")
+@click.option("--engine-reconcile-interval", help="full scheduling pass interval, e.g. 30s")
+@click.option("--disable-engine", is_flag=True, default=None, flag_value="true")
+@click.option("-v", "--verbosity", help="log verbosity: 0 info, 1 debug")
+def main(config_file: str | None, **flags: str | None) -> None:
+    """Run the fleetpy daemon: agent, engine and API of one machine."""
+    try:
+        config = build_config(flags, config_file=config_file)
+    except ConfigError as error:
+        raise click.UsageError(str(error)) from None
+    logging.basicConfig(level=logging.DEBUG if config.verbosity else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        asyncio.run(run(config))
+    except (OSError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+
+
+if __name__ == "__main__":
+    main()

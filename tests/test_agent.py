@@ -1,0 +1,105 @@
+"""The agent: pure task planning, and the loop over the in-memory registry and a fake systemd."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fleetpy.agent.agent import Agent
+from fleetpy.agent.fake_systemd import FakeSystemd
+from fleetpy.agent.tasks import Desired, plan_tasks
+from fleetpy.registry import Assignment, Machine, memory_registry
+from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.unit import UnitFile
+
+SLEEP = "[Service]\nExecStart=/bin/sleep 1000\n"
+
+
+def test_new_launched_unit_is_written_and_started():
+    tasks = plan_tasks({"a.service": Desired(SLEEP, "launched")}, {}, {})
+    assert tasks.write == {"a.service": SLEEP} and tasks.start == ["a.service"] and not tasks.stop
+
+
+def test_loaded_unit_is_written_but_not_started():
+    tasks = plan_tasks({"a.service": Desired(SLEEP, "loaded")}, {}, {})
+    assert tasks.write and not tasks.start
+
+
+def test_running_unit_with_same_content_is_adopted_untouched():
+    tasks = plan_tasks({"a.service": Desired(SLEEP, "launched")}, {"a.service": SLEEP},
+                       {"a.service": "active"})
+    assert not tasks
+
+
+def test_stopped_unit_is_stopped_and_kept():
+    tasks = plan_tasks({"a.service": Desired(SLEEP, "loaded")}, {"a.service": SLEEP},
+                       {"a.service": "active"})
+    assert tasks.stop == ["a.service"] and not tasks.remove and not tasks.start
+
+
+def test_unassigned_unit_is_stopped_and_removed():
+    tasks = plan_tasks({}, {"a.service": SLEEP}, {"a.service": "active"})
+    assert tasks.stop == ["a.service"] and tasks.remove == ["a.service"]
+
+
+def test_changed_content_restarts_a_running_unit():
+    tasks = plan_tasks({"a.service": Desired(SLEEP + "Restart=always\n", "launched")},
+                       {"a.service": SLEEP}, {"a.service": "active"})
+    assert tasks.stop == ["a.service"] and tasks.start == ["a.service"] and tasks.write
+
+
+def test_failed_launched_unit_is_started_again():
+    tasks = plan_tasks({"a.service": Desired(SLEEP, "launched")}, {"a.service": SLEEP},
+                       {"a.service": "failed"})
+    assert tasks.start == ["a.service"] and not tasks.write
+
+
+async def _settle(registry, unit, want, timeout=3.0):
+    async def published():
+        while True:
+            states = {s.unit: s.active_state for s in await registry.states()}
+            if states.get(unit) == want:
+                return
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(published(), timeout)
+
+
+async def test_agent_runs_what_is_assigned_and_publishes_state():
+    registry = AsyncRegistry(memory_registry())
+    systemd = FakeSystemd()
+    agent = Agent(registry, systemd, Machine("m1", "10.0.0.1"), ttl=5)
+    task = asyncio.create_task(agent.run())
+    try:
+        digest = await registry.put_unit_file(UnitFile.parse(SLEEP))
+        await registry.assign(Assignment("a.service", "m1", digest, "launched"))
+        await _settle(registry, "a.service", "active")
+        assert systemd.files["a.service"] == SLEEP
+        assert [m.id for m in await registry.machines()] == ["m1"]
+
+        await registry.assign(Assignment("a.service", "m1", digest, "loaded"))
+        await _settle(registry, "a.service", "inactive")
+
+        await registry.unassign("a.service", "m1")
+        for _ in range(300):
+            if "a.service" not in systemd.files:
+                break
+            await asyncio.sleep(0.01)
+        assert "a.service" not in systemd.files
+        assert await registry.states() == []
+    finally:
+        task.cancel()
+
+
+async def test_restarted_agent_adopts_running_units_without_restarting():
+    registry = AsyncRegistry(memory_registry())
+    systemd = FakeSystemd()
+    digest = await registry.put_unit_file(UnitFile.parse(SLEEP))
+    await registry.assign(Assignment("a.service", "m1", digest, "launched"))
+    first = Agent(registry, systemd, Machine("m1"), ttl=5)
+    await first.reconcile(await registry.assignments("m1"))
+    pid = await systemd.main_pid("a.service")
+    jobs = len(systemd.jobs)
+
+    second = Agent(registry, systemd, Machine("m1"), ttl=5)
+    tasks = await second.reconcile(await registry.assignments("m1"))
+    assert not tasks
+    assert await systemd.main_pid("a.service") == pid and len(systemd.jobs) == jobs
