@@ -173,8 +173,11 @@ def _client(url: str, timeout: float, ca_cert: str | None, cert: tuple[str, str]
     parts = urlsplit(url if "://" in url else f"http://{url}")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"bad etcd server URL {url!r}; expected http://HOST:PORT or https://HOST:PORT")
-    return etcd.Client(host=parts.hostname, port=parts.port or 2379, protocol=parts.scheme,
-                       read_timeout=timeout, allow_reconnect=False, ca_cert=ca_cert, cert=cert)
+    client = etcd.Client(host=parts.hostname, port=parts.port or 2379, protocol=parts.scheme,
+                         read_timeout=timeout, allow_reconnect=False, ca_cert=ca_cert, cert=cert)
+    # One retry policy, ours: urllib3's own retries would triple every timeout before we see it.
+    client.http.connection_pool_kw["retries"] = False
+    return client
 
 
 @dataclass
