@@ -417,6 +417,11 @@ class Lab:
     def heal(self, name: str) -> None:
         ns = self._link_node(name)
         _run(["ip", "link", "set", str(ns.veth), "up"])
+        # The link carries traffic only once its carrier is up again; return when it does.
+        operstate = Path("/sys/class/net") / str(ns.veth) / "operstate"
+        deadline = time.monotonic() + 5
+        while operstate.read_text().strip() != "up" and time.monotonic() < deadline:
+            time.sleep(0.02)
         ns.partitioned = False
         self._save()
 
