@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from fleetpy.client import APIError, Client
+from fleetpy.containers.cli import new_unit_command
 from fleetpy.unit import SUFFIXES, UnitError, UnitFile, UnitName, parse_fleet_options
 
 DEFAULT_ENDPOINT = "unix:///var/run/fleet.sock"
@@ -477,6 +478,9 @@ def _poll(names: list[str], done: Callable[[str], bool], attempts: int) -> list[
             break
         time.sleep(POLL_INTERVAL)
     return left
+
+
+cli.add_command(new_unit_command)
 
 
 def main() -> None:

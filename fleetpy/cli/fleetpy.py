@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from fleetpy.cloudinit.cli import validate_command
+from fleetpy.cloudinit.cli import apply_command, validate_command
 from fleetpy.lab.cli import group as lab_group
 
 
@@ -19,6 +19,7 @@ def cloud_config() -> None:
 
 
 cloud_config.add_command(validate_command)
+cloud_config.add_command(apply_command)
 main.add_command(lab_group)
 
 

@@ -18,6 +18,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -362,14 +363,39 @@ class Lab:
                 )
             time.sleep(0.1)
 
+    def registry(self) -> Registry:
+        """The lab's registry, with short retries: the lab reports, it does not wait out outages."""
+        store = EtcdStore(self._require_state().etcd_urls, retry_for=1.0, request_timeout=1.0)
+        return Registry(store, KEY_PREFIX)
+
     def machines(self) -> set[str]:
         """Ids of the machines registered in etcd; empty if etcd does not answer."""
-        state = self._require_state()
-        store = EtcdStore(state.etcd_urls, retry_for=1.0, request_timeout=1.0)
         try:
-            return {m.id for m in Registry(store, KEY_PREFIX).machines()}
+            return {m.id for m in self.registry().machines()}
         except StoreError:
             return set()
+
+    def leader(self) -> str | None:
+        """Machine id of the fleetd whose engine holds the leader lease."""
+        return self.registry().leader()
+
+    def stop_fleetd(self, name: str, crash: bool = False, timeout: float = 10.0) -> None:
+        """Stop a node's fleetd (SIGTERM, or SIGKILL to crash it); its units keep running."""
+        ns = self._require_state().node(name)
+        if _pid_alive(ns.fleetd_pid):
+            os.kill(ns.fleetd_pid, signal.SIGKILL if crash else signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _pid_alive(ns.fleetd_pid):
+            if time.monotonic() > deadline:
+                raise LabError(f"fleetd on {name} (pid {ns.fleetd_pid}) did not exit in {timeout:.0f}s")
+            time.sleep(0.02)
+
+    def start_fleetd(self, name: str) -> None:
+        """Start fleetd again on a running node whose fleetd was stopped or killed."""
+        ns = self._require_state().node(name)
+        if _pid_alive(ns.fleetd_pid):
+            raise LabError(f"fleetd on {name} is already running (pid {ns.fleetd_pid})")
+        self._start_fleetd(ns)
 
     # -- node operations ---------------------------------------------------------------------
 

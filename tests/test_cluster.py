@@ -1,0 +1,216 @@
+"""Issue 3 end to end: three fleetd on three real nodes (systemd --user each), one real etcd.
+
+Everything goes through fleetctl and the API, and every claim about a unit is checked against
+the systemd manager of the node that should run it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fleetpy.cli.fleetctl import cli
+from fleetpy.client import Client
+from fleetpy.lab.lab import Lab
+
+AGENT_TTL = 3.0
+SLEEP = "[Unit]\nDescription={name}\n[Service]\nExecStart=/bin/sleep 100000\n"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    lab = Lab(Path(tmp_path_factory.mktemp("lab", numbered=True)))
+    # Loopback nodes: no bridge, so this never collides with a lab the user has up.
+    lab.up(node_count=3, metadata={"node1": {"role": "db"}, "node2": {"role": "web"}},
+           network="loopback", agent_ttl=f"{AGENT_TTL:.0f}s")
+    try:
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture
+def cluster(lab, tmp_path, monkeypatch):
+    """The lab, empty of units before and after each test; unit files are written in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    client = Client(lab.endpoint())
+    yield Cluster(lab, client, tmp_path)
+    for unit in client.units():
+        client.destroy_unit(unit["name"])
+    wait_for(lambda: not any(_active_units(lab, n.name) for n in lab.state.nodes), what="units to stop")
+    client.close()
+
+
+class Cluster:
+    def __init__(self, lab: Lab, client: Client, workdir: Path):
+        self.lab, self.client, self.workdir = lab, client, workdir
+
+    def fleetctl(self, *args: str, ok: bool = True):
+        result = CliRunner().invoke(cli, ["--endpoint", self.lab.endpoint(), *args])
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    def write(self, name: str, text: str | None = None) -> str:
+        (self.workdir / name).write_text(text if text is not None else SLEEP.format(name=name))
+        return name
+
+    def placement(self) -> dict[str, str]:
+        """unit -> node name, from the API's published states."""
+        by_id = {n.machine_id: n.name for n in self.lab.state.nodes}
+        return {s["name"]: by_id[s["machineID"]] for s in self.client.unit_states()
+                if s["systemdActiveState"] == "active"}
+
+    def node_of(self, machine_id: str) -> str:
+        return next(n.name for n in self.lab.state.nodes if n.machine_id == machine_id)
+
+
+def _active_units(lab: Lab, node: str) -> set[str]:
+    try:
+        out = lab.node(node).run(["systemctl", "--user", "list-units", "--type=service", "--state=active",
+                                  "--no-legend", "--plain"]).stdout
+    except Exception:  # noqa: BLE001 - a dead node runs nothing
+        return set()
+    units = {line.split()[0] for line in out.splitlines() if line.strip()}
+    return {u for u in units if (lab.dir / node / "units" / u).exists()}
+
+
+def wait_for(predicate, timeout: float = 15.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_machines_register_with_ip_and_metadata(cluster):
+    out = cluster.fleetctl("list-machines", "--full").output.splitlines()
+    assert out[0].split() == ["MACHINE", "IP", "METADATA"]
+    rows = {line.split()[0]: line.split()[1:] for line in out[1:]}
+    for node in cluster.lab.state.nodes:
+        want_metadata = ",".join(f"{k}={v}" for k, v in sorted(node.metadata.items())) or "-"
+        assert rows[node.machine_id] == [node.ip, want_metadata]
+
+
+def test_six_units_spread_two_per_machine_and_really_run(cluster):
+    names = [cluster.write(f"spread{i}.service") for i in range(1, 7)]
+    result = cluster.fleetctl("start", *names)
+    assert result.output.count("launched on") == 6
+    placement = wait_for(lambda: len(p := cluster.placement()) == 6 and p, what="6 active units")
+    assert sorted(Counter(placement.values()).values()) == [2, 2, 2]
+    for node in cluster.lab.state.nodes:
+        # systemd on each node runs exactly what list-units says is there.
+        assert _active_units(cluster.lab, node.name) == {u for u, n in placement.items() if n == node.name}
+    listed = cluster.fleetctl("list-units", "--no-legend", "--full").output.splitlines()
+    assert {line.split()[0]: line.split()[2:] for line in listed} == {n: ["active", "running"] for n in names}
+
+
+def test_metadata_pins_a_unit_to_the_db_machine(cluster):
+    cluster.write("db.service", SLEEP.format(name="db") + "[X-Fleet]\nMachineMetadata=role=db\n")
+    cluster.fleetctl("start", "db.service")
+    assert wait_for(lambda: cluster.placement().get("db.service")) == "node1"
+
+
+def test_conflicts_keep_instances_apart_and_the_fourth_pending_with_reason(cluster):
+    cluster.write("web@.service", SLEEP.format(name="web %i") + "[X-Fleet]\nConflicts=web@*.service\n")
+    cluster.fleetctl("start", "web@1.service", "web@2.service", "web@3.service")
+    placement = wait_for(lambda: len(p := cluster.placement()) == 3 and p, what="3 web units")
+    assert len(set(placement.values())) == 3
+    result = cluster.fleetctl("start", "--block-attempts", "5", "web@4.service", ok=False)
+    assert result.exit_code != 0
+    reason = cluster.client.pending_reason("web@4.service")
+    assert "conflicts with" in reason and "all 3 machines" in reason, reason
+    assert "pending" in result.output or reason in result.output
+
+
+def test_machine_of_co_locates_and_global_runs_everywhere(cluster):
+    cluster.write("app.service")
+    cluster.write("sidekick.service", SLEEP.format(name="sidekick") + "[X-Fleet]\nMachineOf=app.service\n")
+    cluster.write("everywhere.service", SLEEP.format(name="global") + "[X-Fleet]\nGlobal=true\n")
+    cluster.fleetctl("start", "app.service", "sidekick.service", "everywhere.service")
+    placement = wait_for(lambda: {"app.service", "sidekick.service"} <= (p := cluster.placement()).keys() and p)
+    assert placement["sidekick.service"] == placement["app.service"]
+    wait_for(lambda: all("everywhere.service" in _active_units(cluster.lab, n.name)
+                         for n in cluster.lab.state.nodes), what="global unit on every node")
+
+
+def test_bad_units_are_refused_with_clear_messages_and_nothing_is_written(cluster):
+    cluster.write("bad-option.service", SLEEP.format(name="x") + "[X-Fleet]\nMachineFoo=1\n")
+    cluster.write("no-suffix", SLEEP.format(name="x"))
+    cluster.write("broken.service", "[Service\nExecStart=/bin/true\n")
+    for args, message in [
+        (["submit", "bad-option.service"], "MachineFoo"),
+        (["submit", "broken.service"], "line 1"),
+        (["start", "../x.service"], "x.service"),
+        (["start", "a b.service"], "letters, digits"),
+    ]:
+        result = cluster.fleetctl(*args, ok=False)
+        assert result.exit_code != 0 and message in result.output, (args, result.output)
+    with pytest.raises(Exception, match="unit names"):
+        cluster.client.create_unit("../../etc/passwd.service", "launched", [
+            {"section": "Service", "name": "ExecStart", "value": "/bin/true"}])
+    assert cluster.client.units() == []
+    assert cluster.fleetctl("list-unit-files", "--no-legend").output == ""
+
+
+def test_restarted_fleetd_adopts_running_units_without_restarting_them(cluster):
+    names = [cluster.write(f"keep{i}.service") for i in range(1, 4)]
+    cluster.fleetctl("start", *names)
+    placement = wait_for(lambda: len(p := cluster.placement()) == 3 and p)
+    node = placement["keep1.service"]
+    mine = [u for u, n in placement.items() if n == node]
+    before = {u: cluster.lab.node(node).run(["systemctl", "--user", "show", "-p", "MainPID", "--value", u]).stdout
+              for u in mine}
+    cluster.lab.stop_fleetd(node)
+    # The new agent publishes states once it has reconciled; clearing them shows when it has.
+    machine_id = cluster.lab.state.node(node).machine_id
+    for unit in mine:
+        cluster.lab.registry().remove_state(unit, machine_id)
+    cluster.lab.start_fleetd(node)
+    wait_for(lambda: set(mine) <= cluster.placement().keys(), what="the restarted agent to reconcile")
+    after = {u: cluster.lab.node(node).run(["systemctl", "--user", "show", "-p", "MainPID", "--value", u]).stdout
+             for u in mine}
+    assert before == after and all(pid.strip() != "0" for pid in after.values())
+    assert wait_for(lambda: len(cluster.placement()) == 3)
+
+
+def test_killing_the_leader_hands_the_engine_to_another_fleetd(cluster):
+    leader = cluster.node_of(cluster.lab.leader())
+    cluster.lab.stop_fleetd(leader, crash=True)
+    try:
+        cluster.write("after-failover.service")
+        started = time.monotonic()
+        cluster.fleetctl("start", "--no-block", "after-failover.service")
+        wait_for(lambda: "after-failover.service" in cluster.placement(), timeout=AGENT_TTL + 10,
+                 what="a new leader to schedule")
+        assert cluster.node_of(cluster.lab.leader()) != leader
+        print(f"failover scheduling took {time.monotonic() - started:.2f}s")
+    finally:
+        cluster.lab.start_fleetd(leader)
+        cluster.lab.wait_registered()
+
+
+def test_units_of_a_dead_node_run_elsewhere_within_ttl_plus_5s(cluster):
+    names = [cluster.write(f"move{i}.service") for i in range(1, 7)]
+    cluster.fleetctl("start", *names)
+    placement = wait_for(lambda: len(p := cluster.placement()) == 6 and p)
+    victim = "node3"
+    moving = {u for u, n in placement.items() if n == victim}
+    cluster.lab.kill_node(victim)
+    try:
+        started = time.monotonic()
+        after = wait_for(lambda: moving <= (p := cluster.placement()).keys()
+                         and all(p[u] != victim for u in moving) and p,
+                         timeout=AGENT_TTL + 5, what="units to move off the dead node")
+        print(f"rescheduled {len(moving)} units in {time.monotonic() - started:.2f}s")
+        for unit in moving:
+            assert unit in _active_units(cluster.lab, after[unit])
+    finally:
+        cluster.lab.restart_node(victim)
