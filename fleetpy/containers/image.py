@@ -110,15 +110,35 @@ def prepare_node(node: Node, podman_env: dict[str, str]) -> None:
     ("drop all controllers from cgroupv2"); here hugetlb does. Mounting a v1
     hierarchy for each such controller, inside the node's mount namespace,
     moves it off cgroup2 for as long as the node lives (the kernel hands it
-    back once the last mount is gone). Unmounting /sys/fs/cgroup/unified
+    back once the last mount is gone, so every node mounts it: the node that
+    mounted it first may die before the others). Unmounting /sys/fs/cgroup/unified
     instead breaks the node's systemd (status 219/CGROUP); runc rejects
     --cgroups=disabled. The podman config goes into the manager's
     environment, so every unit of the node inherits it.
     """
-    controllers = (CGROUP2 / "cgroup.controllers").read_text().split()
-    for controller in controllers:
+    for controller in cgroup2_controllers():
         mountpoint = node.dir / f"cgroup-{controller}"
         mountpoint.mkdir(exist_ok=True)
         node.run(["mount", "-t", "cgroup", "-o", controller, f"fleetpy-{controller}", str(mountpoint)], check=True)
     assignments = [f"{key}={value}" for key, value in podman_env.items()]
     node.run(["systemctl", "--user", "set-environment", *assignments], check=True)
+
+
+def cgroup2_controllers() -> list[str]:
+    """Controllers the host leaves on cgroup2, including those a running node has moved to v1.
+
+    Seen from the host's mount namespace: a controller is on cgroup2 now, or it has a v1
+    hierarchy (/proc/cgroups) that no host mount shows, i.e. only some node mounted it.
+    """
+    on_cgroup2 = set((CGROUP2 / "cgroup.controllers").read_text().split())
+    host_v1: set[str] = set()
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 3 and fields[2] == "cgroup":
+            host_v1.update(fields[3].split(","))
+    moved = set()
+    for line in Path("/proc/cgroups").read_text().splitlines()[1:]:
+        name, hierarchy, _count, enabled = line.split()
+        if enabled == "1" and hierarchy != "0" and name not in host_v1:
+            moved.add(name)
+    return sorted(on_cgroup2 | moved)

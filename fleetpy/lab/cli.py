@@ -89,6 +89,11 @@ def _parse_metadata(values: tuple[str, ...]) -> dict[str, dict[str, str]]:
     show_default=True,
     help="fleetd machine TTL (how fast a dead node is noticed)",
 )
+@click.option(
+    "--containers/--no-containers",
+    default=None,
+    help="make nodes ready for podman units (default: when podman is installed)",
+)
 def up(
     lab: Lab,
     node_count: int,
@@ -97,6 +102,7 @@ def up(
     user_data: str | None,
     network: str,
     agent_ttl: str,
+    containers: bool | None,
 ) -> None:
     """Start etcd and the nodes, wait until every machine is registered; idempotent."""
     started = time.monotonic()
@@ -107,6 +113,7 @@ def up(
         network=network,
         agent_ttl=agent_ttl,
         user_data=user_data,
+        containers=containers,
     )
     for note in notes:
         click.echo(f"note: {note}")
@@ -220,6 +227,7 @@ def _print_status(info: dict[str, Any]) -> None:
     click.echo(
         f"lab {info['dir']}  network: {info['network']}"
         + (f" (bridge {info['bridge']})" if info["bridge"] else "")
+        + f"  containers: {'podman' if info['containers'] else 'off'}"
     )
     for member in info["etcd"]:
         health = "healthy" if member["healthy"] else ("running, unhealthy" if member["running"] else "DOWN")

@@ -19,6 +19,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from fleetpy.cloudinit import CloudConfigError, load
+from fleetpy.containers.image import (
+    BUSYBOX,
+    ImageError,
+    build_busybox_image,
+    prepare_node,
+    write_podman_config,
+)
 from fleetpy.fleetd.config import ConfigError, parse_metadata
 from fleetpy.lab import node as nodes
 from fleetpy.lab.etcd import EtcdMember, EtcdMissing, free_port, initial_cluster, start_cluster
@@ -40,7 +48,13 @@ DEFAULT_DIR = Path("/run/fleetpy-lab")
 BRIDGE = "fleetpy-lab0"
 HOST_IP = "10.251.0.1"
 FIRST_NODE_IP = 11  # node1 is 10.251.0.11 (or 127.0.0.11)
-API_PORT = 8080
+# Not 8080: that is where the example web@.service containers listen, on the node's address.
+API_PORT = 7001
+# Host paths the example units use (web-discovery@ reads /etc/fleetpy/discovery.env, db keeps
+# its data in /var/lib/fleetpy/db); inside each node a bind mount shows the node's own
+# <dir>/NODE/<name> there, as if every node were a machine of its own.
+NODE_PATHS = {"etc-fleetpy": Path("/etc/fleetpy"), "var-lib-fleetpy": Path("/var/lib/fleetpy")}
+REPO_ROOT = Path(__file__).parents[2]
 KEY_PREFIX = "/_fleetpy/"
 REGISTER_TIMEOUT = 20.0
 STATE_VERSION = 1
@@ -82,6 +96,7 @@ class State:
     bridge: str | None
     agent_ttl: str
     token_file: str
+    containers: bool = False
     etcd: list[EtcdState] = field(default_factory=list)
     nodes: list[NodeState] = field(default_factory=list)
     version: int = STATE_VERSION
@@ -122,6 +137,16 @@ def check_host() -> None:
         problems.append(f"missing {', '.join(missing)}: apt-get install -y iproute2 util-linux systemd")
     if problems:
         raise LabError("cannot run the lab:\n  " + "\n  ".join(problems))
+
+
+def missing_for_containers() -> str | None:
+    """What to install for podman units in the nodes, or None if nothing is missing."""
+    missing = [tool for tool in ("podman", "crun") if shutil.which(tool) is None]
+    if not os.access(BUSYBOX, os.X_OK):
+        missing.append(BUSYBOX)
+    if not missing:
+        return None
+    return f"missing {', '.join(missing)}: apt-get install -y podman crun busybox-static"
 
 
 class Lab:
@@ -167,8 +192,13 @@ class Lab:
         network: str = "auto",
         agent_ttl: str = "10s",
         user_data: str | None = None,
+        containers: bool | None = None,
     ) -> list[str]:
-        """Start the lab, or what is missing of it; returns notes for the user."""
+        """Start the lab, or what is missing of it; returns notes for the user.
+
+        `containers`: True makes every node ready for podman units (and fails if podman is
+        missing), False skips that, None (the default) does it when podman is installed.
+        """
         check_host()
         if etcd_members not in (1, 3):
             raise LabError("--etcd-members must be 1 or 3")
@@ -191,6 +221,7 @@ class Lab:
             return self._repair(notes)
 
         mode = self._choose_network(network, notes)
+        with_containers = _choose_containers(containers, notes)
         self.dir.mkdir(parents=True, exist_ok=True)
         token_file = self.dir / "token"
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -202,6 +233,7 @@ class Lab:
             bridge=BRIDGE if mode == "netns" else None,
             agent_ttl=agent_ttl,
             token_file=str(token_file),
+            containers=with_containers,
         )
         base = HOST_IP.rsplit(".", 1)[0] if mode == "netns" else "127.0.0"
         extra = _user_data_metadata(user_data)
@@ -292,6 +324,38 @@ class Lab:
         ns.machine_id = (node.dir / "machine-id").read_text().strip()
         ns.partitioned = False
         self._save()
+        if state.containers:
+            self._prepare_containers(ns, node)
+
+    def _prepare_containers(self, ns: NodeState, node: Node) -> None:
+        """Podman config, image, crun cgroups and discovery settings for one node, before its fleetd."""
+        state = self._require_state()
+        podman_dir = node.dir / "podman"
+        _podman_reboot(podman_dir)
+        env = write_podman_config(podman_dir)
+        try:
+            # Per node storage, since container names are per storage; importing takes ~0.2 s
+            # and happens once per node dir (the image outlives `down` with the node dir).
+            build_busybox_image(podman_env=env)
+        except ImageError as error:
+            raise LabError(f"{ns.name}: {error}") from None
+        for sub in NODE_PATHS:
+            (node.dir / sub).mkdir(exist_ok=True)
+        (node.dir / "etc-fleetpy" / "discovery.env").write_text(
+            f"ETCD_ENDPOINT={state.etcd_urls[0]}\n"
+            f"ANNOUNCE_ADDRESS={ns.ip}\n"
+            # The sidekick runs the host's python3; fleetpy may be a checkout, not installed.
+            f"PYTHONPATH={REPO_ROOT}\n"
+        )
+        try:
+            prepare_node(node, env)
+            for sub, path in NODE_PATHS.items():
+                # The mount point must exist on the host; it stays empty there, the bind
+                # mount lives and dies with the node's mount namespace.
+                path.mkdir(parents=True, exist_ok=True)
+                node.run(["mount", "--bind", str(node.dir / sub), str(path)], check=True)
+        except subprocess.CalledProcessError as error:
+            raise LabError(f"{ns.name}: {' '.join(error.cmd)}: {(error.stderr or '').strip()}") from None
 
     def _start_fleetd(self, ns: NodeState) -> None:
         state = self._require_state()
@@ -313,9 +377,7 @@ class Lab:
         if ns.metadata:
             argv += ["--metadata", ",".join(f"{k}={v}" for k, v in ns.metadata.items())]
         # The package may be used from a checkout without being installed.
-        pythonpath = os.pathsep.join(
-            filter(None, [str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH")])
-        )
+        pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
         with open(node_dir / "fleetd.log", "ab") as log:
             proc = self._node(ns).popen(
                 argv,
@@ -345,12 +407,16 @@ class Lab:
         return notes
 
     def wait_registered(self, timeout: float = REGISTER_TIMEOUT, names: list[str] | None = None) -> None:
-        """Wait until every (named) node's fleetd has registered its machine in etcd."""
+        """Wait until every (named) node's fleetd is registered in etcd and serves its API.
+
+        Both, because a restarted fleetd finds its previous record still alive for up to a TTL.
+        """
         state = self._require_state()
         want = {n.machine_id: n for n in state.nodes if names is None or n.name in names}
         deadline = time.monotonic() + timeout
         while True:
-            seen = set(self.machines())
+            seen = {mid for mid in self.machines()
+                    if mid in want and _api_answers(self.dir / want[mid].name / "fleet.sock")}
             if set(want) <= seen:
                 return
             for mid, ns in want.items():
@@ -528,6 +594,7 @@ class Lab:
         return {
             "dir": state.dir,
             "network": state.network,
+            "containers": state.containers,
             "bridge": state.bridge,
             "endpoint": self.endpoint(),
             "etcd": etcd,
@@ -550,6 +617,15 @@ class Lab:
                     self._node(ns).kill()
                 except (NodeError, OSError) as error:
                     errors.append(f"{ns.name}: {error}")
+        if state.containers:
+            # The containers died with their nodes; forget them too, so podman lists none.
+            with concurrent.futures.ThreadPoolExecutor(len(state.nodes)) as pool:
+                for ns, result in zip(
+                    state.nodes,
+                    pool.map(lambda ns: _forget_containers(self.dir / ns.name / "podman"), state.nodes),
+                ):
+                    if result:
+                        errors.append(f"{ns.name}: {result}")
         for member in state.etcd:
             try:
                 nodes.kill_cgroup(member.cgroup, what=member.name)
@@ -568,6 +644,37 @@ class Lab:
             (self.dir / ns.name / "fleet.sock").unlink(missing_ok=True)
         self.state = None
         return [f"stopped {len(state.nodes)} node(s) and {len(state.etcd)} etcd member(s)"]
+
+
+def _podman_reboot(podman_dir: Path) -> None:
+    """What a reboot does to podman: its runtime state and its tmp dir (where it notices reboots)
+    start empty, or it would trust the states of containers that died with their node."""
+    for sub in ("run", "tmp"):
+        shutil.rmtree(podman_dir / sub, ignore_errors=True)
+
+
+def _forget_containers(podman_dir: Path) -> str | None:
+    """Remove every container record of a dead node's podman storage; returns podman's error."""
+    if not (podman_dir / "containers.conf").exists():
+        return None
+    _podman_reboot(podman_dir)
+    env = {**os.environ, **write_podman_config(podman_dir)}
+    result = subprocess.run(
+        ["podman", "rm", "--all", "--force"], env=env, capture_output=True, text=True, check=False
+    )
+    return None if result.returncode == 0 else f"podman rm --all: {result.stderr.strip()}"
+
+
+def _choose_containers(containers: bool | None, notes: list[str]) -> bool:
+    missing = missing_for_containers()
+    if containers is False:
+        return False
+    if missing is None:
+        return True
+    if containers:
+        raise LabError(f"--containers: {missing}")
+    notes.append(f"containers: off ({missing}); plain units still work")
+    return False
 
 
 def _user_data_metadata(path: str | None) -> dict[str, str]:
@@ -589,6 +696,15 @@ def _address_owner(address: str) -> str | None:
         if len(fields) > 3 and fields[3].split("/")[0] == address:
             return fields[1]
     return None
+
+
+def _api_answers(socket_path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.connect(str(socket_path))
+            return True
+        except OSError:
+            return False
 
 
 def _pid_alive(pid: int) -> bool:
