@@ -17,6 +17,9 @@ import urllib.request
 
 DEFAULT_ETCD = "http://127.0.0.1:2379"
 HTTP_TIMEOUT = 3.0
+# While the service does not answer (typically: just started), check this often, so it is
+# announced within a second of answering rather than one full interval later.
+RETRY_INTERVAL = 1.0
 
 
 def key_url(endpoint: str, key: str) -> str:
@@ -57,14 +60,16 @@ def announce(endpoint: str, key: str, value: str, check_url: str, ttl: int, inte
     # systemd stops us with SIGTERM: leave the loop, ExecStopPost removes the key.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     while True:
+        announced = False
         if healthy(check_url):
             try:
                 set_key(endpoint, key, value, ttl)
+                announced = True
             except (urllib.error.URLError, OSError) as err:
                 print(f"etcd {endpoint}: {err}", file=sys.stderr, flush=True)
         else:
             print(f"{check_url} does not answer; letting {key} expire", file=sys.stderr, flush=True)
-        time.sleep(interval)
+        time.sleep(interval if announced else min(RETRY_INTERVAL, interval))
 
 
 def main(argv: list[str] | None = None) -> None:
