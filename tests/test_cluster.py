@@ -38,9 +38,10 @@ def cluster(lab, tmp_path, monkeypatch):
     """The lab, empty of units before and after each test; unit files are written in tmp_path."""
     monkeypatch.chdir(tmp_path)
     client = Client(lab.endpoint())
-    yield Cluster(lab, client, tmp_path)
-    for unit in client.units():
-        client.destroy_unit(unit["name"])
+    cluster = Cluster(lab, client, tmp_path)
+    yield cluster
+    for unit in cluster.client.units():
+        cluster.client.destroy_unit(unit["name"])
     wait_for(lambda: not any(_active_units(lab, n.name) for n in lab.state.nodes), what="units to stop")
     client.close()
 
@@ -48,9 +49,16 @@ def cluster(lab, tmp_path, monkeypatch):
 class Cluster:
     def __init__(self, lab: Lab, client: Client, workdir: Path):
         self.lab, self.client, self.workdir = lab, client, workdir
+        self.endpoint = lab.endpoint()
+
+    def talk_to_another_node_than(self, node: str) -> None:
+        """Point fleetctl and the client at a node that a test is not about to stop."""
+        other = next(n.name for n in self.lab.state.nodes if n.name != node)
+        self.endpoint = f"unix://{self.lab.dir / other / 'fleet.sock'}"
+        self.client = Client(self.endpoint)
 
     def fleetctl(self, *args: str, ok: bool = True):
-        result = CliRunner().invoke(cli, ["--endpoint", self.lab.endpoint(), *args])
+        result = CliRunner().invoke(cli, ["--endpoint", self.endpoint, *args])
         if ok:
             assert result.exit_code == 0, result.output
         return result
@@ -160,29 +168,51 @@ def test_bad_units_are_refused_with_clear_messages_and_nothing_is_written(cluste
     assert cluster.fleetctl("list-unit-files", "--no-legend").output == ""
 
 
+def _main_pids(cluster: Cluster, placement: dict[str, str]) -> dict[str, str]:
+    pids = {u: cluster.lab.node(n).run(["systemctl", "--user", "show", "-p", "MainPID", "--value", u]).stdout
+            for u, n in placement.items()}
+    assert all(pid.strip() not in ("", "0") for pid in pids.values()), pids
+    return pids
+
+
 def test_restarted_fleetd_adopts_running_units_without_restarting_them(cluster):
     names = [cluster.write(f"keep{i}.service") for i in range(1, 4)]
     cluster.fleetctl("start", *names)
     placement = wait_for(lambda: len(p := cluster.placement()) == 3 and p)
     node = placement["keep1.service"]
-    mine = [u for u, n in placement.items() if n == node]
-    before = {u: cluster.lab.node(node).run(["systemctl", "--user", "show", "-p", "MainPID", "--value", u]).stdout
-              for u in mine}
+    mine = {u: n for u, n in placement.items() if n == node}
+    before = _main_pids(cluster, mine)
+    cluster.talk_to_another_node_than(node)
     cluster.lab.stop_fleetd(node)
     # The new agent publishes states once it has reconciled; clearing them shows when it has.
     machine_id = cluster.lab.state.node(node).machine_id
     for unit in mine:
         cluster.lab.registry().remove_state(unit, machine_id)
     cluster.lab.start_fleetd(node)
-    wait_for(lambda: set(mine) <= cluster.placement().keys(), what="the restarted agent to reconcile")
-    after = {u: cluster.lab.node(node).run(["systemctl", "--user", "show", "-p", "MainPID", "--value", u]).stdout
-             for u in mine}
-    assert before == after and all(pid.strip() != "0" for pid in after.values())
-    assert wait_for(lambda: len(cluster.placement()) == 3)
+    cluster.lab.wait_registered(names=[node])
+    wait_for(lambda: mine.keys() <= cluster.placement().keys(), what="the restarted agent to reconcile")
+    assert _main_pids(cluster, mine) == before
+
+
+def test_losing_etcd_stops_no_unit_and_the_cluster_recovers(cluster):
+    names = [cluster.write(f"steady{i}.service") for i in range(1, 4)]
+    cluster.fleetctl("start", *names)
+    placement = wait_for(lambda: len(p := cluster.placement()) == 3 and p)
+    before = _main_pids(cluster, placement)
+    cluster.lab.etcd_kill("0")
+    time.sleep(2 * AGENT_TTL)  # long enough for every machine record to expire
+    assert _main_pids(cluster, placement) == before
+    cluster.lab.etcd_start("0")
+    cluster.lab.wait_registered()
+    # The window in which an engine reading the expired records would move every unit.
+    time.sleep(AGENT_TTL + 1)
+    assert cluster.placement() == placement
+    assert _main_pids(cluster, placement) == before
 
 
 def test_killing_the_leader_hands_the_engine_to_another_fleetd(cluster):
     leader = cluster.node_of(cluster.lab.leader())
+    cluster.talk_to_another_node_than(leader)
     cluster.lab.stop_fleetd(leader, crash=True)
     try:
         cluster.write("after-failover.service")
@@ -194,7 +224,7 @@ def test_killing_the_leader_hands_the_engine_to_another_fleetd(cluster):
         print(f"failover scheduling took {time.monotonic() - started:.2f}s")
     finally:
         cluster.lab.start_fleetd(leader)
-        cluster.lab.wait_registered()
+        cluster.lab.wait_registered(names=[leader])
 
 
 def test_units_of_a_dead_node_run_elsewhere_within_ttl_plus_5s(cluster):
@@ -202,6 +232,7 @@ def test_units_of_a_dead_node_run_elsewhere_within_ttl_plus_5s(cluster):
     cluster.fleetctl("start", *names)
     placement = wait_for(lambda: len(p := cluster.placement()) == 6 and p)
     victim = "node3"
+    cluster.talk_to_another_node_than(victim)
     moving = {u for u, n in placement.items() if n == victim}
     cluster.lab.kill_node(victim)
     try:

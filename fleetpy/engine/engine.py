@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from fleetpy.engine.scheduler import Plan, plan
 from fleetpy.registry import Assignment, HistoryLost, Job, StoreError
@@ -43,8 +44,7 @@ class Engine:
                     else:
                         await self._await_vacancy()
                 except StoreError as error:
-                    log.warning("engine: %s", error)
-                    await asyncio.sleep(OUTAGE_PAUSE)
+                    await self._outage("engine", error)
         finally:
             if self.leading.is_set():
                 # Hand over at once instead of making the next engine wait out our lease.
@@ -93,8 +93,7 @@ class Engine:
                 index = await self.registry.index()
                 changed.set()
             except StoreError as error:
-                log.warning("engine: watch on %s: %s", directory, error)
-                await asyncio.sleep(OUTAGE_PAUSE)
+                await self._outage(f"watch on {directory}", error)
 
     async def _schedule_on(self, changed: asyncio.Event) -> None:
         while True:
@@ -106,15 +105,27 @@ class Engine:
             try:
                 await self.reconcile()
             except StoreError as error:
-                log.warning("engine: reconcile failed: %s", error)
-                await asyncio.sleep(OUTAGE_PAUSE)
+                await self._outage("reconcile", error)
                 changed.set()
+
+    async def _outage(self, what: str, error: StoreError) -> None:
+        log.warning("engine: %s: %s", what, error)
+        await asyncio.sleep(OUTAGE_PAUSE)
 
     async def reconcile(self) -> Plan:
         """Read the cluster, compute the plan, and write only the difference."""
         machines, jobs, current, pending = await asyncio.gather(
             self.registry.machines(), self.registry.jobs(), self.registry.assignments(),
             self.registry.pending())
+        orphaned = {a.machine_id for a in current} - {m.id for m in machines}
+        settle = await self.registry.last_failure() + self.lease_ttl - time.monotonic()
+        if orphaned and settle > 0:
+            # Right after etcd was away, machine records may have expired while their agents
+            # are fine: give them one TTL to register again before moving their units.
+            log.info("engine: %d machine(s) missing just after an etcd outage; waiting %.1fs",
+                     len(orphaned), settle)
+            await asyncio.sleep(settle)
+            return await self.reconcile()
         new_plan = plan(machines, await self._parsed(jobs), current)
         await self.apply(new_plan, current, pending)
         return new_plan

@@ -333,6 +333,9 @@ class Lab:
         podman_dir = node.dir / "podman"
         _podman_reboot(podman_dir)
         env = write_podman_config(podman_dir)
+        # `lab shell NODE podman ps` must see the node's containers, as its units do.
+        ns.env.update(env)
+        self._save()
         try:
             # Per node storage, since container names are per storage; importing takes ~0.2 s
             # and happens once per node dir (the image outlives `down` with the node dir).

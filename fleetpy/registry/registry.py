@@ -178,6 +178,10 @@ class Registry:
         except CompareFailed:
             pass
 
+    def last_failure(self) -> float:
+        """When (time.monotonic) etcd last failed a request: the end of the latest outage."""
+        return self.store.last_failure()
+
     # Watches: block until something under a directory changes after `after_index`.
     def index(self) -> int:
         return self.store.index()

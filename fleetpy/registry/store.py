@@ -54,6 +54,7 @@ class Store(Protocol):
     def delete(self, key: str, *, prev_value: str | None = None, recursive: bool = False) -> bool: ...
     def index(self) -> int: ...
     def wait(self, prefix: str, after_index: int, timeout: float) -> int | None: ...
+    def last_failure(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class EtcdStore:
         self._current = 0
         self._retry_for = retry_for
         self._timeout = request_timeout
+        self._last_failure = -float("inf")
 
     @property
     def _client(self) -> etcd.Client:
@@ -90,6 +92,7 @@ class EtcdStore:
             except etcd.EtcdWatchTimedOut:
                 raise  # a long poll that saw no change: an answer, not a failure
             except _TRANSIENT:
+                self._last_failure = time.monotonic()
                 # Try the next member on the next attempt; a cluster keeps serving without one.
                 self._current = (self._current + 1) % len(self._servers)
                 raise
@@ -105,6 +108,10 @@ class EtcdStore:
             cause = error.last_attempt.exception()
             raise Unavailable(f"etcd is unreachable at {urls} ({type(cause).__name__}); "
                               "check that etcd runs and --etcd-servers points at it") from None
+
+    def last_failure(self) -> float:
+        """When (time.monotonic) a request last failed, even if a retry then succeeded."""
+        return self._last_failure
 
     def get(self, key: str) -> str | None:
         try:
@@ -210,6 +217,9 @@ class MemoryStore:
         for key in [k for k, e in self._entries.items() if e.expires is not None and e.expires <= now]:
             del self._entries[key]
             self._record(key)
+
+    def last_failure(self) -> float:
+        return -float("inf")  # memory never fails
 
     def get(self, key: str) -> str | None:
         with self._changed:
