@@ -143,6 +143,14 @@ def test_submit_then_list_unit_files(fleet, unit_dir):
     assert fleet.registry.job("hello.service").desired_state == "inactive"
 
 
+def test_submit_warns_about_deprecated_fleet_options(fleet, unit_dir):
+    (unit_dir / "old.service").write_text("[Service]\nExecStart=/bin/true\n[X-Fleet]\nX-ConditionMachineOf=a.service\n")
+    result = fleet.run("submit", "old.service")
+    assert result.exit_code == 0, result.output
+    assert "WARNING: old.service: [X-Fleet] X-ConditionMachineOf is deprecated" in result.output
+    assert fleet.registry.job("old.service") is not None
+
+
 def test_start_blocks_until_launched_and_says_where(fleet, unit_dir):
     result = fleet.run("start", "hello.service")
     assert result.exit_code == 0, result.output

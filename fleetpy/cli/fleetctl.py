@@ -410,8 +410,18 @@ def _create_units(client: Client, args: Iterable[str], replace: bool) -> list[st
                 continue
             client.destroy_unit(name)
         options = local or _template_options(client, name, arg)
+        _warn_deprecated(name, options)
         client.create_unit(name, "inactive", options)
     return list(dict.fromkeys(names))
+
+
+def _warn_deprecated(name: str, options: list[dict]) -> None:
+    try:
+        warnings = parse_fleet_options(name, UnitFile.from_options(options)).warnings
+    except UnitError:
+        return  # fleetd refuses it with the same message
+    for warning in warnings:
+        click.echo(f"WARNING: {warning}", err=True)
 
 
 def _template_options(client: Client, name: str, arg: str) -> list[dict]:
