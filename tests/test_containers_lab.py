@@ -133,6 +133,9 @@ def test_web_spreads_answers_and_is_announced(lab: Lab, workdir: Path) -> None:
         ip = node_ip(lab, placed[f"web@{i}.service"][0])
         wait_for(f"web@{i} on {ip}:8080", lambda ip=ip, i=i: http_get(f"http://{ip}:8080/") == f"web@{i}")
     print(f"\nfleetctl start -> 3 webs answering: {time.monotonic() - started:.2f}s")
+    # Commands run in a node (`fleetpy lab shell`) see that node's podman storage, and only it.
+    names = lab.node(placed["web@1.service"][0]).run(["podman", "ps", "--format", "{{.Names}}"], check=True)
+    assert names.stdout.split() == ["web-1"]
     for i in (1, 2, 3):
         ip = node_ip(lab, placed[f"web@{i}.service"][0])
         wait_for(
@@ -195,8 +198,6 @@ def test_down_leaves_no_container_mount_or_process(lab: Lab) -> None:
     assert lab.state is not None
     nodes = [n.name for n in lab.state.nodes]
     lab.down()
-    mounts = Path("/proc/self/mountinfo").read_text()
-    assert str(lab.dir) not in mounts
     leftover = []
     for proc in Path("/proc").iterdir():
         try:
@@ -212,6 +213,9 @@ def test_down_leaves_no_container_mount_or_process(lab: Lab) -> None:
         env = {**os.environ, **write_podman_config(lab.dir / name / "podman")}
         result = subprocess.run(["podman", "ps", "-aq"], env=env, capture_output=True, text=True, check=True)
         assert result.stdout.strip() == "", f"{name}: {result.stdout}"
+    # Checked last: podman run from the host (down's cleanup, and the check above) must not
+    # leave its storage's private bind mount in the host's mount namespace either.
+    assert str(lab.dir) not in Path("/proc/self/mountinfo").read_text()
 
 
 def _all_active(lab: Lab, workdir: Path, units: list[str], logger: int = 1) -> dict[str, list[str]] | None:

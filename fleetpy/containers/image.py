@@ -57,6 +57,10 @@ def write_podman_config(directory: Path, runtime: str = "crun") -> dict[str, str
         'driver = "overlay"\n'
         f'graphroot = "{directory / "graph"}"\n'
         f'runroot = "{directory / "run"}"\n'
+        "[storage.options.overlay]\n"
+        # Otherwise the first podman command bind-mounts graph/overlay onto itself in the
+        # caller's mount namespace, and outside a node that mount outlives the lab.
+        'skip_mount_home = "true"\n'
     )
     return {"CONTAINERS_CONF": str(containers_conf), "CONTAINERS_STORAGE_CONF": str(storage_conf)}
 
