@@ -245,3 +245,20 @@ def test_units_of_a_dead_node_run_elsewhere_within_ttl_plus_5s(cluster):
             assert unit in _active_units(cluster.lab, after[unit])
     finally:
         cluster.lab.restart_node(victim)
+
+
+def test_status_and_journal_come_from_the_machine_running_the_unit(cluster):
+    cluster.write("chatty@.service", "[Service]\nExecStart=/bin/sh -c 'echo hello from %i; exec sleep 100000'\n"
+                  "[X-Fleet]\nConflicts=chatty@*.service\n")
+    cluster.fleetctl("start", "chatty@1.service", "chatty@2.service", "chatty@3.service")
+    placement = wait_for(lambda: len(p := cluster.placement()) == 3 and p)
+    # node1 serves the API; the other two answer through it (forwarded to their own fleetd).
+    assert set(placement.values()) == {"node1", "node2", "node3"}
+    for unit in placement:
+        status = cluster.fleetctl("status", unit).output
+        assert f"{unit}" in status and "active (running)" in status, status
+        instance = unit.split("@")[1].split(".")[0]
+        wait_for(lambda u=unit, i=instance: f"hello from {i}" in cluster.fleetctl("journal", u).output,
+                 what=f"{unit}'s line in its journal")
+    missing = cluster.fleetctl("status", "nope.service", ok=False)
+    assert missing.exit_code != 0 and "nope.service" in missing.output

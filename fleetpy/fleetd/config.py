@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 DEFAULT_CONFIG_FILE = "/etc/fleet/fleet.conf"
+SYSTEM_MACHINE_ID = "/etc/machine-id"
 
 
 class ConfigError(ValueError):
@@ -139,7 +140,7 @@ def machine_id(config: Config) -> str:
     """The configured id, else /etc/machine-id, else one generated once and kept."""
     if config.machine_id:
         return config.machine_id
-    for path in ("/etc/machine-id", config.machine_id_file):
+    for path in (SYSTEM_MACHINE_ID, config.machine_id_file):
         try:
             found = Path(path).read_text().strip()
         except OSError:
