@@ -1,0 +1,170 @@
+"""Benchmark: what one unit launch costs the cluster, on a real etcd.
+
+An engine and N agents (fake systemd, so only fleetpy and etcd are measured) run in one
+process, each with its own etcd client. Units are started one at a time; for each we measure
+submit -> published "active" state, count every etcd request by who made it, and count how
+many agents woke up. The baseline, measured in the same run against the same etcd, is the
+floor any etcd-based scheduler pays: one write seen by one watcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+from fleetpy.agent.agent import Agent
+from fleetpy.agent.fake_systemd import FakeSystemd
+from fleetpy.engine.engine import Engine
+from fleetpy.lab.etcd import start_cluster
+from fleetpy.registry import EtcdStore, Job, Machine, Registry
+from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.unit import UnitFile
+
+
+class CountingStore(EtcdStore):
+    """An EtcdStore that counts its requests (a watch counts once, however long it waits)."""
+
+    def __init__(self, url: str, counts: Counter, who: str):
+        super().__init__([url])
+        self._counts, self._who = counts, who
+        self._lock = threading.Lock()
+
+    def _call(self, operation):
+        with self._lock:
+            self._counts[self._who] += 1
+        return super()._call(operation)
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    return {"p50_ms": round(statistics.median(samples) * 1000, 2),
+            "p95_ms": round(percentile(samples, 0.95) * 1000, 2), "n": len(samples)}
+
+
+async def baseline(url: str, rounds: int) -> list[float]:
+    """One PUT, observed by one long-polling watcher: the floor of any launch."""
+    registry = AsyncRegistry(Registry(EtcdStore([url]), "/bench-baseline/"))
+    samples = []
+    for i in range(rounds):
+        index = await registry.index()
+        watch = asyncio.create_task(registry.wait(index, "probe"))
+        await asyncio.sleep(0.005)  # let the long poll reach etcd first
+        started = time.perf_counter()
+        await asyncio.to_thread(registry.sync.store.put, registry.sync.key("probe", "key"), str(i))
+        await watch
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+async def launches(url: str, machines: int, units: int) -> dict:
+    counts: Counter = Counter()
+    prefix = "/bench-launch/"
+
+    def registry(who: str) -> AsyncRegistry:
+        return AsyncRegistry(Registry(CountingStore(url, counts, who), prefix))
+
+    api = registry("api")
+    await api.ensure_schema()
+    agents = [Agent(registry("agents"), FakeSystemd(), Machine(f"m{i:04d}", f"10.0.{i // 250}.{i % 250}"), 30)
+              for i in range(machines)]
+    engine = Engine(registry("engine"), "m0000", lease_ttl=30, reconcile_interval=3600)
+    tasks = [asyncio.create_task(a.run()) for a in agents] + [asyncio.create_task(engine.run())]
+    while len(await api.machines()) < machines or not engine.leading.is_set():
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # let every agent's first reconcile and watch settle
+
+    reconciles = 0
+
+    def count_reconcile(agent: Agent):
+        original = agent.reconcile
+
+        async def counted(assignments):
+            nonlocal reconciles
+            reconciles += 1
+            return await original(assignments)
+        agent.reconcile = counted
+
+    for agent in agents:
+        count_reconcile(agent)
+
+    counts.clear()
+    latencies = []
+    for i in range(units):
+        name = f"bench{i}.service"
+        unit_file = UnitFile.parse(f"[Service]\nExecStart=/bin/sleep {1000 + i}\n")
+        index = await api.index()
+        started = time.perf_counter()
+        await api.put_unit_file(unit_file)
+        await api.create_job(Job(name, unit_file.hash, "launched"))
+        while True:  # wake on state writes for this unit only
+            if any(s.active_state == "active" for s in await api.states() if s.unit == name):
+                break
+            index = await api.wait(index, "state", name, timeout=10) or index
+        latencies.append(time.perf_counter() - started)
+    ops = dict(counts)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return {
+        "machines": machines, "units": units,
+        "submit_to_active": summary(latencies),
+        # The API's two writes per submit; its other requests here are the measuring loop's.
+        "etcd_requests_per_launch": {
+            "api_submit": 2.0,
+            "engine": round(ops.get("engine", 0) / units, 2),
+            "agents": round(ops.get("agents", 0) / units, 2),
+        },
+        "agent_wakeups_per_launch": round(reconciles / units, 2),
+    }
+
+
+async def main_async(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="fleetpy-bench-") as base:
+        members = start_cluster(Path(base))
+        try:
+            url = members[0].client_url
+            floor = await baseline(url, args.units)
+            result = await launches(url, args.machines, args.units)
+        finally:
+            for member in members:
+                member.stop()
+    result["baseline_one_write_one_watcher"] = summary(floor)
+    result["launch_over_baseline"] = round(
+        result["submit_to_active"]["p50_ms"] / result["baseline_one_write_one_watcher"]["p50_ms"], 1)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--machines", type=int, default=50)
+    parser.add_argument("--units", type=int, default=100)
+    parser.add_argument("--json", action="store_true", help="print JSON only")
+    args = parser.parse_args()
+    result = asyncio.run(main_async(args))
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{args.machines} machines, {args.units} units started one at a time")
+    s, b = result["submit_to_active"], result["baseline_one_write_one_watcher"]
+    print(f"submit -> active:          p50 {s['p50_ms']} ms  p95 {s['p95_ms']} ms")
+    print(f"baseline (1 PUT, 1 watch): p50 {b['p50_ms']} ms  p95 {b['p95_ms']} ms"
+          f"  -> launch = {result['launch_over_baseline']}x baseline")
+    ops = result["etcd_requests_per_launch"]
+    print(f"etcd requests per launch:  api {ops['api_submit']}, engine {ops['engine']}, agents {ops['agents']}")
+    print(f"agents woken per launch:   {result['agent_wakeups_per_launch']} of {args.machines}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
