@@ -82,6 +82,10 @@ class Context:
     cycles: Mapping[str, str]
     on_machine: dict[str, set[str]]
     placed: dict[str, set[str]]
+    # Units that carry Conflicts or Replaces: the only ones the pairwise filters must look at,
+    # which keeps a plan near-linear when most units have neither.
+    with_conflicts: frozenset[str] = frozenset()
+    with_replaces: frozenset[str] = frozenset()
 
     def place(self, name: str, machine_id: str) -> None:
         self.on_machine[machine_id].add(name)
@@ -129,14 +133,15 @@ def machine_of_filter(ctx: Context, unit: Unit, machine: Machine) -> str | None:
 
 
 def conflicts_filter(ctx: Context, unit: Unit, machine: Machine) -> str | None:
-    for other in sorted(ctx.on_machine[machine.id]):
+    here = ctx.on_machine[machine.id]
+    for other in sorted(here if unit.fleet.conflicts else here & ctx.with_conflicts):
         if other != unit.name.full and _conflict(unit, ctx.units[other]):
             return f"conflicts with {other}"
     return None
 
 
 def replaced_filter(ctx: Context, unit: Unit, machine: Machine) -> str | None:
-    for other in sorted(ctx.on_machine[machine.id]):
+    for other in sorted(ctx.on_machine[machine.id] & ctx.with_replaces):
         if _replaces(ctx.units[other], unit):
             return f"replaced by {other}"
     return None
@@ -168,6 +173,8 @@ def least_loaded_ranker(ctx: Context, unit: Unit, machine: Machine) -> float:
 
 
 def replaces_ranker(ctx: Context, unit: Unit, machine: Machine) -> float:
+    if not unit.fleet.replaces:
+        return 0.0
     hosts_replaced = any(_replaces(unit, ctx.units[other]) for other in ctx.on_machine[machine.id])
     return 1.0 if hosts_replaced else 0.0
 
@@ -186,7 +193,9 @@ def plan(machines: Sequence[Machine], jobs: Sequence[tuple[Job, Unit]],
     units = {name: unit for name, (_, unit) in active.items()}
     live = {m.id: m for m in sorted(machines, key=lambda m: m.id)}
     ctx = Context(machines=live, units=units, cycles=_machine_of_cycles(units),
-                  on_machine={mid: set() for mid in live}, placed={})
+                  on_machine={mid: set() for mid in live}, placed={},
+                  with_conflicts=frozenset(n for n, u in units.items() if u.fleet.conflicts),
+                  with_replaces=frozenset(n for n, u in units.items() if u.fleet.replaces))
     decisions: dict[str, Decision] = {}
     pending: dict[str, str] = {}
 
