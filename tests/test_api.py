@@ -434,3 +434,17 @@ def test_failed_unit_counts_as_launched_only_while_meant_to_run():
     assert machine_state(Assignment("a.service", M1, "h", "loaded"), failed) == "loaded"
     assert machine_state(Assignment("a.service", M1, "new", "launched"), failed) == "inactive"
     assert machine_state(Assignment("a.service", M1, "h", "launched"), None) == "inactive"
+
+
+async def test_explain_replays_the_scheduler_for_one_unit(client, registry):
+    db_only = HELLO + [{"section": "X-Fleet", "name": "MachineMetadata", "value": "region=us"}]
+    await client.put("/fleet/v1/units/db.service", json={"desiredState": "launched", "options": db_only})
+    registry.assign(Assignment("db.service", M1, UnitFile.from_options(db_only).hash, "launched"))
+    lines = (await (await client.get("/fleetpy/v1/units/db.service/explain")).json())["lines"]
+    assert lines[0] == "db.service -> 113f16a7... : only machine that fits"
+    assert "  excluded 2c9a1b3e... (metadata region=us does not match)" in lines
+    assert lines[-1] == "  now on 113f16a7..."
+    await client.put("/fleet/v1/units/idle.service", json={"desiredState": "inactive", "options": OTHER})
+    lines = (await (await client.get("/fleetpy/v1/units/idle.service/explain")).json())["lines"]
+    assert lines == ["idle.service is not scheduled: its desired state is inactive"]
+    assert (await client.get("/fleetpy/v1/units/nope.service/explain")).status == 404

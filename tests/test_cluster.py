@@ -136,6 +136,8 @@ def test_conflicts_keep_instances_apart_and_the_fourth_pending_with_reason(clust
     reason = cluster.client.pending_reason("web@4.service")
     assert "conflicts with" in reason and "all 3 machines" in reason, reason
     assert "pending" in result.output or reason in result.output
+    explained = cluster.fleetctl("explain", "web@4.service").output
+    assert explained.startswith("web@4.service pending: ") and explained.count("excluded") == 3, explained
 
 
 def test_machine_of_co_locates_and_global_runs_everywhere(cluster):

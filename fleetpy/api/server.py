@@ -27,6 +27,7 @@ from aiohttp import web
 
 from fleetpy.api.local import LocalUnitInfo
 from fleetpy.api.views import machine_entity, unit_entity
+from fleetpy.engine.engine import ParsedUnits, explain_placement
 from fleetpy.registry import DESIRED_STATES, Conflict, Job, NotFound, Unavailable
 from fleetpy.registry.aio import AsyncRegistry
 from fleetpy.unit import UnitError, UnitFile, UnitName, load_unit
@@ -149,6 +150,7 @@ class _Api:
         # Unit files are content-addressed, so an entry never goes stale.
         self._files: dict[str, UnitFile] = {}
         self._global: dict[tuple[str, str], bool] = {}
+        self.units = ParsedUnits(registry)
 
     async def unit_file(self, digest: str) -> UnitFile | None:
         if digest not in self._files:
@@ -295,6 +297,12 @@ class _Api:
         return web.Response(status=204)
 
     # /fleetpy/v1
+    async def explain(self, request: web.Request) -> web.Response:
+        name = _unit_name(request).full
+        await self.existing_job(name)
+        return web.json_response({"name": name,
+                                  "lines": await explain_placement(self.registry, self.units, name)})
+
     async def pending(self, request: web.Request) -> web.Response:
         name = _unit_name(request).full
         await self.existing_job(name)
@@ -447,6 +455,7 @@ def create_app(registry: AsyncRegistry, *, machine_id: str, local: LocalUnitInfo
     app.router.add_get("/fleet/v1/machines", api.list_machines)
     app.router.add_patch("/fleet/v1/machines", api.patch_machines)
     app.router.add_get("/fleetpy/v1/units/{name}/pending", api.pending)
+    app.router.add_get("/fleetpy/v1/units/{name}/explain", api.explain)
     app.router.add_get("/fleetpy/v1/units/{name}/status", api.status)
     app.router.add_get("/fleetpy/v1/units/{name}/journal", api.journal)
     return app

@@ -229,6 +229,15 @@ def cat(session: _Session, unit: str) -> None:
     click.echo(UnitFile.from_options(found["options"]).to_text(), nl=False)
 
 
+@cli.command("explain")
+@click.argument("units", nargs=-1, required=True)
+@pass_session
+def explain(session: _Session, units: tuple[str, ...]) -> None:
+    """Say why units run where they do, or why they run nowhere (fleetpy extension)."""
+    for name in _existing(session.client, units):
+        click.echo("\n".join(session.client.explain(name)))
+
+
 @cli.command("status")
 @click.argument("units", nargs=-1, required=True)
 @pass_session

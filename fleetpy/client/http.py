@@ -135,6 +135,9 @@ class Client:
     def pending_reason(self, name: str) -> str | None:
         return self._request("GET", f"/fleetpy/v1/units/{_quoted(name)}/pending").json()["reason"]
 
+    def explain(self, name: str) -> list[str]:
+        return self._request("GET", f"/fleetpy/v1/units/{_quoted(name)}/explain").json()["lines"]
+
     def unit_status(self, name: str) -> str:
         return self._request("GET", f"/fleetpy/v1/units/{_quoted(name)}/status").json()["status"]
 

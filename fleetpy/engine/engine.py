@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 
-from fleetpy.engine.scheduler import Plan, plan
+from fleetpy.engine.scheduler import Plan, explain, plan, short_id
 from fleetpy.registry import Assignment, HistoryLost, Job, StoreError
 from fleetpy.registry.aio import AsyncRegistry
 from fleetpy.unit import Unit, UnitError, load_unit
@@ -15,6 +15,46 @@ log = logging.getLogger(__name__)
 
 WATCH_TIMEOUT = 300.0
 OUTAGE_PAUSE = 1.0
+
+
+class ParsedUnits:
+    """Jobs with their parsed units. Unit files are immutable, so parses are kept by (name, hash)."""
+
+    def __init__(self, registry: AsyncRegistry):
+        self.registry = registry
+        self._units: dict[tuple[str, str], Unit | None] = {}
+
+    async def of(self, jobs: list[Job]) -> list[tuple[Job, Unit]]:
+        parsed = []
+        for job in jobs:
+            key = (job.name, job.hash)
+            if key not in self._units:
+                unit_file = await self.registry.unit_file(job.hash)
+                try:
+                    self._units[key] = None if unit_file is None else load_unit(job.name, unit_file)
+                except UnitError as error:
+                    # The API validates on submit; this only guards against hand-edited keys.
+                    log.error("engine: ignoring %s: %s", job.name, error)
+                    self._units[key] = None
+            if self._units[key] is not None:
+                parsed.append((job, self._units[key]))
+        return parsed
+
+
+async def explain_placement(registry: AsyncRegistry, units: ParsedUnits, name: str) -> list[str]:
+    """Why `name` runs where it runs (or nowhere): the scheduler's steps, replayed for it now.
+
+    The unit's own placement is left out of the replay, so every machine is weighed again
+    instead of the unit being simply "kept where it runs".
+    """
+    machines, jobs, current = await asyncio.gather(
+        registry.machines(), registry.jobs(), registry.assignments())
+    decision = plan(machines, await units.of(jobs), [a for a in current if a.unit != name]
+                    ).decisions.get(name)
+    if decision is None:
+        return [f"{name} is not scheduled: its desired state is inactive"]
+    placed = sorted(short_id(a.machine_id) for a in current if a.unit == name)
+    return explain(decision) + [f"  now on {', '.join(placed) if placed else 'no machine'}"]
 
 
 class Engine:
@@ -32,7 +72,7 @@ class Engine:
         self.lease_ttl = lease_ttl
         self.reconcile_interval = reconcile_interval
         self.leading = asyncio.Event()
-        self._units: dict[tuple[str, str], Unit | None] = {}
+        self.units = ParsedUnits(registry)
 
     async def run(self) -> None:
         try:
@@ -126,25 +166,9 @@ class Engine:
                      len(orphaned), settle)
             await asyncio.sleep(settle)
             return await self.reconcile()
-        new_plan = plan(machines, await self._parsed(jobs), current)
+        new_plan = plan(machines, await self.units.of(jobs), current)
         await self.apply(new_plan, current, pending)
         return new_plan
-
-    async def _parsed(self, jobs: list[Job]) -> list[tuple[Job, Unit]]:
-        parsed = []
-        for job in jobs:
-            key = (job.name, job.hash)
-            if key not in self._units:
-                unit_file = await self.registry.unit_file(job.hash)
-                try:
-                    self._units[key] = None if unit_file is None else load_unit(job.name, unit_file)
-                except UnitError as error:
-                    # The API validates on submit; this only guards against hand-edited keys.
-                    log.error("engine: ignoring %s: %s", job.name, error)
-                    self._units[key] = None
-            if self._units[key] is not None:
-                parsed.append((job, self._units[key]))
-        return parsed
 
     async def apply(self, new_plan: Plan, current: list[Assignment], pending: dict[str, str]) -> None:
         wanted = {(a.unit, a.machine_id): a for a in new_plan.assignments}
