@@ -124,6 +124,12 @@ def test_metadata_pins_a_unit_to_the_db_machine(cluster):
     cluster.write("db.service", SLEEP.format(name="db") + "[X-Fleet]\nMachineMetadata=role=db\n")
     cluster.fleetctl("start", "db.service")
     assert wait_for(lambda: cluster.placement().get("db.service")) == "node1"
+    # fleetctl ssh enters the lab node running the unit, or the machine given by an id prefix.
+    lab_dir = ["ssh", "--lab-dir", str(cluster.lab.dir)]
+    check = ["systemctl", "--user", "--quiet", "is-active", "db.service"]
+    assert cluster.fleetctl(*lab_dir, "db.service", *check).exit_code == 0
+    node2 = cluster.lab.state.node("node2").machine_id[:12]
+    assert cluster.fleetctl(*lab_dir, node2, *check, ok=False).exit_code != 0
 
 
 def test_conflicts_keep_instances_apart_and_the_fourth_pending_with_reason(cluster):

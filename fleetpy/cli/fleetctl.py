@@ -6,8 +6,10 @@ API errors become "Error: ..." on stderr and exit status 1; usage errors exit 2 
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -16,6 +18,8 @@ import click
 
 from fleetpy.client import APIError, Client
 from fleetpy.containers.cli import new_unit_command
+from fleetpy.lab.lab import DEFAULT_DIR as LAB_DIR
+from fleetpy.lab.lab import Lab
 from fleetpy.unit import SUFFIXES, UnitError, UnitFile, UnitName, parse_fleet_options
 
 DEFAULT_ENDPOINT = "unix:///var/run/fleet.sock"
@@ -236,6 +240,43 @@ def explain(session: _Session, units: tuple[str, ...]) -> None:
     """Say why units run where they do, or why they run nowhere (fleetpy extension)."""
     for name in _existing(session.client, units):
         click.echo("\n".join(session.client.explain(name)))
+
+
+@cli.command("ssh", context_settings={"ignore_unknown_options": True})
+@click.option("--lab-dir", envvar="FLEETPY_LAB_DIR", default=str(LAB_DIR), show_default=True,
+              help="a local lab whose nodes are entered directly")
+@click.argument("target")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@pass_session
+def ssh(session: _Session, lab_dir: str, target: str, command: tuple[str, ...]) -> None:
+    """Open a shell (or run COMMAND) on machine TARGET (an id or unique prefix) or on the
+    machine running unit TARGET. On the local lab this enters the node; elsewhere it runs
+    `ssh core@IP` like fleet."""
+    machine = _target_machine(session.client, target)
+    lab = Lab(lab_dir)
+    node = next((n for n in lab.state.nodes if n.machine_id == machine["id"]), None) if lab.state else None
+    if node is not None:
+        shell = [os.environ.get("SHELL", "/bin/bash")]
+        sys.exit(lab.node(node.name).popen(list(command) or shell).wait())
+    try:
+        address = str(ipaddress.ip_address(machine.get("primaryIP", "")))
+    except ValueError:
+        raise click.ClickException(f"machine {machine['id']} has no usable IP address "
+                                   f"({machine.get('primaryIP')!r})") from None
+    os.execvp("ssh", ["ssh", "-l", "core", "--", address, *command])
+
+
+def _target_machine(client: Client, target: str) -> dict:
+    machines = client.machines()
+    if "." in target:  # machine ids are hex; unit names always have a type suffix
+        unit = client.unit(_unit_name(target))
+        if unit is None or not unit.get("machineID"):
+            raise click.ClickException(f"unit {target} is not running on any machine")
+        target = unit["machineID"]
+    matches = [m for m in machines if m["id"].startswith(target)]
+    if len(matches) != 1:
+        raise click.ClickException(f"{len(matches)} machines match {target!r}; give a longer id or a unit name")
+    return matches[0]
 
 
 @cli.command("status")
