@@ -42,6 +42,13 @@ class CountingStore(EtcdStore):
         return super()._call(operation)
 
 
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
@@ -76,6 +83,7 @@ async def launches(url: str, machines: int, units: int) -> dict:
 
     api = registry("api")
     await api.ensure_schema()
+    rss_before = rss_mib()
     agents = [Agent(registry("agents"), FakeSystemd(), Machine(f"m{i:04d}", f"10.0.{i // 250}.{i % 250}"), 30)
               for i in range(machines)]
     engine = Engine(registry("engine"), "m0000", lease_ttl=30, reconcile_interval=3600)
@@ -97,6 +105,7 @@ async def launches(url: str, machines: int, units: int) -> dict:
 
     for agent in agents:
         count_reconcile(agent)
+    rss_running = rss_mib()
 
     counts.clear()
     latencies = []
@@ -113,6 +122,7 @@ async def launches(url: str, machines: int, units: int) -> dict:
             index = await api.wait(index, "state", name, timeout=10) or index
         latencies.append(time.perf_counter() - started)
     ops = dict(counts)
+    rss_after = rss_mib()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -126,6 +136,10 @@ async def launches(url: str, machines: int, units: int) -> dict:
             "agents": round(ops.get("agents", 0) / units, 2),
         },
         "agent_wakeups_per_launch": round(reconciles / units, 2),
+        # One process hosts the engine and every agent, so these are per-component costs.
+        "memory": {"process_before_mib": round(rss_before, 1),
+                   "per_agent_kib": round((rss_running - rss_before) * 1024 / machines, 1),
+                   "per_unit_kib": round((rss_after - rss_running) * 1024 / units, 1)},
     }
 
 
@@ -163,6 +177,9 @@ def main() -> None:
     ops = result["etcd_requests_per_launch"]
     print(f"etcd requests per launch:  api {ops['api_submit']}, engine {ops['engine']}, agents {ops['agents']}")
     print(f"agents woken per launch:   {result['agent_wakeups_per_launch']} of {args.machines}")
+    memory = result["memory"]
+    print(f"memory: process {memory['process_before_mib']} MiB before, {memory['per_agent_kib']} KiB per agent, "
+          f"{memory['per_unit_kib']} KiB per unit")
     print(json.dumps(result))
 
 
