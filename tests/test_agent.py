@@ -6,6 +6,7 @@ import asyncio
 
 from fleetpy.agent.agent import Agent
 from fleetpy.agent.fake_systemd import FakeSystemd
+from fleetpy.agent.systemd import SystemdError
 from fleetpy.agent.tasks import Desired, plan_tasks
 from fleetpy.registry import Assignment, Machine, memory_registry
 from fleetpy.registry.aio import AsyncRegistry
@@ -103,3 +104,21 @@ async def test_restarted_agent_adopts_running_units_without_restarting():
     tasks = await second.reconcile(await registry.assignments("m1"))
     assert not tasks
     assert await systemd.main_pid("a.service") == pid and len(systemd.jobs) == jobs
+
+
+async def test_a_unit_systemd_refuses_does_not_hold_up_the_others():
+    registry = AsyncRegistry(memory_registry())
+    systemd = FakeSystemd()
+    real_start = systemd.start
+
+    async def start(name):
+        if name == "bad.service":
+            raise SystemdError("org.freedesktop.systemd1.LoadFailed", "Unit bad.service has a bad setting")
+        return await real_start(name)
+
+    systemd.start = start
+    for name in ("bad.service", "good.service"):
+        digest = await registry.put_unit_file(UnitFile.parse(SLEEP.replace("1000", name[:3])))
+        await registry.assign(Assignment(name, "m1", digest, "launched"))
+    await Agent(registry, systemd, Machine("m1"), ttl=5).reconcile(await registry.assignments("m1"))
+    assert (await systemd.unit_state("good.service"))[1] == "active"

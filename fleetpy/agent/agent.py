@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from fleetpy.agent.systemd import SystemdError
 from fleetpy.agent.tasks import Desired, Tasks, plan_tasks
 from fleetpy.registry import Assignment, HistoryLost, Machine, StoreError, UnitState
 from fleetpy.registry.aio import AsyncRegistry
@@ -70,8 +71,8 @@ class Agent:
                     index = None  # read again from the current index
             except HistoryLost:
                 index = None
-            except StoreError as error:
-                log.warning("cannot read schedule: %s", error)
+            except (StoreError, SystemdError) as error:
+                log.warning("reconcile failed, retrying: %s", error)
                 index = None
                 await asyncio.sleep(OUTAGE_PAUSE)
 
@@ -114,7 +115,12 @@ class Agent:
         await asyncio.gather(*(self._job(self.systemd.start, name) for name in tasks.start))
 
     async def _job(self, action, name: str) -> None:
-        result = await action(name)
+        try:
+            result = await action(name)
+        except SystemdError as error:
+            # One unit systemd refuses (a bad setting, say) must not hold up the others; its
+            # published state shows the failure.
+            result = str(error)
         if result != "done":
             log.warning("%s %s: %s", action.__name__, name, result)
 
