@@ -9,13 +9,14 @@ Where things go (ROOT is --root, default /):
 
 - write_files: ROOT/PATH; hostname: ROOT/etc/hostname (and the live hostname if ROOT is /);
   ssh_authorized_keys: ROOT/root/.ssh/authorized_keys, merged with the keys already there.
-- coreos.etcd2: ROOT/etc/systemd/system/etcd2.service.d/20-cloudinit.conf with one
+- coreos.etcd2: UNITDIR/etcd2.service.d/20-cloudinit.conf with one
   Environment="ETCD_<OPTION>=value" per option, as coreos-cloudinit wrote it, plus an
   etcd2.service that runs Debian's /usr/bin/etcd (package etcd-server) with those variables.
   We name it etcd2.service rather than reuse Debian's etcd.service so that the CoreOS drop-in
   path is the one that configures it; it conflicts with etcd.service (same ports).
 - coreos.fleet: ROOT/etc/fleet/fleet.conf (what fleetd reads) and the same options as
-  FLEET_* variables in ROOT/etc/systemd/system/fleet.service.d/20-cloudinit.conf.
+  FLEET_* variables in UNITDIR/fleet.service.d/20-cloudinit.conf.
+  UNITDIR is the unit directory of the chosen manager, as for coreos.units below.
 - coreos.units: into the unit directory of the manager chosen by --systemd-bus:
   system: ROOT/etc/systemd/system (runtime: ROOT/run/systemd/system);
   user or a bus address: the user manager's own $XDG_CONFIG_HOME/systemd/user (default
@@ -197,10 +198,12 @@ def plan(config: CloudConfig, target: Target) -> Plan:
         else:
             result.notes.append(f"users: not created ({names}): --root is not /, users are made on the "
                                 "running system only")
+    # etcd2.service and the drop-ins go where the chosen manager reads units (under ROOT for
+    # the system manager, the user manager's own dir otherwise), so its commands can start them.
     if config.etcd2:
         result.changes += [
-            FileChange(_inside(root, f"/etc/systemd/system/{ETCD_UNIT}"), _etcd_unit(target.bus)),
-            FileChange(_inside(root, f"/etc/systemd/system/{ETCD_UNIT}.d/{DROP_IN}"),
+            FileChange(_inside(target.unit_dir, ETCD_UNIT), _etcd_unit(target.bus)),
+            FileChange(_inside(target.unit_dir, f"{ETCD_UNIT}.d/{DROP_IN}"),
                        _environment_drop_in("ETCD", config.etcd2)),
         ]
     if config.fleet:
@@ -209,7 +212,7 @@ def plan(config: CloudConfig, target: Target) -> Plan:
             result.notes.append(f"fleet: options fleetd does not read, left out: {', '.join(skipped)}")
         result.changes += [
             FileChange(_inside(root, "/etc/fleet/fleet.conf"), _fleet_conf(options)),
-            FileChange(_inside(root, f"/etc/systemd/system/{FLEET_UNIT}.d/{DROP_IN}"),
+            FileChange(_inside(target.unit_dir, f"{FLEET_UNIT}.d/{DROP_IN}"),
                        _environment_drop_in("FLEET", options)),
         ]
     for unit in config.units:
@@ -568,10 +571,13 @@ async def _run_commands(bus: str, commands: list[tuple[str, str]], reload: bool,
         await manager.reload()
         echo(f"reloaded systemd ({bus})")
         for command, name in commands:
-            # Starting an active unit is a no-op for systemd; say so, to keep re-runs quiet.
-            if command == "start" and await manager.active_state(name) == "active":
-                echo(f"unchanged {name} (active)")
-                continue
+            # Starting an active unit, or stopping an inactive one, is a no-op for systemd; say
+            # so, to keep re-runs quiet.
+            if command in ("start", "stop"):
+                state = await manager.active_state(name)
+                if (command, state) in (("start", "active"), ("stop", "inactive")):
+                    echo(f"unchanged {name} ({state})")
+                    continue
             result = await manager.run_job(command, name)
             changed += 1
             echo(f"{command} {name}: {result}")
