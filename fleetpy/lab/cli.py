@@ -74,7 +74,8 @@ def _parse_metadata(values: tuple[str, ...]) -> dict[str, dict[str, str]]:
 @click.option(
     "--user-data",
     type=click.Path(exists=True, dir_okay=False),
-    help="cloud-config: coreos.fleet.metadata for every node",
+    help="cloud-config: one node per member of its coreos.etcd2.initial-cluster (name, address), "
+    "configured only by applying the file inside it; no lab etcd, no lab fleetd",
 )
 @click.option(
     "--network",

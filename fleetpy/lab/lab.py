@@ -8,12 +8,17 @@ Networking: in "netns" mode each node has its own network namespace with an addr
 bridge the lab creates (10.251.0.0/24); etcd listens on the bridge's host side, 10.251.0.1,
 which every node reaches through its veth and which exists only on this host. Without network
 namespaces ("loopback" mode) the nodes share the host's network and use 127.0.0.x addresses.
+
+From user-data (`up --user-data FILE`), the nodes are the machines FILE's etcd2 initial-cluster
+names, with its addresses on a bridge of their own, and the lab runs no etcd and no fleetd:
+applying FILE inside each node starts etcd2.service and fleet.service in the node's manager.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import fcntl
+import ipaddress
 import json
 import os
 import secrets
@@ -29,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fleetpy.cloudinit import CloudConfigError, load
 from fleetpy.containers.image import (
@@ -47,6 +53,10 @@ from fleetpy.registry import EtcdStore, Registry, StoreError
 DEFAULT_DIR = Path("/run/fleetpy-lab")
 BRIDGE = "fleetpy-lab0"
 HOST_IP = "10.251.0.1"
+# A lab made from user-data has the addresses the user-data gives its machines, on a bridge of
+# its own, so it never shares an L2 segment with a 10.251.0.0/24 lab.
+USER_DATA_BRIDGE = "fleetpy-ud0"
+LAB_DROP_IN = "50-lab.conf"
 FIRST_NODE_IP = 11  # node1 is 10.251.0.11 (or 127.0.0.11)
 # Not 8080: that is where the example web@.service containers listen, on the node's address.
 API_PORT = 7001
@@ -57,6 +67,8 @@ NODE_PATHS = {"etc-fleetpy": Path("/etc/fleetpy"), "var-lib-fleetpy": Path("/var
 REPO_ROOT = Path(__file__).parents[2]
 KEY_PREFIX = "/_fleetpy/"
 REGISTER_TIMEOUT = 20.0
+# Applying user-data waits for its start jobs; etcd2's ends once a quorum of members runs.
+APPLY_TIMEOUT = 60.0
 STATE_VERSION = 1
 
 
@@ -81,6 +93,18 @@ class NodeState:
 
 
 @dataclass
+class UserDataLab:
+    """The machines a user-data file describes: one node per member of its etcd2 initial-cluster."""
+
+    path: str
+    nodes: list[tuple[str, str]]  # (name, ip)
+    bridge_address: str  # host side of the bridge, e.g. 172.17.8.1/24
+    etcd_servers: list[str]
+    metadata: dict[str, str]
+    sets_agent_ttl: bool
+
+
+@dataclass
 class EtcdState:
     name: str
     client_url: str
@@ -100,6 +124,10 @@ class State:
     etcd: list[EtcdState] = field(default_factory=list)
     nodes: list[NodeState] = field(default_factory=list)
     version: int = STATE_VERSION
+    # A lab made from user-data: its path, and the etcd the user-data's etcd2 members form.
+    user_data: str = ""
+    user_data_etcd: list[str] = field(default_factory=list)
+    user_data_sets_agent_ttl: bool = False
 
     @classmethod
     def load(cls, path: Path) -> State:
@@ -112,7 +140,7 @@ class State:
 
     @property
     def etcd_urls(self) -> list[str]:
-        return [e.client_url for e in self.etcd]
+        return [e.client_url for e in self.etcd] or self.user_data_etcd
 
     def node(self, name: str) -> NodeState:
         for n in self.nodes:
@@ -198,6 +226,8 @@ class Lab:
 
         `containers`: True makes every node ready for podman units (and fails if podman is
         missing), False skips that, None (the default) does it when podman is installed.
+        `user_data`: make the machines that cloud-config describes and let it configure them
+        (see `_up_from_user_data`); the lab then runs no etcd and no fleetd of its own.
         """
         check_host()
         if etcd_members not in (1, 3):
@@ -207,42 +237,50 @@ class Lab:
         if len(str(self.dir / "node999" / "run" / "systemd" / "private")) > 100:
             raise LabError(f"{self.dir}: path too long for unix sockets; pick a shorter --dir")
         notes: list[str] = []
-        names = [f"node{i}" for i in range(1, node_count + 1)]
+        described = _user_data_lab(user_data) if user_data else None
+        if described:
+            names = [name for name, _ip in described.nodes]
+            if node_count != len(names):
+                raise LabError(
+                    f"--user-data {user_data} describes {len(names)} machines ({', '.join(names)}); "
+                    f"--nodes {node_count} does not match"
+                )
+            if metadata or etcd_members != 1:
+                raise LabError("with --user-data the user-data configures the machines: "
+                               "no --metadata, and no --etcd-members (etcd comes from its coreos.etcd2)")
+        else:
+            names = [f"node{i}" for i in range(1, node_count + 1)]
         metadata = metadata or {}
         unknown = set(metadata) - set(names)
         if unknown:
             raise LabError(f"--metadata for unknown node(s) {', '.join(sorted(unknown))}")
         if self.state is not None:
-            if [n.name for n in self.state.nodes] != names or len(self.state.etcd) != etcd_members:
+            want_etcd = 0 if described else etcd_members
+            same_user_data = self.state.user_data == (described.path if described else "")
+            if [n.name for n in self.state.nodes] != names or len(self.state.etcd) != want_etcd or not same_user_data:
+                made_from = f" from {self.state.user_data}" if self.state.user_data else ""
                 raise LabError(
-                    f"a lab with {len(self.state.nodes)} nodes and {len(self.state.etcd)} etcd member(s) "
-                    f"is already in {self.dir}; run `fleetpy lab down` first"
+                    f"a lab{made_from} with {len(self.state.nodes)} nodes and {len(self.state.etcd)} etcd "
+                    f"member(s) is already in {self.dir}; run `fleetpy lab down` first"
                 )
             return self._repair(notes)
+        if described:
+            return self._up_from_user_data(described, network, agent_ttl, containers, notes)
 
         mode = self._choose_network(network, notes)
         with_containers = _choose_containers(containers, notes)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        token_file = self.dir / "token"
-        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
         self.state = State(
             dir=str(self.dir),
             network=mode,
             bridge=BRIDGE if mode == "netns" else None,
             agent_ttl=agent_ttl,
-            token_file=str(token_file),
+            token_file=str(self._new_token()),
             containers=with_containers,
         )
         base = HOST_IP.rsplit(".", 1)[0] if mode == "netns" else "127.0.0"
-        extra = _user_data_metadata(user_data)
         for i, name in enumerate(names):
-            self.state.nodes.append(
-                NodeState(
-                    name=name, ip=f"{base}.{FIRST_NODE_IP + i}", metadata={**extra, **metadata.get(name, {})}
-                )
-            )
+            self.state.nodes.append(NodeState(name=name, ip=f"{base}.{FIRST_NODE_IP + i}",
+                                              metadata=metadata.get(name, {})))
         self._save()
         try:
             if mode == "netns":
@@ -262,6 +300,129 @@ class Lab:
             self.down()
             raise
         return notes
+
+    def _new_token(self) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        token_file = self.dir / "token"
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+        return token_file
+
+    def _up_from_user_data(
+        self, described: UserDataLab, network: str, agent_ttl: str, containers: bool | None, notes: list[str]
+    ) -> list[str]:
+        """Nodes shaped like the machines the user-data describes, configured only by applying it.
+
+        Each node gets the name (hostname) and address of its etcd2 initial-cluster member, on
+        a bridge of the lab's own whose host side is .1 of that /24. The lab starts no etcd and
+        no fleetd: `fleetpy cloud-config apply` inside each node writes and starts etcd2.service
+        and fleet.service in the node's user manager. The lab adds one runtime drop-in to
+        fleet.service (`_lab_drop_in`) for what only a lab needs.
+        """
+        if network == "loopback":
+            raise LabError("--user-data gives each machine its own address: it needs --network netns")
+        if nodes.link_exists(USER_DATA_BRIDGE):
+            raise LabError(
+                f"another lab made from user-data is up (bridge {USER_DATA_BRIDGE} exists); "
+                "`fleetpy lab down --dir DIR` it first"
+            )
+        if owner := _subnet_in_use(described.bridge_address):
+            raise LabError(
+                f"--user-data {described.path}: its machines' subnet "
+                f"{ipaddress.ip_interface(described.bridge_address).network} is already used on this host "
+                f"({owner}); the lab will not put a second one beside it"
+            )
+        self._choose_network("netns", notes)
+        with_containers = _choose_containers(containers, notes)
+        self.state = State(
+            dir=str(self.dir),
+            network="netns",
+            bridge=USER_DATA_BRIDGE,
+            agent_ttl=agent_ttl,
+            token_file=str(self._new_token()),
+            containers=with_containers,
+            user_data=described.path,
+            user_data_etcd=described.etcd_servers,
+            user_data_sets_agent_ttl=described.sets_agent_ttl,
+        )
+        for name, ip in described.nodes:
+            self.state.nodes.append(NodeState(name=name, ip=ip, metadata=described.metadata))
+        self._save()
+        try:
+            nodes.ensure_bridge(USER_DATA_BRIDGE, described.bridge_address)
+            with concurrent.futures.ThreadPoolExecutor(len(self.state.nodes)) as pool:
+                for future in [pool.submit(self._start_node, n) for n in self.state.nodes]:
+                    future.result()
+            notes += self._provision(self.state.nodes)
+            self.wait_registered()
+        except BaseException:
+            self.down()
+            raise
+        return notes
+
+    def _provision(self, targets: list[NodeState]) -> list[str]:
+        """Apply the lab's user-data inside each node, all at once; returns a note per node.
+
+        All at once, because a static etcd2 member becomes ready (and its start job ends) only
+        when a quorum of its peers runs.
+        """
+        with concurrent.futures.ThreadPoolExecutor(len(targets)) as pool:
+            return list(pool.map(self._apply_user_data, targets))
+
+    def _apply_user_data(self, ns: NodeState) -> str:
+        state = self._require_state()
+        node = self._node(ns)
+        # Runtime, so it is the lab's and not part of the machine's configuration: systemd
+        # reads drop-ins from $XDG_RUNTIME_DIR/systemd/user too, after 20-cloudinit.conf.
+        drop_in = node.dir / "run" / "systemd" / "user" / "fleet.service.d" / LAB_DROP_IN
+        drop_in.parent.mkdir(parents=True, exist_ok=True)
+        drop_in.write_text(self._lab_drop_in(ns))
+        root = node.dir / "root"
+        root.mkdir(exist_ok=True)
+        argv = [
+            sys.executable, "-m", "fleetpy.cli.fleetpy", "cloud-config", "apply", state.user_data,
+            "--root", str(root), "--systemd-bus", "user",
+            "--private-ipv4", ns.ip, "--public-ipv4", ns.ip,
+        ]  # fmt: skip
+        try:
+            result = node.run(argv, env_extra={"PYTHONPATH": _pythonpath()}, timeout=APPLY_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise LabError(f"{ns.name}: applying {state.user_data} took over {APPLY_TIMEOUT:.0f}s") from None
+        with open(node.dir / "user-data.log", "a") as log:
+            log.write(result.stdout + result.stderr)
+        if result.returncode != 0:
+            raise LabError(f"{ns.name}: cloud-config apply {state.user_data} failed:\n"
+                           f"{(result.stdout + result.stderr)[-2000:]}")
+        summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "?"
+        return f"{ns.name}: user-data applied: {summary}"
+
+    def _lab_drop_in(self, ns: NodeState) -> str:
+        """fleet.service settings only a lab needs: this fleetpy, and per-node paths on a shared host."""
+        state = self._require_state()
+        node_dir = self.dir / ns.name
+        env = {
+            # The user-data's ExecStart names where a machine installs fleetd; here it is this venv.
+            "PYTHONPATH": _pythonpath(),
+            "FLEET_CONFIG": str(node_dir / "root" / "etc" / "fleet" / "fleet.conf"),
+            "FLEET_SYSTEMD_BUS": "user",
+            # Host paths that every node would otherwise share.
+            "FLEET_UNIT_DIR": str(node_dir / "units"),
+            "FLEET_API_SOCKET": str(node_dir / "fleet.sock"),
+            # As in every lab: peers forward status and journal requests to this node.
+            "FLEET_API_LISTEN": f"{ns.ip}:{API_PORT}",
+            "FLEET_API_TOKEN_FILE": state.token_file,
+        }
+        if not state.user_data_sets_agent_ttl:
+            env["FLEET_AGENT_TTL"] = state.agent_ttl
+        lines = [
+            f"# Written by fleetpy lab for {ns.name}; the rest of fleet.service comes from {state.user_data}.",
+            "[Service]",
+            "ExecStart=",
+            f'ExecStart="{_unit_escape(sys.executable)}" -m fleetpy.fleetd.main',
+        ]
+        lines += [f'Environment="{key}={_unit_escape(value)}"' for key, value in env.items()]
+        return "\n".join(lines) + "\n"
 
     def _choose_network(self, network: str, notes: list[str]) -> str:
         if network == "loopback":
@@ -379,12 +540,10 @@ class Lab:
         ]  # fmt: skip
         if ns.metadata:
             argv += ["--metadata", ",".join(f"{k}={v}" for k, v in ns.metadata.items())]
-        # The package may be used from a checkout without being installed.
-        pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
         with open(node_dir / "fleetd.log", "ab") as log:
             proc = self._node(ns).popen(
                 argv,
-                env_extra={"PYTHONPATH": pythonpath},
+                env_extra={"PYTHONPATH": _pythonpath()},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -400,6 +559,17 @@ class Lab:
             if not _cgroup_alive(member.cgroup):
                 self.etcd_start(member.name)
                 notes.append(f"restarted {member.name}")
+        if state.user_data:
+            # Like a CoreOS boot, every start of a node applies the user-data; on a node that
+            # runs, applying it again changes nothing (each note says so).
+            for ns in state.nodes:
+                if not _pid_alive(ns.pid):
+                    self.kill_node(ns.name)
+                    self._start_node(ns)
+                    notes.append(f"restarted {ns.name}")
+            notes += self._provision(state.nodes)
+            self.wait_registered()
+            return notes
         for ns in state.nodes:
             if not (_pid_alive(ns.pid) and _pid_alive(ns.fleetd_pid)):
                 self.restart_node(ns.name, wait=False)
@@ -423,13 +593,17 @@ class Lab:
             if set(want) <= seen:
                 return
             for mid, ns in want.items():
-                if mid not in seen and not _pid_alive(ns.fleetd_pid):
+                # fleet.service of a user-data lab restarts by itself; only a lab's own fleetd is final.
+                if mid not in seen and not state.user_data and not _pid_alive(ns.fleetd_pid):
                     raise LabError(f"fleetd on {ns.name} exited:\n{_tail(self.dir / ns.name / 'fleetd.log')}")
             if time.monotonic() > deadline:
                 missing = ", ".join(n.name for m, n in want.items() if m not in seen)
-                raise LabError(
-                    f"machines not registered after {timeout:.0f}s: {missing}; see {self.dir}/NODE/fleetd.log"
+                logs = (
+                    "`fleetpy lab shell NODE journalctl --user-unit fleet.service`"
+                    if state.user_data
+                    else f"{self.dir}/NODE/fleetd.log"
                 )
+                raise LabError(f"machines not registered after {timeout:.0f}s: {missing}; see {logs}")
             time.sleep(0.1)
 
     def registry(self) -> Registry:
@@ -448,9 +622,22 @@ class Lab:
         """Machine id of the fleetd whose engine holds the leader lease."""
         return self.registry().leader()
 
+    def fleetd_alive(self, ns: NodeState) -> bool:
+        """Whether the node's fleetd runs: the lab's own process, or a user-data lab's fleet.service."""
+        if self._require_state().user_data:
+            return _cgroup_alive(f"{ns.cgroup}/{nodes.MANAGER_CGROUP}/app.slice/fleet.service")
+        return _pid_alive(ns.fleetd_pid)
+
+    def _own_fleetd(self, name: str) -> NodeState:
+        state = self._require_state()
+        if state.user_data:
+            raise LabError(f"fleetd on {name} is the user-data's fleet.service: "
+                           f"`fleetpy lab shell {name} systemctl --user stop|start fleet.service`")
+        return state.node(name)
+
     def stop_fleetd(self, name: str, crash: bool = False, timeout: float = 10.0) -> None:
         """Stop a node's fleetd (SIGTERM, or SIGKILL to crash it); its units keep running."""
-        ns = self._require_state().node(name)
+        ns = self._own_fleetd(name)
         if _pid_alive(ns.fleetd_pid):
             os.kill(ns.fleetd_pid, signal.SIGKILL if crash else signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -461,7 +648,7 @@ class Lab:
 
     def start_fleetd(self, name: str) -> None:
         """Start fleetd again on a running node whose fleetd was stopped or killed."""
-        ns = self._require_state().node(name)
+        ns = self._own_fleetd(name)
         if _pid_alive(ns.fleetd_pid):
             raise LabError(f"fleetd on {name} is already running (pid {ns.fleetd_pid})")
         self._start_fleetd(ns)
@@ -498,7 +685,10 @@ class Lab:
         ns = self._require_state().node(name)
         self.kill_node(name)
         self._start_node(ns)
-        self._start_fleetd(ns)
+        if self._require_state().user_data:
+            self._provision([ns])  # as a CoreOS machine applies its user-data at every boot
+        else:
+            self._start_fleetd(ns)
         if wait:
             self.wait_registered(names=[name])
 
@@ -586,7 +776,7 @@ class Lab:
                     "machine_id": ns.machine_id,
                     "metadata": ns.metadata,
                     "systemd": _pid_alive(ns.pid),
-                    "fleetd": _pid_alive(ns.fleetd_pid),
+                    "fleetd": self.fleetd_alive(ns),
                     "registered": ns.machine_id in machines,
                     "partitioned": ns.partitioned,
                     "processes": procs,
@@ -599,6 +789,7 @@ class Lab:
             "network": state.network,
             "containers": state.containers,
             "bridge": state.bridge,
+            "user_data": state.user_data,
             "endpoint": self.endpoint(),
             "etcd": etcd,
             "nodes": node_rows,
@@ -645,6 +836,11 @@ class Lab:
             (self.dir / name).unlink(missing_ok=True)
         for ns in state.nodes:
             (self.dir / ns.name / "fleet.sock").unlink(missing_ok=True)
+            if state.user_data:
+                # The machines' disks: what the user-data wrote, and etcd2's data (%S is in
+                # home). Gone with the machines, so the next `up` provisions fresh ones.
+                for disk in ("home", "root"):
+                    shutil.rmtree(self.dir / ns.name / disk, ignore_errors=True)
         self.state = None
         return [f"stopped {len(state.nodes)} node(s) and {len(state.etcd)} etcd member(s)"]
 
@@ -680,16 +876,93 @@ def _choose_containers(containers: bool | None, notes: list[str]) -> bool:
     return False
 
 
-def _user_data_metadata(path: str | None) -> dict[str, str]:
-    """Metadata from a cloud-config's coreos.fleet.metadata; the rest of the file is not applied."""
-    if not path:
-        return {}
+def _user_data_lab(path: str) -> UserDataLab:
+    """The machines user-data `path` describes; refuses what the lab cannot make machines for.
+
+    One machine per member of coreos.etcd2.initial-cluster, named like the member (its %H) with
+    the member's peer address; all of them in one /24, whose .1 is the lab bridge's host side.
+    """
     try:
         config = load(Path(path).read_text())
-        value = config.fleet.get("metadata", "")
-        return parse_metadata(value) if isinstance(value, str) else {str(k): str(v) for k, v in value.items()}
-    except (OSError, CloudConfigError, ConfigError) as error:
+    except OSError as error:
+        raise LabError(f"--user-data {path}: {error.strerror}") from None
+    except CloudConfigError as error:
         raise LabError(f"--user-data {path}: {error}") from None
+    members = str(config.etcd2.get("initial_cluster", "")).strip()
+    if not members:
+        raise LabError(
+            f"--user-data {path}: no coreos.etcd2.initial-cluster; the lab makes one machine per member of it"
+        )
+    machines: list[tuple[str, str]] = []
+    for entry in members.split(","):
+        name, _, url = entry.strip().partition("=")
+        try:
+            ip = ipaddress.IPv4Address(urlsplit(url).hostname or "")
+        except ValueError:
+            raise LabError(f"--user-data {path}: member {name}: {url}: the lab needs IPv4 addresses") from None
+        if not nodes.NAME_RE.match(name) or name in dict(machines):
+            raise LabError(f"--user-data {path}: member name {name!r} cannot name a lab node (or is repeated)")
+        machines.append((name, str(ip)))
+    subnet = ipaddress.ip_network(f"{machines[0][1]}/24", strict=False)
+    host_side = subnet.network_address + 1
+    if any(ipaddress.IPv4Address(ip) not in subnet or ip == str(host_side) for _name, ip in machines):
+        raise LabError(
+            f"--user-data {path}: the lab puts all machines in one /24 ({subnet}) with the host at {host_side}; "
+            f"members: {members}"
+        )
+    ips = {ip for _name, ip in machines}
+    servers = [u.strip() for u in str(config.fleet.get("etcd_servers", "")).split(",") if u.strip()]
+    # The host reads the registry through the same servers as fleetd, unless those are only
+    # meaningful inside a machine (127.0.0.1, $private_ipv4): then through each member.
+    if not servers or any(urlsplit(u).hostname not in ips for u in servers):
+        servers = [f"http://{ip}:2379" for _name, ip in machines]
+    value = config.fleet.get("metadata", "")
+    try:
+        metadata = parse_metadata(value) if isinstance(value, str) else {str(k): str(v) for k, v in value.items()}
+    except ConfigError as error:
+        raise LabError(f"--user-data {path}: {error}") from None
+    return UserDataLab(
+        path=str(Path(path).absolute()),
+        nodes=machines,
+        bridge_address=f"{host_side}/{subnet.prefixlen}",
+        etcd_servers=servers,
+        metadata=metadata,
+        sets_agent_ttl="agent_ttl" in config.fleet,
+    )
+
+
+# `ip route` route types that come before the destination.
+_ROUTE_TYPES = {"unicast", "local", "broadcast", "multicast", "anycast", "unreachable", "blackhole",
+                "prohibit", "throw", "nat"}
+
+
+def _subnet_in_use(interface: str) -> str | None:
+    """A route of the host that overlaps `interface`'s network, e.g. docker0's 172.17.0.0/16."""
+    network = ipaddress.ip_interface(interface).network
+    result = subprocess.run(["ip", "-o", "-4", "route", "show", "table", "all"],
+                            capture_output=True, text=True, check=False)
+    for line in result.stdout.splitlines():
+        fields = line.split()
+        dest = fields[1] if fields[0] in _ROUTE_TYPES else fields[0]
+        dev = fields[fields.index("dev") + 1] if "dev" in fields else "-"
+        if dest == "default":
+            continue
+        try:
+            if ipaddress.ip_network(dest, strict=False).overlaps(network):
+                return f"{dest} on {dev}"
+        except ValueError:
+            continue
+    return None
+
+
+def _unit_escape(value: str) -> str:
+    """`value` for a double-quoted unit file setting: no specifier expansion, no early end quote."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+
+
+def _pythonpath() -> str:
+    # The package may be used from a checkout without being installed.
+    return os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
 
 
 def _address_owner(address: str) -> str | None:

@@ -39,7 +39,7 @@ ForwardToWall=no
 START_TIMEOUT = 10.0
 KILL_TIMEOUT = 5.0
 
-_NAME_RE = re.compile(r"^[a-zA-Z0-9_.-]{1,40}$")
+NAME_RE = re.compile(r"^[a-zA-Z0-9_.-]{1,40}$")
 _SPAWN = str(Path(__file__).with_name("_spawn.py"))
 
 
@@ -118,7 +118,7 @@ class Node:
             self.process.wait(timeout=KILL_TIMEOUT)
         if self.netns:
             _ip("netns", "delete", self.netns, check=False)
-        if self.veth and _link_exists(self.veth):
+        if self.veth and link_exists(self.veth):
             _ip("link", "delete", self.veth, check=False)
 
 
@@ -167,7 +167,7 @@ def start_node(
     With `journald`, the node runs its own systemd-journald (private /run/log) before its manager,
     so `journalctl --user-unit X` inside the node shows the unit's output.
     """
-    if not _NAME_RE.match(name):
+    if not NAME_RE.match(name):
         raise ValueError(f"{name!r}: node names may contain only letters, digits and '_.-' (at most 40)")
     if netns and not (ip and bridge):
         raise ValueError("a node with its own network namespace needs an ip and a bridge")
@@ -253,18 +253,18 @@ def start_node(
     return node
 
 
-def ensure_bridge(bridge: str) -> None:
-    """Create the lab bridge (host side, address 10.251.0.1/24) unless it exists."""
-    if _link_exists(bridge):
+def ensure_bridge(bridge: str, address: str = BRIDGE_ADDRESS) -> None:
+    """Create the lab bridge with `address` (host side, default 10.251.0.1/24) unless it exists."""
+    if link_exists(bridge):
         return
     _ip("link", "add", "name", bridge, "type", "bridge")
-    _ip("addr", "add", BRIDGE_ADDRESS, "dev", bridge)
+    _ip("addr", "add", address, "dev", bridge)
     _ip("link", "set", bridge, "up")
 
 
 def remove_bridge(bridge: str) -> None:
     """Delete the lab bridge if it exists."""
-    if _link_exists(bridge):
+    if link_exists(bridge):
         _ip("link", "delete", bridge, check=False)
 
 
@@ -367,7 +367,7 @@ def _rmtree_cgroup(top: Path) -> None:
                 time.sleep(0.02)
 
 
-def _link_exists(name: str) -> bool:
+def link_exists(name: str) -> bool:
     return (
         subprocess.run(["ip", "link", "show", "dev", name], check=False, capture_output=True).returncode == 0
     )
