@@ -20,11 +20,11 @@ from collections import Counter
 from pathlib import Path
 
 from fleetpy.agent.agent import Agent
-from fleetpy.agent.fake_systemd import FakeSystemd
 from fleetpy.engine.engine import Engine
 from fleetpy.lab.etcd import start_cluster
 from fleetpy.registry import EtcdStore, Job, Machine, Registry
 from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.systemd import FakeSystemd
 from fleetpy.unit import UnitFile
 
 

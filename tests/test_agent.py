@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from fleetpy.agent.agent import Agent
-from fleetpy.agent.fake_systemd import FakeSystemd
-from fleetpy.agent.systemd import SystemdError
 from fleetpy.agent.tasks import Desired, plan_tasks
 from fleetpy.registry import Assignment, Machine, memory_registry
 from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.systemd import FakeSystemd, SystemdError
 from fleetpy.unit import UnitFile
 
 SLEEP = "[Service]\nExecStart=/bin/sleep 1000\n"

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleetpy.agent.fake_systemd import FakeSystemd
-from fleetpy.agent.systemd import SystemdError
+from fleetpy.systemd import FakeSystemd, SystemdError
 
 UNIT = "[Service]\nExecStart=/bin/sleep 1000\n"
 

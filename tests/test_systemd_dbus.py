@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from fleetpy.agent.systemd import SystemdManager
 from fleetpy.lab.node import Node
+from fleetpy.systemd import SystemdManager
 
 pytest_plugins = ["fixtures_nodes"]
 pytestmark = pytest.mark.integration

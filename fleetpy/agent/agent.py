@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from fleetpy.agent.systemd import SystemdError
 from fleetpy.agent.tasks import Desired, Tasks, plan_tasks
 from fleetpy.registry import Assignment, HistoryLost, Machine, StoreError, UnitState
 from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.systemd import SystemdError
 
 log = logging.getLogger(__name__)
 

@@ -47,13 +47,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleetpy.cloudinit.bus import BusError, Manager
 from fleetpy.cloudinit.model import CloudConfig, Unit, load
 from fleetpy.cloudinit.substitute import substitute
+from fleetpy.systemd import SystemdBus, SystemdError
 from fleetpy.unit.errors import InvalidUnitFile
 from fleetpy.unit.file import UnitFile
 
 DROP_IN = "20-cloudinit.conf"
+# coreos.units `command` values and the manager methods that carry them out.
+JOB_METHODS = {
+    "start": "StartUnit",
+    "stop": "StopUnit",
+    "restart": "RestartUnit",
+    "reload": "ReloadUnit",
+    "try-restart": "TryRestartUnit",
+    "reload-or-restart": "ReloadOrRestartUnit",
+    "reload-or-try-restart": "ReloadOrTryRestartUnit",
+}
+JOB_TIMEOUT = 90.0
 ETCD_UNIT = "etcd2.service"
 FLEET_UNIT = "fleet.service"
 # The options our fleetd reads from fleet.conf (fleetpy.fleetd.config); the other
@@ -551,19 +562,19 @@ def _apply_user(user: dict[str, Any], dry_run: bool, echo: Echo) -> int:
 
 async def _manager_environment(bus: str) -> dict[str, str]:
     try:
-        manager = await Manager.connect(bus)
-    except BusError as err:
+        manager = await SystemdBus.connect(bus)
+    except SystemdError as err:
         raise ApplyError(f"cannot ask the user manager where its unit files go: {err}") from err
     try:
         return await manager.environment()
     finally:
-        manager.close()
+        await manager.close()
 
 
 async def _run_commands(bus: str, commands: list[tuple[str, str]], reload: bool, echo: Echo) -> int:
     try:
-        manager = await Manager.connect(bus)
-    except BusError as err:
+        manager = await SystemdBus.connect(bus)
+    except SystemdError as err:
         raise ApplyError(str(err)) from err
     changed = 0
     try:
@@ -574,17 +585,20 @@ async def _run_commands(bus: str, commands: list[tuple[str, str]], reload: bool,
             # Starting an active unit, or stopping an inactive one, is a no-op for systemd; say
             # so, to keep re-runs quiet.
             if command in ("start", "stop"):
-                state = await manager.active_state(name)
+                state = (await manager.unit_state(name))[1]
                 if (command, state) in (("start", "active"), ("stop", "inactive")):
                     echo(f"unchanged {name} ({state})")
                     continue
-            result = await manager.run_job(command, name)
+            try:
+                result = await asyncio.wait_for(manager.run_job(JOB_METHODS[command], name), JOB_TIMEOUT)
+            except TimeoutError:
+                raise ApplyError(f"{name}: {command} did not finish within {JOB_TIMEOUT:.0f}s") from None
             changed += 1
             echo(f"{command} {name}: {result}")
             if result != "done":
                 raise ApplyError(f"{command} {name}: job {result}")
-    except BusError as err:
+    except SystemdError as err:
         raise ApplyError(str(err)) from err
     finally:
-        manager.close()
+        await manager.close()
     return changed

@@ -13,13 +13,13 @@ from pathlib import Path
 import click
 
 from fleetpy.agent.agent import Agent
-from fleetpy.agent.systemd import SystemdManager
 from fleetpy.api.local import SystemctlUnitInfo
 from fleetpy.api.server import create_app, serve
 from fleetpy.engine.engine import Engine
 from fleetpy.fleetd.config import Config, ConfigError, build_config, machine_id
 from fleetpy.registry import EtcdStore, Machine, Registry, StoreError
 from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.systemd import SystemdManager
 
 log = logging.getLogger("fleetd")
 

@@ -1,4 +1,4 @@
-"""The agent's view of one systemd manager over D-Bus: unit files, jobs and unit state signals."""
+"""The agent's view of one systemd manager: its unit files, their jobs and their state signals."""
 
 from __future__ import annotations
 
@@ -11,15 +11,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dbus_next import BusType, Message, MessageType
+from dbus_next import Message
 from dbus_next.aio import MessageBus
 
-SYSTEMD_BUS_NAME = "org.freedesktop.systemd1"
-MANAGER_PATH = "/org/freedesktop/systemd1"
-MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
-UNIT_IFACE = "org.freedesktop.systemd1.Unit"
+from fleetpy.systemd.bus import (
+    MANAGER_PATH,
+    PROPS_IFACE,
+    SYSTEMD_BUS_NAME,
+    UNIT_IFACE,
+    SystemdBus,
+    SystemdError,
+)
+
 SERVICE_IFACE = "org.freedesktop.systemd1.Service"
-PROPS_IFACE = "org.freedesktop.DBus.Properties"
 UNIT_PATH_PREFIX = MANAGER_PATH + "/unit/"
 UNKNOWN_STATE = ("not-found", "inactive", "dead")
 NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
@@ -27,14 +31,6 @@ NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
 _UNIT_NAME_RE = re.compile(r"^[a-zA-Z0-9:_.@-]+$")
 
 StateCallback = Callable[[str, str, str, str], Any]
-
-
-class SystemdError(RuntimeError):
-    """A call to the systemd manager failed; carries the D-Bus error name."""
-
-    def __init__(self, error_name: str, message: str) -> None:
-        super().__init__(f"{error_name}: {message}")
-        self.error_name = error_name
 
 
 def validate_unit_name(name: str) -> None:
@@ -49,62 +45,30 @@ def unit_path_to_name(path: str) -> str:
     return re.sub(r"_([0-9a-f]{2})", lambda m: chr(int(m.group(1), 16)), escaped)
 
 
-class SystemdManager:
+class SystemdManager(SystemdBus):
+    """Unit files in one directory, linked as runtime units, started, stopped and watched."""
+
+    MATCH_RULES = ((f"type='signal',sender='{SYSTEMD_BUS_NAME}',path_namespace='{MANAGER_PATH}/unit',"
+                    f"interface='{PROPS_IFACE}',member='PropertiesChanged'"),)
+
     def __init__(self, bus: MessageBus, unit_dir: Path) -> None:
-        self._bus = bus
+        super().__init__(bus)
         self.unit_dir = unit_dir
         self._callbacks: list[StateCallback] = []
-        self._jobs: dict[str, asyncio.Future[str]] = {}
-        # JobRemoved can overtake the reply to StartUnit; results that arrive
-        # while a job-creating call is in flight wait here for their caller.
-        self._early_results: dict[str, str] = {}
-        self._calls_in_flight = 0
         self._tasks: set[asyncio.Task] = set()
         # systemd emits several PropertiesChanged per transition; report each state once.
         self._last_state: dict[str, tuple[str, str, str]] = {}
 
     @classmethod
     async def connect(cls, bus: str, unit_dir: str | Path) -> SystemdManager:
-        if bus == "user":
-            message_bus = MessageBus(bus_type=BusType.SESSION)
-        elif bus == "system":
-            message_bus = MessageBus(bus_type=BusType.SYSTEM)
-        else:
-            message_bus = MessageBus(bus_address=bus)
-        await message_bus.connect()
         unit_dir = Path(unit_dir)
         unit_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        self = cls(message_bus, unit_dir.resolve())
-        message_bus.add_message_handler(self._on_message)
-        try:
-            signal = f"type='signal',sender='{SYSTEMD_BUS_NAME}'"
-            for rule in (
-                f"{signal},path='{MANAGER_PATH}',interface='{MANAGER_IFACE}',member='JobRemoved'",
-                f"{signal},path_namespace='{MANAGER_PATH}/unit',interface='{PROPS_IFACE}',member='PropertiesChanged'",
-            ):
-                await self._call(
-                    "org.freedesktop.DBus",
-                    "/org/freedesktop/DBus",
-                    "org.freedesktop.DBus",
-                    "AddMatch",
-                    "s",
-                    [rule],
-                )
-            await self._manager("Subscribe")
-        except BaseException:
-            message_bus.disconnect()
-            raise
-        return self
+        return await super().connect(bus, unit_dir.resolve())
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for fut in self._jobs.values():
-            if not fut.done():
-                fut.set_exception(SystemdError("fleetpy.Closed", "connection to systemd closed"))
-        self._jobs.clear()
-        self._bus.disconnect()
-        await self._bus.wait_for_disconnect()
+        await super().close()
 
     def on_state_change(self, callback: StateCallback) -> None:
         """Call callback(name, load, active, sub) whenever one of our units changes state."""
@@ -158,21 +122,16 @@ class SystemdManager:
         await self._manager("Reload")
 
     async def start(self, name: str) -> str:
-        return await self._run_job("StartUnit", name)
+        validate_unit_name(name)
+        return await self.run_job("StartUnit", name)
 
     async def stop(self, name: str) -> str:
-        return await self._run_job("StopUnit", name)
+        validate_unit_name(name)
+        return await self.run_job("StopUnit", name)
 
     async def unit_state(self, name: str) -> tuple[str, str, str]:
         validate_unit_name(name)
-        # LoadUnit, unlike GetUnit, also answers for units linked but never started.
-        path = (await self._manager("LoadUnit", "s", [name]))[0]
-        props = (await self._call(SYSTEMD_BUS_NAME, path, PROPS_IFACE, "GetAll", "s", [UNIT_IFACE]))[0]
-        return (
-            props["LoadState"].value,
-            props["ActiveState"].value,
-            props["SubState"].value,
-        )
+        return await super().unit_state(name)
 
     async def main_pid(self, name: str) -> int:
         validate_unit_name(name)
@@ -201,67 +160,9 @@ class SystemdManager:
             raise ValueError(f"{name!r}: unit file would leave {self.unit_dir}")
         return path
 
-    async def _run_job(self, method: str, name: str) -> str:
-        validate_unit_name(name)
-        self._calls_in_flight += 1
-        try:
-            job = (await self._manager(method, "ss", [name, "replace"]))[0]
-            if job in self._early_results:
-                return self._early_results.pop(job)
-            fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-            self._jobs[job] = fut
-        finally:
-            self._calls_in_flight -= 1
-            if not self._calls_in_flight:
-                self._early_results.clear()
-        try:
-            return await fut
-        finally:
-            self._jobs.pop(job, None)
-
-    async def _manager(self, member: str, signature: str = "", body: list[Any] | None = None) -> list[Any]:
-        return await self._call(SYSTEMD_BUS_NAME, MANAGER_PATH, MANAGER_IFACE, member, signature, body or [])
-
-    async def _call(
-        self,
-        destination: str,
-        path: str,
-        interface: str,
-        member: str,
-        signature: str,
-        body: list[Any],
-    ) -> list[Any]:
-        reply = await self._bus.call(
-            Message(
-                destination=destination,
-                path=path,
-                interface=interface,
-                member=member,
-                signature=signature,
-                body=body,
-            )
-        )
-        if reply.message_type == MessageType.ERROR:
-            raise SystemdError(reply.error_name, str(reply.body[0]) if reply.body else "")
-        return reply.body
-
-    def _on_message(self, msg: Message) -> None:
-        if msg.message_type != MessageType.SIGNAL:
-            return
-        if msg.member == "JobRemoved" and msg.interface == MANAGER_IFACE:
-            _id, job, _unit, result = msg.body
-            fut = self._jobs.get(job)
-            if fut is not None:
-                if not fut.done():
-                    fut.set_result(result)
-            elif self._calls_in_flight:
-                self._early_results[job] = result
-        elif (
-            msg.member == "PropertiesChanged"
-            and msg.path.startswith(UNIT_PATH_PREFIX)
-            and msg.body[0] == UNIT_IFACE
-            and self._callbacks
-        ):
+    def _on_signal(self, msg: Message) -> None:
+        if (msg.member == "PropertiesChanged" and msg.path.startswith(UNIT_PATH_PREFIX)
+                and msg.body[0] == UNIT_IFACE and self._callbacks):
             self._on_unit_properties(unit_path_to_name(msg.path), msg.body[1])
 
     def _on_unit_properties(self, name: str, changed: dict[str, Any]) -> None:

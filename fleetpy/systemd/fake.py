@@ -5,12 +5,8 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from fleetpy.agent.systemd import (
-    UNKNOWN_STATE,
-    StateCallback,
-    SystemdError,
-    validate_unit_name,
-)
+from fleetpy.systemd.bus import SystemdError
+from fleetpy.systemd.manager import UNKNOWN_STATE, StateCallback, validate_unit_name
 
 
 class FakeSystemd:
