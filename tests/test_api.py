@@ -113,14 +113,17 @@ async def test_put_existing_unit_changes_desired_state(client, registry):
     assert registry.job("hello.service").desired_state == "launched"
 
 
-async def test_put_existing_unit_with_other_content_conflicts(client, registry):
-    await client.put("/fleet/v1/units/hello.service", json={"desiredState": "inactive", "options": HELLO})
+async def test_put_existing_unit_with_other_content_replaces_it(client, registry):
+    # Go fleetctl `start --replace` (and submit/load --replace) sends the new options for an
+    # existing unit, without a desiredState; fleet replaces the unit and makes it inactive.
+    await client.put("/fleet/v1/units/hello.service", json={"desiredState": "launched", "options": HELLO})
     resp = await client.put("/fleet/v1/units/hello.service",
-                            json={"desiredState": "launched", "options": OTHER})
-    status, message = await error_of(resp)
-    assert status == 409
-    assert message == "unit hello.service already exists with different content; destroy it first"
-    assert registry.job("hello.service").desired_state == "inactive"
+                            json={"name": "hello.service", "options": OTHER})
+    assert resp.status == 201
+    job = registry.job("hello.service")
+    assert (job.hash, job.desired_state) == (UnitFile.from_options(OTHER).hash, "inactive")
+    unit = await (await client.get("/fleet/v1/units/hello.service")).json()
+    assert unit["options"] == OTHER
 
 
 async def test_create_without_options_conflicts(client):
@@ -131,7 +134,6 @@ async def test_create_without_options_conflicts(client):
 
 
 @pytest.mark.parametrize("body", [{"desiredState": "running", "options": HELLO},
-                                  {"options": HELLO},
                                   {"desiredState": "launched", "options": "ExecStart=/bin/true"},
                                   {"desiredState": "launched", "options": [{"section": "Service"}]},
                                   {"desiredState": "launched", "name": "other.service", "options": HELLO},
@@ -140,6 +142,38 @@ async def test_invalid_unit_bodies_are_bad_requests(client, registry, body):
     resp = await client.put("/fleet/v1/units/hello.service", json=body)
     assert (await error_of(resp))[0] == 400
     assert registry.jobs() == []
+
+
+async def test_go_fleetctl_submit_sends_no_desired_state(client, registry):
+    # Go fleetctl submit/load/start first create the unit with {"name", "options"} only
+    # (Go omits the empty desiredState): fleet creates it inactive and answers 201.
+    resp = await client.put("/fleet/v1/units/hello.service?alt=json",
+                            json={"name": "hello.service", "options": HELLO})
+    assert resp.status == 201
+    assert registry.job("hello.service").desired_state == "inactive"
+    # Then it sets the target with {"desiredState", "name"} and no options: 204.
+    resp = await client.put("/fleet/v1/units/hello.service?alt=json",
+                            json={"desiredState": "launched", "name": "hello.service"})
+    assert resp.status == 204
+    assert registry.job("hello.service").desired_state == "launched"
+
+
+async def test_go_fleetctl_template_is_submitted_without_desired_state(client, registry):
+    # Go fleetctl `submit web@.service` and `start web@1.service` (which submits the template
+    # from disk first) send the template with options only.
+    resp = await client.put("/fleet/v1/units/web@.service", json={"name": "web@.service", "options": HELLO})
+    assert resp.status == 201
+    assert registry.job("web@.service").desired_state == "inactive"
+
+
+async def test_put_existing_unit_without_desired_state_conflicts(client, registry):
+    # As fleet: nothing to create and nothing to set is a conflict, not a silent success.
+    await client.put("/fleet/v1/units/hello.service", json={"desiredState": "loaded", "options": HELLO})
+    for body in ({"name": "hello.service"}, {"name": "hello.service", "options": HELLO}):
+        resp = await client.put("/fleet/v1/units/hello.service", json=body)
+        assert await error_of(resp) == (
+            409, "unit hello.service already exists; updating it needs a desiredState")
+    assert registry.job("hello.service").desired_state == "loaded"
 
 
 async def test_invalid_fleet_options_are_bad_requests(client, registry):

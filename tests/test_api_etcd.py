@@ -8,6 +8,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from fleetpy.api import create_app
 from fleetpy.registry import Assignment, Machine, UnitState
 from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.unit import UnitFile
 
 HELLO = [{"section": "Service", "name": "ExecStart", "value": "/bin/sleep 1000"}]
 M1 = "113f16a7" + "0" * 24
@@ -38,12 +39,14 @@ async def test_unit_lifecycle_on_etcd(client, etcd_registry):
     assert (await client.get("/fleet/v1/units/hello.service")).status == 404
 
 
-async def test_conflicting_content_on_etcd(client):
-    await client.put("/fleet/v1/units/hello.service", json={"desiredState": "inactive", "options": HELLO})
+async def test_other_content_replaces_the_unit_on_etcd(client, etcd_registry):
+    # Go fleetctl --replace: new options for an existing unit replace it, as in fleet.
+    await client.put("/fleet/v1/units/hello.service", json={"desiredState": "launched", "options": HELLO})
     other = [{"section": "Service", "name": "ExecStart", "value": "/bin/true"}]
-    resp = await client.put("/fleet/v1/units/hello.service", json={"desiredState": "launched", "options": other})
-    assert resp.status == 409
-    assert (await resp.json())["error"]["message"].startswith("unit hello.service already exists")
+    resp = await client.put("/fleet/v1/units/hello.service", json={"name": "hello.service", "options": other})
+    assert resp.status == 201
+    job = etcd_registry.job("hello.service")
+    assert (job.hash, job.desired_state) == (UnitFile.from_options(other).hash, "inactive")
 
 
 async def test_patch_metadata_on_etcd(client, etcd_registry):

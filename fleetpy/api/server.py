@@ -209,36 +209,47 @@ class _Api:
         return web.json_response((await self.entities([job]))[0])
 
     async def put_unit(self, request: web.Request) -> web.Response:
+        """Create, replace or set the desired state of a unit, with fleet's semantics.
+
+        Go fleetctl creates units without a desiredState (fleet then makes them inactive),
+        and its --replace sends new options for an existing unit, which fleet takes as a
+        replacement of the unit rather than a conflict.
+        """
         name = _unit_name(request)
         body = await _json_body(request)
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object with desiredState and options")
-        if "name" in body and body["name"] != name.full:
+        if body.get("name") not in (None, "", name.full):
             raise ApiError(400, f"name {body['name']!r} in the body does not match {name.full} in the URL")
-        desired = body.get("desiredState")
-        if desired not in DESIRED_STATES:
+        # Go's JSON encoding omits an empty desiredState, so absent and "" mean the same.
+        desired = body.get("desiredState") or None
+        if desired is not None and desired not in DESIRED_STATES:
             raise ApiError(400, f"desiredState must be one of {', '.join(DESIRED_STATES)}, "
                                 f"not {desired!r}")
-        if name.is_template and desired != "inactive":
+        if name.is_template and desired not in (None, "inactive"):
             raise ApiError(400, f"{name.full} is a template; templates can only be submitted, "
                                 f"start an instance such as {name.prefix}@1.{name.suffix}")
         options = body.get("options")
+        unit_file = UnitFile.from_options(options) if options else None
         job = await self.registry.job(name.full)
-        if job is not None:
-            if options and UnitFile.from_options(options).hash != job.hash:
-                raise ApiError(409, f"unit {name.full} already exists with different content; "
-                                    "destroy it first")
+        if job is not None and (unit_file is None or unit_file.hash == job.hash):
+            if desired is None:
+                raise ApiError(409, f"unit {name.full} already exists; "
+                                    "updating it needs a desiredState")
             await self.registry.set_desired_state(name.full, desired)
             return web.Response(status=204)
-        unit_file = await self.new_unit_file(name, options)
+        if unit_file is None:
+            unit_file = await self.new_unit_file(name)
         load_unit(name.full, unit_file)  # validates the name with the file and its [X-Fleet]
         digest = await self.registry.put_unit_file(unit_file)
-        await self.registry.create_job(Job(name.full, digest, desired))
+        if job is not None:
+            with contextlib.suppress(NotFound):  # destroyed meanwhile: create it all the same
+                await self.registry.delete_job(name.full)
+        await self.registry.create_job(Job(name.full, digest, desired or "inactive"))
         return web.Response(status=201)
 
-    async def new_unit_file(self, name: UnitName, options: Any) -> UnitFile:
-        if options:
-            return UnitFile.from_options(options)
+    async def new_unit_file(self, name: UnitName) -> UnitFile:
+        """The file of a unit created without options, which only an instance can be."""
         if name.is_instance:
             # As fleetctl does: an instance without options takes its template's file.
             template = await self.registry.job(name.template)
