@@ -278,6 +278,20 @@ async def test_state_lists_only_live_machines_and_filters(client, registry):
     assert [s["name"] for s in by_unit["states"]] == ["a.service"]
 
 
+async def test_get_state_of_one_unit(client, registry):
+    # Go fleetctl start polls GET /fleet/v1/state/NAME until systemdActiveState is "active" and
+    # systemdLoadState "loaded"; it dereferences the answer, so the route must exist.
+    registry.publish_state(UnitState("a.service", M2, "h", "loaded", "active", "running"))
+    registry.publish_state(UnitState("a.service", "gone", "h", "loaded", "failed", "failed"))
+    resp = await client.get("/fleet/v1/state/a.service?alt=json")
+    assert resp.status == 200
+    assert await resp.json() == {"name": "a.service", "hash": "h", "machineID": M2,
+                                 "systemdLoadState": "loaded", "systemdActiveState": "active",
+                                 "systemdSubState": "running"}
+    resp = await client.get("/fleet/v1/state/b.service")
+    assert await error_of(resp) == (404, "unit b.service has no state on any live machine")
+
+
 async def test_list_machines(client):
     body = await (await client.get("/fleet/v1/machines")).json()
     assert body == {"machines": [

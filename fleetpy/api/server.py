@@ -192,7 +192,7 @@ class _Api:
         return web.json_response({
             "kind": "discovery#restDescription", "name": "fleet", "version": "v1",
             "servicePath": "fleet/v1/",
-            "resources": {"Units": ["List", "Get", "Set", "Delete"], "UnitState": ["List"],
+            "resources": {"Units": ["List", "Get", "Set", "Delete"], "UnitState": ["List", "Get"],
                           "Machines": ["List", "Patch"]}})
 
     async def list_units(self, request: web.Request) -> web.Response:
@@ -280,6 +280,16 @@ class _Api:
         if token:
             body["nextPageToken"] = token
         return web.json_response(body)
+
+    async def get_state(self, request: web.Request) -> web.Response:
+        """One machine's state of a unit; Go fleetctl start polls it until systemd says active."""
+        name = _unit_name(request).full
+        alive = {m.id for m in await self.registry.machines()}
+        states = sorted((s for s in await self.registry.states()
+                         if s.unit == name and s.machine_id in alive), key=lambda s: s.machine_id)
+        if not states:
+            raise ApiError(404, f"unit {name} has no state on any live machine")
+        return web.json_response(states[0].to_json())
 
     async def list_machines(self, request: web.Request) -> web.Response:
         machines = await self.registry.machines()
@@ -463,6 +473,7 @@ def create_app(registry: AsyncRegistry, *, machine_id: str, local: LocalUnitInfo
     app.router.add_put("/fleet/v1/units/{name}", api.put_unit)
     app.router.add_delete("/fleet/v1/units/{name}", api.delete_unit)
     app.router.add_get("/fleet/v1/state", api.list_states)
+    app.router.add_get("/fleet/v1/state/{name}", api.get_state)
     app.router.add_get("/fleet/v1/machines", api.list_machines)
     app.router.add_patch("/fleet/v1/machines", api.patch_machines)
     app.router.add_get("/fleetpy/v1/units/{name}/pending", api.pending)
