@@ -308,6 +308,12 @@ async def test_patch_machine_metadata(client, registry):
     assert machines == {M1: {"region": "eu"}, M2: {"role": "db"}}
 
 
+async def test_patch_accepts_the_value_shape_fleets_server_reads(client, registry):
+    ops = [{"op": "add", "path": f"/{M2}/metadata/role", "value": {"value": "db"}}]
+    assert (await client.patch("/fleet/v1/machines", json=ops)).status == 204
+    assert {m.id: m.metadata for m in registry.machines()}[M2] == {"role": "db"}
+
+
 @pytest.mark.parametrize("ops", [
     [{"op": "move", "path": f"/{M1}/metadata/a", "value": "x"}],
     [{"op": "add", "path": f"/{M1}/region", "value": "x"}],

@@ -455,6 +455,8 @@ def _parse_patch(body: Any) -> list[tuple[str, str, str, str | None]]:
             raise ApiError(400, f"operation {index}: path must look like "
                                 f"/<machine id>/metadata/<key>, not {path!r}")
         value = item.get("value")
+        if isinstance(value, dict) and isinstance(value.get("value"), str):
+            value = value["value"]  # the shape fleet's own server reads, so its clients work too
         if op != "remove" and not isinstance(value, str):
             raise ApiError(400, f"operation {index}: {op} needs a string value")
         operations.append((op, match.group(1), match.group(2), value))
