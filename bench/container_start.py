@@ -1,13 +1,14 @@
-"""Benchmark: start latency (start job -> active) of a podman container unit vs a plain sleep unit.
+"""Benchmark: start latency (StartUnit -> active) of a podman container unit vs a plain sleep unit.
 
-Both run in the same lab node in the same run, alternating, so host noise hits
-both alike. `systemctl --user start` returns when the start job is done, i.e.
-when the unit is active (Type=notify: once conmon reports READY=1).
+Both run in the same lab node in the same run, alternating, so host noise hits both alike.
+StartUnit goes over D-Bus exactly as fleetd's agent sends it, and the job ends when the unit
+is active (Type=notify: once conmon reports READY=1).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import tempfile
@@ -16,19 +17,33 @@ from pathlib import Path
 
 from fleetpy.containers.generate import generate_unit
 from fleetpy.containers.image import DEFAULT_IMAGE, build_busybox_image, prepare_node, write_podman_config
-from fleetpy.lab.node import Node, start_node
+from fleetpy.lab.node import start_node
+from fleetpy.systemd import SystemdBus
 
 SLEEP_UNIT = "[Service]\nExecStart=/bin/sleep 3600\n"
 
 
-def _start_stop(node: Node, unit: str) -> float:
+async def _start_stop(manager: SystemdBus, unit: str) -> float:
     started = time.monotonic()
-    node.run(["systemctl", "--user", "start", unit], check=True)
+    result = await manager.run_job("StartUnit", unit)
     elapsed = time.monotonic() - started
-    if node.run(["systemctl", "--user", "is-active", unit]).stdout.strip() != "active":
-        raise RuntimeError(f"{unit} is not active after its start job")
-    node.run(["systemctl", "--user", "stop", unit], check=True)
+    if result != "done" or (await manager.unit_state(unit))[1] != "active":
+        raise RuntimeError(f"{unit} is not active after its start job ({result})")
+    await manager.run_job("StopUnit", unit)
     return elapsed
+
+
+async def _measure(bus: str, n: int) -> tuple[list[float], list[float]]:
+    manager = await SystemdBus.connect(bus)
+    try:
+        container: list[float] = []
+        sleep: list[float] = []
+        for _ in range(n):
+            container.append(await _start_stop(manager, "web@bench.service"))
+            sleep.append(await _start_stop(manager, "sleeper.service"))
+        return container, sleep
+    finally:
+        await manager.close()
 
 
 def _summary(samples: list[float]) -> dict[str, float]:
@@ -52,11 +67,7 @@ def run(n: int) -> dict[str, dict[str, float]]:
             )
             (unit_dir / "sleeper.service").write_text(SLEEP_UNIT)
             node.run(["systemctl", "--user", "daemon-reload"], check=True)
-            container: list[float] = []
-            sleep: list[float] = []
-            for _ in range(n):
-                container.append(_start_stop(node, "web@bench.service"))
-                sleep.append(_start_stop(node, "sleeper.service"))
+            container, sleep = asyncio.run(_measure(node.env["DBUS_SESSION_BUS_ADDRESS"], n))
         finally:
             node.kill()
     return {"container": _summary(container), "sleep": _summary(sleep)}
