@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from labtools import wait_for
 
 from fleetpy.cli.fleetctl import cli
 from fleetpy.client import Client
@@ -42,7 +43,7 @@ def cluster(lab, tmp_path, monkeypatch):
     yield cluster
     for unit in cluster.client.units():
         cluster.client.destroy_unit(unit["name"])
-    wait_for(lambda: not any(_active_units(lab, n.name) for n in lab.state.nodes), what="units to stop")
+    wait_for("units to stop", lambda: not any(_active_units(lab, n.name) for n in lab.state.nodes))
     client.close()
 
 
@@ -87,17 +88,6 @@ def _active_units(lab: Lab, node: str) -> set[str]:
     return {u for u in units if (lab.dir / node / "units" / u).exists()}
 
 
-def wait_for(predicate, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_machines_register_with_ip_and_metadata(cluster):
     out = cluster.fleetctl("list-machines", "--full").output.splitlines()
     assert out[0].split() == ["MACHINE", "IP", "METADATA"]
@@ -111,7 +101,7 @@ def test_six_units_spread_two_per_machine_and_really_run(cluster):
     names = [cluster.write(f"spread{i}.service") for i in range(1, 7)]
     result = cluster.fleetctl("start", *names)
     assert result.output.count("launched on") == 6
-    placement = wait_for(lambda: len(p := cluster.placement()) == 6 and p, what="6 active units")
+    placement = wait_for("6 active units", lambda: len(p := cluster.placement()) == 6 and p)
     assert sorted(Counter(placement.values()).values()) == [2, 2, 2]
     for node in cluster.lab.state.nodes:
         # systemd on each node runs exactly what list-units says is there.
@@ -123,7 +113,7 @@ def test_six_units_spread_two_per_machine_and_really_run(cluster):
 def test_metadata_pins_a_unit_to_the_db_machine(cluster):
     cluster.write("db.service", SLEEP.format(name="db") + "[X-Fleet]\nMachineMetadata=role=db\n")
     cluster.fleetctl("start", "db.service")
-    assert wait_for(lambda: cluster.placement().get("db.service")) == "node1"
+    assert wait_for("db.service to run", lambda: cluster.placement().get("db.service")) == "node1"
     # fleetctl ssh enters the lab node running the unit, or the machine given by an id prefix.
     lab_dir = ["ssh", "--lab-dir", str(cluster.lab.dir)]
     check = ["systemctl", "--user", "--quiet", "is-active", "db.service"]
@@ -135,7 +125,7 @@ def test_metadata_pins_a_unit_to_the_db_machine(cluster):
 def test_conflicts_keep_instances_apart_and_the_fourth_pending_with_reason(cluster):
     cluster.write("web@.service", SLEEP.format(name="web %i") + "[X-Fleet]\nConflicts=web@*.service\n")
     cluster.fleetctl("start", "web@1.service", "web@2.service", "web@3.service")
-    placement = wait_for(lambda: len(p := cluster.placement()) == 3 and p, what="3 web units")
+    placement = wait_for("3 web units", lambda: len(p := cluster.placement()) == 3 and p)
     assert len(set(placement.values())) == 3
     result = cluster.fleetctl("start", "--block-attempts", "5", "web@4.service", ok=False)
     assert result.exit_code != 0
@@ -151,10 +141,11 @@ def test_machine_of_co_locates_and_global_runs_everywhere(cluster):
     cluster.write("sidekick.service", SLEEP.format(name="sidekick") + "[X-Fleet]\nMachineOf=app.service\n")
     cluster.write("everywhere.service", SLEEP.format(name="global") + "[X-Fleet]\nGlobal=true\n")
     cluster.fleetctl("start", "app.service", "sidekick.service", "everywhere.service")
-    placement = wait_for(lambda: {"app.service", "sidekick.service"} <= (p := cluster.placement()).keys() and p)
+    placement = wait_for("app and sidekick to run",
+                         lambda: {"app.service", "sidekick.service"} <= (p := cluster.placement()).keys() and p)
     assert placement["sidekick.service"] == placement["app.service"]
-    wait_for(lambda: all("everywhere.service" in _active_units(cluster.lab, n.name)
-                         for n in cluster.lab.state.nodes), what="global unit on every node")
+    wait_for("global unit on every node",
+             lambda: all("everywhere.service" in _active_units(cluster.lab, n.name) for n in cluster.lab.state.nodes))
 
 
 def test_bad_units_are_refused_with_clear_messages_and_nothing_is_written(cluster):
@@ -186,7 +177,7 @@ def _main_pids(cluster: Cluster, placement: dict[str, str]) -> dict[str, str]:
 def test_restarted_fleetd_adopts_running_units_without_restarting_them(cluster):
     names = [cluster.write(f"keep{i}.service") for i in range(1, 4)]
     cluster.fleetctl("start", *names)
-    placement = wait_for(lambda: len(p := cluster.placement()) == 3 and p)
+    placement = wait_for("3 active units", lambda: len(p := cluster.placement()) == 3 and p)
     node = placement["keep1.service"]
     mine = {u: n for u, n in placement.items() if n == node}
     before = _main_pids(cluster, mine)
@@ -198,14 +189,14 @@ def test_restarted_fleetd_adopts_running_units_without_restarting_them(cluster):
         cluster.lab.registry().remove_state(unit, machine_id)
     cluster.lab.start_fleetd(node)
     cluster.lab.wait_registered(names=[node])
-    wait_for(lambda: mine.keys() <= cluster.placement().keys(), what="the restarted agent to reconcile")
+    wait_for("the restarted agent to reconcile", lambda: mine.keys() <= cluster.placement().keys())
     assert _main_pids(cluster, mine) == before
 
 
 def test_losing_etcd_stops_no_unit_and_the_cluster_recovers(cluster):
     names = [cluster.write(f"steady{i}.service") for i in range(1, 4)]
     cluster.fleetctl("start", *names)
-    placement = wait_for(lambda: len(p := cluster.placement()) == 3 and p)
+    placement = wait_for("3 active units", lambda: len(p := cluster.placement()) == 3 and p)
     before = _main_pids(cluster, placement)
     cluster.lab.etcd_kill("0")
     time.sleep(2 * AGENT_TTL)  # long enough for every machine record to expire
@@ -226,8 +217,8 @@ def test_killing_the_leader_hands_the_engine_to_another_fleetd(cluster):
         cluster.write("after-failover.service")
         started = time.monotonic()
         cluster.fleetctl("start", "--no-block", "after-failover.service")
-        wait_for(lambda: "after-failover.service" in cluster.placement(), timeout=AGENT_TTL + 10,
-                 what="a new leader to schedule")
+        wait_for("a new leader to schedule", lambda: "after-failover.service" in cluster.placement(),
+                 timeout=AGENT_TTL + 10)
         assert cluster.node_of(cluster.lab.leader()) != leader
         print(f"failover scheduling took {time.monotonic() - started:.2f}s")
     finally:
@@ -238,16 +229,16 @@ def test_killing_the_leader_hands_the_engine_to_another_fleetd(cluster):
 def test_units_of_a_dead_node_run_elsewhere_within_ttl_plus_5s(cluster):
     names = [cluster.write(f"move{i}.service") for i in range(1, 7)]
     cluster.fleetctl("start", *names)
-    placement = wait_for(lambda: len(p := cluster.placement()) == 6 and p)
+    placement = wait_for("6 active units", lambda: len(p := cluster.placement()) == 6 and p)
     victim = "node3"
     cluster.talk_to_another_node_than(victim)
     moving = {u for u, n in placement.items() if n == victim}
     cluster.lab.kill_node(victim)
     try:
         started = time.monotonic()
-        after = wait_for(lambda: moving <= (p := cluster.placement()).keys()
-                         and all(p[u] != victim for u in moving) and p,
-                         timeout=AGENT_TTL + 5, what="units to move off the dead node")
+        after = wait_for("units to move off the dead node",
+                         lambda: moving <= (p := cluster.placement()).keys() and all(p[u] != victim for u in moving)
+                         and p, timeout=AGENT_TTL + 5)
         print(f"rescheduled {len(moving)} units in {time.monotonic() - started:.2f}s")
         for unit in moving:
             assert unit in _active_units(cluster.lab, after[unit])
@@ -259,14 +250,14 @@ def test_status_and_journal_come_from_the_machine_running_the_unit(cluster):
     cluster.write("chatty@.service", "[Service]\nExecStart=/bin/sh -c 'echo hello from %i; exec sleep 100000'\n"
                   "[X-Fleet]\nConflicts=chatty@*.service\n")
     cluster.fleetctl("start", "chatty@1.service", "chatty@2.service", "chatty@3.service")
-    placement = wait_for(lambda: len(p := cluster.placement()) == 3 and p)
+    placement = wait_for("3 active units", lambda: len(p := cluster.placement()) == 3 and p)
     # node1 serves the API; the other two answer through it (forwarded to their own fleetd).
     assert set(placement.values()) == {"node1", "node2", "node3"}
     for unit in placement:
         status = cluster.fleetctl("status", unit).output
         assert f"{unit}" in status and "active (running)" in status, status
         instance = unit.split("@")[1].split(".")[0]
-        wait_for(lambda u=unit, i=instance: f"hello from {i}" in cluster.fleetctl("journal", u).output,
-                 what=f"{unit}'s line in its journal")
+        wait_for(f"{unit}'s line in its journal",
+                 lambda u=unit, i=instance: f"hello from {i}" in cluster.fleetctl("journal", u).output)
     missing = cluster.fleetctl("status", "nope.service", ok=False)
     assert missing.exit_code != 0 and "nope.service" in missing.output

@@ -15,11 +15,12 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from labtools import wait_for
 
 from fleetpy.cli.fleetctl import cli
 from fleetpy.containers.image import write_podman_config
@@ -28,7 +29,6 @@ from fleetpy.lab.lab import Lab, missing_for_containers
 pytestmark = pytest.mark.integration
 
 AGENT_TTL = "2s"
-TIMEOUT = 30.0
 UNITS = Path(__file__).parents[1] / "units"
 UNIT_FILES = ("web@.service", "web-discovery@.service", "logger.service", "db.service", "es-offline.service")
 
@@ -71,14 +71,6 @@ def fleetctl(lab: Lab, workdir: Path, *args: str) -> str:
         result = CliRunner().invoke(cli, ["--endpoint", endpoint, *args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result.output
-
-
-def wait_for(what: str, predicate: Callable[[], object], timeout: float = TIMEOUT) -> object:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return value
 
 
 def active_units(lab: Lab, workdir: Path) -> dict[str, list[str]]:

@@ -12,17 +12,17 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from labtools import short_lab_dir, wait_for
 
 from fleetpy.lab.lab import BRIDGE, Lab, State
 
 pytestmark = pytest.mark.integration
 
 AGENT_TTL = "2s"
-RESCHEDULE_TIMEOUT = 20.0
 
 
 def fleetpy(lab_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -39,14 +39,6 @@ def fleetctl(lab: Lab, *args: str) -> str:
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
-
-
-def wait_for(what: str, predicate: Callable[[], object], timeout: float = RESCHEDULE_TIMEOUT) -> object:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-    return value
 
 
 def unit_node(lab: Lab, unit: str) -> str | None:
@@ -92,11 +84,8 @@ def leftovers(lab_dir: Path, state: State) -> list[str]:
 
 @pytest.fixture(scope="module")
 def lab_dir() -> Iterator[Path]:
-    # Short and on tmpfs: sockets live below it, and etcd's fsyncs are cheap there.
-    path = Path(f"/run/fpt{os.getpid()}")
-    yield path
-    Lab(path).down()  # whatever a failed test left running
-    shutil.rmtree(path, ignore_errors=True)
+    with short_lab_dir("fpt") as path:
+        yield path
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ bridge only this lab uses.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from labtools import short_lab_dir
 
 from fleetpy.lab.lab import USER_DATA_BRIDGE, Lab, LabError, _subnet_in_use
 from fleetpy.lab.node import link_exists
@@ -75,10 +75,8 @@ def unit_files(lab: Lab, name: str) -> dict[str, bytes | str]:
 
 @pytest.fixture(scope="module")
 def lab_dir() -> Iterator[Path]:
-    path = Path(f"/run/fpu{os.getpid()}")
-    yield path
-    Lab(path).down()  # whatever a failed test left running
-    shutil.rmtree(path, ignore_errors=True)
+    with short_lab_dir("fpu") as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
