@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from labtools import short_lab_dir
 
-from fleetpy.lab.lab import USER_DATA_BRIDGE, Lab, LabError, _subnet_in_use
+from fleetpy.lab.lab import USER_DATA_BRIDGE, Lab, LabError
 from fleetpy.lab.node import link_exists
+from fleetpy.lab.userdata import subnet_in_use
 
 pytestmark = pytest.mark.integration
 
@@ -170,7 +171,7 @@ def test_user_data_the_lab_cannot_make_machines_for_is_refused(tmp_path: Path) -
         Lab(tmp_path / "lab").up(user_data=str(worker))
     assert not (tmp_path / "lab" / "state.json").exists()
     # Addresses already routed on this host (loopback's everywhere) are never put on the bridge.
-    assert _subnet_in_use("127.0.0.1/24") is not None
+    assert subnet_in_use("127.0.0.1/24") is not None
 
 
 def test_restarted_node_applies_the_user_data_again(lab: Lab) -> None:

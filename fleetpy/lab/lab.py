@@ -31,12 +31,10 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-from fleetpy.cloudinit import CloudConfigError, load
 from fleetpy.containers.image import (
     BUSYBOX,
     ImageError,
@@ -44,10 +42,11 @@ from fleetpy.containers.image import (
     prepare_node,
     write_podman_config,
 )
-from fleetpy.fleetd.config import ConfigError, parse_metadata
 from fleetpy.lab import node as nodes
 from fleetpy.lab.etcd import EtcdMember, EtcdMissing, free_port, initial_cluster, start_cluster
 from fleetpy.lab.node import Node, NodeError
+from fleetpy.lab.state import EtcdState, LabError, NodeState, State
+from fleetpy.lab.userdata import UserDataLab, read_user_data_lab, subnet_in_use
 from fleetpy.registry import EtcdStore, Registry, StoreError
 
 DEFAULT_DIR = Path("/run/fleetpy-lab")
@@ -69,84 +68,6 @@ KEY_PREFIX = "/_fleetpy/"
 REGISTER_TIMEOUT = 20.0
 # Applying user-data waits for its start jobs; etcd2's ends once a quorum of members runs.
 APPLY_TIMEOUT = 60.0
-STATE_VERSION = 1
-
-
-class LabError(RuntimeError):
-    """Something the user can act on; the message says what."""
-
-
-@dataclass
-class NodeState:
-    name: str
-    ip: str
-    metadata: dict[str, str] = field(default_factory=dict)
-    machine_id: str = ""
-    # From lab.node.Node; pid 0 means "recorded, not (yet) running".
-    pid: int = 0
-    cgroup: str = ""
-    netns: str | None = None
-    veth: str | None = None
-    env: dict[str, str] = field(default_factory=dict)
-    fleetd_pid: int = 0
-    partitioned: bool = False
-
-
-@dataclass
-class UserDataLab:
-    """The machines a user-data file describes: one node per member of its etcd2 initial-cluster."""
-
-    path: str
-    nodes: list[tuple[str, str]]  # (name, ip)
-    bridge_address: str  # host side of the bridge, e.g. 172.17.8.1/24
-    etcd_servers: list[str]
-    metadata: dict[str, str]
-    sets_agent_ttl: bool
-
-
-@dataclass
-class EtcdState:
-    name: str
-    client_url: str
-    peer_url: str
-    data_dir: str
-    cgroup: str
-
-
-@dataclass
-class State:
-    dir: str
-    network: str  # "netns" or "loopback"
-    bridge: str | None
-    agent_ttl: str
-    token_file: str
-    containers: bool = False
-    etcd: list[EtcdState] = field(default_factory=list)
-    nodes: list[NodeState] = field(default_factory=list)
-    version: int = STATE_VERSION
-    # A lab made from user-data: its path, and the etcd the user-data's etcd2 members form.
-    user_data: str = ""
-    user_data_etcd: list[str] = field(default_factory=list)
-    user_data_sets_agent_ttl: bool = False
-
-    @classmethod
-    def load(cls, path: Path) -> State:
-        raw = json.loads(path.read_text())
-        if raw.get("version") != STATE_VERSION:
-            raise LabError(f"{path}: unknown state version {raw.get('version')!r}")
-        raw["etcd"] = [EtcdState(**e) for e in raw["etcd"]]
-        raw["nodes"] = [NodeState(**n) for n in raw["nodes"]]
-        return cls(**raw)
-
-    @property
-    def etcd_urls(self) -> list[str]:
-        return [e.client_url for e in self.etcd] or self.user_data_etcd
-
-    def node(self, name: str) -> NodeState:
-        for n in self.nodes:
-            if n.name == name:
-                return n
-        raise LabError(f"no node {name!r} in the lab; nodes: {', '.join(n.name for n in self.nodes)}")
 
 
 def check_host() -> None:
@@ -237,7 +158,7 @@ class Lab:
         if len(str(self.dir / "node999" / "run" / "systemd" / "private")) > 100:
             raise LabError(f"{self.dir}: path too long for unix sockets; pick a shorter --dir")
         notes: list[str] = []
-        described = _user_data_lab(user_data) if user_data else None
+        described = read_user_data_lab(user_data) if user_data else None
         if described:
             names = [name for name, _ip in described.nodes]
             if node_count != len(names):
@@ -327,7 +248,7 @@ class Lab:
                 f"another lab made from user-data is up (bridge {USER_DATA_BRIDGE} exists); "
                 "`fleetpy lab down --dir DIR` it first"
             )
-        if owner := _subnet_in_use(described.bridge_address):
+        if owner := subnet_in_use(described.bridge_address):
             raise LabError(
                 f"--user-data {described.path}: its machines' subnet "
                 f"{ipaddress.ip_interface(described.bridge_address).network} is already used on this host "
@@ -874,85 +795,6 @@ def _choose_containers(containers: bool | None, notes: list[str]) -> bool:
         raise LabError(f"--containers: {missing}")
     notes.append(f"containers: off ({missing}); plain units still work")
     return False
-
-
-def _user_data_lab(path: str) -> UserDataLab:
-    """The machines user-data `path` describes; refuses what the lab cannot make machines for.
-
-    One machine per member of coreos.etcd2.initial-cluster, named like the member (its %H) with
-    the member's peer address; all of them in one /24, whose .1 is the lab bridge's host side.
-    """
-    try:
-        config = load(Path(path).read_text())
-    except OSError as error:
-        raise LabError(f"--user-data {path}: {error.strerror}") from None
-    except CloudConfigError as error:
-        raise LabError(f"--user-data {path}: {error}") from None
-    members = str(config.etcd2.get("initial_cluster", "")).strip()
-    if not members:
-        raise LabError(
-            f"--user-data {path}: no coreos.etcd2.initial-cluster; the lab makes one machine per member of it"
-        )
-    machines: list[tuple[str, str]] = []
-    for entry in members.split(","):
-        name, _, url = entry.strip().partition("=")
-        try:
-            ip = ipaddress.IPv4Address(urlsplit(url).hostname or "")
-        except ValueError:
-            raise LabError(f"--user-data {path}: member {name}: {url}: the lab needs IPv4 addresses") from None
-        if not nodes.NAME_RE.match(name) or name in dict(machines):
-            raise LabError(f"--user-data {path}: member name {name!r} cannot name a lab node (or is repeated)")
-        machines.append((name, str(ip)))
-    subnet = ipaddress.ip_network(f"{machines[0][1]}/24", strict=False)
-    host_side = subnet.network_address + 1
-    if any(ipaddress.IPv4Address(ip) not in subnet or ip == str(host_side) for _name, ip in machines):
-        raise LabError(
-            f"--user-data {path}: the lab puts all machines in one /24 ({subnet}) with the host at {host_side}; "
-            f"members: {members}"
-        )
-    ips = {ip for _name, ip in machines}
-    servers = [u.strip() for u in str(config.fleet.get("etcd_servers", "")).split(",") if u.strip()]
-    # The host reads the registry through the same servers as fleetd, unless those are only
-    # meaningful inside a machine (127.0.0.1, $private_ipv4): then through each member.
-    if not servers or any(urlsplit(u).hostname not in ips for u in servers):
-        servers = [f"http://{ip}:2379" for _name, ip in machines]
-    value = config.fleet.get("metadata", "")
-    try:
-        metadata = parse_metadata(value) if isinstance(value, str) else {str(k): str(v) for k, v in value.items()}
-    except ConfigError as error:
-        raise LabError(f"--user-data {path}: {error}") from None
-    return UserDataLab(
-        path=str(Path(path).absolute()),
-        nodes=machines,
-        bridge_address=f"{host_side}/{subnet.prefixlen}",
-        etcd_servers=servers,
-        metadata=metadata,
-        sets_agent_ttl="agent_ttl" in config.fleet,
-    )
-
-
-# `ip route` route types that come before the destination.
-_ROUTE_TYPES = {"unicast", "local", "broadcast", "multicast", "anycast", "unreachable", "blackhole",
-                "prohibit", "throw", "nat"}
-
-
-def _subnet_in_use(interface: str) -> str | None:
-    """A route of the host that overlaps `interface`'s network, e.g. docker0's 172.17.0.0/16."""
-    network = ipaddress.ip_interface(interface).network
-    result = subprocess.run(["ip", "-o", "-4", "route", "show", "table", "all"],
-                            capture_output=True, text=True, check=False)
-    for line in result.stdout.splitlines():
-        fields = line.split()
-        dest = fields[1] if fields[0] in _ROUTE_TYPES else fields[0]
-        dev = fields[fields.index("dev") + 1] if "dev" in fields else "-"
-        if dest == "default":
-            continue
-        try:
-            if ipaddress.ip_network(dest, strict=False).overlaps(network):
-                return f"{dest} on {dev}"
-        except ValueError:
-            continue
-    return None
 
 
 def _unit_escape(value: str) -> str:

@@ -1,0 +1,74 @@
+"""What the lab records in <dir>/state.json before it creates anything, so `down` always works."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STATE_VERSION = 1
+
+
+class LabError(RuntimeError):
+    """Something the user can act on; the message says what."""
+
+
+@dataclass
+class NodeState:
+    name: str
+    ip: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    machine_id: str = ""
+    # From lab.node.Node; pid 0 means "recorded, not (yet) running".
+    pid: int = 0
+    cgroup: str = ""
+    netns: str | None = None
+    veth: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    fleetd_pid: int = 0
+    partitioned: bool = False
+
+
+@dataclass
+class EtcdState:
+    name: str
+    client_url: str
+    peer_url: str
+    data_dir: str
+    cgroup: str
+
+
+@dataclass
+class State:
+    dir: str
+    network: str  # "netns" or "loopback"
+    bridge: str | None
+    agent_ttl: str
+    token_file: str
+    containers: bool = False
+    etcd: list[EtcdState] = field(default_factory=list)
+    nodes: list[NodeState] = field(default_factory=list)
+    version: int = STATE_VERSION
+    # A lab made from user-data: its path, and the etcd the user-data's etcd2 members form.
+    user_data: str = ""
+    user_data_etcd: list[str] = field(default_factory=list)
+    user_data_sets_agent_ttl: bool = False
+
+    @classmethod
+    def load(cls, path: Path) -> State:
+        raw = json.loads(path.read_text())
+        if raw.get("version") != STATE_VERSION:
+            raise LabError(f"{path}: unknown state version {raw.get('version')!r}")
+        raw["etcd"] = [EtcdState(**e) for e in raw["etcd"]]
+        raw["nodes"] = [NodeState(**n) for n in raw["nodes"]]
+        return cls(**raw)
+
+    @property
+    def etcd_urls(self) -> list[str]:
+        return [e.client_url for e in self.etcd] or self.user_data_etcd
+
+    def node(self, name: str) -> NodeState:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise LabError(f"no node {name!r} in the lab; nodes: {', '.join(n.name for n in self.nodes)}")
