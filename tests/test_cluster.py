@@ -120,6 +120,7 @@ def test_metadata_pins_a_unit_to_the_db_machine(cluster):
     assert cluster.fleetctl(*lab_dir, "db.service", *check).exit_code == 0
     node2 = cluster.lab.state.node("node2").machine_id[:12]
     assert cluster.fleetctl(*lab_dir, node2, *check, ok=False).exit_code != 0
+    assert cluster.fleetctl(*lab_dir, "node1", *check).exit_code == 0
 
 
 def test_conflicts_keep_instances_apart_and_the_fourth_pending_with_reason(cluster):

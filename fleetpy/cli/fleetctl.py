@@ -250,11 +250,14 @@ def explain(session: _Session, units: tuple[str, ...]) -> None:
 @pass_session
 def ssh(session: _Session, lab_dir: str, target: str, command: tuple[str, ...]) -> None:
     """Open a shell (or run COMMAND) on machine TARGET (an id or unique prefix) or on the
-    machine running unit TARGET. On the local lab this enters the node; elsewhere it runs
-    `ssh core@IP` like fleet."""
-    machine = _target_machine(session.client, target)
+    machine running unit TARGET. On the local lab this enters the node (TARGET may also be a
+    node name); elsewhere it runs `ssh core@IP` like fleet."""
     lab = Lab(lab_dir)
-    node = next((n for n in lab.state.nodes if n.machine_id == machine["id"]), None) if lab.state else None
+    lab_nodes = lab.state.nodes if lab.state else []
+    node = next((n for n in lab_nodes if n.name == target), None)
+    if node is None:
+        machine = _target_machine(session.client, target)
+        node = next((n for n in lab_nodes if n.machine_id == machine["id"]), None)
     if node is not None:
         shell = [os.environ.get("SHELL", "/bin/bash")]
         sys.exit(lab.node(node.name).popen(list(command) or shell).wait())
