@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -288,3 +289,20 @@ def test_tcp_endpoint_needs_the_token(fleet):
                                  env={"FLEETCTL_TOKEN": TOKEN})
     assert allowed.exit_code == 0
     assert allowed.output.startswith("113f16a7...\t10.0.0.1")
+
+
+def test_request_timeout_bounds_a_silent_fleetd(tmp_path):
+    path = tmp_path / "silent.sock"
+    with socket.socket(socket.AF_UNIX) as silent:  # accepts connections, never answers
+        silent.bind(str(path))
+        silent.listen(8)
+        started = time.monotonic()
+        result = CliRunner().invoke(cli, ["--endpoint", f"unix://{path}", "--request-timeout", "0.3",
+                                          "list-machines"])
+        elapsed = time.monotonic() - started
+    assert result.exit_code == 1 and "cannot reach fleetd" in result.output
+    assert elapsed < 3
+
+
+def test_version_flag():
+    assert CliRunner().invoke(cli, ["--version"]).output.startswith("fleetctl, version ")

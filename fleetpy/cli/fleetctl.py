@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from fleetpy import __version__
 from fleetpy.client import APIError, Client
 from fleetpy.containers.cli import new_unit_command
 from fleetpy.lab.lab import DEFAULT_DIR as LAB_DIR
@@ -45,16 +46,18 @@ class _Group(click.Group):
 class _Session:
     """The client for one invocation, plus the machine list fetched once for legends."""
 
-    def __init__(self, endpoint: str, token: str | None):
+    def __init__(self, endpoint: str, token: str | None, request_timeout: float, ssh_username: str):
         self.endpoint = endpoint
         self.token = token
+        self.request_timeout = request_timeout
+        self.ssh_username = ssh_username
         self._client: Client | None = None
         self._machines: dict[str, dict] | None = None
 
     @property
     def client(self) -> Client:
         if self._client is None:
-            self._client = Client(self.endpoint, self.token)
+            self._client = Client(self.endpoint, self.token, timeout=self.request_timeout)
         return self._client
 
     def machines(self) -> dict[str, dict]:
@@ -81,10 +84,16 @@ pass_session = click.make_pass_decorator(_Session)
               help="fleetd API: unix:///path/fleet.sock or http(s)://HOST:PORT (env FLEETCTL_ENDPOINT)")
 @click.option("--token", envvar="FLEETCTL_TOKEN", default=None,
               help="bearer token for a TCP endpoint (env FLEETCTL_TOKEN)")
+@click.option("--request-timeout", envvar="FLEETCTL_REQUEST_TIMEOUT", default=10.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True), help="seconds to wait for each API request")
+@click.option("--ssh-username", envvar="FLEETCTL_SSH_USERNAME", default="core", show_default=True,
+              help="user for `fleetctl ssh` outside the local lab")
+@click.version_option(__version__, prog_name="fleetctl")
 @click.pass_context
-def cli(ctx: click.Context, endpoint: str, token: str | None) -> None:
+def cli(ctx: click.Context, endpoint: str, token: str | None, request_timeout: float,
+        ssh_username: str) -> None:
     """Manage units in a fleetpy cluster."""
-    session = _Session(endpoint, token)
+    session = _Session(endpoint, token, request_timeout, ssh_username)
     ctx.obj = session
     ctx.call_on_close(session.close)
 
@@ -251,7 +260,7 @@ def explain(session: _Session, units: tuple[str, ...]) -> None:
 def ssh(session: _Session, lab_dir: str, target: str, command: tuple[str, ...]) -> None:
     """Open a shell (or run COMMAND) on machine TARGET (an id or unique prefix) or on the
     machine running unit TARGET. On the local lab this enters the node (TARGET may also be a
-    node name); elsewhere it runs `ssh core@IP` like fleet."""
+    node name); elsewhere it runs `ssh USER@IP` like fleet (--ssh-username, default core)."""
     lab = Lab(lab_dir)
     lab_nodes = lab.state.nodes if lab.state else []
     node = next((n for n in lab_nodes if n.name == target), None)
@@ -266,7 +275,7 @@ def ssh(session: _Session, lab_dir: str, target: str, command: tuple[str, ...]) 
     except ValueError:
         raise click.ClickException(f"machine {machine['id']} has no usable IP address "
                                    f"({machine.get('primaryIP')!r})") from None
-    os.execvp("ssh", ["ssh", "-l", "core", "--", address, *command])
+    os.execvp("ssh", ["ssh", "-l", session.ssh_username, "--", address, *command])
 
 
 def _target_machine(client: Client, target: str) -> dict:
