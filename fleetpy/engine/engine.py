@@ -38,6 +38,9 @@ class ParsedUnits:
                     self._units[key] = None
             if self._units[key] is not None:
                 parsed.append((job, self._units[key]))
+        # Forget destroyed and replaced units, or the cache would grow with every submit.
+        live = {(job.name, job.hash) for job in jobs}
+        self._units = {key: unit for key, unit in self._units.items() if key in live}
         return parsed
 
 
