@@ -28,7 +28,7 @@ class Agent:
         self.ttl = ttl
         self.reconciled = asyncio.Event()  # set after each reconcile; lets tests and benches wait
         self._assigned: dict[str, Assignment] = {}
-        self._texts: dict[str, str] = {}  # unit file text by hash: immutable, so cached for good
+        self._texts: dict[str, str] = {}  # unit file text by hash: immutable, so safe to cache
         self._published: dict[str, UnitState] = {}
         self._to_publish: dict[str, tuple[str, str, str]] = {}
         self._publish_wanted = asyncio.Event()
@@ -80,6 +80,7 @@ class Agent:
         """Bring systemd in line with `assignments`, the machine's whole schedule."""
         self._assigned = {a.unit: a for a in assignments}
         desired = {a.unit: Desired(await self._text(a.hash), a.desired_state) for a in assignments}
+        self._texts = {a.hash: self._texts[a.hash] for a in assignments}  # keep only what runs here
         installed = await self.systemd.installed_units()
         active = {name: (await self.systemd.unit_state(name))[1] for name in installed}
         tasks = plan_tasks(desired, installed, active)
