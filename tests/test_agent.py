@@ -121,3 +121,30 @@ async def test_a_unit_systemd_refuses_does_not_hold_up_the_others():
         await registry.assign(Assignment(name, "m1", digest, "launched"))
     await Agent(registry, systemd, Machine("m1"), ttl=5).reconcile(await registry.assignments("m1"))
     assert (await systemd.unit_state("good.service"))[1] == "active"
+
+
+async def test_scheduling_a_unit_wakes_only_the_agent_of_its_machine():
+    registry = AsyncRegistry(memory_registry())
+    agents = {mid: Agent(registry, FakeSystemd(), Machine(mid), ttl=5) for mid in ("m1", "m2", "m3")}
+    wakes = dict.fromkeys(agents, 0)
+    for mid, agent in agents.items():
+        real = agent.reconcile
+
+        async def counted(assignments, mid=mid, real=real):
+            wakes[mid] += 1
+            return await real(assignments)
+        agent.reconcile = counted
+    tasks = [asyncio.create_task(a.run()) for a in agents.values()]
+    try:
+        for _ in range(300):
+            if all(wakes.values()):
+                break
+            await asyncio.sleep(0.01)
+        before = dict(wakes)
+        digest = await registry.put_unit_file(UnitFile.parse(SLEEP))
+        await registry.assign(Assignment("a.service", "m2", digest, "launched"))
+        await _settle(registry, "a.service", "active")
+        assert {mid: wakes[mid] - before[mid] for mid in wakes} == {"m1": 0, "m2": 1, "m3": 0}
+    finally:
+        for task in tasks:
+            task.cancel()
