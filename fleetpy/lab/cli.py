@@ -12,9 +12,9 @@ from typing import Any
 
 import click
 
-from fleetpy.lab.lab import DEFAULT_DIR, KEY_PREFIX, Lab, LabError
+from fleetpy.lab.lab import DEFAULT_DIR, Lab, LabError
 from fleetpy.lab.node import NodeError
-from fleetpy.registry import EtcdStore, Registry, StoreError
+from fleetpy.registry import StoreError
 
 DIR_OPTION = click.option(
     "--dir",
@@ -208,8 +208,7 @@ def _resolve_node(lab: Lab, target: str) -> str:
     if any(n.name == target for n in state.nodes):
         return target
     try:
-        store = EtcdStore(state.etcd_urls, retry_for=2.0)
-        assignments = [a for a in Registry(store, KEY_PREFIX).assignments() if a.unit == target]
+        assignments = [a for a in lab.registry(retry_for=2.0).assignments() if a.unit == target]
     except StoreError as error:
         raise LabError(f"{target} is not a node, and etcd cannot say where it runs: {error}") from None
     by_machine = {n.machine_id: n.name for n in state.nodes}

@@ -527,9 +527,9 @@ class Lab:
                 raise LabError(f"machines not registered after {timeout:.0f}s: {missing}; see {logs}")
             time.sleep(0.1)
 
-    def registry(self) -> Registry:
+    def registry(self, retry_for: float = 1.0) -> Registry:
         """The lab's registry, with short retries: the lab reports, it does not wait out outages."""
-        store = EtcdStore(self._require_state().etcd_urls, retry_for=1.0, request_timeout=1.0)
+        store = EtcdStore(self._require_state().etcd_urls, retry_for=retry_for, request_timeout=1.0)
         return Registry(store, KEY_PREFIX)
 
     def machines(self) -> set[str]:
