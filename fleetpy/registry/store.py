@@ -75,10 +75,9 @@ class EtcdStore:
                  ca_cert: str | None = None, cert: tuple[str, str] | None = None):
         if not servers:
             raise ValueError("no etcd servers given; pass --etcd-servers http://HOST:PORT")
-        self._servers = [_Server(url, _client(url, request_timeout, ca_cert, cert)) for url in servers]
+        self._servers = [_Server(url, _etcd_client(url, request_timeout, ca_cert, cert)) for url in servers]
         self._current = 0
         self._retry_for = retry_for
-        self._timeout = request_timeout
         self._last_failure = -float("inf")
 
     @property
@@ -176,7 +175,7 @@ class EtcdStore:
         return result.modifiedIndex
 
 
-def _client(url: str, timeout: float, ca_cert: str | None, cert: tuple[str, str] | None) -> etcd.Client:
+def _etcd_client(url: str, timeout: float, ca_cert: str | None, cert: tuple[str, str] | None) -> etcd.Client:
     parts = urlsplit(url if "://" in url else f"http://{url}")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"bad etcd server URL {url!r}; expected http://HOST:PORT or https://HOST:PORT")
