@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -37,6 +36,15 @@ def api_endpoint(config: Config) -> str:
     return f"{scheme}://{host}:{port}"
 
 
+def local_unit_info(bus: str) -> SystemctlUnitInfo:
+    """systemctl/journalctl for the manager fleetd drives; a bus address is a user manager's bus
+    (that is how one manager among several on a host is named), reached through the session bus."""
+    if bus in ("user", "system"):
+        return SystemctlUnitInfo(bus)
+    # An empty XDG_RUNTIME_DIR keeps systemctl from trying fleetd's own user manager first.
+    return SystemctlUnitInfo("user", {"DBUS_SESSION_BUS_ADDRESS": bus, "XDG_RUNTIME_DIR": ""})
+
+
 def open_registry(config: Config) -> Registry:
     cert = (config.etcd_certfile, config.etcd_keyfile) if config.etcd_certfile else None
     store = EtcdStore(list(config.etcd_servers), request_timeout=config.etcd_request_timeout,
@@ -59,8 +67,8 @@ async def run(config: Config) -> None:
             log.warning("waiting for etcd: %s", error)
             await asyncio.sleep(1)
     systemd = await SystemdManager.connect(config.systemd_bus, config.unit_dir)
-    app = create_app(registry, machine_id=machine.id,
-                     local=SystemctlUnitInfo(config.systemd_bus, dict(os.environ)), peer_token=token)
+    app = create_app(registry, machine_id=machine.id, local=local_unit_info(config.systemd_bus),
+                     peer_token=token)
     runner = await serve(app, socket_path=config.api_socket, listen=config.api_listen or None,
                          token=token, tls_cert=config.api_tls_cert or None,
                          tls_key=config.api_tls_key or None)
