@@ -63,7 +63,9 @@ def run(n: int) -> dict[str, dict[str, float]]:
             unit_dir = node.dir / "home" / ".config" / "systemd" / "user"
             unit_dir.mkdir(parents=True)
             (unit_dir / "web@.service").write_text(
-                generate_unit("web@.service", DEFAULT_IMAGE, network="none", command=["httpd", "-f", "-p", "8080"])
+                generate_unit(
+                    "web@.service", DEFAULT_IMAGE, network="none", command=["httpd", "-f", "-p", "8080"]
+                )
             )
             (unit_dir / "sleeper.service").write_text(SLEEP_UNIT)
             node.run(["systemctl", "--user", "daemon-reload"], check=True)

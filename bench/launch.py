@@ -55,8 +55,11 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 def summary(samples: list[float]) -> dict[str, float]:
-    return {"p50_ms": round(statistics.median(samples) * 1000, 2),
-            "p95_ms": round(percentile(samples, 0.95) * 1000, 2), "n": len(samples)}
+    return {
+        "p50_ms": round(statistics.median(samples) * 1000, 2),
+        "p95_ms": round(percentile(samples, 0.95) * 1000, 2),
+        "n": len(samples),
+    }
 
 
 async def baseline(url: str, rounds: int) -> list[float]:
@@ -84,8 +87,10 @@ async def launches(url: str, machines: int, units: int) -> dict:
     api = registry("api")
     await api.ensure_schema()
     rss_before = rss_mib()
-    agents = [Agent(registry("agents"), FakeSystemd(), Machine(f"m{i:04d}", f"10.0.{i // 250}.{i % 250}"), 30)
-              for i in range(machines)]
+    agents = [
+        Agent(registry("agents"), FakeSystemd(), Machine(f"m{i:04d}", f"10.0.{i // 250}.{i % 250}"), 30)
+        for i in range(machines)
+    ]
     engine = Engine(registry("engine"), "m0000", lease_ttl=30, reconcile_interval=3600)
     tasks = [asyncio.create_task(a.run()) for a in agents] + [asyncio.create_task(engine.run())]
     while len(await api.machines()) < machines or not engine.leading.is_set():
@@ -101,6 +106,7 @@ async def launches(url: str, machines: int, units: int) -> dict:
             nonlocal reconciles
             reconciles += 1
             return await original(assignments)
+
         agent.reconcile = counted
 
     for agent in agents:
@@ -127,7 +133,8 @@ async def launches(url: str, machines: int, units: int) -> dict:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     return {
-        "machines": machines, "units": units,
+        "machines": machines,
+        "units": units,
         "submit_to_active": summary(latencies),
         # The API's two writes per submit; its other requests here are the measuring loop's.
         "etcd_requests_per_launch": {
@@ -137,9 +144,11 @@ async def launches(url: str, machines: int, units: int) -> dict:
         },
         "agent_wakeups_per_launch": round(reconciles / units, 2),
         # One process hosts the engine and every agent, so these are per-component costs.
-        "memory": {"process_before_mib": round(rss_before, 1),
-                   "per_agent_kib": round((rss_running - rss_before) * 1024 / machines, 1),
-                   "per_unit_kib": round((rss_after - rss_running) * 1024 / units, 1)},
+        "memory": {
+            "process_before_mib": round(rss_before, 1),
+            "per_agent_kib": round((rss_running - rss_before) * 1024 / machines, 1),
+            "per_unit_kib": round((rss_after - rss_running) * 1024 / units, 1),
+        },
     }
 
 
@@ -155,7 +164,8 @@ async def main_async(args: argparse.Namespace) -> dict:
                 member.stop()
     result["baseline_one_write_one_watcher"] = summary(floor)
     result["launch_over_baseline"] = round(
-        result["submit_to_active"]["p50_ms"] / result["baseline_one_write_one_watcher"]["p50_ms"], 1)
+        result["submit_to_active"]["p50_ms"] / result["baseline_one_write_one_watcher"]["p50_ms"], 1
+    )
     return result
 
 
@@ -172,14 +182,20 @@ def main() -> None:
     print(f"{args.machines} machines, {args.units} units started one at a time")
     s, b = result["submit_to_active"], result["baseline_one_write_one_watcher"]
     print(f"submit -> active:          p50 {s['p50_ms']} ms  p95 {s['p95_ms']} ms")
-    print(f"baseline (1 PUT, 1 watch): p50 {b['p50_ms']} ms  p95 {b['p95_ms']} ms"
-          f"  -> launch = {result['launch_over_baseline']}x baseline")
+    print(
+        f"baseline (1 PUT, 1 watch): p50 {b['p50_ms']} ms  p95 {b['p95_ms']} ms"
+        f"  -> launch = {result['launch_over_baseline']}x baseline"
+    )
     ops = result["etcd_requests_per_launch"]
-    print(f"etcd requests per launch:  api {ops['api_submit']}, engine {ops['engine']}, agents {ops['agents']}")
+    print(
+        f"etcd requests per launch:  api {ops['api_submit']}, engine {ops['engine']}, agents {ops['agents']}"
+    )
     print(f"agents woken per launch:   {result['agent_wakeups_per_launch']} of {args.machines}")
     memory = result["memory"]
-    print(f"memory: process {memory['process_before_mib']} MiB before, {memory['per_agent_kib']} KiB per agent, "
-          f"{memory['per_unit_kib']} KiB per unit")
+    print(
+        f"memory: process {memory['process_before_mib']} MiB before, {memory['per_agent_kib']} KiB per agent, "
+        f"{memory['per_unit_kib']} KiB per unit"
+    )
     print(json.dumps(result))
 
 

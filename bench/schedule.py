@@ -18,14 +18,22 @@ from fleetpy.unit import load_unit
 
 
 def cluster(machines: int, units: int):
-    nodes = [Machine(f"{i:032x}", f"10.0.{i // 250}.{i % 250}", {"role": "db" if i % 10 == 0 else "web"})
-             for i in range(machines)]
+    nodes = [
+        Machine(f"{i:032x}", f"10.0.{i // 250}.{i % 250}", {"role": "db" if i % 10 == 0 else "web"})
+        for i in range(machines)
+    ]
     jobs = []
     for i in range(units):
         if i % 10 == 0:
-            name, text = f"web@{i}.service", "[Service]\nExecStart=/bin/true\n[X-Fleet]\nConflicts=web@*.service\n"
+            name, text = (
+                f"web@{i}.service",
+                "[Service]\nExecStart=/bin/true\n[X-Fleet]\nConflicts=web@*.service\n",
+            )
         elif i % 10 == 1:
-            name, text = f"db{i}.service", "[Service]\nExecStart=/bin/true\n[X-Fleet]\nMachineMetadata=role=db\n"
+            name, text = (
+                f"db{i}.service",
+                "[Service]\nExecStart=/bin/true\n[X-Fleet]\nMachineMetadata=role=db\n",
+            )
         else:
             name, text = f"app{i}.service", "[Service]\nExecStart=/bin/true\n"
         unit = load_unit(name, text)
@@ -56,15 +64,24 @@ def main() -> None:
         fresh = plan(nodes, jobs, [])
         fresh_s = timed(args.repeat, nodes, jobs, [])
         steady_s = timed(args.repeat, nodes, jobs, fresh.assignments)
-        results.append({"machines": machines, "units": units, "placed": len(fresh.assignments),
-                        "pending": len(fresh.pending), "fresh_ms": round(fresh_s * 1000, 1),
-                        "steady_ms": round(steady_s * 1000, 1),
-                        "steady_over_fresh": round(steady_s / fresh_s, 2)})
+        results.append(
+            {
+                "machines": machines,
+                "units": units,
+                "placed": len(fresh.assignments),
+                "pending": len(fresh.pending),
+                "fresh_ms": round(fresh_s * 1000, 1),
+                "steady_ms": round(steady_s * 1000, 1),
+                "steady_over_fresh": round(steady_s / fresh_s, 2),
+            }
+        )
     if not args.json:
         for r in results:
-            print(f"{r['machines']:>5} machines {r['units']:>6} units: fresh {r['fresh_ms']:>8} ms, "
-                  f"steady {r['steady_ms']:>8} ms ({r['steady_over_fresh']}x), "
-                  f"{r['placed']} placed, {r['pending']} pending")
+            print(
+                f"{r['machines']:>5} machines {r['units']:>6} units: fresh {r['fresh_ms']:>8} ms, "
+                f"steady {r['steady_ms']:>8} ms ({r['steady_over_fresh']}x), "
+                f"{r['placed']} placed, {r['pending']} pending"
+            )
     print(json.dumps(results))
 
 

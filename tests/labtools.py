@@ -12,8 +12,9 @@ from pathlib import Path
 from fleetpy.lab.lab import Lab
 
 
-def wait_for(what: str, predicate: Callable[[], object], timeout: float = 30.0,
-             interval: float = 0.05) -> object:
+def wait_for(
+    what: str, predicate: Callable[[], object], timeout: float = 30.0, interval: float = 0.05
+) -> object:
     """Poll `predicate` until it returns something true, and return that."""
     deadline = time.monotonic() + timeout
     while not (value := predicate()):

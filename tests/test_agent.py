@@ -25,14 +25,14 @@ def test_loaded_unit_is_written_but_not_started():
 
 
 def test_running_unit_with_same_content_is_adopted_untouched():
-    tasks = plan_tasks({"a.service": Desired(SLEEP, "launched")}, {"a.service": SLEEP},
-                       {"a.service": "active"})
+    tasks = plan_tasks(
+        {"a.service": Desired(SLEEP, "launched")}, {"a.service": SLEEP}, {"a.service": "active"}
+    )
     assert not tasks
 
 
 def test_stopped_unit_is_stopped_and_kept():
-    tasks = plan_tasks({"a.service": Desired(SLEEP, "loaded")}, {"a.service": SLEEP},
-                       {"a.service": "active"})
+    tasks = plan_tasks({"a.service": Desired(SLEEP, "loaded")}, {"a.service": SLEEP}, {"a.service": "active"})
     assert tasks.stop == ["a.service"] and not tasks.remove and not tasks.start
 
 
@@ -42,14 +42,18 @@ def test_unassigned_unit_is_stopped_and_removed():
 
 
 def test_changed_content_restarts_a_running_unit():
-    tasks = plan_tasks({"a.service": Desired(SLEEP + "Restart=always\n", "launched")},
-                       {"a.service": SLEEP}, {"a.service": "active"})
+    tasks = plan_tasks(
+        {"a.service": Desired(SLEEP + "Restart=always\n", "launched")},
+        {"a.service": SLEEP},
+        {"a.service": "active"},
+    )
     assert tasks.stop == ["a.service"] and tasks.start == ["a.service"] and tasks.write
 
 
 def test_failed_launched_unit_is_started_again():
-    tasks = plan_tasks({"a.service": Desired(SLEEP, "launched")}, {"a.service": SLEEP},
-                       {"a.service": "failed"})
+    tasks = plan_tasks(
+        {"a.service": Desired(SLEEP, "launched")}, {"a.service": SLEEP}, {"a.service": "failed"}
+    )
     assert tasks.start == ["a.service"] and not tasks.write
 
 
@@ -60,6 +64,7 @@ async def _settle(registry, unit, want, timeout=3.0):
             if states.get(unit) == want:
                 return
             await asyncio.sleep(0.01)
+
     await asyncio.wait_for(published(), timeout)
 
 
@@ -133,6 +138,7 @@ async def test_scheduling_a_unit_wakes_only_the_agent_of_its_machine():
         async def counted(assignments, mid=mid, real=real):
             wakes[mid] += 1
             return await real(assignments)
+
         agent.reconcile = counted
     tasks = [asyncio.create_task(a.run()) for a in agents.values()]
     try:

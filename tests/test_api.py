@@ -70,13 +70,18 @@ async def error_of(response) -> tuple[int, str]:
 
 
 async def test_create_then_get_unit(client, registry):
-    resp = await client.put("/fleet/v1/units/hello.service",
-                            json={"desiredState": "launched", "options": HELLO})
+    resp = await client.put(
+        "/fleet/v1/units/hello.service", json={"desiredState": "launched", "options": HELLO}
+    )
     assert resp.status == 201
     resp = await client.get("/fleet/v1/units/hello.service")
     assert resp.status == 200
-    assert await resp.json() == {"name": "hello.service", "options": HELLO,
-                                 "desiredState": "launched", "currentState": "inactive"}
+    assert await resp.json() == {
+        "name": "hello.service",
+        "options": HELLO,
+        "desiredState": "launched",
+        "currentState": "inactive",
+    }
     assert registry.job("hello.service").desired_state == "launched"
 
 
@@ -107,8 +112,9 @@ async def test_put_existing_unit_changes_desired_state(client, registry):
     await client.put("/fleet/v1/units/hello.service", json={"desiredState": "inactive", "options": HELLO})
     resp = await client.put("/fleet/v1/units/hello.service", json={"desiredState": "loaded"})
     assert resp.status == 204
-    resp = await client.put("/fleet/v1/units/hello.service",
-                            json={"desiredState": "launched", "options": HELLO})
+    resp = await client.put(
+        "/fleet/v1/units/hello.service", json={"desiredState": "launched", "options": HELLO}
+    )
     assert resp.status == 204
     assert registry.job("hello.service").desired_state == "launched"
 
@@ -117,8 +123,7 @@ async def test_put_existing_unit_with_other_content_replaces_it(client, registry
     # Go fleetctl `start --replace` (and submit/load --replace) sends the new options for an
     # existing unit, without a desiredState; fleet replaces the unit and makes it inactive.
     await client.put("/fleet/v1/units/hello.service", json={"desiredState": "launched", "options": HELLO})
-    resp = await client.put("/fleet/v1/units/hello.service",
-                            json={"name": "hello.service", "options": OTHER})
+    resp = await client.put("/fleet/v1/units/hello.service", json={"name": "hello.service", "options": OTHER})
     assert resp.status == 201
     job = registry.job("hello.service")
     assert (job.hash, job.desired_state) == (UnitFile.from_options(OTHER).hash, "inactive")
@@ -133,11 +138,16 @@ async def test_create_without_options_conflicts(client):
     assert (await error_of(resp))[0] == 409
 
 
-@pytest.mark.parametrize("body", [{"desiredState": "running", "options": HELLO},
-                                  {"desiredState": "launched", "options": "ExecStart=/bin/true"},
-                                  {"desiredState": "launched", "options": [{"section": "Service"}]},
-                                  {"desiredState": "launched", "name": "other.service", "options": HELLO},
-                                  ["not", "an", "object"]])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"desiredState": "running", "options": HELLO},
+        {"desiredState": "launched", "options": "ExecStart=/bin/true"},
+        {"desiredState": "launched", "options": [{"section": "Service"}]},
+        {"desiredState": "launched", "name": "other.service", "options": HELLO},
+        ["not", "an", "object"],
+    ],
+)
 async def test_invalid_unit_bodies_are_bad_requests(client, registry, body):
     resp = await client.put("/fleet/v1/units/hello.service", json=body)
     assert (await error_of(resp))[0] == 400
@@ -147,13 +157,15 @@ async def test_invalid_unit_bodies_are_bad_requests(client, registry, body):
 async def test_go_fleetctl_submit_sends_no_desired_state(client, registry):
     # Go fleetctl submit/load/start first create the unit with {"name", "options"} only
     # (Go omits the empty desiredState): fleet creates it inactive and answers 201.
-    resp = await client.put("/fleet/v1/units/hello.service?alt=json",
-                            json={"name": "hello.service", "options": HELLO})
+    resp = await client.put(
+        "/fleet/v1/units/hello.service?alt=json", json={"name": "hello.service", "options": HELLO}
+    )
     assert resp.status == 201
     assert registry.job("hello.service").desired_state == "inactive"
     # Then it sets the target with {"desiredState", "name"} and no options: 204.
-    resp = await client.put("/fleet/v1/units/hello.service?alt=json",
-                            json={"desiredState": "launched", "name": "hello.service"})
+    resp = await client.put(
+        "/fleet/v1/units/hello.service?alt=json", json={"desiredState": "launched", "name": "hello.service"}
+    )
     assert resp.status == 204
     assert registry.job("hello.service").desired_state == "launched"
 
@@ -172,22 +184,26 @@ async def test_put_existing_unit_without_desired_state_conflicts(client, registr
     for body in ({"name": "hello.service"}, {"name": "hello.service", "options": HELLO}):
         resp = await client.put("/fleet/v1/units/hello.service", json=body)
         assert await error_of(resp) == (
-            409, "unit hello.service already exists; updating it needs a desiredState")
+            409,
+            "unit hello.service already exists; updating it needs a desiredState",
+        )
     assert registry.job("hello.service").desired_state == "loaded"
 
 
 async def test_invalid_fleet_options_are_bad_requests(client, registry):
     options = HELLO + [{"section": "X-Fleet", "name": "Bogus", "value": "1"}]
-    resp = await client.put("/fleet/v1/units/hello.service",
-                            json={"desiredState": "launched", "options": options})
+    resp = await client.put(
+        "/fleet/v1/units/hello.service", json={"desiredState": "launched", "options": options}
+    )
     status, message = await error_of(resp)
     assert status == 400 and "Bogus" in message
     assert registry.jobs() == []
 
 
 async def test_bad_json_is_a_bad_request(client):
-    resp = await client.put("/fleet/v1/units/hello.service", data=b"{nope",
-                            headers={"Content-Type": "application/json"})
+    resp = await client.put(
+        "/fleet/v1/units/hello.service", data=b"{nope", headers={"Content-Type": "application/json"}
+    )
     status, message = await error_of(resp)
     assert status == 400 and "not valid JSON" in message
 
@@ -223,7 +239,9 @@ async def test_template_instance_without_options_uses_template(client, registry)
 
 
 async def test_template_cannot_be_started(client):
-    resp = await client.put("/fleet/v1/units/web@.service", json={"desiredState": "launched", "options": HELLO})
+    resp = await client.put(
+        "/fleet/v1/units/web@.service", json={"desiredState": "launched", "options": HELLO}
+    )
     status, message = await error_of(resp)
     assert status == 400 and "template" in message
 
@@ -250,13 +268,15 @@ async def test_unknown_path_and_method(client):
 
 async def test_units_are_paged(client, registry):
     for i in range(PAGE_SIZE + 5):
-        resp = await client.put(f"/fleet/v1/units/u{i:03}.service",
-                                json={"desiredState": "inactive", "options": HELLO})
+        resp = await client.put(
+            f"/fleet/v1/units/u{i:03}.service", json={"desiredState": "inactive", "options": HELLO}
+        )
         assert resp.status == 201
     first = await (await client.get("/fleet/v1/units")).json()
     assert len(first["units"]) == PAGE_SIZE
-    second = await (await client.get("/fleet/v1/units",
-                                     params={"nextPageToken": first["nextPageToken"]})).json()
+    second = await (
+        await client.get("/fleet/v1/units", params={"nextPageToken": first["nextPageToken"]})
+    ).json()
     assert "nextPageToken" not in second
     names = [u["name"] for u in first["units"] + second["units"]]
     assert names == [f"u{i:03}.service" for i in range(PAGE_SIZE + 5)]
@@ -270,8 +290,14 @@ async def test_state_lists_only_live_machines_and_filters(client, registry):
     registry.publish_state(UnitState("c.service", "gone", "h", "loaded", "active", "running"))
     states = (await (await client.get("/fleet/v1/state")).json())["states"]
     assert [s["name"] for s in states] == ["a.service", "b.service"]
-    assert states[0] == {"name": "a.service", "hash": "h", "machineID": M1, "systemdLoadState": "loaded",
-                         "systemdActiveState": "active", "systemdSubState": "running"}
+    assert states[0] == {
+        "name": "a.service",
+        "hash": "h",
+        "machineID": M1,
+        "systemdLoadState": "loaded",
+        "systemdActiveState": "active",
+        "systemdSubState": "running",
+    }
     by_machine = await (await client.get("/fleet/v1/state", params={"machineID": M2})).json()
     assert [s["name"] for s in by_machine["states"]] == ["b.service"]
     by_unit = await (await client.get("/fleet/v1/state", params={"unitName": "a.service"})).json()
@@ -285,24 +311,34 @@ async def test_get_state_of_one_unit(client, registry):
     registry.publish_state(UnitState("a.service", "gone", "h", "loaded", "failed", "failed"))
     resp = await client.get("/fleet/v1/state/a.service?alt=json")
     assert resp.status == 200
-    assert await resp.json() == {"name": "a.service", "hash": "h", "machineID": M2,
-                                 "systemdLoadState": "loaded", "systemdActiveState": "active",
-                                 "systemdSubState": "running"}
+    assert await resp.json() == {
+        "name": "a.service",
+        "hash": "h",
+        "machineID": M2,
+        "systemdLoadState": "loaded",
+        "systemdActiveState": "active",
+        "systemdSubState": "running",
+    }
     resp = await client.get("/fleet/v1/state/b.service")
     assert await error_of(resp) == (404, "unit b.service has no state on any live machine")
 
 
 async def test_list_machines(client):
     body = await (await client.get("/fleet/v1/machines")).json()
-    assert body == {"machines": [
-        {"id": M1, "primaryIP": "10.0.0.1", "metadata": {"region": "us", "disk": "ssd"}},
-        {"id": M2, "primaryIP": "10.0.0.2", "metadata": {}}]}
+    assert body == {
+        "machines": [
+            {"id": M1, "primaryIP": "10.0.0.1", "metadata": {"region": "us", "disk": "ssd"}},
+            {"id": M2, "primaryIP": "10.0.0.2", "metadata": {}},
+        ]
+    }
 
 
 async def test_patch_machine_metadata(client, registry):
-    ops = [{"op": "add", "path": f"/{M2}/metadata/role", "value": "db"},
-           {"op": "replace", "path": f"/{M1}/metadata/region", "value": "eu"},
-           {"op": "remove", "path": f"/{M1}/metadata/disk"}]
+    ops = [
+        {"op": "add", "path": f"/{M2}/metadata/role", "value": "db"},
+        {"op": "replace", "path": f"/{M1}/metadata/region", "value": "eu"},
+        {"op": "remove", "path": f"/{M1}/metadata/disk"},
+    ]
     assert (await client.patch("/fleet/v1/machines", json=ops)).status == 204
     machines = {m.id: m.metadata for m in registry.machines()}
     assert machines == {M1: {"region": "eu"}, M2: {"role": "db"}}
@@ -314,12 +350,15 @@ async def test_patch_accepts_the_value_shape_fleets_server_reads(client, registr
     assert {m.id: m.metadata for m in registry.machines()}[M2] == {"role": "db"}
 
 
-@pytest.mark.parametrize("ops", [
-    [{"op": "move", "path": f"/{M1}/metadata/a", "value": "x"}],
-    [{"op": "add", "path": f"/{M1}/region", "value": "x"}],
-    [{"op": "add", "path": f"/{M1}/metadata/a"}],
-    {"op": "add"},
-])
+@pytest.mark.parametrize(
+    "ops",
+    [
+        [{"op": "move", "path": f"/{M1}/metadata/a", "value": "x"}],
+        [{"op": "add", "path": f"/{M1}/region", "value": "x"}],
+        [{"op": "add", "path": f"/{M1}/metadata/a"}],
+        {"op": "add"},
+    ],
+)
 async def test_bad_patches_are_bad_requests(client, registry, ops):
     assert (await error_of(await client.patch("/fleet/v1/machines", json=ops)))[0] == 400
     assert registry.machines()[0].metadata == {"region": "us", "disk": "ssd"}
@@ -350,7 +389,9 @@ async def test_status_and_journal_of_a_local_unit(client, registry, local):
     registry.assign(Assignment("hello.service", M1, registry.job("hello.service").hash, "launched"))
     body = await (await client.get("/fleetpy/v1/units/hello.service/status")).json()
     assert body["status"] == "* hello.service - running\n"
-    resp = await client.get("/fleetpy/v1/units/hello.service/journal", params={"lines": "3", "follow": "true"})
+    resp = await client.get(
+        "/fleetpy/v1/units/hello.service/journal", params={"lines": "3", "follow": "true"}
+    )
     assert await resp.text() == "line 0\nline 1\nline 2\n"
     assert local.asked == [("status", "hello.service"), ("journal", "hello.service", 3, True)]
 
@@ -375,8 +416,9 @@ async def test_status_and_journal_are_forwarded_to_the_running_machine(registry,
     peer_local = FakeLocal()
     peer_app = create_app(AsyncRegistry(registry), machine_id=M2, local=peer_local)
     port = _free_port()
-    runner = await serve(peer_app, socket_path=str(tmp_path / "peer.sock"),
-                         listen=f"127.0.0.1:{port}", token="peer-secret")
+    runner = await serve(
+        peer_app, socket_path=str(tmp_path / "peer.sock"), listen=f"127.0.0.1:{port}", token="peer-secret"
+    )
     try:
         registry.register_machine(Machine(M2, "10.0.0.2", api_endpoint=f"http://127.0.0.1:{port}"), ttl=60)
         digest = registry.put_unit_file(UnitFile.from_options(HELLO))
@@ -398,11 +440,14 @@ async def test_registry_unavailable_is_503(registry):
         def __getattr__(self, name):
             async def fail(*args, **kwargs):
                 raise Unavailable("etcd is unreachable at http://x; check that etcd runs")
+
             return fail
 
     async with TestClient(TestServer(create_app(Down(), machine_id=M1))) as client:
         assert await error_of(await client.get("/fleet/v1/units")) == (
-            503, "etcd is unreachable at http://x; check that etcd runs")
+            503,
+            "etcd is unreachable at http://x; check that etcd runs",
+        )
 
 
 async def test_unexpected_errors_do_not_leak(registry):
@@ -410,6 +455,7 @@ async def test_unexpected_errors_do_not_leak(registry):
         def __getattr__(self, name):
             async def fail(*args, **kwargs):
                 raise RuntimeError("secret internals")
+
             return fail
 
     async with TestClient(TestServer(create_app(Broken(), machine_id=M1))) as client:
@@ -423,8 +469,12 @@ async def test_unix_socket_mode_and_no_token_needed(registry, tmp_path):
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(path))
     stale.close()  # a socket file nobody listens on, as a crashed fleetd leaves
-    runner = await serve(create_app(AsyncRegistry(registry), machine_id=M1), socket_path=str(path),
-                         listen=f"127.0.0.1:{_free_port()}", token="t0ken")
+    runner = await serve(
+        create_app(AsyncRegistry(registry), machine_id=M1),
+        socket_path=str(path),
+        listen=f"127.0.0.1:{_free_port()}",
+        token="t0ken",
+    )
     try:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
         async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(path))) as http:
@@ -444,14 +494,21 @@ async def test_socket_parent_directory_is_created(registry, tmp_path):
 
 async def test_tcp_without_token_or_tls_is_refused(registry, tmp_path):
     with pytest.raises(ValueError, match="without authentication"):
-        await serve(create_app(AsyncRegistry(registry), machine_id=M1),
-                    socket_path=str(tmp_path / "fleet.sock"), listen="127.0.0.1:0")
+        await serve(
+            create_app(AsyncRegistry(registry), machine_id=M1),
+            socket_path=str(tmp_path / "fleet.sock"),
+            listen="127.0.0.1:0",
+        )
 
 
 async def test_tcp_needs_the_bearer_token(registry, tmp_path):
     port = _free_port()
-    runner = await serve(create_app(AsyncRegistry(registry), machine_id=M1),
-                         socket_path=str(tmp_path / "fleet.sock"), listen=f"127.0.0.1:{port}", token="t0ken")
+    runner = await serve(
+        create_app(AsyncRegistry(registry), machine_id=M1),
+        socket_path=str(tmp_path / "fleet.sock"),
+        listen=f"127.0.0.1:{port}",
+        token="t0ken",
+    )
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
             resp = await http.get("/fleet/v1/machines")
@@ -468,10 +525,21 @@ def test_systemctl_commands_are_argument_lists():
     user = SystemctlUnitInfo("user", {"XDG_RUNTIME_DIR": "/run/user/1000"})
     assert user.status_argv("a.service") == ["systemctl", "--user", "status", "--no-pager", "--", "a.service"]
     assert user.journal_argv("a.service", 5, True) == [
-        "journalctl", "--user-unit=a.service", "-n", "5", "--no-pager", "-f"]
+        "journalctl",
+        "--user-unit=a.service",
+        "-n",
+        "5",
+        "--no-pager",
+        "-f",
+    ]
     system = SystemctlUnitInfo("system", {})
     assert system.journal_argv("a.service", 10, False) == [
-        "journalctl", "--unit=a.service", "-n", "10", "--no-pager"]
+        "journalctl",
+        "--unit=a.service",
+        "-n",
+        "10",
+        "--no-pager",
+    ]
     assert user.env["XDG_RUNTIME_DIR"] == "/run/user/1000"
 
 
@@ -479,7 +547,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
 
 
 def test_failed_unit_counts_as_launched_only_while_meant_to_run():

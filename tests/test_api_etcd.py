@@ -23,8 +23,9 @@ async def client(etcd_registry):
 
 
 async def test_unit_lifecycle_on_etcd(client, etcd_registry):
-    resp = await client.put("/fleet/v1/units/hello.service",
-                            json={"desiredState": "launched", "options": HELLO})
+    resp = await client.put(
+        "/fleet/v1/units/hello.service", json={"desiredState": "launched", "options": HELLO}
+    )
     assert resp.status == 201
     digest = etcd_registry.job("hello.service").hash
     etcd_registry.assign(Assignment("hello.service", M1, digest, "launched"))
@@ -58,6 +59,8 @@ async def test_patch_metadata_on_etcd(client, etcd_registry):
 
 
 async def test_bad_name_writes_nothing_to_etcd(client, etcd_registry):
-    resp = await client.put("/fleet/v1/units/..%2Fx.service", json={"desiredState": "launched", "options": HELLO})
+    resp = await client.put(
+        "/fleet/v1/units/..%2Fx.service", json={"desiredState": "launched", "options": HELLO}
+    )
     assert resp.status == 400
     assert etcd_registry.jobs() == []

@@ -161,7 +161,9 @@ def test_units_drop_ins_runtime_mask_and_enable(tmp_path: Path) -> None:
     assert not (system / "scratch.service").exists()
     assert os.readlink(system / "unwanted.service") == "/dev/null"
     # As `systemctl --root` does: the link names the unit where the target system sees it.
-    assert os.readlink(system / "multi-user.target.wants/hello.service") == "/etc/systemd/system/hello.service"
+    assert (
+        os.readlink(system / "multi-user.target.wants/hello.service") == "/etc/systemd/system/hello.service"
+    )
 
 
 def test_commands_are_not_sent_to_the_host_manager_for_another_root(tmp_path: Path) -> None:
@@ -208,8 +210,10 @@ def test_invalid_user_data_changes_nothing(tmp_path: Path) -> None:
     path.write_text(USER_DATA.replace("agent_ttl: 20s", "agent_ttl: soon"))
     root = tmp_path / "root"
     root.mkdir()
-    result = CliRunner().invoke(apply_command, [str(path), "--root", str(root), "--private-ipv4",
-                                                "10.0.0.1", "--public-ipv4", "10.0.0.1"])
+    result = CliRunner().invoke(
+        apply_command,
+        [str(path), "--root", str(root), "--private-ipv4", "10.0.0.1", "--public-ipv4", "10.0.0.1"],
+    )
     assert result.exit_code == 1
     assert "is not a duration" in result.output
     assert "nothing was changed" in result.output

@@ -27,8 +27,9 @@ def test_file_passes_cloud_init_schema(path: Path) -> None:
     cloud_init = shutil.which("cloud-init")
     # CI installs the Debian package; a missing cloud-init must fail, not skip.
     assert cloud_init, "cloud-init not found: apt-get install -y cloud-init"
-    result = subprocess.run([cloud_init, "schema", "--config-file", str(path)], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(
+        [cloud_init, "schema", "--config-file", str(path)], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -26,8 +26,12 @@ SLEEP = "[Unit]\nDescription={name}\n[Service]\nExecStart=/bin/sleep 100000\n"
 def lab(tmp_path_factory):
     lab = Lab(Path(tmp_path_factory.mktemp("lab", numbered=True)))
     # Loopback nodes: no bridge, so this never collides with a lab the user has up.
-    lab.up(node_count=3, metadata={"node1": {"role": "db"}, "node2": {"role": "web"}},
-           network="loopback", agent_ttl=f"{AGENT_TTL:.0f}s")
+    lab.up(
+        node_count=3,
+        metadata={"node1": {"role": "db"}, "node2": {"role": "web"}},
+        network="loopback",
+        agent_ttl=f"{AGENT_TTL:.0f}s",
+    )
     try:
         yield lab
     finally:
@@ -71,8 +75,11 @@ class Cluster:
     def placement(self) -> dict[str, str]:
         """unit -> node name, from the API's published states."""
         by_id = {n.machine_id: n.name for n in self.lab.state.nodes}
-        return {s["name"]: by_id[s["machineID"]] for s in self.client.unit_states()
-                if s["systemdActiveState"] == "active"}
+        return {
+            s["name"]: by_id[s["machineID"]]
+            for s in self.client.unit_states()
+            if s["systemdActiveState"] == "active"
+        }
 
     def node_of(self, machine_id: str) -> str:
         return next(n.name for n in self.lab.state.nodes if n.machine_id == machine_id)
@@ -80,8 +87,21 @@ class Cluster:
 
 def _active_units(lab: Lab, node: str) -> set[str]:
     try:
-        out = lab.node(node).run(["systemctl", "--user", "list-units", "--type=service", "--state=active",
-                                  "--no-legend", "--plain"]).stdout
+        out = (
+            lab.node(node)
+            .run(
+                [
+                    "systemctl",
+                    "--user",
+                    "list-units",
+                    "--type=service",
+                    "--state=active",
+                    "--no-legend",
+                    "--plain",
+                ]
+            )
+            .stdout
+        )
     except Exception:  # noqa: BLE001 - a dead node runs nothing
         return set()
     units = {line.split()[0] for line in out.splitlines() if line.strip()}
@@ -142,11 +162,17 @@ def test_machine_of_co_locates_and_global_runs_everywhere(cluster):
     cluster.write("sidekick.service", SLEEP.format(name="sidekick") + "[X-Fleet]\nMachineOf=app.service\n")
     cluster.write("everywhere.service", SLEEP.format(name="global") + "[X-Fleet]\nGlobal=true\n")
     cluster.fleetctl("start", "app.service", "sidekick.service", "everywhere.service")
-    placement = wait_for("app and sidekick to run",
-                         lambda: {"app.service", "sidekick.service"} <= (p := cluster.placement()).keys() and p)
+    placement = wait_for(
+        "app and sidekick to run",
+        lambda: {"app.service", "sidekick.service"} <= (p := cluster.placement()).keys() and p,
+    )
     assert placement["sidekick.service"] == placement["app.service"]
-    wait_for("global unit on every node",
-             lambda: all("everywhere.service" in _active_units(cluster.lab, n.name) for n in cluster.lab.state.nodes))
+    wait_for(
+        "global unit on every node",
+        lambda: all(
+            "everywhere.service" in _active_units(cluster.lab, n.name) for n in cluster.lab.state.nodes
+        ),
+    )
 
 
 def test_bad_units_are_refused_with_clear_messages_and_nothing_is_written(cluster):
@@ -162,15 +188,20 @@ def test_bad_units_are_refused_with_clear_messages_and_nothing_is_written(cluste
         result = cluster.fleetctl(*args, ok=False)
         assert result.exit_code != 0 and message in result.output, (args, result.output)
     with pytest.raises(Exception, match="unit names"):
-        cluster.client.create_unit("../../etc/passwd.service", "launched", [
-            {"section": "Service", "name": "ExecStart", "value": "/bin/true"}])
+        cluster.client.create_unit(
+            "../../etc/passwd.service",
+            "launched",
+            [{"section": "Service", "name": "ExecStart", "value": "/bin/true"}],
+        )
     assert cluster.client.units() == []
     assert cluster.fleetctl("list-unit-files", "--no-legend").output == ""
 
 
 def _main_pids(cluster: Cluster, placement: dict[str, str]) -> dict[str, str]:
-    pids = {u: cluster.lab.node(n).run(["systemctl", "--user", "show", "-p", "MainPID", "--value", u]).stdout
-            for u, n in placement.items()}
+    pids = {
+        u: cluster.lab.node(n).run(["systemctl", "--user", "show", "-p", "MainPID", "--value", u]).stdout
+        for u, n in placement.items()
+    }
     assert all(pid.strip() not in ("", "0") for pid in pids.values()), pids
     return pids
 
@@ -218,8 +249,11 @@ def test_killing_the_leader_hands_the_engine_to_another_fleetd(cluster):
         cluster.write("after-failover.service")
         started = time.monotonic()
         cluster.fleetctl("start", "--no-block", "after-failover.service")
-        wait_for("a new leader to schedule", lambda: "after-failover.service" in cluster.placement(),
-                 timeout=AGENT_TTL + 10)
+        wait_for(
+            "a new leader to schedule",
+            lambda: "after-failover.service" in cluster.placement(),
+            timeout=AGENT_TTL + 10,
+        )
         assert cluster.node_of(cluster.lab.leader()) != leader
         print(f"failover scheduling took {time.monotonic() - started:.2f}s")
     finally:
@@ -237,9 +271,11 @@ def test_units_of_a_dead_node_run_elsewhere_within_ttl_plus_5s(cluster):
     cluster.lab.kill_node(victim)
     try:
         started = time.monotonic()
-        after = wait_for("units to move off the dead node",
-                         lambda: moving <= (p := cluster.placement()).keys() and all(p[u] != victim for u in moving)
-                         and p, timeout=AGENT_TTL + 5)
+        after = wait_for(
+            "units to move off the dead node",
+            lambda: moving <= (p := cluster.placement()).keys() and all(p[u] != victim for u in moving) and p,
+            timeout=AGENT_TTL + 5,
+        )
         print(f"rescheduled {len(moving)} units in {time.monotonic() - started:.2f}s")
         for unit in moving:
             assert unit in _active_units(cluster.lab, after[unit])
@@ -248,8 +284,11 @@ def test_units_of_a_dead_node_run_elsewhere_within_ttl_plus_5s(cluster):
 
 
 def test_status_and_journal_come_from_the_machine_running_the_unit(cluster):
-    cluster.write("chatty@.service", "[Service]\nExecStart=/bin/sh -c 'echo hello from %i; exec sleep 100000'\n"
-                  "[X-Fleet]\nConflicts=chatty@*.service\n")
+    cluster.write(
+        "chatty@.service",
+        "[Service]\nExecStart=/bin/sh -c 'echo hello from %i; exec sleep 100000'\n"
+        "[X-Fleet]\nConflicts=chatty@*.service\n",
+    )
     cluster.fleetctl("start", "chatty@1.service", "chatty@2.service", "chatty@3.service")
     placement = wait_for("3 active units", lambda: len(p := cluster.placement()) == 3 and p)
     # node1 serves the API; the other two answer through it (forwarded to their own fleetd).
@@ -258,7 +297,9 @@ def test_status_and_journal_come_from_the_machine_running_the_unit(cluster):
         status = cluster.fleetctl("status", unit).output
         assert f"{unit}" in status and "active (running)" in status, status
         instance = unit.split("@")[1].split(".")[0]
-        wait_for(f"{unit}'s line in its journal",
-                 lambda u=unit, i=instance: f"hello from {i}" in cluster.fleetctl("journal", u).output)
+        wait_for(
+            f"{unit}'s line in its journal",
+            lambda u=unit, i=instance: f"hello from {i}" in cluster.fleetctl("journal", u).output,
+        )
     missing = cluster.fleetctl("status", "nope.service", ok=False)
     assert missing.exit_code != 0 and "nope.service" in missing.output

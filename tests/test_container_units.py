@@ -66,7 +66,9 @@ def test_podman_template_unit() -> None:
 
 
 def test_docker_non_template_unit() -> None:
-    text = generate_unit("es.service", "docker.io/library/elasticsearch:7.17.18", runtime="docker", is_global=True)
+    text = generate_unit(
+        "es.service", "docker.io/library/elasticsearch:7.17.18", runtime="docker", is_global=True
+    )
     unit = load_unit("es.service", text)
     assert unit.file.values("Unit", "After") == ["docker.service"]
     assert unit.file.values("Unit", "Requires") == ["docker.service"]
@@ -137,7 +139,9 @@ def test_contradicting_fleet_options_fail_at_generation() -> None:
 
 def test_containers_conf_becomes_unit_environment() -> None:
     text = generate_unit("web.service", IMAGE, containers_conf="/etc/fleetpy/containers.conf")
-    assert UnitFile.parse(text).values("Service", "Environment") == ["CONTAINERS_CONF=/etc/fleetpy/containers.conf"]
+    assert UnitFile.parse(text).values("Service", "Environment") == [
+        "CONTAINERS_CONF=/etc/fleetpy/containers.conf"
+    ]
 
 
 def test_sidekick_style_machine_of_expands_per_instance() -> None:
@@ -151,8 +155,10 @@ def test_cli_writes_and_refuses_to_overwrite(tmp_path: Path) -> None:
     runner = CliRunner()
     first = runner.invoke(new_unit_command, args)
     assert first.exit_code == 0, first.output
-    assert load_unit("web@1.service", out.read_text()).file.values("Service", "ExecStart")[0].endswith(
-        "httpd -f -p 8080"
+    assert (
+        load_unit("web@1.service", out.read_text())
+        .file.values("Service", "ExecStart")[0]
+        .endswith("httpd -f -p 8080")
     )
     again = runner.invoke(new_unit_command, args)
     assert again.exit_code == 1 and "--force" in again.output
@@ -215,7 +221,9 @@ def test_web_unit_runs_in_a_node(node_factory: Callable[..., Node], podman_env: 
     started = time.monotonic()
     result = node.run(["systemctl", "--user", "start", "web@1.service"])
     latency = time.monotonic() - started
-    assert result.returncode == 0, result.stderr + node.run(["systemctl", "--user", "status", "web@1.service"]).stdout
+    assert result.returncode == 0, (
+        result.stderr + node.run(["systemctl", "--user", "status", "web@1.service"]).stdout
+    )
     try:
         # The value reached the container verbatim: systemd and podman ran nothing of it.
         assert _get(f"http://127.0.0.1:{port}/", time.monotonic() + 10) == "hello $(id); %n `x`\n"

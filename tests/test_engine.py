@@ -14,6 +14,7 @@ async def _until(predicate, timeout=3.0):
     async def check():
         while not await predicate():
             await asyncio.sleep(0.01)
+
     await asyncio.wait_for(check(), timeout)
 
 
@@ -69,7 +70,9 @@ async def test_unschedulable_unit_gets_a_pending_reason():
     registry = AsyncRegistry(memory_registry())
     await registry.register_machine(Machine("m1", metadata={"role": "web"}), ttl=30)
     engine = Engine(registry, "m1", lease_ttl=5)
-    await _submit(registry, "db.service", "[Service]\nExecStart=/bin/true\n[X-Fleet]\nMachineMetadata=role=db\n")
+    await _submit(
+        registry, "db.service", "[Service]\nExecStart=/bin/true\n[X-Fleet]\nMachineMetadata=role=db\n"
+    )
     await engine.reconcile()
     assert "role=db" in (await registry.pending())["db.service"]
     assert await registry.assignments() == []

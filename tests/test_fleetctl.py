@@ -112,15 +112,16 @@ def unit_dir(tmp_path, monkeypatch):
 
 def test_tabulate_pads_with_tabs_like_gos_tabwriter():
     assert tabulate([["MACHINE", "IP", "METADATA"], ["113f16a7...", "10.0.0.1", "-"]]) == (
-        "MACHINE\t\tIP\t\tMETADATA\n113f16a7...\t10.0.0.1\t-\n")
+        "MACHINE\t\tIP\t\tMETADATA\n113f16a7...\t10.0.0.1\t-\n"
+    )
 
 
 def test_list_machines(fleet):
     result = fleet.run("list-machines")
     assert result.exit_code == 0, result.output
-    assert result.output == ("MACHINE\t\tIP\t\tMETADATA\n"
-                             "113f16a7...\t10.0.0.1\tdisk=ssd,region=us\n"
-                             "2c9a1b3e...\t10.0.0.2\t-\n")
+    assert result.output == (
+        "MACHINE\t\tIP\t\tMETADATA\n113f16a7...\t10.0.0.1\tdisk=ssd,region=us\n2c9a1b3e...\t10.0.0.2\t-\n"
+    )
 
 
 def test_list_machines_full_no_legend_and_fields(fleet):
@@ -139,13 +140,16 @@ def test_submit_then_list_unit_files(fleet, unit_dir):
     assert result.exit_code == 0, result.output
     digest = UnitFile.parse(HELLO).hash
     result = fleet.run("list-unit-files")
-    assert result.output == ("UNIT\t\tHASH\tDSTATE\t\tSTATE\t\tTARGET\n"
-                             f"hello.service\t{digest[:7]}\tinactive\tinactive\t-\n")
+    assert result.output == (
+        f"UNIT\t\tHASH\tDSTATE\t\tSTATE\t\tTARGET\nhello.service\t{digest[:7]}\tinactive\tinactive\t-\n"
+    )
     assert fleet.registry.job("hello.service").desired_state == "inactive"
 
 
 def test_submit_warns_about_deprecated_fleet_options(fleet, unit_dir):
-    (unit_dir / "old.service").write_text("[Service]\nExecStart=/bin/true\n[X-Fleet]\nX-ConditionMachineOf=a.service\n")
+    (unit_dir / "old.service").write_text(
+        "[Service]\nExecStart=/bin/true\n[X-Fleet]\nX-ConditionMachineOf=a.service\n"
+    )
     result = fleet.run("submit", "old.service")
     assert result.exit_code == 0, result.output
     assert "WARNING: old.service: [X-Fleet] X-ConditionMachineOf is deprecated" in result.output
@@ -157,9 +161,12 @@ def test_start_blocks_until_launched_and_says_where(fleet, unit_dir):
     assert result.exit_code == 0, result.output
     assert result.output == "Unit hello.service launched on 113f16a7.../10.0.0.1\n"
     result = fleet.run("list-units")
-    assert result.output == ("UNIT\t\tMACHINE\t\t\tACTIVE\tSUB\n"
-                             "hello.service\t113f16a7.../10.0.0.1\tactive\trunning\n")
-    result = fleet.run("list-unit-files", "--full", "--no-legend", "--fields", "unit,dstate,state,target,desc")
+    assert result.output == (
+        "UNIT\t\tMACHINE\t\t\tACTIVE\tSUB\nhello.service\t113f16a7.../10.0.0.1\tactive\trunning\n"
+    )
+    result = fleet.run(
+        "list-unit-files", "--full", "--no-legend", "--fields", "unit,dstate,state,target,desc"
+    )
     assert result.output == f"hello.service\tlaunched\tlaunched\t{M1}/10.0.0.1\tHello\n"
 
 
@@ -178,11 +185,14 @@ def test_pending_unit_times_out_with_its_reason(fleet, tmp_path, monkeypatch):
     (tmp_path / "stuck.service").write_text(HELLO)
     result = fleet.run("start", "--block-attempts", "5", "stuck.service")
     assert result.exit_code == 1
-    assert ("Error: timed out waiting for unit stuck.service to report state launched "
-            "(pending: no machine has region=mars)") in result.output
+    assert (
+        "Error: timed out waiting for unit stuck.service to report state launched "
+        "(pending: no machine has region=mars)"
+    ) in result.output
     result = fleet.run("list-units", "--fields", "unit,machine,active,reason")
-    assert result.output == ("UNIT\t\tMACHINE\tACTIVE\tREASON\n"
-                             "stuck.service\t-\t-\tno machine has region=mars\n")
+    assert result.output == (
+        "UNIT\t\tMACHINE\tACTIVE\tREASON\nstuck.service\t-\t-\tno machine has region=mars\n"
+    )
 
 
 def test_no_block_returns_at_once(fleet, unit_dir):
@@ -196,8 +206,10 @@ def test_instance_of_submitted_template(fleet, unit_dir):
     (unit_dir / "web@.service").unlink()  # the registry's template must be used
     result = fleet.run("start", "web@1.service", "web@2.service")
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines() == ["Unit web@1.service launched on 113f16a7.../10.0.0.1",
-                                          "Unit web@2.service launched on 113f16a7.../10.0.0.1"]
+    assert result.output.splitlines() == [
+        "Unit web@1.service launched on 113f16a7.../10.0.0.1",
+        "Unit web@2.service launched on 113f16a7.../10.0.0.1",
+    ]
     assert fleet.registry.job("web@1.service").hash == fleet.registry.job("web@.service").hash
 
 
@@ -265,8 +277,9 @@ def test_invalid_local_file_is_reported(fleet, tmp_path, monkeypatch):
 
 
 def test_unreachable_fleetd_is_explained(tmp_path):
-    result = CliRunner().invoke(cli, ["list-machines"],
-                                env={"FLEETCTL_ENDPOINT": f"unix://{tmp_path}/none.sock"})
+    result = CliRunner().invoke(
+        cli, ["list-machines"], env={"FLEETCTL_ENDPOINT": f"unix://{tmp_path}/none.sock"}
+    )
     assert result.exit_code == 1
     assert f"Error: cannot reach fleetd at unix://{tmp_path}/none.sock" in result.output
     assert "set --endpoint or FLEETCTL_ENDPOINT" in result.output
@@ -285,8 +298,9 @@ def test_tcp_endpoint_needs_the_token(fleet):
     refused = CliRunner().invoke(cli, ["--endpoint", fleet.tcp_endpoint, "list-machines", "--no-legend"])
     assert refused.exit_code == 1
     assert "Error: missing or wrong API token" in refused.output
-    allowed = CliRunner().invoke(cli, ["--endpoint", fleet.tcp_endpoint, "list-machines", "--no-legend"],
-                                 env={"FLEETCTL_TOKEN": TOKEN})
+    allowed = CliRunner().invoke(
+        cli, ["--endpoint", fleet.tcp_endpoint, "list-machines", "--no-legend"], env={"FLEETCTL_TOKEN": TOKEN}
+    )
     assert allowed.exit_code == 0
     assert allowed.output.startswith("113f16a7...\t10.0.0.1")
 
@@ -297,8 +311,9 @@ def test_request_timeout_bounds_a_silent_fleetd(tmp_path):
         silent.bind(str(path))
         silent.listen(8)
         started = time.monotonic()
-        result = CliRunner().invoke(cli, ["--endpoint", f"unix://{path}", "--request-timeout", "0.3",
-                                          "list-machines"])
+        result = CliRunner().invoke(
+            cli, ["--endpoint", f"unix://{path}", "--request-timeout", "0.3", "list-machines"]
+        )
         elapsed = time.monotonic() - started
     assert result.exit_code == 1 and "cannot reach fleetd" in result.output
     assert elapsed < 3

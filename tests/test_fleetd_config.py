@@ -9,11 +9,16 @@ from fleetpy.fleetd.config import ConfigError, build_config, machine_id, parse_d
 
 def test_flags_beat_environment_which_beats_the_file(tmp_path):
     conf = tmp_path / "fleet.conf"
-    conf.write_text('# fleet.conf\netcd_servers=["http://10.0.0.1:2379","http://10.0.0.2:2379"]\n'
-                    'public_ip="10.0.0.9"\nmetadata="role=web,zone=a"\nagent_ttl="30s"\n'
-                    "disable_engine=true\n")
-    config = build_config({"public_ip": None, "agent_ttl": "5s"},
-                          {"FLEET_PUBLIC_IP": "10.0.0.8", "FLEET_METADATA": "role=db"}, str(conf))
+    conf.write_text(
+        '# fleet.conf\netcd_servers=["http://10.0.0.1:2379","http://10.0.0.2:2379"]\n'
+        'public_ip="10.0.0.9"\nmetadata="role=web,zone=a"\nagent_ttl="30s"\n'
+        "disable_engine=true\n"
+    )
+    config = build_config(
+        {"public_ip": None, "agent_ttl": "5s"},
+        {"FLEET_PUBLIC_IP": "10.0.0.8", "FLEET_METADATA": "role=db"},
+        str(conf),
+    )
     assert config.etcd_servers == ("http://10.0.0.1:2379", "http://10.0.0.2:2379")
     assert config.public_ip == "10.0.0.8"
     assert config.metadata == {"role": "db"}
@@ -32,12 +37,15 @@ def test_go_style_durations(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("flags,message", [
-    ({"agent_ttl": "ten"}, "bad duration"),
-    ({"metadata": "role"}, "expected key=value"),
-    ({"disable_engine": "maybe"}, "bad boolean"),
-    ({"agent_ttl": "0.5s"}, "at least 1s"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        ({"agent_ttl": "ten"}, "bad duration"),
+        ({"metadata": "role"}, "expected key=value"),
+        ({"disable_engine": "maybe"}, "bad boolean"),
+        ({"agent_ttl": "0.5s"}, "at least 1s"),
+    ],
+)
 def test_bad_values_say_what_to_write(flags, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         build_config(flags, {"FLEET_CONFIG": str(tmp_path / "absent.conf")})
@@ -51,8 +59,9 @@ def test_unknown_option_in_the_file_is_an_error(tmp_path):
 
 
 def test_machine_id_is_generated_once_and_kept(tmp_path, monkeypatch):
-    config = build_config({"machine_id_file": str(tmp_path / "machine-id")},
-                          {"FLEET_CONFIG": str(tmp_path / "absent.conf")})
+    config = build_config(
+        {"machine_id_file": str(tmp_path / "machine-id")}, {"FLEET_CONFIG": str(tmp_path / "absent.conf")}
+    )
     monkeypatch.setattr("fleetpy.fleetd.config.SYSTEM_MACHINE_ID", str(tmp_path / "no-such-file"))
     first = machine_id(config)
     assert len(first) == 32 and machine_id(config) == first

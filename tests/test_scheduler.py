@@ -56,13 +56,14 @@ def test_machine_metadata_lands_on_matching_machine_only() -> None:
     p = plan(machines, [unit("db.service", "MachineMetadata=role=db")], [])
     assert where(p) == {"db.service": B}
     assert p.decisions["db.service"].filtered == {
-        A: "metadata role=db does not match", C: "metadata role=db does not match"}
+        A: "metadata role=db does not match",
+        C: "metadata role=db does not match",
+    }
 
 
 def test_machine_metadata_same_key_is_either_value() -> None:
     machines = [machine(A, region="us-east"), machine(B, region="eu")]
-    p = plan(machines, [unit("x.service", "MachineMetadata=region=eu\nMachineMetadata=region=ap")],
-             [])
+    p = plan(machines, [unit("x.service", "MachineMetadata=region=eu\nMachineMetadata=region=ap")], [])
     assert where(p) == {"x.service": B}
 
 
@@ -77,8 +78,10 @@ def test_conflicting_unit_stays_pending_with_reason() -> None:
     p = plan(three(), jobs, [])
     assert sorted(where(p)) == ["web@1.service", "web@2.service", "web@3.service"]
     assert len(set(where(p).values())) == 3
-    assert p.pending == {"web@4.service": "no machine fits: conflicts with web@1.service, "
-                                          "web@2.service, web@3.service on all 3 machines"}
+    assert p.pending == {
+        "web@4.service": "no machine fits: conflicts with web@1.service, "
+        "web@2.service, web@3.service on all 3 machines"
+    }
 
 
 def test_conflicts_bind_both_ways() -> None:
@@ -90,11 +93,14 @@ def test_conflicts_bind_both_ways() -> None:
 
 def test_pending_reason_counts_each_kind_of_exclusion() -> None:
     machines = [machine(A, role="web"), machine(B, role="web"), machine(C, role="db")]
-    jobs = [unit("db.service", "MachineMetadata=role=db"),
-            unit("db2.service", "MachineMetadata=role=db\nConflicts=db.service")]
+    jobs = [
+        unit("db.service", "MachineMetadata=role=db"),
+        unit("db2.service", "MachineMetadata=role=db\nConflicts=db.service"),
+    ]
     p = plan(machines, jobs, [])
-    assert p.pending == {"db2.service": "0/3 machines fit: 2 metadata role=db does not match, "
-                                        "1 conflicts with db.service"}
+    assert p.pending == {
+        "db2.service": "0/3 machines fit: 2 metadata role=db does not match, 1 conflicts with db.service"
+    }
 
 
 def test_no_machines_leaves_everything_pending() -> None:
@@ -112,16 +118,17 @@ def test_machine_of_colocates_with_target() -> None:
 
 def test_machine_of_follows_target_when_it_moves() -> None:
     jobs = [unit("db.service"), unit("db-announce.service", "MachineOf=db.service")]
-    current = [Assignment("db.service", A, jobs[0][1].hash, "launched"),
-               Assignment("db-announce.service", A, jobs[1][1].hash, "launched")]
+    current = [
+        Assignment("db.service", A, jobs[0][1].hash, "launched"),
+        Assignment("db-announce.service", A, jobs[1][1].hash, "launched"),
+    ]
     p = plan([machine(B), machine(C)], jobs, current)
     assert where(p)["db.service"] == where(p)["db-announce.service"]
     assert p.decisions["db-announce.service"].kept is False
 
 
 def test_machine_of_waits_for_unscheduled_target() -> None:
-    jobs = [unit("db.service", state="inactive"),
-            unit("db-announce.service", "MachineOf=db.service")]
+    jobs = [unit("db.service", state="inactive"), unit("db-announce.service", "MachineOf=db.service")]
     p = plan(three(), jobs, [])
     assert p.pending == {"db-announce.service": "waiting for db.service to be scheduled"}
 
@@ -130,8 +137,10 @@ def test_mutual_machine_of_stays_pending() -> None:
     jobs = [unit("a.service", "MachineOf=b.service"), unit("b.service", "MachineOf=a.service")]
     p = plan(three(), jobs, [])
     assert p.assignments == ()
-    assert p.pending == {"a.service": "MachineOf cycle: a.service -> b.service -> a.service",
-                         "b.service": "MachineOf cycle: b.service -> a.service -> b.service"}
+    assert p.pending == {
+        "a.service": "MachineOf cycle: a.service -> b.service -> a.service",
+        "b.service": "MachineOf cycle: b.service -> a.service -> b.service",
+    }
 
 
 def test_global_unit_runs_on_every_matching_machine() -> None:
@@ -211,8 +220,10 @@ def test_stopping_a_unit_keeps_placement_and_updates_desired_state() -> None:
 
 def test_explain_says_where_and_why() -> None:
     jobs = [unit(f"web@{i}.service", "Conflicts=web@*") for i in range(1, 3)]
-    current = [Assignment("web@1.service", A, jobs[0][1].hash, "launched"),
-               Assignment("x.service", B, "h", "launched")]
+    current = [
+        Assignment("web@1.service", A, jobs[0][1].hash, "launched"),
+        Assignment("x.service", B, "h", "launched"),
+    ]
     p = plan([machine(A), machine(B), machine(C)], [*jobs, unit("x.service")], current)
     assert explain(p.decisions["web@2.service"]) == [
         "web@2.service -> 3c4d0000... : least loaded (0 units)",

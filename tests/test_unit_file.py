@@ -48,9 +48,7 @@ def test_value_may_contain_equals_signs() -> None:
 
 
 def test_empty_value_is_kept() -> None:
-    assert UnitFile.parse("[Service]\nExecStart=\n").values("Service", "ExecStart") == [
-        ""
-    ]
+    assert UnitFile.parse("[Service]\nExecStart=\n").values("Service", "ExecStart") == [""]
 
 
 @pytest.mark.parametrize(
@@ -63,9 +61,7 @@ def test_empty_value_is_kept() -> None:
         ("[S]\nK=a \\", "a"),
     ],
 )
-def test_backslash_continuation_joins_lines_with_one_space(
-    text: str, value: str
-) -> None:
+def test_backslash_continuation_joins_lines_with_one_space(text: str, value: str) -> None:
     assert UnitFile.parse(text).values("S", "K") == [value]
 
 
@@ -129,9 +125,7 @@ def test_parsing_canonical_text_gives_the_same_file() -> None:
 
 
 def test_value_with_line_breaks_is_written_as_continuation() -> None:
-    unit = UnitFile.from_options(
-        [{"section": "Service", "name": "ExecStart", "value": "a\nb"}]
-    )
+    unit = UnitFile.from_options([{"section": "Service", "name": "ExecStart", "value": "a\nb"}])
     assert unit.to_text() == "[Service]\nExecStart=a\\\nb\n"
     # systemd joins continued lines with a space, and so do we on reading back.
     assert UnitFile.parse(unit.to_text()).values("Service", "ExecStart") == ["a b"]

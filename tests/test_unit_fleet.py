@@ -16,23 +16,17 @@ from fleetpy.unit import (
 
 
 def fleet(body: str, name: str = "web.service") -> FleetOptions:
-    return parse_fleet_options(
-        name, UnitFile.parse("[Service]\nExecStart=/bin/true\n[X-Fleet]\n" + body)
-    )
+    return parse_fleet_options(name, UnitFile.parse("[Service]\nExecStart=/bin/true\n[X-Fleet]\n" + body))
 
 
 def test_unit_without_fleet_section_has_no_requirements() -> None:
-    options = parse_fleet_options(
-        "a.service", UnitFile.parse("[Service]\nExecStart=/bin/true\n")
-    )
+    options = parse_fleet_options("a.service", UnitFile.parse("[Service]\nExecStart=/bin/true\n"))
     assert options == FleetOptions()
     assert options.metadata_matches({}) and not options.conflicts_with("b.service")
 
 
 def test_all_options_are_read() -> None:
-    options = fleet(
-        "MachineID=abc123\nMachineOf=db.service\nMachineMetadata=role=web\nConflicts=web*\n"
-    )
+    options = fleet("MachineID=abc123\nMachineOf=db.service\nMachineMetadata=role=web\nConflicts=web*\n")
     assert options.machine_id == "abc123"
     assert options.machine_of == ("db.service",)
     assert options.machine_metadata == (("role", frozenset({"web"})),)
@@ -66,9 +60,7 @@ def test_metadata_values_may_contain_spaces_when_quoted() -> None:
 def test_metadata_keys_must_all_match_and_repeated_key_is_any_of(
     metadata: dict[str, str], matches: bool
 ) -> None:
-    options = fleet(
-        'MachineMetadata="region=us-east" "disk=ssd"\nMachineMetadata=region=us-west\n'
-    )
+    options = fleet('MachineMetadata="region=us-east" "disk=ssd"\nMachineMetadata=region=us-west\n')
     assert options.metadata_matches(metadata) is matches
 
 
@@ -98,10 +90,7 @@ def test_bad_metadata_is_rejected(value: str, fragment: str) -> None:
     ],
 )
 def test_conflicts_are_globs_on_other_unit_names(other: str, conflicts: bool) -> None:
-    assert (
-        fleet("Conflicts=web*\nConflicts=x?.service\n").conflicts_with(other)
-        is conflicts
-    )
+    assert fleet("Conflicts=web*\nConflicts=x?.service\n").conflicts_with(other) is conflicts
 
 
 def test_conflicts_apply_in_one_direction_only() -> None:
@@ -142,9 +131,7 @@ def test_global_may_be_combined_with_metadata_and_conflicts() -> None:
     ],
 )
 def test_global_with_placement_option_is_rejected(body: str, named: str) -> None:
-    with pytest.raises(
-        InvalidFleetOptions, match=f"Global=true cannot be combined with {named}"
-    ):
+    with pytest.raises(InvalidFleetOptions, match=f"Global=true cannot be combined with {named}"):
         fleet("Global=true\n" + body)
 
 
@@ -153,9 +140,7 @@ def test_placement_options_are_fine_when_global_is_false() -> None:
 
 
 def test_replaces_with_conflicts_is_rejected() -> None:
-    with pytest.raises(
-        InvalidFleetOptions, match="Replaces cannot be combined with Conflicts"
-    ):
+    with pytest.raises(InvalidFleetOptions, match="Replaces cannot be combined with Conflicts"):
         fleet("Replaces=old.service\nConflicts=x*\n")
 
 
@@ -226,9 +211,7 @@ def test_unknown_option_is_named_and_valid_ones_listed() -> None:
         ("X-Conflicts", "Conflicts", "x*", {"conflicts": ("x*",)}),
     ],
 )
-def test_deprecated_names_still_work_with_a_warning(
-    old: str, new: str, body: str, expected: dict
-) -> None:
+def test_deprecated_names_still_work_with_a_warning(old: str, new: str, body: str, expected: dict) -> None:
     options = fleet(f"{old}={body}\n")
     assert options == FleetOptions(**expected)
     (warning,) = options.warnings
@@ -236,9 +219,7 @@ def test_deprecated_names_still_work_with_a_warning(
 
 
 def test_machine_boot_id_is_no_longer_supported() -> None:
-    with pytest.raises(
-        InvalidFleetOptions, match="X-ConditionMachineBootID is no longer supported"
-    ):
+    with pytest.raises(InvalidFleetOptions, match="X-ConditionMachineBootID is no longer supported"):
         fleet("X-ConditionMachineBootID=abc\n")
 
 
@@ -280,9 +261,7 @@ def test_expanded_value_is_validated_as_a_unit_name() -> None:
 
 
 def test_load_unit_from_text() -> None:
-    unit = load_unit(
-        "db@1.service", "[Service]\nExecStart=/bin/db\n[X-Fleet]\nMachineOf=%p.socket\n"
-    )
+    unit = load_unit("db@1.service", "[Service]\nExecStart=/bin/db\n[X-Fleet]\nMachineOf=%p.socket\n")
     assert unit.name == UnitName.parse("db@1.service")
     assert unit.fleet.machine_of == ("db.socket",)
     assert unit.hash == unit.file.hash
@@ -294,9 +273,7 @@ def test_load_unit_from_parsed_file() -> None:
 
 
 def test_template_loads_with_empty_instance() -> None:
-    unit = load_unit(
-        "web@.service", "[Service]\nExecStart=/bin/true\n[X-Fleet]\nConflicts=web@%i*\n"
-    )
+    unit = load_unit("web@.service", "[Service]\nExecStart=/bin/true\n[X-Fleet]\nConflicts=web@%i*\n")
     assert unit.name.is_template and unit.fleet.conflicts == ("web@*",)
 
 

@@ -83,9 +83,7 @@ def test_forbidden_character_is_rejected_and_named(name: str, bad: str) -> None:
 
 
 def test_path_traversal_name_is_rejected() -> None:
-    with pytest.raises(
-        InvalidUnitName, match=r'^"\.\./x\.service": unit names may contain only'
-    ):
+    with pytest.raises(InvalidUnitName, match=r'^"\.\./x\.service": unit names may contain only'):
         UnitName.parse("../x.service")
 
 
@@ -108,9 +106,7 @@ def test_name_of_255_bytes_is_accepted() -> None:
 
 
 def test_name_over_255_bytes_is_rejected() -> None:
-    with pytest.raises(
-        InvalidUnitName, match=r"at most 255 bytes long \(this one is 256\)"
-    ):
+    with pytest.raises(InvalidUnitName, match=r"at most 255 bytes long \(this one is 256\)"):
         UnitName.parse("a" * (256 - len(".service")) + ".service")
 
 

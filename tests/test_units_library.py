@@ -35,7 +35,9 @@ def test_scheduling_options() -> None:
 
 def test_dependencies() -> None:
     es = load_unit("es.service", (UNITS / "es.service").read_text()).file
-    assert es.values("Unit", "After") == ["docker.service"] and es.values("Unit", "Requires") == ["docker.service"]
+    assert es.values("Unit", "After") == ["docker.service"] and es.values("Unit", "Requires") == [
+        "docker.service"
+    ]
     sidekick = load_unit("web-discovery@7.service", (UNITS / "web-discovery@.service").read_text()).file
     assert sidekick.values("Unit", "BindsTo") == ["web@%i.service"]
     assert sidekick.values("Service", "EnvironmentFile") == ["-/etc/fleetpy/discovery.env"]

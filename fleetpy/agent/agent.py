@@ -65,8 +65,7 @@ class Agent:
                 if index is None:
                     index = await self.registry.index()
                     await self.reconcile(await self.registry.assignments(self.machine.id))
-                changed = await self.registry.wait(index, "schedule", self.machine.id,
-                                                   timeout=WATCH_TIMEOUT)
+                changed = await self.registry.wait(index, "schedule", self.machine.id, timeout=WATCH_TIMEOUT)
                 if changed is not None:
                     index = None  # read again from the current index
             except HistoryLost:
@@ -85,8 +84,13 @@ class Agent:
         active = {name: (await self.systemd.unit_state(name))[1] for name in installed}
         tasks = plan_tasks(desired, installed, active)
         if tasks:
-            log.info("reconcile: stop %s remove %s write %s start %s",
-                     tasks.stop, tasks.remove, list(tasks.write), tasks.start)
+            log.info(
+                "reconcile: stop %s remove %s write %s start %s",
+                tasks.stop,
+                tasks.remove,
+                list(tasks.write),
+                tasks.start,
+            )
         await self._execute(tasks)
         for name in tasks.remove:
             self._published.pop(name, None)

@@ -28,8 +28,9 @@ class Tasks:
         return bool(self.stop or self.remove or self.write or self.start)
 
 
-def plan_tasks(desired: Mapping[str, Desired], installed: Mapping[str, str],
-               active: Mapping[str, str]) -> Tasks:
+def plan_tasks(
+    desired: Mapping[str, Desired], installed: Mapping[str, str], active: Mapping[str, str]
+) -> Tasks:
     """Compare what the engine assigned with what is on disk and running, and list the work.
 
     `installed` maps unit files in our unit dir to their text, `active` maps units to systemd's

@@ -48,17 +48,24 @@ class SystemctlUnitInfo:
 
     async def status(self, name: str) -> str:
         process = await asyncio.create_subprocess_exec(
-            *self.status_argv(name), env=self.env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            *self.status_argv(name),
+            env=self.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
         # systemctl status exits 3 for a stopped unit and still prints it: the text is the answer.
         output, _ = await process.communicate()
         return output.decode(errors="replace")
 
     async def journal(self, name: str, lines: int, follow: bool) -> AsyncIterator[str]:
         process = await asyncio.create_subprocess_exec(
-            *self.journal_argv(name, lines, follow), env=self.env,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT)
+            *self.journal_argv(name, lines, follow),
+            env=self.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
         assert process.stdout is not None
         try:
             async for line in process.stdout:

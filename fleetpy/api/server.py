@@ -82,8 +82,10 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     except web.HTTPException as error:
         if error.status < 400:
             raise
-        messages = {404: f"no such API path {request.path}",
-                    405: f"method {request.method} is not allowed on {request.path}"}
+        messages = {
+            404: f"no such API path {request.path}",
+            405: f"method {request.method} is not allowed on {request.path}",
+        }
         return error_response(error.status, messages.get(error.status, error.text or error.reason))
     except (asyncio.CancelledError, ConnectionResetError):
         raise
@@ -101,8 +103,11 @@ async def _authenticate(request: web.Request, handler: Any) -> web.StreamRespons
     if token is not None and not over_unix:
         given = request.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            raise ApiError(401, "missing or wrong API token; pass it as 'Authorization: Bearer "
-                                "TOKEN' (fleetctl --token or FLEETCTL_TOKEN)")
+            raise ApiError(
+                401,
+                "missing or wrong API token; pass it as 'Authorization: Bearer "
+                "TOKEN' (fleetctl --token or FLEETCTL_TOKEN)",
+            )
     return await handler(request)
 
 
@@ -119,8 +124,7 @@ def _page(items: list[tuple[str, Any]], request: web.Request) -> tuple[list[Any]
             after = json.loads(base64.urlsafe_b64decode(token.encode()))["after"]
         except (ValueError, KeyError, TypeError, binascii.Error):
             raise ApiError(400, "invalid value of nextPageToken query parameter") from None
-    ordered = sorted((pair for pair in items if after is None or pair[0] > after),
-                     key=lambda pair: pair[0])
+    ordered = sorted((pair for pair in items if after is None or pair[0] > after), key=lambda pair: pair[0])
     page = ordered[:PAGE_SIZE]
     more = len(ordered) > PAGE_SIZE
     return [item for _, item in page], _encode_token(page[-1][0]) if more else None
@@ -141,8 +145,9 @@ def _unit_name(request: web.Request) -> UnitName:
 class _Api:
     """The route handlers, sharing the registry and a cache of immutable unit files."""
 
-    def __init__(self, registry: AsyncRegistry, machine_id: str, local: LocalUnitInfo | None,
-                 peer_token: str | None):
+    def __init__(
+        self, registry: AsyncRegistry, machine_id: str, local: LocalUnitInfo | None, peer_token: str | None
+    ):
         self.registry = registry
         self.machine_id = machine_id
         self.local = local
@@ -177,8 +182,11 @@ class _Api:
         result = []
         for job in jobs:
             unit_file = await self.unit_file(job.hash)
-            result.append(unit_entity(job, unit_file, self.is_global(job.name, job.hash, unit_file),
-                                      assignments, states, alive))
+            result.append(
+                unit_entity(
+                    job, unit_file, self.is_global(job.name, job.hash, unit_file), assignments, states, alive
+                )
+            )
         return result
 
     async def existing_job(self, name: str) -> Job:
@@ -189,11 +197,19 @@ class _Api:
 
     # /fleet/v1
     async def discovery(self, request: web.Request) -> web.Response:
-        return web.json_response({
-            "kind": "discovery#restDescription", "name": "fleet", "version": "v1",
-            "servicePath": "fleet/v1/",
-            "resources": {"Units": ["List", "Get", "Set", "Delete"], "UnitState": ["List", "Get"],
-                          "Machines": ["List", "Patch"]}})
+        return web.json_response(
+            {
+                "kind": "discovery#restDescription",
+                "name": "fleet",
+                "version": "v1",
+                "servicePath": "fleet/v1/",
+                "resources": {
+                    "Units": ["List", "Get", "Set", "Delete"],
+                    "UnitState": ["List", "Get"],
+                    "Machines": ["List", "Patch"],
+                },
+            }
+        )
 
     async def list_units(self, request: web.Request) -> web.Response:
         jobs = await self.registry.jobs()
@@ -224,18 +240,19 @@ class _Api:
         # Go's JSON encoding omits an empty desiredState, so absent and "" mean the same.
         desired = body.get("desiredState") or None
         if desired is not None and desired not in DESIRED_STATES:
-            raise ApiError(400, f"desiredState must be one of {', '.join(DESIRED_STATES)}, "
-                                f"not {desired!r}")
+            raise ApiError(400, f"desiredState must be one of {', '.join(DESIRED_STATES)}, not {desired!r}")
         if name.is_template and desired not in (None, "inactive"):
-            raise ApiError(400, f"{name.full} is a template; templates can only be submitted, "
-                                f"start an instance such as {name.prefix}@1.{name.suffix}")
+            raise ApiError(
+                400,
+                f"{name.full} is a template; templates can only be submitted, "
+                f"start an instance such as {name.prefix}@1.{name.suffix}",
+            )
         options = body.get("options")
         unit_file = UnitFile.from_options(options) if options else None
         job = await self.registry.job(name.full)
         if job is not None and (unit_file is None or unit_file.hash == job.hash):
             if desired is None:
-                raise ApiError(409, f"unit {name.full} already exists; "
-                                    "updating it needs a desiredState")
+                raise ApiError(409, f"unit {name.full} already exists; updating it needs a desiredState")
             await self.registry.set_desired_state(name.full, desired)
             return web.Response(status=204)
         if unit_file is None:
@@ -257,8 +274,11 @@ class _Api:
                 found = await self.unit_file(template.hash)
                 if found is not None:
                     return found
-            raise ApiError(409, f"unit {name.full} does not exist and no options were given, "
-                                f"and its template {name.template} is not submitted")
+            raise ApiError(
+                409,
+                f"unit {name.full} does not exist and no options were given, "
+                f"and its template {name.template} is not submitted",
+            )
         raise ApiError(409, f"unit {name.full} does not exist; creating it needs options")
 
     async def delete_unit(self, request: web.Request) -> web.Response:
@@ -272,9 +292,11 @@ class _Api:
         unit_name = request.query.get("unitName")
         if unit_name is not None:
             UnitName.parse(unit_name)
-        states = [s for s in await self.registry.states()
-                  if s.machine_id in alive and machine_id in (None, s.machine_id)
-                  and unit_name in (None, s.unit)]
+        states = [
+            s
+            for s in await self.registry.states()
+            if s.machine_id in alive and machine_id in (None, s.machine_id) and unit_name in (None, s.unit)
+        ]
         page, token = _page([(f"{s.unit} {s.machine_id}", s) for s in states], request)
         body: dict[str, Any] = {"states": [s.to_json() for s in page]}
         if token:
@@ -285,8 +307,10 @@ class _Api:
         """One machine's state of a unit; Go fleetctl start polls it until systemd says active."""
         name = _unit_name(request).full
         alive = {m.id for m in await self.registry.machines()}
-        states = sorted((s for s in await self.registry.states()
-                         if s.unit == name and s.machine_id in alive), key=lambda s: s.machine_id)
+        states = sorted(
+            (s for s in await self.registry.states() if s.unit == name and s.machine_id in alive),
+            key=lambda s: s.machine_id,
+        )
         if not states:
             raise ApiError(404, f"unit {name} has no state on any live machine")
         return web.json_response(states[0].to_json())
@@ -313,16 +337,18 @@ class _Api:
                 metadata[key] = value
         for machine_id, metadata in edited.items():
             old = machines[machine_id]
-            await self.registry.replace_machine(old, dataclasses.replace(old, metadata=metadata),
-                                                METADATA_EDIT_TTL)
+            await self.registry.replace_machine(
+                old, dataclasses.replace(old, metadata=metadata), METADATA_EDIT_TTL
+            )
         return web.Response(status=204)
 
     # /fleetpy/v1
     async def explain(self, request: web.Request) -> web.Response:
         name = _unit_name(request).full
         await self.existing_job(name)
-        return web.json_response({"name": name,
-                                  "lines": await explain_placement(self.registry, self.units, name)})
+        return web.json_response(
+            {"name": name, "lines": await explain_placement(self.registry, self.units, name)}
+        )
 
     async def pending(self, request: web.Request) -> web.Response:
         name = _unit_name(request).full
@@ -334,8 +360,11 @@ class _Api:
         """The live machine running `name`; this one if it is among several."""
         await self.existing_job(name)
         alive = {m.id for m in await self.registry.machines()}
-        where = [a.machine_id for a in await self.registry.assignments() if a.unit == name
-                 and a.machine_id in alive]
+        where = [
+            a.machine_id
+            for a in await self.registry.assignments()
+            if a.unit == name and a.machine_id in alive
+        ]
         wanted = request.query.get("machineID")
         if wanted:
             if wanted not in where:
@@ -343,21 +372,26 @@ class _Api:
             return wanted
         if not where:
             reason = (await self.registry.pending()).get(name)
-            raise ApiError(404, f"unit {name} is not scheduled on any machine"
-                                + (f": {reason}" if reason else ""))
+            raise ApiError(
+                404, f"unit {name} is not scheduled on any machine" + (f": {reason}" if reason else "")
+            )
         return self.machine_id if self.machine_id in where else where[0]
 
     async def peer(self, request: web.Request, machine_id: str) -> str:
         """The API endpoint of another machine, after checking the request may go there."""
         if request.headers.get(FORWARDED_HEADER):
-            raise ApiError(502, f"request was forwarded to {self.machine_id}, which does not run "
-                                "the unit; the schedule changed meanwhile, try again")
+            raise ApiError(
+                502,
+                f"request was forwarded to {self.machine_id}, which does not run "
+                "the unit; the schedule changed meanwhile, try again",
+            )
         machine = next((m for m in await self.registry.machines() if m.id == machine_id), None)
         if machine is None:
             raise ApiError(502, f"machine {machine_id} is no longer alive")
         if not machine.api_endpoint:
-            raise ApiError(502, f"machine {machine_id[:8]}... has no API endpoint; start its "
-                                "fleetd with --api-listen")
+            raise ApiError(
+                502, f"machine {machine_id[:8]}... has no API endpoint; start its fleetd with --api-listen"
+            )
         return machine.api_endpoint.rstrip("/")
 
     def peer_headers(self) -> dict[str, str]:
@@ -368,8 +402,11 @@ class _Api:
 
     def local_info(self) -> LocalUnitInfo:
         if self.local is None:
-            raise ApiError(503, "this fleetd was started without access to systemd; "
-                                "unit status and journal are unavailable here")
+            raise ApiError(
+                503,
+                "this fleetd was started without access to systemd; "
+                "unit status and journal are unavailable here",
+            )
         return self.local
 
     async def status(self, request: web.Request) -> web.StreamResponse:
@@ -381,12 +418,12 @@ class _Api:
         endpoint = await self.peer(request, machine_id)
         try:
             async with httpx.AsyncClient(timeout=15) as client:
-                reply = await client.get(f"{endpoint}{request.path}", headers=self.peer_headers(),
-                                         params={"machineID": machine_id})
+                reply = await client.get(
+                    f"{endpoint}{request.path}", headers=self.peer_headers(), params={"machineID": machine_id}
+                )
         except httpx.HTTPError as error:
             raise ApiError(502, f"cannot reach machine {machine_id[:8]}... at {endpoint}: {error}") from None
-        return web.Response(status=reply.status_code, body=reply.content,
-                            content_type="application/json")
+        return web.Response(status=reply.status_code, body=reply.content, content_type="application/json")
 
     async def journal(self, request: web.Request) -> web.StreamResponse:
         name = _unit_name(request).full
@@ -402,8 +439,9 @@ class _Api:
             return await self.local_journal(request, name, lines, follow)
         return await self.forward_journal(request, machine_id, lines, follow)
 
-    async def local_journal(self, request: web.Request, name: str, lines: int,
-                            follow: bool) -> web.StreamResponse:
+    async def local_journal(
+        self, request: web.Request, name: str, lines: int, follow: bool
+    ) -> web.StreamResponse:
         local = self.local_info()
         response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
         await response.prepare(request)
@@ -413,18 +451,23 @@ class _Api:
         await response.write_eof()
         return response
 
-    async def forward_journal(self, request: web.Request, machine_id: str, lines: int,
-                              follow: bool) -> web.StreamResponse:
+    async def forward_journal(
+        self, request: web.Request, machine_id: str, lines: int, follow: bool
+    ) -> web.StreamResponse:
         endpoint = await self.peer(request, machine_id)
         params = {"lines": str(lines), "follow": str(follow).lower(), "machineID": machine_id}
         response: web.StreamResponse | None = None
         try:
-            async with (httpx.AsyncClient(timeout=httpx.Timeout(15, read=None)) as client,
-                        client.stream("GET", f"{endpoint}{request.path}", params=params,
-                                      headers=self.peer_headers()) as reply):
+            async with (
+                httpx.AsyncClient(timeout=httpx.Timeout(15, read=None)) as client,
+                client.stream(
+                    "GET", f"{endpoint}{request.path}", params=params, headers=self.peer_headers()
+                ) as reply,
+            ):
                 if reply.status_code != 200:
-                    return web.Response(status=reply.status_code, body=await reply.aread(),
-                                        content_type="application/json")
+                    return web.Response(
+                        status=reply.status_code, body=await reply.aread(), content_type="application/json"
+                    )
                 response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
                 await response.prepare(request)
                 async for chunk in reply.aiter_bytes():
@@ -452,8 +495,9 @@ def _parse_patch(body: Any) -> list[tuple[str, str, str, str | None]]:
             raise ApiError(400, f"operation {index}: op must be add, remove or replace, not {op!r}")
         match = _PATCH_PATH.fullmatch(path) if isinstance(path, str) else None
         if match is None:
-            raise ApiError(400, f"operation {index}: path must look like "
-                                f"/<machine id>/metadata/<key>, not {path!r}")
+            raise ApiError(
+                400, f"operation {index}: path must look like /<machine id>/metadata/<key>, not {path!r}"
+            )
         value = item.get("value")
         if isinstance(value, dict) and isinstance(value.get("value"), str):
             value = value["value"]  # the shape fleet's own server reads, so its clients work too
@@ -463,8 +507,13 @@ def _parse_patch(body: Any) -> list[tuple[str, str, str, str | None]]:
     return operations
 
 
-def create_app(registry: AsyncRegistry, *, machine_id: str, local: LocalUnitInfo | None = None,
-               peer_token: str | None = None) -> web.Application:
+def create_app(
+    registry: AsyncRegistry,
+    *,
+    machine_id: str,
+    local: LocalUnitInfo | None = None,
+    peer_token: str | None = None,
+) -> web.Application:
     """The API application; `serve` puts it on fleetd's sockets."""
     api = _Api(registry, machine_id, local, peer_token)
     app = web.Application(middlewares=[_errors, _authenticate], client_max_size=MAX_BODY)
@@ -510,9 +559,15 @@ def _remove_stale_socket(path: Path) -> None:
         probe.close()
 
 
-async def serve(app: web.Application, *, socket_path: str, listen: str | None = None,
-                token: str | None = None, tls_cert: str | None = None,
-                tls_key: str | None = None) -> web.AppRunner:
+async def serve(
+    app: web.Application,
+    *,
+    socket_path: str,
+    listen: str | None = None,
+    token: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> web.AppRunner:
     """Serve `app` on a unix socket (mode 0660) and, if `listen` is given, on TCP.
 
     TCP needs a token or TLS: the unix socket is guarded by file permissions, TCP by nothing
@@ -521,8 +576,10 @@ async def serve(app: web.Application, *, socket_path: str, listen: str | None = 
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("TLS needs both a certificate and a key")
     if listen and not (token or tls_cert):
-        raise ValueError(f"refusing to serve the API on TCP {listen} without authentication; "
-                         "give an API token or a TLS certificate and key")
+        raise ValueError(
+            f"refusing to serve the API on TCP {listen} without authentication; "
+            "give an API token or a TLS certificate and key"
+        )
     address = _parse_listen(listen) if listen else None
     app[_AUTH].token = token or None
     path = Path(socket_path)

@@ -34,17 +34,24 @@ def machine_state(assignment: Assignment, published: UnitState | None) -> str:
     return "loaded"
 
 
-def unit_entity(job: Job, unit_file: UnitFile | None, is_global: bool,
-                assignments: Iterable[Assignment], states: Mapping[tuple[str, str], UnitState],
-                alive: set[str]) -> dict:
+def unit_entity(
+    job: Job,
+    unit_file: UnitFile | None,
+    is_global: bool,
+    assignments: Iterable[Assignment],
+    states: Mapping[tuple[str, str], UnitState],
+    alive: set[str],
+) -> dict:
     """The API's Unit entity for `job`; `states` is keyed by (unit, machine id)."""
     live = [a for a in assignments if a.unit == job.name and a.machine_id in alive]
     per_machine = [machine_state(a, states.get((a.unit, a.machine_id))) for a in live]
     current = min(per_machine, key=_ORDER.__getitem__) if per_machine else "inactive"
-    entity = {"name": job.name,
-              "options": unit_file.to_options() if unit_file else [],
-              "desiredState": job.desired_state,
-              "currentState": current}
+    entity = {
+        "name": job.name,
+        "options": unit_file.to_options() if unit_file else [],
+        "desiredState": job.desired_state,
+        "currentState": current,
+    }
     if live and not is_global:
         entity["machineID"] = live[0].machine_id
     return entity

@@ -80,18 +80,39 @@ pass_session = click.make_pass_decorator(_Session)
 
 
 @click.group(cls=_Group)
-@click.option("--endpoint", envvar="FLEETCTL_ENDPOINT", default=DEFAULT_ENDPOINT, show_default=True,
-              help="fleetd API: unix:///path/fleet.sock or http(s)://HOST:PORT (env FLEETCTL_ENDPOINT)")
-@click.option("--token", envvar="FLEETCTL_TOKEN", default=None,
-              help="bearer token for a TCP endpoint (env FLEETCTL_TOKEN)")
-@click.option("--request-timeout", envvar="FLEETCTL_REQUEST_TIMEOUT", default=10.0, show_default=True,
-              type=click.FloatRange(min=0, min_open=True), help="seconds to wait for each API request")
-@click.option("--ssh-username", envvar="FLEETCTL_SSH_USERNAME", default="core", show_default=True,
-              help="user for `fleetctl ssh` outside the local lab")
+@click.option(
+    "--endpoint",
+    envvar="FLEETCTL_ENDPOINT",
+    default=DEFAULT_ENDPOINT,
+    show_default=True,
+    help="fleetd API: unix:///path/fleet.sock or http(s)://HOST:PORT (env FLEETCTL_ENDPOINT)",
+)
+@click.option(
+    "--token",
+    envvar="FLEETCTL_TOKEN",
+    default=None,
+    help="bearer token for a TCP endpoint (env FLEETCTL_TOKEN)",
+)
+@click.option(
+    "--request-timeout",
+    envvar="FLEETCTL_REQUEST_TIMEOUT",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="seconds to wait for each API request",
+)
+@click.option(
+    "--ssh-username",
+    envvar="FLEETCTL_SSH_USERNAME",
+    default="core",
+    show_default=True,
+    help="user for `fleetctl ssh` outside the local lab",
+)
 @click.version_option(__version__, prog_name="fleetctl")
 @click.pass_context
-def cli(ctx: click.Context, endpoint: str, token: str | None, request_timeout: float,
-        ssh_username: str) -> None:
+def cli(
+    ctx: click.Context, endpoint: str, token: str | None, request_timeout: float, ssh_username: str
+) -> None:
     """Manage units in a fleetpy cluster."""
     session = _Session(endpoint, token, request_timeout, ssh_username)
     ctx.obj = session
@@ -109,29 +130,33 @@ def tabulate(rows: list[list[str]]) -> str:
         widths.append(math.ceil((text + 1) / TAB_WIDTH) * TAB_WIDTH)
     lines = []
     for row in rows:
-        cells = [cell + "\t" * math.ceil((widths[i] - len(cell)) / TAB_WIDTH)
-                 for i, cell in enumerate(row[:-1])]
+        cells = [
+            cell + "\t" * math.ceil((widths[i] - len(cell)) / TAB_WIDTH) for i, cell in enumerate(row[:-1])
+        ]
         lines.append("".join(cells) + row[-1])
     return "\n".join(lines) + "\n"
 
 
-def _print_table(fields: str, known: dict[str, Callable[[Any], str]], items: Iterable[Any],
-                 legend: bool) -> None:
+def _print_table(
+    fields: str, known: dict[str, Callable[[Any], str]], items: Iterable[Any], legend: bool
+) -> None:
     if not fields:
         raise click.ClickException("Must define output format")
     columns = fields.split(",")
     for column in columns:
         if column not in known:
-            raise click.ClickException(f'Invalid key in output format: "{column}"; valid fields '
-                                       f'are {",".join(sorted(known))}')
+            raise click.ClickException(
+                f'Invalid key in output format: "{column}"; valid fields are {",".join(sorted(known))}'
+            )
     rows = [[c.upper() for c in columns]] if legend else []
     rows += [[known[c](item) for c in columns] for item in items]
     click.echo(tabulate(rows), nl=False)
 
 
 def _fields_option(default: str) -> Callable:
-    return click.option("--fields", default=default, show_default=True,
-                        help="comma-separated columns to print")
+    return click.option(
+        "--fields", default=default, show_default=True, help="comma-separated columns to print"
+    )
 
 
 def _is_global(name: str, options: list[dict]) -> bool:
@@ -149,6 +174,7 @@ def _is_global(name: str, options: list[dict]) -> bool:
 @pass_session
 def list_machines(session: _Session, full: bool, no_legend: bool, fields: str) -> None:
     """List the machines in the cluster."""
+
     def metadata(m: dict) -> str:
         pairs = sorted(m.get("metadata", {}).items())
         return ",".join(f"{k}={v}" for k, v in pairs) or "-"
@@ -204,6 +230,7 @@ def list_units(session: _Session, full: bool, no_legend: bool, fields: str) -> N
 @pass_session
 def list_unit_files(session: _Session, full: bool, no_legend: bool, fields: str) -> None:
     """List the units submitted to the cluster, whether or not they run anywhere."""
+
     def target(u: dict) -> str:
         if _is_global(u["name"], u["options"]):
             return "global"
@@ -214,8 +241,9 @@ def list_unit_files(session: _Session, full: bool, no_legend: bool, fields: str)
         return value if full else value[:7]
 
     def description(u: dict) -> str:
-        return next((o["value"] for o in u["options"]
-                     if o["section"] == "Unit" and o["name"] == "Description"), "-")
+        return next(
+            (o["value"] for o in u["options"] if o["section"] == "Unit" and o["name"] == "Description"), "-"
+        )
 
     known: dict[str, Callable[[dict], str]] = {
         "unit": lambda u: u["name"],
@@ -252,8 +280,13 @@ def explain(session: _Session, units: tuple[str, ...]) -> None:
 
 
 @cli.command("ssh", context_settings={"ignore_unknown_options": True})
-@click.option("--lab-dir", envvar="FLEETPY_LAB_DIR", default=str(LAB_DIR), show_default=True,
-              help="a local lab whose nodes are entered directly")
+@click.option(
+    "--lab-dir",
+    envvar="FLEETPY_LAB_DIR",
+    default=str(LAB_DIR),
+    show_default=True,
+    help="a local lab whose nodes are entered directly",
+)
 @click.argument("target")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @pass_session
@@ -273,8 +306,9 @@ def ssh(session: _Session, lab_dir: str, target: str, command: tuple[str, ...]) 
     try:
         address = str(ipaddress.ip_address(machine.get("primaryIP", "")))
     except ValueError:
-        raise click.ClickException(f"machine {machine['id']} has no usable IP address "
-                                   f"({machine.get('primaryIP')!r})") from None
+        raise click.ClickException(
+            f"machine {machine['id']} has no usable IP address ({machine.get('primaryIP')!r})"
+        ) from None
     os.execvp("ssh", ["ssh", "-l", session.ssh_username, "--", address, *command])
 
 
@@ -287,7 +321,9 @@ def _target_machine(client: Client, target: str) -> dict:
         target = unit["machineID"]
     matches = [m for m in machines if m["id"].startswith(target)]
     if len(matches) != 1:
-        raise click.ClickException(f"{len(matches)} machines match {target!r}; give a longer id or a unit name")
+        raise click.ClickException(
+            f"{len(matches)} machines match {target!r}; give a longer id or a unit name"
+        )
     return matches[0]
 
 
@@ -304,8 +340,13 @@ def status(session: _Session, units: tuple[str, ...]) -> None:
 
 
 @cli.command("journal")
-@click.option("--lines", default=10, show_default=True, type=click.IntRange(min=0),
-              help="number of recent journal lines")
+@click.option(
+    "--lines",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="number of recent journal lines",
+)
 @click.option("-f", "--follow", is_flag=True, help="keep printing new lines as they arrive")
 @click.argument("unit")
 @pass_session
@@ -317,11 +358,16 @@ def journal(session: _Session, lines: int, follow: bool, unit: str) -> None:
 
 # Changing units
 def _block_options(command: Callable) -> Callable:
-    command = click.option("--no-block", is_flag=True,
-                           help="do not wait for the units to reach their state")(command)
-    return click.option("--block-attempts", default=DEFAULT_BLOCK_ATTEMPTS, show_default=True,
-                        type=click.IntRange(min=0),
-                        help=f"poll the state this many times, {POLL_INTERVAL}s apart (0 = forever)")(command)
+    command = click.option("--no-block", is_flag=True, help="do not wait for the units to reach their state")(
+        command
+    )
+    return click.option(
+        "--block-attempts",
+        default=DEFAULT_BLOCK_ATTEMPTS,
+        show_default=True,
+        type=click.IntRange(min=0),
+        help=f"poll the state this many times, {POLL_INTERVAL}s apart (0 = forever)",
+    )(command)
 
 
 @cli.command("submit")
@@ -337,8 +383,9 @@ def submit(session: _Session, unit_files: tuple[str, ...]) -> None:
 @_block_options
 @click.argument("units", nargs=-1, required=True)
 @pass_session
-def load(session: _Session, units: tuple[str, ...], replace: bool, no_block: bool,
-         block_attempts: int) -> None:
+def load(
+    session: _Session, units: tuple[str, ...], replace: bool, no_block: bool, block_attempts: int
+) -> None:
     """Schedule units onto machines and load them into systemd there, without starting them."""
     names = _create_units(session.client, units, replace)
     _change_state(session, names, "loaded", no_block, block_attempts)
@@ -349,8 +396,9 @@ def load(session: _Session, units: tuple[str, ...], replace: bool, no_block: boo
 @_block_options
 @click.argument("units", nargs=-1, required=True)
 @pass_session
-def start(session: _Session, units: tuple[str, ...], replace: bool, no_block: bool,
-          block_attempts: int) -> None:
+def start(
+    session: _Session, units: tuple[str, ...], replace: bool, no_block: bool, block_attempts: int
+) -> None:
     """Schedule and start units, submitting local unit files first if needed."""
     names = _create_units(session.client, units, replace)
     _change_state(session, names, "launched", no_block, block_attempts)
@@ -400,8 +448,9 @@ def destroy(session: _Session, units: tuple[str, ...], no_block: bool, block_att
 
     late = _poll(destroyed, gone, block_attempts)
     if late:
-        raise click.ClickException("; ".join(f"timed out waiting for unit {n} to be removed "
-                                             "from its machine" for n in late))
+        raise click.ClickException(
+            "; ".join(f"timed out waiting for unit {n} to be removed from its machine" for n in late)
+        )
 
 
 def _unit_name(arg: str) -> str:
@@ -467,8 +516,11 @@ def _create_units(client: Client, args: Iterable[str], replace: bool) -> list[st
             if local is None or _hash(local) == _hash(existing["options"]):
                 continue
             if not replace:
-                click.echo(f"WARNING: Unit {name} in registry differs from local unit file {arg}; "
-                           "use --replace to replace it", err=True)
+                click.echo(
+                    f"WARNING: Unit {name} in registry differs from local unit file {arg}; "
+                    "use --replace to replace it",
+                    err=True,
+                )
                 continue
             client.destroy_unit(name)
         options = local or _template_options(client, name, arg)
@@ -496,13 +548,14 @@ def _template_options(client: Client, name: str, arg: str) -> list[dict]:
         return template["options"]
     local = _local_options(os.path.join(os.path.dirname(arg), parsed.template))
     if local is None:
-        raise click.ClickException(f"unable to find unit {name}, its template {parsed.template} "
-                                   "in the cluster, or a local file for either")
+        raise click.ClickException(
+            f"unable to find unit {name}, its template {parsed.template} "
+            "in the cluster, or a local file for either"
+        )
     return local
 
 
-def _change_state(session: _Session, names: list[str], target: str, no_block: bool,
-                  attempts: int) -> None:
+def _change_state(session: _Session, names: list[str], target: str, no_block: bool, attempts: int) -> None:
     client = session.client
     units = {}
     for name in names:
@@ -510,9 +563,11 @@ def _change_state(session: _Session, names: list[str], target: str, no_block: bo
         if unit is None:
             raise click.ClickException(f"unable to find unit {name}")
         if UnitName.parse(name).is_template and target != "inactive":
-            raise click.ClickException(f"unable to {'start' if target == 'launched' else 'load'} "
-                                       f"{name}: it is a template; use an instance such as "
-                                       f"{name.replace('@.', '@1.')}")
+            raise click.ClickException(
+                f"unable to {'start' if target == 'launched' else 'load'} "
+                f"{name}: it is a template; use an instance such as "
+                f"{name.replace('@.', '@1.')}"
+            )
         units[name] = unit
         if unit["desiredState"] != target:
             client.set_unit_target_state(name, target)
@@ -534,8 +589,10 @@ def _change_state(session: _Session, names: list[str], target: str, no_block: bo
         problems = []
         for name in late:
             reason = client.pending_reason(name)
-            problems.append(f"timed out waiting for unit {name} to report state {target}"
-                            + (f" (pending: {reason})" if reason else ""))
+            problems.append(
+                f"timed out waiting for unit {name} to report state {target}"
+                + (f" (pending: {reason})" if reason else "")
+            )
         raise click.ClickException("; ".join(problems))
 
 

@@ -43,10 +43,10 @@ class Client:
             transport = None
             base_url = endpoint.rstrip("/")
         else:
-            raise ValueError(f"bad endpoint {endpoint!r}; expected unix:///path/fleet.sock "
-                             "or http(s)://HOST:PORT")
-        self._http = httpx.Client(base_url=base_url, transport=transport, headers=headers,
-                                  timeout=timeout)
+            raise ValueError(
+                f"bad endpoint {endpoint!r}; expected unix:///path/fleet.sock or http(s)://HOST:PORT"
+            )
+        self._http = httpx.Client(base_url=base_url, transport=transport, headers=headers, timeout=timeout)
 
     def close(self) -> None:
         self._http.close()
@@ -58,8 +58,11 @@ class Client:
         self.close()
 
     def _unreachable(self, error: Exception) -> ConnectionFailed:
-        return ConnectionFailed(0, f"cannot reach fleetd at {self.endpoint}: {error}; is fleetd "
-                                   "running? set --endpoint or FLEETCTL_ENDPOINT")
+        return ConnectionFailed(
+            0,
+            f"cannot reach fleetd at {self.endpoint}: {error}; is fleetd "
+            "running? set --endpoint or FLEETCTL_ENDPOINT",
+        )
 
     def _check_socket(self) -> None:
         # Said plainly up front; httpcore would also leak the socket of a failed unix connect.
@@ -104,11 +107,11 @@ class Client:
         if not options and parsed.is_instance:
             template = self.unit(parsed.template)
             if template is None:
-                raise APIError(404, f"unit {name} has no options and its template "
-                                    f"{parsed.template} is not submitted")
+                raise APIError(
+                    404, f"unit {name} has no options and its template {parsed.template} is not submitted"
+                )
             options = template["options"]
-        self._request("PUT", _unit_path(name), json={"desiredState": desired_state,
-                                                     "options": options or []})
+        self._request("PUT", _unit_path(name), json={"desiredState": desired_state, "options": options or []})
 
     def set_unit_target_state(self, name: str, state: str) -> None:
         self._request("PUT", _unit_path(name), json={"desiredState": state})
@@ -127,8 +130,7 @@ class Client:
     def set_machine_metadata(self, machine_id: str, key: str, value: str | None) -> None:
         """Set a metadata key, or remove it when `value` is None."""
         path = f"/{machine_id}/metadata/{key}"
-        op = {"op": "remove", "path": path} if value is None else {"op": "add", "path": path,
-                                                                   "value": value}
+        op = {"op": "remove", "path": path} if value is None else {"op": "add", "path": path, "value": value}
         self._request("PATCH", "/fleet/v1/machines", json=[op])
 
     # fleetpy extensions
@@ -145,8 +147,7 @@ class Client:
         params = {"lines": str(lines), "follow": "true" if follow else "false"}
         path = f"/fleetpy/v1/units/{_quoted(name)}/journal"
         # A followed journal has no end; only connecting may time out.
-        timeout = (httpx.Timeout(self._http.timeout.connect, read=None) if follow
-                   else httpx.USE_CLIENT_DEFAULT)
+        timeout = httpx.Timeout(self._http.timeout.connect, read=None) if follow else httpx.USE_CLIENT_DEFAULT
         self._check_socket()
         try:
             with self._http.stream("GET", path, params=params, timeout=timeout) as response:

@@ -207,15 +207,18 @@ def plan(config: CloudConfig, target: Target) -> Plan:
         if root == Path("/"):
             result.users = list(config.users)
         else:
-            result.notes.append(f"users: not created ({names}): --root is not /, users are made on the "
-                                "running system only")
+            result.notes.append(
+                f"users: not created ({names}): --root is not /, users are made on the running system only"
+            )
     # etcd2.service and the drop-ins go where the chosen manager reads units (under ROOT for
     # the system manager, the user manager's own dir otherwise), so its commands can start them.
     if config.etcd2:
         result.changes += [
             FileChange(_inside(target.unit_dir, ETCD_UNIT), _etcd_unit(target.bus)),
-            FileChange(_inside(target.unit_dir, f"{ETCD_UNIT}.d/{DROP_IN}"),
-                       _environment_drop_in("ETCD", config.etcd2)),
+            FileChange(
+                _inside(target.unit_dir, f"{ETCD_UNIT}.d/{DROP_IN}"),
+                _environment_drop_in("ETCD", config.etcd2),
+            ),
         ]
     if config.fleet:
         options = {k: v for k, v in config.fleet.items() if k in FLEETD_OPTIONS}
@@ -223,8 +226,9 @@ def plan(config: CloudConfig, target: Target) -> Plan:
             result.notes.append(f"fleet: options fleetd does not read, left out: {', '.join(skipped)}")
         result.changes += [
             FileChange(_inside(root, "/etc/fleet/fleet.conf"), _fleet_conf(options)),
-            FileChange(_inside(target.unit_dir, f"{FLEET_UNIT}.d/{DROP_IN}"),
-                       _environment_drop_in("FLEET", options)),
+            FileChange(
+                _inside(target.unit_dir, f"{FLEET_UNIT}.d/{DROP_IN}"), _environment_drop_in("FLEET", options)
+            ),
         ]
     for unit in config.units:
         _plan_unit(unit, target, result)
@@ -234,16 +238,13 @@ def plan(config: CloudConfig, target: Target) -> Plan:
     return result
 
 
-def execute(plan: Plan, target: Target, dry_run: bool, echo: Echo) -> int:
+def execute(plan: Plan, target: Target, dry_run: bool, echo: Echo) -> int:  # noqa: C901 - to be split (issue 12)
     """Carry out `plan`, printing a line per action; returns the number of changes made."""
     changed = 0
     unit_dirs = (target.unit_dir, target.runtime_unit_dir)
     units_changed = False
     for change in plan.changes:
-        if isinstance(change, FileChange):
-            state = _file_state(change)
-        else:
-            state = _link_state(change)
+        state = _file_state(change) if isinstance(change, FileChange) else _link_state(change)
         what = change.path if isinstance(change, FileChange) else f"{change.path} -> {change.target}"
         if state == "unchanged":
             echo(f"unchanged {what}")
@@ -272,7 +273,9 @@ def execute(plan: Plan, target: Target, dry_run: bool, echo: Echo) -> int:
     if plan.commands or units_changed:
         if not target.run_commands:
             for command, name in plan.commands:
-                echo(f"would run {command} {name}" if dry_run else f"skipped {command} {name} (--no-commands)")
+                echo(
+                    f"would run {command} {name}" if dry_run else f"skipped {command} {name} (--no-commands)"
+                )
         elif target.live:
             changed += asyncio.run(_run_commands(target.bus, plan.commands, units_changed, echo))
     return changed
@@ -325,8 +328,9 @@ def _plan_unit(unit: Unit, target: Target, result: Plan) -> None:
     elif unit.content is not None:
         result.changes.append(FileChange(path, unit.content.encode()))
     for drop_in in unit.drop_ins:
-        result.changes.append(FileChange(_inside(unit_dir, f"{unit.name}.d/{drop_in.name}"),
-                                         drop_in.content.encode()))
+        result.changes.append(
+            FileChange(_inside(unit_dir, f"{unit.name}.d/{drop_in.name}"), drop_in.content.encode())
+        )
     if unit.enable and not unit.mask:
         result.changes += _install_links(unit, path, unit_dir, target.root, result.changes, result.notes)
     if unit.command:
@@ -334,7 +338,11 @@ def _plan_unit(unit: Unit, target: Target, result: Plan) -> None:
 
 
 def _install_links(
-    unit: Unit, path: Path, unit_dir: Path, root: Path, planned_changes: list[FileChange | LinkChange],
+    unit: Unit,
+    path: Path,
+    unit_dir: Path,
+    root: Path,
+    planned_changes: list[FileChange | LinkChange],
     notes: list[str],
 ) -> list[LinkChange]:
     """The symlinks `systemctl enable` would make from the unit's [Install] section."""
@@ -497,8 +505,11 @@ def _write(change: FileChange) -> None:
             f.write(change.content)
             os.fchmod(f.fileno(), change.mode)
             if change.uid is not None or change.gid is not None:
-                os.fchown(f.fileno(), -1 if change.uid is None else change.uid,
-                          -1 if change.gid is None else change.gid)
+                os.fchown(
+                    f.fileno(),
+                    -1 if change.uid is None else change.uid,
+                    -1 if change.gid is None else change.gid,
+                )
         os.replace(tmp, change.path)
     except BaseException:
         os.unlink(tmp)
@@ -533,14 +544,22 @@ def _apply_user(user: dict[str, Any], dry_run: bool, echo: Echo) -> int:
         echo(f"would create user {name}")
         return 1
     argv = ["useradd"]
-    for key, flag in (("gecos", "--comment"), ("homedir", "--home-dir"), ("primary_group", "--gid"),
-                      ("shell", "--shell"), ("passwd", "--password")):
+    for key, flag in (
+        ("gecos", "--comment"),
+        ("homedir", "--home-dir"),
+        ("primary_group", "--gid"),
+        ("shell", "--shell"),
+        ("passwd", "--password"),
+    ):
         if user.get(key):
             argv += [flag, str(user[key])]
     if user.get("groups"):
         argv += ["--groups", ",".join(user["groups"])]
-    for key, flag in (("no_user_group", "--no-user-group"), ("system", "--system"),
-                      ("no_log_init", "--no-log-init")):
+    for key, flag in (
+        ("no_user_group", "--no-user-group"),
+        ("system", "--system"),
+        ("no_log_init", "--no-log-init"),
+    ):
         if user.get(key):
             argv.append(flag)
     argv.append("--no-create-home" if user.get("no_create_home") else "--create-home")
@@ -549,8 +568,11 @@ def _apply_user(user: dict[str, Any], dry_run: bool, echo: Echo) -> int:
         raise ApplyError(f"user {name}: useradd failed: {result.stderr.strip()}")
     echo(f"created user {name}")
     if keys := user.get("ssh_authorized_keys"):
-        home = Path(subprocess.run(["getent", "passwd", name], capture_output=True, text=True,
-                                   check=True).stdout.split(":")[5])
+        home = Path(
+            subprocess.run(
+                ["getent", "passwd", name], capture_output=True, text=True, check=True
+            ).stdout.split(":")[5]
+        )
         uid = int(subprocess.run(["id", "-u", name], capture_output=True, text=True, check=True).stdout)
         gid = int(subprocess.run(["id", "-g", name], capture_output=True, text=True, check=True).stdout)
         path = home / ".ssh/authorized_keys"

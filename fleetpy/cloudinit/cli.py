@@ -45,19 +45,39 @@ def validate_command(files: tuple[Path, ...], output_format: str) -> None:
 
 @click.command("apply")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("/"), show_default=True,
-              help="Write files under this directory instead of /; users are then not created.")
-@click.option("--systemd-bus", default="system", show_default=True,
-              help="system, user, or a D-Bus address such as unix:path=/run/user/0/bus. Decides "
-                   "where coreos.units files go and which manager runs their commands.")
-@click.option("--private-ipv4", help="Value of $private_ipv4 (default: this machine's first "
-              "non-loopback IPv4 address).")
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("/"),
+    show_default=True,
+    help="Write files under this directory instead of /; users are then not created.",
+)
+@click.option(
+    "--systemd-bus",
+    default="system",
+    show_default=True,
+    help="system, user, or a D-Bus address such as unix:path=/run/user/0/bus. Decides "
+    "where coreos.units files go and which manager runs their commands.",
+)
+@click.option(
+    "--private-ipv4", help="Value of $private_ipv4 (default: this machine's first non-loopback IPv4 address)."
+)
 @click.option("--public-ipv4", help="Value of $public_ipv4 (default: as for --private-ipv4).")
-@click.option("--no-commands", is_flag=True, help="Write everything but do not reload systemd or run "
-              "coreos.units commands.")
+@click.option(
+    "--no-commands",
+    is_flag=True,
+    help="Write everything but do not reload systemd or run coreos.units commands.",
+)
 @click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
-def apply_command(file: Path, root: Path, systemd_bus: str, private_ipv4: str | None,
-                  public_ipv4: str | None, no_commands: bool, dry_run: bool) -> None:
+def apply_command(
+    file: Path,
+    root: Path,
+    systemd_bus: str,
+    private_ipv4: str | None,
+    public_ipv4: str | None,
+    no_commands: bool,
+    dry_run: bool,
+) -> None:
     """Apply #cloud-config user-data FILE: files, hostname, SSH keys, users, coreos.etcd2,
     coreos.fleet and coreos.units. Invalid user-data changes nothing (exit status 1)."""
     try:

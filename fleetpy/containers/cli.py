@@ -21,15 +21,28 @@ from fleetpy.containers.generate import NETWORKS, RESTART_POLICIES, RUNTIMES, ge
 @click.option("--metadata", multiple=True, help="[X-Fleet] MachineMetadata key=value; repeatable.")
 @click.option("--global", "is_global", is_flag=True, help="[X-Fleet] Global=true.")
 @click.option("--machine-of", help="[X-Fleet] MachineOf unit.")
-@click.option("--command", "command", help="Command and arguments for the container, split like a shell would.")
+@click.option(
+    "--command", "command", help="Command and arguments for the container, split like a shell would."
+)
 @click.option("--restart", type=click.Choice(RESTART_POLICIES), default="always", show_default=True)
 @click.option("--network", type=click.Choice(NETWORKS), help="Container network mode.")
 @click.option("--description", help="Description= of the unit.")
-@click.option("--containers-conf", help="podman: absolute path for CONTAINERS_CONF in the unit's environment.")
+@click.option(
+    "--containers-conf", help="podman: absolute path for CONTAINERS_CONF in the unit's environment."
+)
 @click.option("--storage-conf", help="podman: absolute path for CONTAINERS_STORAGE_CONF.")
-@click.option("--start-timeout", type=int, default=300, show_default=True, help="TimeoutStartSec (slow pulls).")
-@click.option("--stop-timeout", type=int, default=10, show_default=True, help="Seconds the container gets to stop.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Where to write; ./NAME by default.")
+@click.option(
+    "--start-timeout", type=int, default=300, show_default=True, help="TimeoutStartSec (slow pulls)."
+)
+@click.option(
+    "--stop-timeout", type=int, default=10, show_default=True, help="Seconds the container gets to stop."
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write; ./NAME by default.",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 def new_unit_command(
     name: str,

@@ -74,7 +74,9 @@ def announce(endpoint: str, key: str, value: str, check_url: str, ttl: int, inte
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python3 -m fleetpy.containers.discovery")
-    parser.add_argument("--etcd", default=os.environ.get("ETCD_ENDPOINT", DEFAULT_ETCD), help="etcd v2 endpoint")
+    parser.add_argument(
+        "--etcd", default=os.environ.get("ETCD_ENDPOINT", DEFAULT_ETCD), help="etcd v2 endpoint"
+    )
     sub = parser.add_subparsers(dest="action", required=True)
     up = sub.add_parser("announce")
     up.add_argument("--key", required=True)

@@ -43,7 +43,9 @@ _IMAGE = re.compile(
 _PORT = re.compile(
     r"(?:(?P<ip>[0-9.]+|\[[0-9a-fA-F:]+\]):)?(?:(?P<host>[0-9]{1,5})?:)?(?P<container>[0-9]{1,5})(?:/(?P<proto>tcp|udp|sctp))?"
 )
-_VOLUME_OPTIONS = frozenset({"ro", "rw", "z", "Z", "U", "O", "shared", "rshared", "slave", "rslave", "private", "rprivate", "nocopy"})
+_VOLUME_OPTIONS = frozenset(
+    {"ro", "rw", "z", "Z", "U", "O", "shared", "rshared", "slave", "rslave", "private", "rprivate", "nocopy"}
+)
 _META_KEY = re.compile(r"[A-Za-z0-9_.-]+")
 _META_VALUE = re.compile(r"[A-Za-z0-9_.:/@+-]+")
 _GLOB = re.compile(r"[A-Za-z0-9:_.@*?\[\]-]+(?:\.(?:service|socket|timer|path|target|mount|device))?")
@@ -110,7 +112,7 @@ def systemd_quote(value: str, expand_dollar: bool = True) -> str:
     return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def generate_unit(
+def generate_unit(  # noqa: C901 - to be split (issue 12)
     name: str,
     image: str,
     runtime: str = "podman",
@@ -183,7 +185,9 @@ def generate_unit(
         # The docker client stays in the foreground and exits with the container.
         unit_type, notify_all = "simple", False
         if containers_conf or storage_conf:
-            raise InvalidValue("--containers-conf and --storage-conf are podman settings; drop them for docker")
+            raise InvalidValue(
+                "--containers-conf and --storage-conf are podman settings; drop them for docker"
+            )
     if network:
         run.append(f"--network={network}")
     run += [a for port in ports for a in ("-p", systemd_quote(_check_port(port)))]
@@ -304,7 +308,9 @@ def _check_volume(spec: str) -> str:
     _check_text("volume", spec)
     parts = spec.split(":")
     if len(parts) not in (2, 3):
-        raise InvalidVolume(f"volume {spec!r}: write SRC:DST[:OPTIONS] with absolute paths, e.g. /srv/data:/data:ro")
+        raise InvalidVolume(
+            f"volume {spec!r}: write SRC:DST[:OPTIONS] with absolute paths, e.g. /srv/data:/data:ro"
+        )
     for label, path in (("source", parts[0]), ("destination", parts[1])):
         if not path.startswith("/"):
             raise InvalidVolume(f"volume {spec!r}: the {label} {path!r} must be an absolute path")

@@ -89,14 +89,25 @@ def build_busybox_image(name: str = DEFAULT_IMAGE, podman_env: dict[str, str] | 
         for applet in APPLETS:
             (rootfs / "bin" / applet).symlink_to("busybox")
         # httpd and id look users up; without these files they log noise.
-        (rootfs / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n")
+        (rootfs / "etc" / "passwd").write_text(
+            "root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n"
+        )
         (rootfs / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
         (rootfs / "www" / "index.html").write_text("fleetpy busybox\n")
         tar_path = Path(tmp) / "rootfs.tar"
         with tarfile.open(tar_path, "w") as tar:
             tar.add(rootfs, arcname=".")
         result = subprocess.run(
-            ["podman", "import", "--change", 'CMD ["/bin/sh"]', "--change", "ENV PATH=/bin", str(tar_path), name],
+            [
+                "podman",
+                "import",
+                "--change",
+                'CMD ["/bin/sh"]',
+                "--change",
+                "ENV PATH=/bin",
+                str(tar_path),
+                name,
+            ],
             env={**os.environ, **(podman_env or {})},
             capture_output=True,
             text=True,
@@ -123,7 +134,9 @@ def prepare_node(node: Node, podman_env: dict[str, str]) -> None:
     for controller in cgroup2_controllers():
         mountpoint = node.dir / f"cgroup-{controller}"
         mountpoint.mkdir(exist_ok=True)
-        node.run(["mount", "-t", "cgroup", "-o", controller, f"fleetpy-{controller}", str(mountpoint)], check=True)
+        node.run(
+            ["mount", "-t", "cgroup", "-o", controller, f"fleetpy-{controller}", str(mountpoint)], check=True
+        )
     assignments = [f"{key}={value}" for key, value in podman_env.items()]
     node.run(["systemctl", "--user", "set-environment", *assignments], check=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -51,9 +52,11 @@ async def explain_placement(registry: AsyncRegistry, units: ParsedUnits, name: s
     instead of the unit being simply "kept where it runs".
     """
     machines, jobs, current = await asyncio.gather(
-        registry.machines(), registry.jobs(), registry.assignments())
-    decision = plan(machines, await units.of(jobs), [a for a in current if a.unit != name]
-                    ).decisions.get(name)
+        registry.machines(), registry.jobs(), registry.assignments()
+    )
+    decision = plan(machines, await units.of(jobs), [a for a in current if a.unit != name]).decisions.get(
+        name
+    )
     if decision is None:
         return [f"{name} is not scheduled: its desired state is inactive"]
     placed = sorted(short_id(a.machine_id) for a in current if a.unit == name)
@@ -68,8 +71,9 @@ class Engine:
     repairs anything a lost event or a crashed predecessor left behind.
     """
 
-    def __init__(self, registry: AsyncRegistry, machine_id: str, lease_ttl: float,
-                 reconcile_interval: float = 30.0):
+    def __init__(
+        self, registry: AsyncRegistry, machine_id: str, lease_ttl: float, reconcile_interval: float = 30.0
+    ):
         self.registry = registry
         self.machine_id = machine_id
         self.lease_ttl = lease_ttl
@@ -102,9 +106,14 @@ class Engine:
         self.leading.set()
         changed = asyncio.Event()
         changed.set()
-        tasks = [asyncio.create_task(coro) for coro in (
-            self._watch("job", changed), self._watch("machines", changed),
-            self._schedule_on(changed))]
+        tasks = [
+            asyncio.create_task(coro)
+            for coro in (
+                self._watch("job", changed),
+                self._watch("machines", changed),
+                self._schedule_on(changed),
+            )
+        ]
         try:
             await self._keep_lease()
         finally:
@@ -140,10 +149,8 @@ class Engine:
 
     async def _schedule_on(self, changed: asyncio.Event) -> None:
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), self.reconcile_interval)
-            except TimeoutError:
-                pass
             changed.clear()
             try:
                 await self.reconcile()
@@ -158,15 +165,21 @@ class Engine:
     async def reconcile(self) -> Plan:
         """Read the cluster, compute the plan, and write only the difference."""
         machines, jobs, current, pending = await asyncio.gather(
-            self.registry.machines(), self.registry.jobs(), self.registry.assignments(),
-            self.registry.pending())
+            self.registry.machines(),
+            self.registry.jobs(),
+            self.registry.assignments(),
+            self.registry.pending(),
+        )
         orphaned = {a.machine_id for a in current} - {m.id for m in machines}
         settle = await self.registry.last_failure() + self.lease_ttl - time.monotonic()
         if orphaned and settle > 0:
             # Right after etcd was away, machine records may have expired while their agents
             # are fine: give them one TTL to register again before moving their units.
-            log.info("engine: %d machine(s) missing just after an etcd outage; waiting %.1fs",
-                     len(orphaned), settle)
+            log.info(
+                "engine: %d machine(s) missing just after an etcd outage; waiting %.1fs",
+                len(orphaned),
+                settle,
+            )
             await asyncio.sleep(settle)
             return await self.reconcile()
         new_plan = plan(machines, await self.units.of(jobs), current)
@@ -183,11 +196,12 @@ class Engine:
             writes.append(self.registry.remove_state(unit, machine_id))
         # Unassign before assigning, so Conflicts/Replaces never see both copies at once.
         await asyncio.gather(*writes)
-        await asyncio.gather(*(self.registry.assign(a) for key, a in wanted.items()
-                               if existing.get(key) != a))
         await asyncio.gather(
-            *(self.registry.set_pending(u, r) for u, r in new_plan.pending.items()
-              if pending.get(u) != r),
-            *(self.registry.set_pending(u, None) for u in pending.keys() - new_plan.pending.keys()))
+            *(self.registry.assign(a) for key, a in wanted.items() if existing.get(key) != a)
+        )
+        await asyncio.gather(
+            *(self.registry.set_pending(u, r) for u, r in new_plan.pending.items() if pending.get(u) != r),
+            *(self.registry.set_pending(u, None) for u in pending.keys() - new_plan.pending.keys()),
+        )
         if changed := len(writes) // 2 + sum(existing.get(k) != a for k, a in wanted.items()):
             log.info("engine: %d schedule changes", changed)

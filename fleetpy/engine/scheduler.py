@@ -120,8 +120,9 @@ def machine_id_filter(ctx: Context, unit: Unit, machine: Machine) -> str | None:
 def metadata_filter(ctx: Context, unit: Unit, machine: Machine) -> str | None:
     if unit.fleet.metadata_matches(machine.metadata):
         return None
-    wanted = ",".join(f"{key}={'|'.join(sorted(values))}"
-                      for key, values in sorted(unit.fleet.machine_metadata))
+    wanted = ",".join(
+        f"{key}={'|'.join(sorted(values))}" for key, values in sorted(unit.fleet.machine_metadata)
+    )
     return f"metadata {wanted} does not match"
 
 
@@ -148,7 +149,11 @@ def replaced_filter(ctx: Context, unit: Unit, machine: Machine) -> str | None:
 
 
 FILTERS: tuple[Filter, ...] = (
-    machine_id_filter, metadata_filter, machine_of_filter, conflicts_filter, replaced_filter,
+    machine_id_filter,
+    metadata_filter,
+    machine_of_filter,
+    conflicts_filter,
+    replaced_filter,
 )
 # fleet refuses MachineID, MachineOf and Replaces beside Global=true.
 GLOBAL_FILTERS: tuple[Filter, ...] = (metadata_filter, conflicts_filter)
@@ -186,16 +191,22 @@ RANKERS: tuple[tuple[Ranker, float], ...] = ((least_loaded_ranker, 1.0), (replac
 # --- the plan --------------------------------------------------------------------------------
 
 
-def plan(machines: Sequence[Machine], jobs: Sequence[tuple[Job, Unit]],
-         current: Sequence[Assignment]) -> Plan:
+def plan(
+    machines: Sequence[Machine], jobs: Sequence[tuple[Job, Unit]], current: Sequence[Assignment]
+) -> Plan:
     """Compute the complete desired schedule from the cluster as it is now."""
     active = {job.name: (job, unit) for job, unit in jobs if job.desired_state != "inactive"}
     units = {name: unit for name, (_, unit) in active.items()}
     live = {m.id: m for m in sorted(machines, key=lambda m: m.id)}
-    ctx = Context(machines=live, units=units, cycles=_machine_of_cycles(units),
-                  on_machine={mid: set() for mid in live}, placed={},
-                  with_conflicts=frozenset(n for n, u in units.items() if u.fleet.conflicts),
-                  with_replaces=frozenset(n for n, u in units.items() if u.fleet.replaces))
+    ctx = Context(
+        machines=live,
+        units=units,
+        cycles=_machine_of_cycles(units),
+        on_machine={mid: set() for mid in live},
+        placed={},
+        with_conflicts=frozenset(n for n, u in units.items() if u.fleet.conflicts),
+        with_replaces=frozenset(n for n, u in units.items() if u.fleet.replaces),
+    )
     decisions: dict[str, Decision] = {}
     pending: dict[str, str] = {}
 
@@ -226,16 +237,20 @@ def plan(machines: Sequence[Machine], jobs: Sequence[tuple[Job, Unit]],
         if name not in ctx.placed:
             pending[name] = decision.reason
     assignments = tuple(
-        Assignment(unit=name, machine_id=mid, hash=active[name][0].hash,
-                   desired_state=active[name][0].desired_state)
-        for name in sorted(ctx.placed) for mid in sorted(ctx.placed[name])
+        Assignment(
+            unit=name, machine_id=mid, hash=active[name][0].hash, desired_state=active[name][0].desired_state
+        )
+        for name in sorted(ctx.placed)
+        for mid in sorted(ctx.placed[name])
     )
-    return Plan(assignments=assignments, pending=MappingProxyType(pending),
-                decisions=MappingProxyType(decisions))
+    return Plan(
+        assignments=assignments, pending=MappingProxyType(pending), decisions=MappingProxyType(decisions)
+    )
 
 
-def _current_machines(current: Iterable[Assignment], units: Mapping[str, Unit],
-                      live: Mapping[str, Machine]) -> dict[str, set[str]]:
+def _current_machines(
+    current: Iterable[Assignment], units: Mapping[str, Unit], live: Mapping[str, Machine]
+) -> dict[str, set[str]]:
     # Assignments on machines that went away simply vanish.
     was_on: dict[str, set[str]] = {}
     for a in current:
@@ -267,10 +282,8 @@ def _place(ctx: Context, unit: Unit) -> Decision:
     filtered = _filter(ctx, unit, FILTERS)
     survivors = [m for mid, m in ctx.machines.items() if mid not in filtered]
     if not survivors:
-        return Decision(name, None, filtered=filtered,
-                        reason=_pending_reason(filtered, len(ctx.machines)))
-    scores = {m.id: sum(weight * rank(ctx, unit, m) for rank, weight in RANKERS)
-              for m in survivors}
+        return Decision(name, None, filtered=filtered, reason=_pending_reason(filtered, len(ctx.machines)))
+    scores = {m.id: sum(weight * rank(ctx, unit, m) for rank, weight in RANKERS) for m in survivors}
     best = min(scores, key=lambda mid: (-scores[mid], mid))
     reason = _choice_reason(ctx, unit, ctx.machines[best], len(survivors))
     ctx.place(name, best)
@@ -282,12 +295,16 @@ def _place_global(ctx: Context, unit: Unit, was_on: set[str]) -> Decision:
     filtered = _filter(ctx, unit, GLOBAL_FILTERS)
     chosen = [mid for mid in ctx.machines if mid not in filtered]
     if not chosen:
-        return Decision(name, None, filtered=filtered,
-                        reason=_pending_reason(filtered, len(ctx.machines)))
+        return Decision(name, None, filtered=filtered, reason=_pending_reason(filtered, len(ctx.machines)))
     for mid in chosen:
         ctx.place(name, mid)
-    return Decision(name, None, filtered=filtered, kept=set(chosen) == was_on,
-                    reason=f"global: on {len(chosen)} of {len(ctx.machines)} machines")
+    return Decision(
+        name,
+        None,
+        filtered=filtered,
+        kept=set(chosen) == was_on,
+        reason=f"global: on {len(chosen)} of {len(ctx.machines)} machines",
+    )
 
 
 def _filter(ctx: Context, unit: Unit, filters: Sequence[Filter]) -> dict[str, str]:
@@ -309,19 +326,20 @@ def _choice_reason(ctx: Context, unit: Unit, machine: Machine, candidates: int) 
     return f"least loaded ({load} unit{'' if load == 1 else 's'})"
 
 
-def _evict_replaced(ctx: Context, replacer: Unit, machine_id: str, order: Sequence[str],
-                    evicted: set[str]) -> list[str]:
+def _evict_replaced(
+    ctx: Context, replacer: Unit, machine_id: str, order: Sequence[str], evicted: set[str]
+) -> list[str]:
     """Take the units `replacer` displaces off its machine, with their MachineOf followers.
 
     Returns them in placement order, to be placed again. A unit is displaced at most once so a
     replacement chain that loops (a -> b -> c -> a) cannot move units forever.
     """
-    moving = {o for o in ctx.on_machine[machine_id]
-              if o not in evicted and _replaces(replacer, ctx.units[o])}
+    moving = {o for o in ctx.on_machine[machine_id] if o not in evicted and _replaces(replacer, ctx.units[o])}
     grew = True
     while grew:
-        followers = {o for o in ctx.on_machine[machine_id] - moving
-                     if set(ctx.units[o].fleet.machine_of) & moving}
+        followers = {
+            o for o in ctx.on_machine[machine_id] - moving if set(ctx.units[o].fleet.machine_of) & moving
+        }
         grew = bool(followers)
         moving |= followers
     for name in moving:
@@ -338,18 +356,18 @@ def _pending_reason(filtered: Mapping[str, str], machine_count: int) -> str:
     counts: Counter[str] = Counter()
     for reason in filtered.values():
         head = next((p for p in _NAMING_REASONS if reason.startswith(p)), reason)
-        named = reason[len(head):] if head != reason else ""
+        named = reason[len(head) :] if head != reason else ""
         if named and named not in groups.setdefault(head, []):
             groups[head].append(named)
         counts[head] += 1
-    phrases = {head: head + ", ".join(sorted(groups[head])) if groups.get(head) else head
-               for head in counts}
+    phrases = {head: head + ", ".join(sorted(groups[head])) if groups.get(head) else head for head in counts}
     if len(counts) == 1:
         (head,) = counts
         where = "the only machine" if machine_count == 1 else f"all {machine_count} machines"
         return f"no machine fits: {phrases[head]} on {where}"
-    parts = (f"{n} {phrases[head]}" for head, n in
-             sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+    parts = (
+        f"{n} {phrases[head]}" for head, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    )
     return f"0/{machine_count} machines fit: {', '.join(parts)}"
 
 
@@ -417,8 +435,9 @@ def explain(decision: Decision) -> list[str]:
     else:
         head = f"{decision.unit} pending: {decision.reason}"
     lines = [head]
-    lines += [f"  excluded {short_id(mid)} ({reason})"
-              for mid, reason in sorted(decision.filtered.items())]
-    lines += [f"  candidate {short_id(mid)} score {score:.2f}"
-              for mid, score in sorted(decision.scores.items(), key=lambda s: (-s[1], s[0]))]
+    lines += [f"  excluded {short_id(mid)} ({reason})" for mid, reason in sorted(decision.filtered.items())]
+    lines += [
+        f"  candidate {short_id(mid)} score {score:.2f}"
+        for mid, score in sorted(decision.scores.items(), key=lambda s: (-s[1], s[0]))
+    ]
     return lines

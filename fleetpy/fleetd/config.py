@@ -61,8 +61,9 @@ def parse_metadata(value: str) -> dict[str, str]:
     for pair in filter(None, (p.strip() for p in value.strip().strip('"').split(","))):
         key, sep, val = pair.partition("=")
         if not sep or not key.strip() or not val.strip():
-            raise ConfigError(f"bad metadata {pair!r}: expected key=value pairs joined by commas, "
-                              "e.g. role=web,zone=a")
+            raise ConfigError(
+                f"bad metadata {pair!r}: expected key=value pairs joined by commas, e.g. role=web,zone=a"
+            )
         metadata[key.strip()] = val.strip()
     return metadata
 
@@ -82,9 +83,15 @@ def _bool(value: str) -> bool:
     raise ConfigError(f"bad boolean {value!r}: use true or false")
 
 
-_CONVERT = {"etcd_servers": _list, "metadata": parse_metadata, "agent_ttl": parse_duration,
-            "engine_reconcile_interval": parse_duration, "etcd_request_timeout": parse_duration,
-            "disable_engine": _bool, "verbosity": int}
+_CONVERT = {
+    "etcd_servers": _list,
+    "metadata": parse_metadata,
+    "agent_ttl": parse_duration,
+    "engine_reconcile_interval": parse_duration,
+    "etcd_request_timeout": parse_duration,
+    "disable_engine": _bool,
+    "verbosity": int,
+}
 KNOWN = {f.name for f in fields(Config)}
 
 
@@ -107,12 +114,16 @@ def read_config_file(path: str) -> dict[str, str]:
 
 
 def from_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    return {name[6:].lower(): value for name, value in environ.items()
-            if name.startswith("FLEET_") and name[6:].lower() in KNOWN}
+    return {
+        name[6:].lower(): value
+        for name, value in environ.items()
+        if name.startswith("FLEET_") and name[6:].lower() in KNOWN
+    }
 
 
-def build_config(flags: Mapping[str, str | None], environ: Mapping[str, str] = os.environ,
-                 config_file: str | None = None) -> Config:
+def build_config(
+    flags: Mapping[str, str | None], environ: Mapping[str, str] = os.environ, config_file: str | None = None
+) -> Config:
     """Merge the three sources; flags win, then FLEET_* variables, then the file."""
     path = config_file or environ.get("FLEET_CONFIG") or DEFAULT_CONFIG_FILE
     raw: dict[str, str] = {}

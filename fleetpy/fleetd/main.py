@@ -47,8 +47,12 @@ def local_unit_info(bus: str) -> SystemctlUnitInfo:
 
 def open_registry(config: Config) -> Registry:
     cert = (config.etcd_certfile, config.etcd_keyfile) if config.etcd_certfile else None
-    store = EtcdStore(list(config.etcd_servers), request_timeout=config.etcd_request_timeout,
-                      ca_cert=config.etcd_cafile or None, cert=cert)
+    store = EtcdStore(
+        list(config.etcd_servers),
+        request_timeout=config.etcd_request_timeout,
+        ca_cert=config.etcd_cafile or None,
+        cert=cert,
+    )
     return Registry(store, config.etcd_key_prefix)
 
 
@@ -67,17 +71,27 @@ async def run(config: Config) -> None:
             log.warning("waiting for etcd: %s", error)
             await asyncio.sleep(1)
     systemd = await SystemdManager.connect(config.systemd_bus, config.unit_dir)
-    app = create_app(registry, machine_id=machine.id, local=local_unit_info(config.systemd_bus),
-                     peer_token=token)
-    runner = await serve(app, socket_path=config.api_socket, listen=config.api_listen or None,
-                         token=token, tls_cert=config.api_tls_cert or None,
-                         tls_key=config.api_tls_key or None)
-    log.info("fleetd %s up: api %s%s, etcd %s", machine.id, config.api_socket,
-             f" and {config.api_listen}" if config.api_listen else "", ",".join(config.etcd_servers))
+    app = create_app(
+        registry, machine_id=machine.id, local=local_unit_info(config.systemd_bus), peer_token=token
+    )
+    runner = await serve(
+        app,
+        socket_path=config.api_socket,
+        listen=config.api_listen or None,
+        token=token,
+        tls_cert=config.api_tls_cert or None,
+        tls_key=config.api_tls_key or None,
+    )
+    log.info(
+        "fleetd %s up: api %s%s, etcd %s",
+        machine.id,
+        config.api_socket,
+        f" and {config.api_listen}" if config.api_listen else "",
+        ",".join(config.etcd_servers),
+    )
     parts = [Agent(registry, systemd, machine, config.agent_ttl).run()]
     if not config.disable_engine:
-        parts.append(Engine(registry, machine.id, config.agent_ttl,
-                            config.engine_reconcile_interval).run())
+        parts.append(Engine(registry, machine.id, config.agent_ttl, config.engine_reconcile_interval).run())
     main = asyncio.gather(*parts)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, main.cancel)
@@ -117,8 +131,11 @@ def main(config_file: str | None, **flags: str | None) -> None:
         config = build_config(flags, config_file=config_file)
     except ConfigError as error:
         raise click.UsageError(str(error)) from None
-    logging.basicConfig(level=logging.DEBUG if config.verbosity else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if config.verbosity else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     try:
         asyncio.run(run(config))
     except (OSError, ValueError) as error:

@@ -232,12 +232,16 @@ def _print_status(info: dict[str, Any]) -> None:
     for member in info["etcd"]:
         health = "healthy" if member["healthy"] else ("running, unhealthy" if member["running"] else "DOWN")
         click.echo(f"  {member['name']:<8} {member['url']:<28} {health}")
-    header = f"  {'NODE':<8} {'IP':<13} {'MACHINE':<9} {'SYSTEMD':<8} {'FLEETD':<7} {'REGISTERED':<11} {'PROCS':>5} {'RSS':>7} {'PSS':>7}  METADATA"
+    header = (
+        f"  {'NODE':<8} {'IP':<13} {'MACHINE':<9} {'SYSTEMD':<8} {'FLEETD':<7} {'REGISTERED':<11} "
+        f"{'PROCS':>5} {'RSS':>7} {'PSS':>7}  METADATA"
+    )
     click.echo(header)
     for n in info["nodes"]:
         ip = n["ip"] + (" (cut)" if n["partitioned"] else "")
         metadata = ",".join(f"{k}={v}" for k, v in n["metadata"].items()) or "-"
         click.echo(
             f"  {n['name']:<8} {ip:<13} {n['machine_id'][:8]:<9} {yes(n['systemd']):<8} {yes(n['fleetd']):<7} "
-            f"{'yes' if n['registered'] else 'no':<11} {n['processes']:>5} {n['rss_kib'] // 1024:>5}MB {n['pss_kib'] // 1024:>5}MB  {metadata}"
+            f"{'yes' if n['registered'] else 'no':<11} {n['processes']:>5} "
+            f"{n['rss_kib'] // 1024:>5}MB {n['pss_kib'] // 1024:>5}MB  {metadata}"
         )

@@ -29,13 +29,33 @@ class EtcdMember:
         binary = shutil.which("etcd")
         if binary is None:
             raise EtcdMissing("etcd not found; install it with: apt-get install -y etcd-server etcd-client")
-        return [binary, "--name", self.name, "--data-dir", str(self.data_dir),
-                "--listen-client-urls", self.client_url, "--advertise-client-urls", self.client_url,
-                "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
-                "--initial-cluster", initial_cluster, "--initial-cluster-state", "new",
-                "--initial-cluster-token", "fleetpy", "--enable-v2=true",
-                # Fast elections: members share one host, so round trips are microseconds.
-                "--heartbeat-interval", "50", "--election-timeout", "500"]
+        return [
+            binary,
+            "--name",
+            self.name,
+            "--data-dir",
+            str(self.data_dir),
+            "--listen-client-urls",
+            self.client_url,
+            "--advertise-client-urls",
+            self.client_url,
+            "--listen-peer-urls",
+            self.peer_url,
+            "--initial-advertise-peer-urls",
+            self.peer_url,
+            "--initial-cluster",
+            initial_cluster,
+            "--initial-cluster-state",
+            "new",
+            "--initial-cluster-token",
+            "fleetpy",
+            "--enable-v2=true",
+            # Fast elections: members share one host, so round trips are microseconds.
+            "--heartbeat-interval",
+            "50",
+            "--election-timeout",
+            "500",
+        ]
 
     def start(self, initial_cluster: str, log: Path | None = None, wrap: Sequence[str] = ()) -> None:
         """Start the member; `wrap` prefixes the argv (the lab uses it to put etcd in a cgroup).
@@ -45,8 +65,9 @@ class EtcdMember:
         argv = [*wrap, *self.argv(initial_cluster)]
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(log or os.devnull, "ab") as out:
-            self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def healthy(self) -> bool:
         try:
@@ -76,13 +97,23 @@ def initial_cluster(cluster: list[EtcdMember]) -> str:
     return ",".join(f"{m.name}={m.peer_url}" for m in cluster)
 
 
-def start_cluster(base_dir: Path, members: int = 1, host: str = "127.0.0.1",
-                  timeout: float = 20.0,
-                  wrap: Callable[[EtcdMember], Sequence[str]] | None = None) -> list[EtcdMember]:
+def start_cluster(
+    base_dir: Path,
+    members: int = 1,
+    host: str = "127.0.0.1",
+    timeout: float = 20.0,
+    wrap: Callable[[EtcdMember], Sequence[str]] | None = None,
+) -> list[EtcdMember]:
     """Start `members` etcd processes on `host` and wait until every one reports healthy."""
-    cluster = [EtcdMember(f"etcd{i}", f"http://{host}:{free_port(host)}",
-                          f"http://{host}:{free_port(host)}", base_dir / f"etcd{i}")
-               for i in range(members)]
+    cluster = [
+        EtcdMember(
+            f"etcd{i}",
+            f"http://{host}:{free_port(host)}",
+            f"http://{host}:{free_port(host)}",
+            base_dir / f"etcd{i}",
+        )
+        for i in range(members)
+    ]
     initial = initial_cluster(cluster)
     for member in cluster:
         member.start(initial, log=base_dir / f"{member.name}.log", wrap=wrap(member) if wrap else ())

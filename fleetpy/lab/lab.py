@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -133,7 +133,7 @@ class Lab:
 
     # -- up ----------------------------------------------------------------------------------
 
-    def up(
+    def up(  # noqa: C901 - to be split (issue 12)
         self,
         node_count: int = 3,
         etcd_members: int = 1,
@@ -167,8 +167,10 @@ class Lab:
                     f"--nodes {node_count} does not match"
                 )
             if metadata or etcd_members != 1:
-                raise LabError("with --user-data the user-data configures the machines: "
-                               "no --metadata, and no --etcd-members (etcd comes from its coreos.etcd2)")
+                raise LabError(
+                    "with --user-data the user-data configures the machines: "
+                    "no --metadata, and no --etcd-members (etcd comes from its coreos.etcd2)"
+                )
         else:
             names = [f"node{i}" for i in range(1, node_count + 1)]
         metadata = metadata or {}
@@ -178,7 +180,11 @@ class Lab:
         if self.state is not None:
             want_etcd = 0 if described else etcd_members
             same_user_data = self.state.user_data == (described.path if described else "")
-            if [n.name for n in self.state.nodes] != names or len(self.state.etcd) != want_etcd or not same_user_data:
+            if (
+                [n.name for n in self.state.nodes] != names
+                or len(self.state.etcd) != want_etcd
+                or not same_user_data
+            ):
                 made_from = f" from {self.state.user_data}" if self.state.user_data else ""
                 raise LabError(
                     f"a lab{made_from} with {len(self.state.nodes)} nodes and {len(self.state.etcd)} etcd "
@@ -200,8 +206,9 @@ class Lab:
         )
         base = HOST_IP.rsplit(".", 1)[0] if mode == "netns" else "127.0.0"
         for i, name in enumerate(names):
-            self.state.nodes.append(NodeState(name=name, ip=f"{base}.{FIRST_NODE_IP + i}",
-                                              metadata=metadata.get(name, {})))
+            self.state.nodes.append(
+                NodeState(name=name, ip=f"{base}.{FIRST_NODE_IP + i}", metadata=metadata.get(name, {}))
+            )
         self._save()
         try:
             if mode == "netns":
@@ -313,8 +320,10 @@ class Lab:
         with open(node.dir / "user-data.log", "a") as log:
             log.write(result.stdout + result.stderr)
         if result.returncode != 0:
-            raise LabError(f"{ns.name}: cloud-config apply {state.user_data} failed:\n"
-                           f"{(result.stdout + result.stderr)[-2000:]}")
+            raise LabError(
+                f"{ns.name}: cloud-config apply {state.user_data} failed:\n"
+                f"{(result.stdout + result.stderr)[-2000:]}"
+            )
         summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "?"
         return f"{ns.name}: user-data applied: {summary}"
 
@@ -509,8 +518,11 @@ class Lab:
         want = {n.machine_id: n for n in state.nodes if names is None or n.name in names}
         deadline = time.monotonic() + timeout
         while True:
-            seen = {mid for mid in self.machines()
-                    if mid in want and _api_answers(self.dir / want[mid].name / "fleet.sock")}
+            seen = {
+                mid
+                for mid in self.machines()
+                if mid in want and _api_answers(self.dir / want[mid].name / "fleet.sock")
+            }
             if set(want) <= seen:
                 return
             for mid, ns in want.items():
@@ -552,8 +564,10 @@ class Lab:
     def _own_fleetd(self, name: str) -> NodeState:
         state = self._require_state()
         if state.user_data:
-            raise LabError(f"fleetd on {name} is the user-data's fleet.service: "
-                           f"`fleetpy lab shell {name} systemctl --user stop|start fleet.service`")
+            raise LabError(
+                f"fleetd on {name} is the user-data's fleet.service: "
+                f"`fleetpy lab shell {name} systemctl --user stop|start fleet.service`"
+            )
         return state.node(name)
 
     def stop_fleetd(self, name: str, crash: bool = False, timeout: float = 10.0) -> None:
@@ -720,7 +734,7 @@ class Lab:
         state = self._require_state()
         return f"unix://{self.dir / state.nodes[0].name / 'fleet.sock'}"
 
-    def down(self) -> list[str]:
+    def down(self) -> list[str]:  # noqa: C901 - to be split (issue 12)
         """Remove everything the state file lists; safe to repeat, and after a crash."""
         state = self.state
         if state is None:
@@ -738,6 +752,7 @@ class Lab:
                 for ns, result in zip(
                     state.nodes,
                     pool.map(lambda ns: _forget_containers(self.dir / ns.name / "podman"), state.nodes),
+                    strict=False,
                 ):
                     if result:
                         errors.append(f"{ns.name}: {result}")
@@ -848,10 +863,8 @@ def _cgroup_memory(cgroup: str) -> tuple[int, int, int]:
     top = nodes.CGROUP_ROOT / "unified" / cgroup
     pids: set[int] = set()
     for procs in top.rglob("cgroup.procs"):
-        try:
+        with suppress(OSError):
             pids.update(int(p) for p in procs.read_text().split())
-        except OSError:
-            pass
     rss = pss = 0
     for pid in pids:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -133,10 +134,8 @@ def kill_cgroup(cgroup: str, what: str = "") -> None:
         # Fallback for kernels without cgroup.kill, and for the v1
         # hierarchies: these pids are ours because they are in our cgroup.
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         if time.monotonic() > deadline:
             raise NodeError(f"{what or cgroup}: processes {sorted(pids)} survived SIGKILL")
         time.sleep(0.02)
@@ -343,10 +342,8 @@ def _cgroup_pids(dirs: list[Path]) -> set[int]:
     pids: set[int] = set()
     for top in dirs:
         for procs in top.rglob("cgroup.procs"):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 pids.update(int(line) for line in procs.read_text().split())
-            except FileNotFoundError:
-                pass
     return pids
 
 

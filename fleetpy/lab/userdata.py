@@ -49,9 +49,13 @@ def read_user_data_lab(path: str) -> UserDataLab:
         try:
             ip = ipaddress.IPv4Address(urlsplit(url).hostname or "")
         except ValueError:
-            raise LabError(f"--user-data {path}: member {name}: {url}: the lab needs IPv4 addresses") from None
+            raise LabError(
+                f"--user-data {path}: member {name}: {url}: the lab needs IPv4 addresses"
+            ) from None
         if not nodes.NAME_RE.match(name) or name in dict(machines):
-            raise LabError(f"--user-data {path}: member name {name!r} cannot name a lab node (or is repeated)")
+            raise LabError(
+                f"--user-data {path}: member name {name!r} cannot name a lab node (or is repeated)"
+            )
         machines.append((name, str(ip)))
     subnet = ipaddress.ip_network(f"{machines[0][1]}/24", strict=False)
     host_side = subnet.network_address + 1
@@ -68,7 +72,9 @@ def read_user_data_lab(path: str) -> UserDataLab:
         servers = [f"http://{ip}:2379" for _name, ip in machines]
     value = config.fleet.get("metadata", "")
     try:
-        metadata = parse_metadata(value) if isinstance(value, str) else {str(k): str(v) for k, v in value.items()}
+        metadata = (
+            parse_metadata(value) if isinstance(value, str) else {str(k): str(v) for k, v in value.items()}
+        )
     except ConfigError as error:
         raise LabError(f"--user-data {path}: {error}") from None
     return UserDataLab(
@@ -82,15 +88,26 @@ def read_user_data_lab(path: str) -> UserDataLab:
 
 
 # `ip route` route types that come before the destination.
-_ROUTE_TYPES = {"unicast", "local", "broadcast", "multicast", "anycast", "unreachable", "blackhole",
-                "prohibit", "throw", "nat"}
+_ROUTE_TYPES = {
+    "unicast",
+    "local",
+    "broadcast",
+    "multicast",
+    "anycast",
+    "unreachable",
+    "blackhole",
+    "prohibit",
+    "throw",
+    "nat",
+}
 
 
 def subnet_in_use(interface: str) -> str | None:
     """A route of the host that overlaps `interface`'s network, e.g. docker0's 172.17.0.0/16."""
     network = ipaddress.ip_interface(interface).network
-    result = subprocess.run(["ip", "-o", "-4", "route", "show", "table", "all"],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["ip", "-o", "-4", "route", "show", "table", "all"], capture_output=True, text=True, check=False
+    )
     for line in result.stdout.splitlines():
         fields = line.split()
         dest = fields[1] if fields[0] in _ROUTE_TYPES else fields[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from typing import Any
 
@@ -41,10 +42,9 @@ class AsyncRegistry:
                 outcome, failed = self.sync.wait(after_index, *parts, timeout=timeout), False
             except Exception as error:  # noqa: BLE001 - handed to the awaiting task, which decides
                 outcome, failed = error, True
-            try:
+            # A RuntimeError means the loop is gone: nobody is waiting any more.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(deliver, outcome, failed)
-            except RuntimeError:
-                pass  # the loop is gone: nobody is waiting any more
 
         threading.Thread(target=poll, name="registry-watch", daemon=True).start()
         return await result

@@ -19,14 +19,21 @@ class Machine:
     api_endpoint: str = ""
 
     def to_json(self) -> dict:
-        return {"id": self.id, "primaryIP": self.public_ip, "metadata": dict(self.metadata),
-                "apiEndpoint": self.api_endpoint}
+        return {
+            "id": self.id,
+            "primaryIP": self.public_ip,
+            "metadata": dict(self.metadata),
+            "apiEndpoint": self.api_endpoint,
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> Machine:
-        return cls(id=data["id"], public_ip=data.get("primaryIP", ""),
-                   metadata=dict(data.get("metadata") or {}),
-                   api_endpoint=data.get("apiEndpoint", ""))
+        return cls(
+            id=data["id"],
+            public_ip=data.get("primaryIP", ""),
+            metadata=dict(data.get("metadata") or {}),
+            api_endpoint=data.get("apiEndpoint", ""),
+        )
 
 
 @dataclass(frozen=True)
@@ -55,13 +62,21 @@ class Assignment:
     desired_state: str
 
     def to_json(self) -> dict:
-        return {"unit": self.unit, "machineID": self.machine_id, "hash": self.hash,
-                "desiredState": self.desired_state}
+        return {
+            "unit": self.unit,
+            "machineID": self.machine_id,
+            "hash": self.hash,
+            "desiredState": self.desired_state,
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> Assignment:
-        return cls(unit=data["unit"], machine_id=data["machineID"], hash=data["hash"],
-                   desired_state=data["desiredState"])
+        return cls(
+            unit=data["unit"],
+            machine_id=data["machineID"],
+            hash=data["hash"],
+            desired_state=data["desiredState"],
+        )
 
 
 @dataclass(frozen=True)
@@ -76,12 +91,22 @@ class UnitState:
     sub_state: str
 
     def to_json(self) -> dict:
-        return {"name": self.unit, "machineID": self.machine_id, "hash": self.hash,
-                "systemdLoadState": self.load_state, "systemdActiveState": self.active_state,
-                "systemdSubState": self.sub_state}
+        return {
+            "name": self.unit,
+            "machineID": self.machine_id,
+            "hash": self.hash,
+            "systemdLoadState": self.load_state,
+            "systemdActiveState": self.active_state,
+            "systemdSubState": self.sub_state,
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> UnitState:
-        return cls(unit=data["name"], machine_id=data["machineID"], hash=data["hash"],
-                   load_state=data["systemdLoadState"], active_state=data["systemdActiveState"],
-                   sub_state=data["systemdSubState"])
+        return cls(
+            unit=data["name"],
+            machine_id=data["machineID"],
+            hash=data["hash"],
+            load_state=data["systemdLoadState"],
+            active_state=data["systemdActiveState"],
+            sub_state=data["systemdSubState"],
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 from fleetpy.registry.models import Assignment, Job, Machine, UnitState
@@ -44,7 +45,7 @@ class Registry:
     def _list(self, *parts: str) -> dict[str, str]:
         """Records under a directory, by their path relative to it."""
         base = self.key(*parts) + "/"
-        return {k[len(base):]: v for k, v in self.store.list(base).items()}
+        return {k[len(base) :]: v for k, v in self.store.list(base).items()}
 
     def ensure_schema(self) -> None:
         try:
@@ -52,16 +53,16 @@ class Registry:
         except AlreadyExists:
             found = self.store.get(self.key("version"))
             if found != SCHEMA_VERSION:
-                raise RuntimeError(f"registry at {self.prefix} has schema version {found}, this fleetd "
-                                   f"speaks {SCHEMA_VERSION}; use another --etcd-key-prefix or upgrade") from None
+                raise RuntimeError(
+                    f"registry at {self.prefix} has schema version {found}, this fleetd "
+                    f"speaks {SCHEMA_VERSION}; use another --etcd-key-prefix or upgrade"
+                ) from None
 
     # Unit files: immutable, so readers may cache them by hash forever.
     def put_unit_file(self, unit_file: UnitFile) -> str:
         digest = unit_file.hash
-        try:
+        with contextlib.suppress(AlreadyExists):
             self.store.put(self.key("unit", digest), unit_file.to_text(), create_only=True)
-        except AlreadyExists:
-            pass
         return digest
 
     def unit_file(self, digest: str) -> UnitFile | None:
@@ -126,8 +127,9 @@ class Registry:
 
     # Schedule: the engine's decisions, one directory per machine so an agent watches only its own.
     def assign(self, assignment: Assignment) -> None:
-        self.store.put(self.key("schedule", assignment.machine_id, assignment.unit),
-                       json.dumps(assignment.to_json()))
+        self.store.put(
+            self.key("schedule", assignment.machine_id, assignment.unit), json.dumps(assignment.to_json())
+        )
 
     def unassign(self, unit: str, machine_id: str) -> None:
         self.store.delete(self.key("schedule", machine_id, unit))
@@ -173,10 +175,8 @@ class Registry:
         return self.store.get(self.key("engine", "leader"))
 
     def resign(self, holder: str) -> None:
-        try:
+        with contextlib.suppress(CompareFailed):
             self.store.delete(self.key("engine", "leader"), prev_value=holder)
-        except CompareFailed:
-            pass
 
     def last_failure(self) -> float:
         """When (time.monotonic) etcd last failed a request: the end of the latest outage."""

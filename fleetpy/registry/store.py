@@ -48,8 +48,15 @@ class HistoryLost(StoreError):
 class Store(Protocol):
     def get(self, key: str) -> str | None: ...
     def list(self, prefix: str) -> dict[str, str]: ...
-    def put(self, key: str, value: str, ttl: float | None = None, *, create_only: bool = False,
-            prev_value: str | None = None) -> None: ...
+    def put(
+        self,
+        key: str,
+        value: str,
+        ttl: float | None = None,
+        *,
+        create_only: bool = False,
+        prev_value: str | None = None,
+    ) -> None: ...
     def refresh(self, key: str, ttl: float) -> bool: ...
     def delete(self, key: str, *, prev_value: str | None = None, recursive: bool = False) -> bool: ...
     def index(self) -> int: ...
@@ -64,15 +71,26 @@ class _Server:
 
 
 # Errors that mean "this etcd member did not answer": worth retrying, possibly elsewhere.
-_TRANSIENT = (etcd.EtcdConnectionFailed, etcd.EtcdLeaderElectionInProgress,
-              urllib3.exceptions.HTTPError, ConnectionError)
+_TRANSIENT = (
+    etcd.EtcdConnectionFailed,
+    etcd.EtcdLeaderElectionInProgress,
+    urllib3.exceptions.HTTPError,
+    ConnectionError,
+)
 
 
 class EtcdStore:
     """etcd's v2 key space through python-etcd, retrying with bounded exponential backoff."""
 
-    def __init__(self, servers: list[str], *, retry_for: float = 10.0, request_timeout: float = 5.0,
-                 ca_cert: str | None = None, cert: tuple[str, str] | None = None):
+    def __init__(
+        self,
+        servers: list[str],
+        *,
+        retry_for: float = 10.0,
+        request_timeout: float = 5.0,
+        ca_cert: str | None = None,
+        cert: tuple[str, str] | None = None,
+    ):
         if not servers:
             raise ValueError("no etcd servers given; pass --etcd-servers http://HOST:PORT")
         self._servers = [_Server(url, _etcd_client(url, request_timeout, ca_cert, cert)) for url in servers]
@@ -96,17 +114,21 @@ class EtcdStore:
                 self._current = (self._current + 1) % len(self._servers)
                 raise
 
-        retrying = Retrying(retry=retry_if_exception_type(_TRANSIENT)
-                            & retry_if_not_exception_type(etcd.EtcdWatchTimedOut),
-                            wait=wait_exponential(multiplier=0.05, max=2.0),
-                            stop=stop_after_delay(self._retry_for), reraise=False)
+        retrying = Retrying(
+            retry=retry_if_exception_type(_TRANSIENT) & retry_if_not_exception_type(etcd.EtcdWatchTimedOut),
+            wait=wait_exponential(multiplier=0.05, max=2.0),
+            stop=stop_after_delay(self._retry_for),
+            reraise=False,
+        )
         try:
             return retrying(attempt)
         except RetryError as error:
             urls = ", ".join(s.url for s in self._servers)
             cause = error.last_attempt.exception()
-            raise Unavailable(f"etcd is unreachable at {urls} ({type(cause).__name__}); "
-                              "check that etcd runs and --etcd-servers points at it") from None
+            raise Unavailable(
+                f"etcd is unreachable at {urls} ({type(cause).__name__}); "
+                "check that etcd runs and --etcd-servers points at it"
+            ) from None
 
     def last_failure(self) -> float:
         """When (time.monotonic) a request last failed, even if a retry then succeeded."""
@@ -125,8 +147,15 @@ class EtcdStore:
             return {}
         return {leaf.key: leaf.value for leaf in result.leaves if not leaf.dir}
 
-    def put(self, key: str, value: str, ttl: float | None = None, *, create_only: bool = False,
-            prev_value: str | None = None) -> None:
+    def put(
+        self,
+        key: str,
+        value: str,
+        ttl: float | None = None,
+        *,
+        create_only: bool = False,
+        prev_value: str | None = None,
+    ) -> None:
         conditions: dict[str, object] = {}
         if create_only:
             conditions["prevExist"] = False
@@ -166,8 +195,11 @@ class EtcdStore:
 
     def wait(self, prefix: str, after_index: int, timeout: float) -> int | None:
         try:
-            result = self._call(lambda c: c.read(prefix, wait=True, waitIndex=after_index + 1,
-                                                 recursive=True, timeout=timeout))
+            result = self._call(
+                lambda c: c.read(
+                    prefix, wait=True, waitIndex=after_index + 1, recursive=True, timeout=timeout
+                )
+            )
         except etcd.EtcdWatchTimedOut:
             return None
         except etcd.EtcdEventIndexCleared:
@@ -179,8 +211,15 @@ def _etcd_client(url: str, timeout: float, ca_cert: str | None, cert: tuple[str,
     parts = urlsplit(url if "://" in url else f"http://{url}")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"bad etcd server URL {url!r}; expected http://HOST:PORT or https://HOST:PORT")
-    client = etcd.Client(host=parts.hostname, port=parts.port or 2379, protocol=parts.scheme,
-                         read_timeout=timeout, allow_reconnect=False, ca_cert=ca_cert, cert=cert)
+    client = etcd.Client(
+        host=parts.hostname,
+        port=parts.port or 2379,
+        protocol=parts.scheme,
+        read_timeout=timeout,
+        allow_reconnect=False,
+        ca_cert=ca_cert,
+        cert=cert,
+    )
     # One retry policy, ours: urllib3's own retries would triple every timeout before we see it.
     client.http.connection_pool_kw["retries"] = False
     return client
@@ -208,7 +247,7 @@ class MemoryStore:
     def _record(self, key: str) -> None:
         self._index += 1
         self._events.append((self._index, key))
-        del self._events[:-self.HISTORY]
+        del self._events[: -self.HISTORY]
         self._changed.notify_all()
 
     def _expire(self) -> None:
@@ -232,8 +271,15 @@ class MemoryStore:
             self._expire()
             return {k: e.value for k, e in sorted(self._entries.items()) if k.startswith(directory)}
 
-    def put(self, key: str, value: str, ttl: float | None = None, *, create_only: bool = False,
-            prev_value: str | None = None) -> None:
+    def put(
+        self,
+        key: str,
+        value: str,
+        ttl: float | None = None,
+        *,
+        create_only: bool = False,
+        prev_value: str | None = None,
+    ) -> None:
         with self._changed:
             self._expire()
             existing = self._entries.get(key)
@@ -257,8 +303,12 @@ class MemoryStore:
     def delete(self, key: str, *, prev_value: str | None = None, recursive: bool = False) -> bool:
         with self._changed:
             self._expire()
-            keys = [k for k in self._entries if k == key or (recursive and k.startswith(key.rstrip("/") + "/"))]
-            if prev_value is not None and (key not in self._entries or self._entries[key].value != prev_value):
+            keys = [
+                k for k in self._entries if k == key or (recursive and k.startswith(key.rstrip("/") + "/"))
+            ]
+            if prev_value is not None and (
+                key not in self._entries or self._entries[key].value != prev_value
+            ):
                 raise CompareFailed(key)
             for k in keys:
                 del self._entries[k]
@@ -275,7 +325,11 @@ class MemoryStore:
         with self._changed:
             while True:
                 self._expire()
-                if self._events and self._events[0][0] > after_index + 1 and after_index < self._index - self.HISTORY:
+                if (
+                    self._events
+                    and self._events[0][0] > after_index + 1
+                    and after_index < self._index - self.HISTORY
+                ):
                     raise HistoryLost(prefix)
                 for index, key in self._events:
                     if index > after_index and (key == directory or key.startswith(directory + "/")):

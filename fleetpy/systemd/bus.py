@@ -13,8 +13,10 @@ MANAGER_PATH = "/org/freedesktop/systemd1"
 MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
 UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 PROPS_IFACE = "org.freedesktop.DBus.Properties"
-JOB_REMOVED_RULE = (f"type='signal',sender='{SYSTEMD_BUS_NAME}',path='{MANAGER_PATH}',"
-                    f"interface='{MANAGER_IFACE}',member='JobRemoved'")
+JOB_REMOVED_RULE = (
+    f"type='signal',sender='{SYSTEMD_BUS_NAME}',path='{MANAGER_PATH}',"
+    f"interface='{MANAGER_IFACE}',member='JobRemoved'"
+)
 
 
 class SystemdError(RuntimeError):
@@ -56,8 +58,14 @@ class SystemdBus:
         message_bus.add_message_handler(self._on_message)
         try:
             for rule in (JOB_REMOVED_RULE, *cls.MATCH_RULES):
-                await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
-                                 "AddMatch", "s", [rule])
+                await self._call(
+                    "org.freedesktop.DBus",
+                    "/org/freedesktop/DBus",
+                    "org.freedesktop.DBus",
+                    "AddMatch",
+                    "s",
+                    [rule],
+                )
             await self._manager("Subscribe")  # without it the manager sends no signals
         except BaseException:
             message_bus.disconnect()
@@ -77,8 +85,9 @@ class SystemdBus:
 
     async def environment(self) -> dict[str, str]:
         """The manager's own environment: where a user manager looks for unit files depends on it."""
-        reply = await self._call(SYSTEMD_BUS_NAME, MANAGER_PATH, PROPS_IFACE, "Get", "ss",
-                                 [MANAGER_IFACE, "Environment"])
+        reply = await self._call(
+            SYSTEMD_BUS_NAME, MANAGER_PATH, PROPS_IFACE, "Get", "ss", [MANAGER_IFACE, "Environment"]
+        )
         return dict(item.split("=", 1) for item in reply[0].value if "=" in item)
 
     async def unit_state(self, name: str) -> tuple[str, str, str]:
@@ -110,10 +119,19 @@ class SystemdBus:
     async def _manager(self, member: str, signature: str = "", body: list[Any] | None = None) -> list[Any]:
         return await self._call(SYSTEMD_BUS_NAME, MANAGER_PATH, MANAGER_IFACE, member, signature, body or [])
 
-    async def _call(self, destination: str, path: str, interface: str, member: str, signature: str,
-                    body: list[Any]) -> list[Any]:
-        reply = await self._bus.call(Message(destination=destination, path=path, interface=interface,
-                                             member=member, signature=signature, body=body))
+    async def _call(
+        self, destination: str, path: str, interface: str, member: str, signature: str, body: list[Any]
+    ) -> list[Any]:
+        reply = await self._bus.call(
+            Message(
+                destination=destination,
+                path=path,
+                interface=interface,
+                member=member,
+                signature=signature,
+                body=body,
+            )
+        )
         if reply.message_type == MessageType.ERROR:
             raise SystemdError(reply.error_name, str(reply.body[0]) if reply.body else "")
         return reply.body

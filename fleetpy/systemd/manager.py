@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import re
@@ -48,8 +49,12 @@ def unit_path_to_name(path: str) -> str:
 class SystemdManager(SystemdBus):
     """Unit files in one directory, linked as runtime units, started, stopped and watched."""
 
-    MATCH_RULES = ((f"type='signal',sender='{SYSTEMD_BUS_NAME}',path_namespace='{MANAGER_PATH}/unit',"
-                    f"interface='{PROPS_IFACE}',member='PropertiesChanged'"),)
+    MATCH_RULES = (
+        (
+            f"type='signal',sender='{SYSTEMD_BUS_NAME}',path_namespace='{MANAGER_PATH}/unit',"
+            f"interface='{PROPS_IFACE}',member='PropertiesChanged'"
+        ),
+    )
 
     def __init__(self, bus: MessageBus, unit_dir: Path) -> None:
         super().__init__(bus)
@@ -114,10 +119,8 @@ class SystemdManager(SystemdBus):
                     if e.error_name != NO_SUCH_UNIT:
                         raise
         for path in files:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-            except FileNotFoundError:
-                pass
             self._last_state.pop(path.name, None)
         await self._manager("Reload")
 
@@ -161,8 +164,12 @@ class SystemdManager(SystemdBus):
         return path
 
     def _on_signal(self, msg: Message) -> None:
-        if (msg.member == "PropertiesChanged" and msg.path.startswith(UNIT_PATH_PREFIX)
-                and msg.body[0] == UNIT_IFACE and self._callbacks):
+        if (
+            msg.member == "PropertiesChanged"
+            and msg.path.startswith(UNIT_PATH_PREFIX)
+            and msg.body[0] == UNIT_IFACE
+            and self._callbacks
+        ):
             self._on_unit_properties(unit_path_to_name(msg.path), msg.body[1])
 
     def _on_unit_properties(self, name: str, changed: dict[str, Any]) -> None:

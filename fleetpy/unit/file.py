@@ -25,9 +25,7 @@ def _check_name(name: str) -> str | None:
     if not name:
         return "option name is empty"
     if _BAD_NAME_CHARS & set(name):
-        return (
-            f"option name {name!r} may not contain spaces, '=', brackets or line breaks"
-        )
+        return f"option name {name!r} may not contain spaces, '=', brackets or line breaks"
     return None
 
 
@@ -66,8 +64,7 @@ class UnitFile:
             if line.startswith("["):
                 if not line.endswith("]"):
                     raise InvalidUnitFile(
-                        f"line {lineno}: bad section header {line!r}; "
-                        "write it as [Name] on a line of its own"
+                        f"line {lineno}: bad section header {line!r}; write it as [Name] on a line of its own"
                     )
                 problem = _check_section(line[1:-1])
                 if problem:
@@ -77,8 +74,7 @@ class UnitFile:
             key, eq, value = line.partition("=")
             if not eq:
                 raise InvalidUnitFile(
-                    f"line {lineno}: {line!r} is not a Key=Value assignment, "
-                    "a [Section] header or a comment"
+                    f"line {lineno}: {line!r} is not a Key=Value assignment, a [Section] header or a comment"
                 )
             if section is None:
                 raise InvalidUnitFile(
@@ -92,8 +88,7 @@ class UnitFile:
             options.append(UnitOption(section, key, value.strip()))
         if not options:
             raise InvalidUnitFile(
-                "unit file has no options; a unit needs at least one Key=Value "
-                "line under a [Section] header"
+                "unit file has no options; a unit needs at least one Key=Value line under a [Section] header"
             )
         return cls(tuple(options))
 
@@ -101,29 +96,22 @@ class UnitFile:
     def from_options(cls, options: list[dict]) -> UnitFile:
         """Build from fleet's API form: [{"section": .., "name": .., "value": ..}]."""
         if not isinstance(options, list):
-            raise InvalidUnitFile(
-                f"unit options must be a list of objects, not {type(options).__name__}"
-            )
+            raise InvalidUnitFile(f"unit options must be a list of objects, not {type(options).__name__}")
         if not options:
-            raise InvalidUnitFile(
-                "unit options are empty; a unit needs at least one option"
-            )
+            raise InvalidUnitFile("unit options are empty; a unit needs at least one option")
         parsed = []
         for index, item in enumerate(options):
             where = f"option {index}"
             if not isinstance(item, dict):
                 raise InvalidUnitFile(
-                    f"{where}: expected an object with section, name and value, "
-                    f"got {type(item).__name__}"
+                    f"{where}: expected an object with section, name and value, got {type(item).__name__}"
                 )
             missing = [k for k in ("section", "name", "value") if k not in item]
             if missing:
                 raise InvalidUnitFile(f"{where}: missing {', '.join(missing)}")
             for key in ("section", "name", "value"):
                 if not isinstance(item[key], str):
-                    raise InvalidUnitFile(
-                        f"{where}: {key} must be a string, not {type(item[key]).__name__}"
-                    )
+                    raise InvalidUnitFile(f"{where}: {key} must be a string, not {type(item[key]).__name__}")
             problem = _check_section(item["section"]) or _check_name(item["name"])
             if problem:
                 raise InvalidUnitFile(f"{where}: {problem}")
@@ -131,10 +119,7 @@ class UnitFile:
         return cls(tuple(parsed))
 
     def to_options(self) -> list[dict]:
-        return [
-            {"section": o.section, "name": o.name, "value": o.value}
-            for o in self.options
-        ]
+        return [{"section": o.section, "name": o.name, "value": o.value} for o in self.options]
 
     def to_text(self) -> str:
         """Canonical text; a value's line breaks become backslash continuations.
@@ -158,9 +143,7 @@ class UnitFile:
         return hashlib.sha1(self.to_text().encode()).hexdigest()
 
     def values(self, section: str, name: str) -> list[str]:
-        return [
-            o.value for o in self.options if o.section == section and o.name == name
-        ]
+        return [o.value for o in self.options if o.section == section and o.name == name]
 
     def sections(self) -> list[str]:
         return list(dict.fromkeys(o.section for o in self.options))

@@ -56,15 +56,11 @@ class FleetOptions:
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def metadata_matches(self, metadata: Mapping[str, str]) -> bool:
-        return all(
-            metadata.get(key) in allowed for key, allowed in self.machine_metadata
-        )
+        return all(metadata.get(key) in allowed for key, allowed in self.machine_metadata)
 
     def conflicts_with(self, other_name: str) -> bool:
         """Whether one of this unit's Conflicts globs matches `other_name`."""
-        return any(
-            fnmatch.fnmatchcase(other_name, pattern) for pattern in self.conflicts
-        )
+        return any(fnmatch.fnmatchcase(other_name, pattern) for pattern in self.conflicts)
 
 
 def expand_specifiers(value: str, name: UnitName) -> str:
@@ -102,8 +98,7 @@ def parse_fleet_options(unit_name: str, unit: UnitFile) -> FleetOptions:
             key = DEPRECATED[key]
         if key not in values:
             raise InvalidFleetOptions(
-                f"{unit_name}: unknown [X-Fleet] option {key!r}; "
-                f"valid options are {', '.join(OPTIONS)}"
+                f"{unit_name}: unknown [X-Fleet] option {key!r}; valid options are {', '.join(OPTIONS)}"
             )
         values[key].append(expand_specifiers(option.value, name))
 
@@ -149,9 +144,7 @@ def _words(unit_name: str, key: str, values: list[str]) -> tuple[str, ...]:
     for value in values:
         split = value.split()
         if not split:
-            raise InvalidFleetOptions(
-                f"{unit_name}: {key}= is empty; give a value or drop the line"
-            )
+            raise InvalidFleetOptions(f"{unit_name}: {key}= is empty; give a value or drop the line")
         words.extend(split)
     return tuple(words)
 
@@ -162,9 +155,7 @@ def _unit_names(unit_name: str, key: str, values: list[str]) -> tuple[str, ...]:
         try:
             validate_unit_name(other)
         except UnitError as err:
-            raise InvalidFleetOptions(
-                f"{unit_name}: {key}={other} is not a unit name: {err}"
-            ) from err
+            raise InvalidFleetOptions(f"{unit_name}: {key}={other} is not a unit name: {err}") from err
     return names
 
 
@@ -173,8 +164,7 @@ def _machine_id(unit_name: str, values: list[str]) -> str | None:
         return None
     if len(values) > 1:
         raise InvalidFleetOptions(
-            f"{unit_name}: MachineID is given {len(values)} times; "
-            "a unit can be pinned to one machine only"
+            f"{unit_name}: MachineID is given {len(values)} times; a unit can be pinned to one machine only"
         )
     words = values[0].split()
     if len(words) != 1:
@@ -194,14 +184,10 @@ def _boolean(unit_name: str, values: list[str]) -> bool:
         return True
     if value in _FALSE:
         return False
-    raise InvalidFleetOptions(
-        f"{unit_name}: Global={values[-1]!r} is not a boolean; use true or false"
-    )
+    raise InvalidFleetOptions(f"{unit_name}: Global={values[-1]!r} is not a boolean; use true or false")
 
 
-def _metadata(
-    unit_name: str, values: list[str]
-) -> tuple[tuple[str, frozenset[str]], ...]:
+def _metadata(unit_name: str, values: list[str]) -> tuple[tuple[str, frozenset[str]], ...]:
     allowed: dict[str, set[str]] = {}
     for value in values:
         try:

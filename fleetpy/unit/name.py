@@ -49,13 +49,9 @@ class UnitName:
     @classmethod
     def parse(cls, name: str) -> UnitName:
         if not isinstance(name, str):
-            raise InvalidUnitName(
-                f"unit name must be a string, not {type(name).__name__}"
-            )
+            raise InvalidUnitName(f"unit name must be a string, not {type(name).__name__}")
         if not name:
-            raise InvalidUnitName(
-                "unit name is empty; give a name such as hello.service"
-            )
+            raise InvalidUnitName("unit name is empty; give a name such as hello.service")
         if len(name.encode()) > MAX_NAME_BYTES:
             raise _fail(
                 name[:40] + "...",
@@ -66,8 +62,7 @@ class UnitName:
             bad = next(ch for ch in name if not _ALLOWED.fullmatch(ch))
             raise _fail(
                 name,
-                'unit names may contain only letters, digits and ":_.@-" '
-                f"(found {bad!r}); rename the unit",
+                f'unit names may contain only letters, digits and ":_.@-" (found {bad!r}); rename the unit',
             )
         stem, dot, suffix = name.rpartition(".")
         if not dot or suffix not in SUFFIXES:
@@ -99,9 +94,7 @@ class UnitName:
                 f"only units of type {kinds} can be templates or instances; "
                 f'remove the "@" or change the type',
             )
-        return cls(
-            full=name, prefix=prefix, instance=instance if at else None, suffix=suffix
-        )
+        return cls(full=name, prefix=prefix, instance=instance if at else None, suffix=suffix)
 
     @property
     def is_template(self) -> bool:

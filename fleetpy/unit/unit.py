@@ -29,7 +29,5 @@ def load_unit(name: str, text_or_file: str | UnitFile) -> Unit:
     instance is read again under its own name when it is loaded.
     """
     unit_name = validate_unit_name(name)
-    unit_file = (
-        UnitFile.parse(text_or_file) if isinstance(text_or_file, str) else text_or_file
-    )
+    unit_file = UnitFile.parse(text_or_file) if isinstance(text_or_file, str) else text_or_file
     return Unit(unit_name, unit_file, parse_fleet_options(unit_name.full, unit_file))
