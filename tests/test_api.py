@@ -13,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from fleetpy.api import SystemctlUnitInfo, create_app, serve
-from fleetpy.api.server import PAGE_SIZE
+from fleetpy.api.fleet_v1 import PAGE_SIZE
 from fleetpy.api.views import machine_state
 from fleetpy.registry import Assignment, Job, Machine, Unavailable, UnitState, memory_registry
 from fleetpy.registry.aio import AsyncRegistry

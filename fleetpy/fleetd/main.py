@@ -12,8 +12,7 @@ from pathlib import Path
 import click
 
 from fleetpy.agent.agent import Agent
-from fleetpy.api.local import SystemctlUnitInfo
-from fleetpy.api.server import create_app, serve
+from fleetpy.api import SystemctlUnitInfo, create_app, serve
 from fleetpy.engine.engine import Engine
 from fleetpy.fleetd.config import Config, ConfigError, build_config, machine_id
 from fleetpy.registry import EtcdStore, Machine, Registry, StoreError

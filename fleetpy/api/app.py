@@ -1,0 +1,32 @@
+"""The API application: fleet's /fleet/v1 routes plus fleetpy's /fleetpy/v1 extensions."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from fleetpy.api.auth import AUTH, Auth, authenticate
+from fleetpy.api.context import ApiContext
+from fleetpy.api.errors import errors
+from fleetpy.api.extensions import FleetpyV1
+from fleetpy.api.fleet_v1 import FleetV1
+from fleetpy.api.local import LocalUnitInfo
+from fleetpy.api.peer import Peers
+from fleetpy.registry.aio import AsyncRegistry
+
+MAX_BODY = 1 << 20
+
+
+def create_app(
+    registry: AsyncRegistry,
+    *,
+    machine_id: str,
+    local: LocalUnitInfo | None = None,
+    peer_token: str | None = None,
+) -> web.Application:
+    """The API application; `serve` puts it on fleetd's sockets."""
+    context = ApiContext(registry, machine_id)
+    app = web.Application(middlewares=[errors, authenticate], client_max_size=MAX_BODY)
+    app[AUTH] = Auth()
+    FleetV1(context).add_routes(app.router)
+    FleetpyV1(context, local, Peers(registry, machine_id, peer_token)).add_routes(app.router)
+    return app

@@ -1,0 +1,107 @@
+"""fleetpy's /fleetpy/v1 routes: why a unit is pending or placed, its status and its journal."""
+
+from __future__ import annotations
+
+import contextlib
+
+from aiohttp import web
+
+from fleetpy.api.context import ApiContext, unit_name
+from fleetpy.api.errors import ApiError
+from fleetpy.api.local import LocalUnitInfo
+from fleetpy.api.peer import Peers
+from fleetpy.engine.engine import explain_placement
+
+
+class FleetpyV1:
+    """The handlers of fleetpy's extensions; status and journal go to the unit's machine."""
+
+    def __init__(self, context: ApiContext, local: LocalUnitInfo | None, peers: Peers):
+        self.context = context
+        self.registry = context.registry
+        self.machine_id = context.machine_id
+        self.local = local
+        self.peers = peers
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        router.add_get("/fleetpy/v1/units/{name}/pending", self.pending)
+        router.add_get("/fleetpy/v1/units/{name}/explain", self.explain)
+        router.add_get("/fleetpy/v1/units/{name}/status", self.status)
+        router.add_get("/fleetpy/v1/units/{name}/journal", self.journal)
+
+    async def explain(self, request: web.Request) -> web.Response:
+        name = unit_name(request).full
+        await self.context.existing_job(name)
+        return web.json_response(
+            {"name": name, "lines": await explain_placement(self.registry, self.context.units, name)}
+        )
+
+    async def pending(self, request: web.Request) -> web.Response:
+        name = unit_name(request).full
+        await self.context.existing_job(name)
+        reason = (await self.registry.pending()).get(name)
+        return web.json_response({"name": name, "reason": reason})
+
+    async def locate(self, request: web.Request, name: str) -> str:
+        """The live machine running `name`; this one if it is among several."""
+        await self.context.existing_job(name)
+        alive = {m.id for m in await self.registry.machines()}
+        where = [
+            a.machine_id
+            for a in await self.registry.assignments()
+            if a.unit == name and a.machine_id in alive
+        ]
+        wanted = request.query.get("machineID")
+        if wanted:
+            if wanted not in where:
+                raise ApiError(404, f"unit {name} is not scheduled on machine {wanted}")
+            return wanted
+        if not where:
+            reason = (await self.registry.pending()).get(name)
+            raise ApiError(
+                404, f"unit {name} is not scheduled on any machine" + (f": {reason}" if reason else "")
+            )
+        return self.machine_id if self.machine_id in where else where[0]
+
+    def local_info(self) -> LocalUnitInfo:
+        if self.local is None:
+            raise ApiError(
+                503,
+                "this fleetd was started without access to systemd; "
+                "unit status and journal are unavailable here",
+            )
+        return self.local
+
+    async def status(self, request: web.Request) -> web.StreamResponse:
+        name = unit_name(request).full
+        machine_id = await self.locate(request, name)
+        if machine_id == self.machine_id:
+            output = await self.local_info().status(name)
+            return web.json_response({"name": name, "machineID": machine_id, "status": output})
+        return await self.peers.status(request, machine_id)
+
+    async def journal(self, request: web.Request) -> web.StreamResponse:
+        name = unit_name(request).full
+        try:
+            lines = int(request.query.get("lines", "10"))
+        except ValueError:
+            lines = -1
+        if lines < 0:
+            raise ApiError(400, "lines must be a whole number of 0 or more")
+        follow = request.query.get("follow", "false").lower() in ("1", "true", "yes")
+        machine_id = await self.locate(request, name)
+        if machine_id == self.machine_id:
+            return await self.local_journal(request, name, lines, follow)
+        return await self.peers.journal(request, machine_id, lines, follow)
+
+    async def local_journal(
+        self, request: web.Request, name: str, lines: int, follow: bool
+    ) -> web.StreamResponse:
+        local = self.local_info()
+        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        await response.prepare(request)
+        async with contextlib.aclosing(local.journal(name, lines, follow)) as output:
+            async for line in output:
+                await response.write(line.encode())
+        await response.write_eof()
+        return response
