@@ -6,6 +6,8 @@ import io
 import os
 import socket
 import stat
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 import httpx
@@ -81,6 +83,7 @@ async def test_create_then_get_unit(client, registry):
         "options": HELLO,
         "desiredState": "launched",
         "currentState": "inactive",
+        "global": False,
     }
     assert registry.job("hello.service").desired_state == "launched"
 
@@ -105,6 +108,7 @@ async def test_global_unit_has_no_machine_id(client, registry):
     registry.publish_state(UnitState("g.service", M1, digest, "loaded", "active", "running"))
     unit = await (await client.get("/fleet/v1/units/g.service")).json()
     assert "machineID" not in unit
+    assert unit["global"] is True
     assert unit["currentState"] == "inactive"  # M2 has not reported yet
 
 
@@ -569,3 +573,19 @@ async def test_explain_replays_the_scheduler_for_one_unit(client, registry):
     lines = (await (await client.get("/fleetpy/v1/units/idle.service/explain")).json())["lines"]
     assert lines == ["idle.service is not scheduled: its desired state is inactive"]
     assert (await client.get("/fleetpy/v1/units/nope.service/explain")).status == 404
+
+
+def test_api_does_not_load_the_engine():
+    # explain replays the pure scheduler on registry data; the engine loop stays out of the API.
+    code = "import sys, fleetpy.api; print(sorted(m for m in sys.modules if m.startswith('fleetpy.engine')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "['fleetpy.engine', 'fleetpy.engine.explain', 'fleetpy.engine.scheduler']"
+
+
+async def test_explain_reads_the_replaced_content(client, registry):
+    pinned = HELLO + [{"section": "X-Fleet", "name": "MachineID", "value": M2}]
+    await client.put("/fleet/v1/units/db.service", json={"desiredState": "launched", "options": HELLO})
+    await (await client.get("/fleetpy/v1/units/db.service/explain")).json()
+    await client.put("/fleet/v1/units/db.service", json={"desiredState": "launched", "options": pinned})
+    lines = (await (await client.get("/fleetpy/v1/units/db.service/explain")).json())["lines"]
+    assert lines[0].startswith("db.service -> 2c9a1b3e...")

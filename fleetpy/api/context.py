@@ -1,48 +1,67 @@
-"""What every handler shares: the registry, this machine's id, the unit caches and request helpers."""
+"""What every handler shares: the registry, this machine's id, the unit cache and request helpers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from typing import Any
 
 from aiohttp import web
 
 from fleetpy.api.errors import ApiError
 from fleetpy.api.views import unit_entity
-from fleetpy.engine.engine import ParsedUnits
 from fleetpy.registry import Job
 from fleetpy.registry.aio import AsyncRegistry
-from fleetpy.unit import UnitError, UnitFile, UnitName, load_unit
+from fleetpy.unit import Unit, UnitError, UnitFile, UnitName, load_unit
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredUnit:
+    """A job's unit file and its parse; `unit` is None if the stored file no longer loads."""
+
+    file: UnitFile
+    unit: Unit | None
+
+    @property
+    def is_global(self) -> bool:
+        return self.unit is not None and self.unit.fleet.is_global
 
 
 class ApiContext:
-    """The registry and a cache of immutable unit files, shared by the route handlers."""
+    """The registry, and the one cache of parsed units that the route handlers share."""
 
     def __init__(self, registry: AsyncRegistry, machine_id: str):
         self.registry = registry
         self.machine_id = machine_id
-        # Unit files are content-addressed, so an entry never goes stale.
-        self._files: dict[str, UnitFile] = {}
-        self._global: dict[tuple[str, str], bool] = {}
-        self.units = ParsedUnits(registry)
+        # Unit files are content-addressed, so an entry keyed by (name, hash) never goes stale.
+        self._units: dict[tuple[str, str], StoredUnit] = {}
 
-    async def unit_file(self, digest: str) -> UnitFile | None:
-        if digest not in self._files:
-            found = await self.registry.unit_file(digest)
-            if found is None:
+    async def stored(self, job: Job) -> StoredUnit | None:
+        """The job's unit, or None if its file is missing from the registry."""
+        key = (job.name, job.hash)
+        if key not in self._units:
+            unit_file = await self.registry.unit_file(job.hash)
+            if unit_file is None:
                 return None
-            self._files[digest] = found
-        return self._files[digest]
-
-    def is_global(self, name: str, digest: str, unit_file: UnitFile | None) -> bool:
-        if unit_file is None:
-            return False
-        if (name, digest) not in self._global:
             try:
-                self._global[(name, digest)] = load_unit(name, unit_file).fleet.is_global
-            except UnitError:
-                self._global[(name, digest)] = False
-        return self._global[(name, digest)]
+                unit = load_unit(job.name, unit_file)
+            except UnitError as error:
+                # The API validates on submit; this only guards against hand-edited keys.
+                log.error("api: stored unit %s does not load: %s", job.name, error)
+                unit = None
+            self._units[key] = StoredUnit(unit_file, unit)
+        return self._units[key]
+
+    async def all_units(self) -> list[tuple[Job, Unit]]:
+        """Every job with its parsed unit; also forgets destroyed and replaced units."""
+        jobs = await self.registry.jobs()
+        found = [(job, await self.stored(job)) for job in jobs]
+        live = {(job.name, job.hash) for job in jobs}
+        self._units = {key: unit for key, unit in self._units.items() if key in live}
+        return [(job, stored.unit) for job, stored in found if stored is not None and stored.unit is not None]
 
     async def entities(self, jobs: list[Job]) -> list[dict]:
         assignments = await self.registry.assignments()
@@ -50,10 +69,15 @@ class ApiContext:
         alive = {m.id for m in await self.registry.machines()}
         result = []
         for job in jobs:
-            unit_file = await self.unit_file(job.hash)
+            stored = await self.stored(job)
             result.append(
                 unit_entity(
-                    job, unit_file, self.is_global(job.name, job.hash, unit_file), assignments, states, alive
+                    job,
+                    stored.file if stored else None,
+                    stored is not None and stored.is_global,
+                    assignments,
+                    states,
+                    alive,
                 )
             )
         return result

@@ -10,7 +10,7 @@ from fleetpy.api.context import ApiContext, unit_name
 from fleetpy.api.errors import ApiError
 from fleetpy.api.local import LocalUnitInfo
 from fleetpy.api.peer import Peers
-from fleetpy.engine.engine import explain_placement
+from fleetpy.engine.explain import explain_placement
 
 
 class FleetpyV1:
@@ -32,9 +32,9 @@ class FleetpyV1:
     async def explain(self, request: web.Request) -> web.Response:
         name = unit_name(request).full
         await self.context.existing_job(name)
-        return web.json_response(
-            {"name": name, "lines": await explain_placement(self.registry, self.context.units, name)}
-        )
+        units = await self.context.all_units()
+        machines, current = await self.registry.machines(), await self.registry.assignments()
+        return web.json_response({"name": name, "lines": explain_placement(name, machines, units, current)})
 
     async def pending(self, request: web.Request) -> web.Response:
         name = unit_name(request).full

@@ -161,10 +161,9 @@ class FleetV1:
         if name.is_instance:
             # As fleetctl does: an instance without options takes its template's file.
             template = await self.registry.job(name.template)
-            if template is not None:
-                found = await self.context.unit_file(template.hash)
-                if found is not None:
-                    return found
+            stored = await self.context.stored(template) if template is not None else None
+            if stored is not None:
+                return stored.file
             raise ApiError(
                 409,
                 f"unit {name.full} does not exist and no options were given, "

@@ -51,6 +51,8 @@ def unit_entity(
         "options": unit_file.to_options() if unit_file else [],
         "desiredState": job.desired_state,
         "currentState": current,
+        # fleetpy's extension (Go fleetctl ignores it): clients need not parse [X-Fleet] again.
+        "global": is_global,
     }
     if live and not is_global:
         entity["machineID"] = live[0].machine_id

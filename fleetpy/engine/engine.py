@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 
-from fleetpy.engine.scheduler import Plan, explain, plan, short_id
+from fleetpy.engine.scheduler import Plan, plan
 from fleetpy.registry import Assignment, HistoryLost, Job, StoreError
 from fleetpy.registry.aio import AsyncRegistry
 from fleetpy.unit import Unit, UnitError, load_unit
@@ -43,24 +43,6 @@ class ParsedUnits:
         live = {(job.name, job.hash) for job in jobs}
         self._units = {key: unit for key, unit in self._units.items() if key in live}
         return parsed
-
-
-async def explain_placement(registry: AsyncRegistry, units: ParsedUnits, name: str) -> list[str]:
-    """Why `name` runs where it runs (or nowhere): the scheduler's steps, replayed for it now.
-
-    The unit's own placement is left out of the replay, so every machine is weighed again
-    instead of the unit being simply "kept where it runs".
-    """
-    machines, jobs, current = await asyncio.gather(
-        registry.machines(), registry.jobs(), registry.assignments()
-    )
-    decision = plan(machines, await units.of(jobs), [a for a in current if a.unit != name]).decisions.get(
-        name
-    )
-    if decision is None:
-        return [f"{name} is not scheduled: its desired state is inactive"]
-    placed = sorted(short_id(a.machine_id) for a in current if a.unit == name)
-    return explain(decision) + [f"  now on {', '.join(placed) if placed else 'no machine'}"]
 
 
 class Engine:
