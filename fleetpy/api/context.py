@@ -95,6 +95,10 @@ async def json_body(request: web.Request) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:
         raise ApiError(400, f"request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ApiError(
+            400, "request body is JSON nested too deeply; fleet's bodies are two levels deep"
+        ) from None
 
 
 def unit_name(request: web.Request) -> UnitName:
