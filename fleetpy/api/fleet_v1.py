@@ -40,9 +40,7 @@ def _page(items: list[tuple[str, Any]], request: web.Request) -> tuple[list[Any]
             after = None
         if not isinstance(after, str):
             # Only tokens this API handed out are valid; one of another shape is the client's error.
-            raise ApiError(
-                400, "invalid value of nextPageToken query parameter; pass one from a previous page"
-            )
+            raise ApiError(400, "invalid value of nextPageToken query parameter")
     ordered = sorted((pair for pair in items if after is None or pair[0] > after), key=lambda pair: pair[0])
     page = ordered[:PAGE_SIZE]
     more = len(ordered) > PAGE_SIZE
