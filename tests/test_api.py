@@ -579,7 +579,9 @@ def test_api_does_not_load_the_engine():
     # explain replays the pure scheduler on registry data; the engine loop stays out of the API.
     code = "import sys, fleetpy.api; print(sorted(m for m in sys.modules if m.startswith('fleetpy.engine')))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "['fleetpy.engine', 'fleetpy.engine.explain', 'fleetpy.engine.scheduler']"
+    assert result.stdout.strip() == (
+        "['fleetpy.engine', 'fleetpy.engine.explain', 'fleetpy.engine.guarded', 'fleetpy.engine.scheduler']"
+    )
 
 
 async def test_explain_reads_the_replaced_content(client, registry):

@@ -1,13 +1,33 @@
-"""The engine loop over the in-memory registry: leadership, watch-driven scheduling."""
+"""The engine loop over the in-memory registry: leadership, watch-driven scheduling, error
+boundaries and the grace machines get after a leader change. Time is a manual clock shared by
+the store (TTLs) and the engine (grace), so no test waits out a TTL."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
+import pytest
+
+from fleetpy.engine import scheduler
 from fleetpy.engine.engine import Engine
-from fleetpy.registry import Job, Machine, memory_registry
+from fleetpy.engine.explain import explain_placement
+from fleetpy.registry import Assignment, Job, Machine, MemoryStore, Registry, memory_registry
 from fleetpy.registry.aio import AsyncRegistry
 from fleetpy.unit import UnitFile
+
+TRUE = "[Service]\nExecStart=/bin/true\n"
+
+
+class ManualClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 async def _until(predicate, timeout=3.0):
@@ -18,24 +38,25 @@ async def _until(predicate, timeout=3.0):
     await asyncio.wait_for(check(), timeout)
 
 
-async def _submit(registry, name, text, state="launched"):
+async def _submit(registry, name, text=TRUE, state="launched"):
     digest = await registry.put_unit_file(UnitFile.parse(text))
     await registry.create_job(Job(name, digest, state))
+    return digest
 
 
-async def test_only_one_engine_leads_and_another_takes_over():
-    registry = AsyncRegistry(memory_registry())
-    first, second = Engine(registry, "m1", lease_ttl=1), Engine(registry, "m2", lease_ttl=1)
-    tasks = [asyncio.create_task(first.run()), asyncio.create_task(second.run())]
-    try:
-        await _until(lambda: _leader_is(registry, "m1", "m2"))
-        leader, follower = (first, second) if first.leading.is_set() else (second, first)
-        assert not follower.leading.is_set()
-        tasks[[first, second].index(leader)].cancel()
-        await _until(lambda: _flag(follower.leading))
-    finally:
-        for task in tasks:
-            task.cancel()
+async def _submit_unparsable(registry, name):
+    """A stored unit text that no longer parses, as an older fleetd or a hand edit could leave."""
+    digest = "f" * 40
+    registry.sync.store.put(registry.sync.key("unit", digest), "[Service]\nExecStart=/bin/true\r[oops\n")
+    await registry.create_job(Job(name, digest, "launched"))
+
+
+def _manual_registry(clock: ManualClock) -> AsyncRegistry:
+    return AsyncRegistry(Registry(MemoryStore(clock)))
+
+
+async def _placed(registry, expected):
+    return {a.unit: a.machine_id for a in await registry.assignments()} == expected
 
 
 async def _leader_is(registry, *ids):
@@ -46,33 +67,158 @@ async def _flag(event):
     return event.is_set()
 
 
-async def test_engine_schedules_on_submit_and_reschedules_when_a_machine_expires():
-    registry = AsyncRegistry(memory_registry())
-    await registry.register_machine(Machine("m1"), ttl=30)
-    await registry.register_machine(Machine("m2"), ttl=1)
-    engine = Engine(registry, "m1", lease_ttl=5, reconcile_interval=60)
-    task = asyncio.create_task(engine.run())
-    try:
-        await _submit(registry, "a.service", "[Service]\nExecStart=/bin/true\n")
-        await _submit(registry, "b.service", "[Service]\nExecStart=/bin/true\n")
-        await _until(lambda: _placed(registry, {"a.service": "m1", "b.service": "m2"}))
-        # m2 stops heartbeating: its unit moves to m1 without any periodic pass.
-        await _until(lambda: _placed(registry, {"a.service": "m1", "b.service": "m1"}))
-    finally:
+@pytest.fixture
+def running():
+    tasks = []
+    yield lambda coro: tasks.append(asyncio.create_task(coro)) or tasks[-1]
+    for task in tasks:
         task.cancel()
 
 
-async def _placed(registry, expected):
-    return {a.unit: a.machine_id for a in await registry.assignments()} == expected
+async def test_only_one_engine_leads_and_another_takes_over(running):
+    registry = AsyncRegistry(memory_registry())
+    first, second = Engine(registry, "m1", lease_ttl=1), Engine(registry, "m2", lease_ttl=1)
+    tasks = [running(first.run()), running(second.run())]
+    await _until(lambda: _leader_is(registry, "m1", "m2"))
+    leader, follower = (first, second) if first.leading.is_set() else (second, first)
+    assert not follower.leading.is_set()
+    tasks[[first, second].index(leader)].cancel()
+    await _until(lambda: _flag(follower.leading))
+
+
+async def test_a_stopped_leader_resigns_at_once(running):
+    # B10: the lease is 30 s; a leader that did not resign would hold it that long.
+    registry = AsyncRegistry(memory_registry())
+    engine = Engine(registry, "m1", lease_ttl=30)
+    task = running(engine.run())
+    await _until(lambda: _leader_is(registry, "m1"))
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert await registry.leader() is None
+
+
+async def test_engine_schedules_on_submit_and_reschedules_when_a_machine_expires(running):
+    clock = ManualClock()
+    registry = _manual_registry(clock)
+    await registry.register_machine(Machine("m1"), ttl=30)
+    await registry.register_machine(Machine("m2"), ttl=5)
+    engine = Engine(registry, "m1", lease_ttl=5, reconcile_interval=60, clock=clock)
+    running(engine.run())
+    await _submit(registry, "a.service")
+    await _submit(registry, "b.service")
+    await _until(lambda: _placed(registry, {"a.service": "m1", "b.service": "m2"}))
+    # m2 stops heartbeating: once its record expires its unit moves to m1, without waiting for
+    # the periodic pass (an hour away).
+    clock.advance(6)
+    await _until(lambda: _placed(registry, {"a.service": "m1", "b.service": "m1"}))
 
 
 async def test_unschedulable_unit_gets_a_pending_reason():
     registry = AsyncRegistry(memory_registry())
     await registry.register_machine(Machine("m1", metadata={"role": "web"}), ttl=30)
     engine = Engine(registry, "m1", lease_ttl=5)
-    await _submit(
-        registry, "db.service", "[Service]\nExecStart=/bin/true\n[X-Fleet]\nMachineMetadata=role=db\n"
-    )
+    await _submit(registry, "db.service", TRUE + "[X-Fleet]\nMachineMetadata=role=db\n")
     await engine.reconcile()
     assert "role=db" in (await registry.pending())["db.service"]
     assert await registry.assignments() == []
+
+
+async def test_a_unit_that_no_longer_parses_is_pending_with_a_reason_and_the_rest_is_scheduled(
+    running, caplog
+):
+    # B2: this used to kill the leader's scheduling task, silently, while it kept the lease.
+    registry = AsyncRegistry(memory_registry())
+    await registry.register_machine(Machine("m1"), ttl=30)
+    engine = Engine(registry, "m1", lease_ttl=5, reconcile_interval=60)
+    await _submit_unparsable(registry, "bad.service")
+    running(engine.run())
+    await _until(lambda: _leader_is(registry, "m1"))
+    await _submit(registry, "good.service")
+    await _until(lambda: _placed(registry, {"good.service": "m1"}))
+    reason = (await registry.pending())["bad.service"]
+    assert "cannot be read" in reason and "[oops" in reason, reason
+    machines, current = await registry.machines(), await registry.assignments()
+    explained = explain_placement("bad.service", machines, [], current, await registry.pending())
+    assert explained == [f"bad.service pending: {reason}", "  now on no machine"]
+    await _submit(registry, "later.service")
+    await _until(lambda: _placed(registry, {"good.service": "m1", "later.service": "m1"}))
+    assert sum("quarantined bad.service" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_a_unit_the_scheduler_fails_on_is_quarantined_and_keeps_its_machine(monkeypatch):
+    registry = AsyncRegistry(memory_registry())
+    await registry.register_machine(Machine("m1"), ttl=30)
+    await registry.register_machine(Machine("m2"), ttl=30)
+    digest = await _submit(registry, "boom.service")
+    await _submit(registry, "fine.service")
+    await registry.assign(Assignment("boom.service", "m2", digest, "launched"))
+    real_plan = scheduler.plan
+
+    def failing_plan(machines, jobs, current):
+        if any(job.name == "boom.service" for job, _ in jobs):
+            raise KeyError("a scheduler bug")
+        return real_plan(machines, jobs, current)
+
+    monkeypatch.setattr(scheduler, "plan", failing_plan)
+    await Engine(registry, "m1", lease_ttl=5).reconcile()
+    assignments = {a.unit: a.machine_id for a in await registry.assignments()}
+    assert assignments["boom.service"] == "m2" and "fine.service" in assignments
+    assert "the scheduler fails on it: KeyError" in (await registry.pending())["boom.service"]
+
+
+async def test_a_leader_that_cannot_schedule_logs_why_and_gives_up_its_lease(running, monkeypatch, caplog):
+    registry = AsyncRegistry(memory_registry())
+    await registry.register_machine(Machine("m1"), ttl=30)
+    broken, healthy = Engine(registry, "m1", lease_ttl=30), Engine(registry, "m2", lease_ttl=30)
+
+    async def crash():
+        raise RuntimeError("engine bug")
+
+    monkeypatch.setattr(broken, "reconcile", crash)
+    running(broken.run())
+    await _until(lambda: _leader_is(registry, "m1"))
+    running(healthy.run())
+    await _until(lambda: _flag(healthy.leading))
+    await _submit(registry, "a.service")
+    await _until(lambda: _placed(registry, {"a.service": "m1"}))
+    failure = next(r for r in caplog.records if "giving up the leader lease" in r.getMessage())
+    assert failure.levelno == logging.ERROR and "engine bug" in str(failure.exc_info[1])
+
+
+async def test_a_new_leader_gives_missing_machines_one_ttl_before_moving_their_units(running):
+    # B8: every fleetd restarted; m1 is back first, m2's record has expired but m2 is coming.
+    clock = ManualClock()
+    registry = _manual_registry(clock)
+    await registry.register_machine(Machine("m1"), ttl=30)
+    on_m2 = await _submit(registry, "stays.service")
+    await registry.assign(Assignment("stays.service", "m2", on_m2, "launched"))
+    engine = Engine(registry, "m1", lease_ttl=10, reconcile_interval=3600, clock=clock)
+    running(engine.run())
+    await _until(lambda: _flag(engine.leading))
+    await _submit(registry, "new.service")
+    await _until(lambda: _placed(registry, {"stays.service": "m2", "new.service": "m1"}))
+    clock.advance(5)
+    await registry.register_machine(Machine("m2"), ttl=30)  # back within the TTL: nothing moves
+    await _submit(registry, "newer.service")
+    await _until(lambda: _has(registry, "newer.service"))
+    assert {a.unit: a.machine_id for a in await registry.assignments()}["stays.service"] == "m2"
+
+
+async def _has(registry, unit):
+    return unit in {a.unit for a in await registry.assignments()}
+
+
+async def test_units_of_a_machine_that_does_not_come_back_move_after_the_grace(running):
+    clock = ManualClock()
+    registry = _manual_registry(clock)
+    await registry.register_machine(Machine("m1"), ttl=300)
+    on_m2 = await _submit(registry, "moves.service")
+    await registry.assign(Assignment("moves.service", "m2", on_m2, "launched"))
+    engine = Engine(registry, "m1", lease_ttl=10, reconcile_interval=3600, clock=clock)
+    running(engine.run())
+    await _until(lambda: _flag(engine.leading))
+    await _submit(registry, "new.service")
+    await _until(lambda: _placed(registry, {"moves.service": "m2", "new.service": "m1"}))
+    clock.advance(10)
+    await registry.register_machine(Machine("m3"), ttl=300)  # any event wakes the engine
+    await _until(lambda: _placed(registry, {"moves.service": "m3", "new.service": "m1"}))

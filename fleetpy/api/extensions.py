@@ -34,7 +34,8 @@ class FleetpyV1:
         await self.context.existing_job(name)
         units = await self.context.all_units()
         machines, current = await self.registry.machines(), await self.registry.assignments()
-        return web.json_response({"name": name, "lines": explain_placement(name, machines, units, current)})
+        lines = explain_placement(name, machines, units, current, await self.registry.pending())
+        return web.json_response({"name": name, "lines": lines})
 
     async def pending(self, request: web.Request) -> web.Response:
         name = unit_name(request).full

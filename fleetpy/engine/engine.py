@@ -6,43 +6,66 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Sequence
 
-from fleetpy.engine.scheduler import Plan, plan
+from fleetpy.engine.guarded import plan_guarded
+from fleetpy.engine.scheduler import Plan
 from fleetpy.registry import Assignment, HistoryLost, Job, StoreError
 from fleetpy.registry.aio import AsyncRegistry
-from fleetpy.unit import Unit, UnitError, load_unit
+from fleetpy.unit import Unit, load_unit
 
 log = logging.getLogger(__name__)
 
 WATCH_TIMEOUT = 300.0
 OUTAGE_PAUSE = 1.0
+# How long a resigning leader waits for etcd to take its lease back before it stops anyway.
+RESIGN_TIMEOUT = 1.0
 
 
 class ParsedUnits:
-    """Jobs with their parsed units. Unit files are immutable, so parses are kept by (name, hash)."""
+    """Jobs with their parsed units. Unit files are immutable, so parses are kept by (name, hash).
+
+    A job whose unit file is missing or no longer parses is quarantined: kept out of scheduling
+    with the reason (cached like a parse), while every other job goes on.
+    """
 
     def __init__(self, registry: AsyncRegistry):
         self.registry = registry
-        self._units: dict[tuple[str, str], Unit | None] = {}
+        self._units: dict[tuple[str, str], Unit | str] = {}  # the unit, or why there is none
 
     async def of(self, jobs: list[Job]) -> list[tuple[Job, Unit]]:
-        parsed = []
+        return (await self.split(jobs))[0]
+
+    async def split(self, jobs: list[Job]) -> tuple[list[tuple[Job, Unit]], dict[str, str]]:
+        """The jobs whose units parse, and the quarantined ones with why."""
+        parsed, quarantined = [], {}
         for job in jobs:
             key = (job.name, job.hash)
             if key not in self._units:
-                unit_file = await self.registry.unit_file(job.hash)
-                try:
-                    self._units[key] = None if unit_file is None else load_unit(job.name, unit_file)
-                except UnitError as error:
-                    # The API validates on submit; this only guards against hand-edited keys.
-                    log.error("engine: ignoring %s: %s", job.name, error)
-                    self._units[key] = None
-            if self._units[key] is not None:
-                parsed.append((job, self._units[key]))
+                self._units[key] = await self._load(job)
+            unit = self._units[key]
+            if isinstance(unit, str):
+                quarantined[job.name] = unit
+            else:
+                parsed.append((job, unit))
         # Forget destroyed and replaced units, or the cache would grow with every submit.
         live = {(job.name, job.hash) for job in jobs}
         self._units = {key: unit for key, unit in self._units.items() if key in live}
-        return parsed
+        return parsed, quarantined
+
+    async def _load(self, job: Job) -> Unit | str:
+        try:
+            unit_file = await self.registry.unit_file(job.hash)
+            if unit_file is None:
+                reason = f"its unit file {job.hash} is missing from the registry"
+            else:
+                return load_unit(job.name, unit_file)
+        except StoreError:
+            raise  # etcd is away: an outage, not a bad record
+        except Exception as error:  # noqa: BLE001 - one bad record must not stop the scheduler
+            # The API validates on submit; this guards against older or hand-edited records.
+            reason = f"its unit file cannot be read: {error}"
+        return reason
 
 
 class Engine:
@@ -51,44 +74,57 @@ class Engine:
     Scheduling is driven by watches on jobs and machines (a submit, a state change, a machine
     joining or expiring wakes it within milliseconds); a full pass every `reconcile_interval`
     repairs anything a lost event or a crashed predecessor left behind.
+
+    A new leader, and any leader right after etcd was away, gives machines one TTL to register
+    again before it moves their units: their records may have expired while their agents (and
+    units) were fine, as when every fleetd restarts.
     """
 
     def __init__(
-        self, registry: AsyncRegistry, machine_id: str, lease_ttl: float, reconcile_interval: float = 30.0
+        self,
+        registry: AsyncRegistry,
+        machine_id: str,
+        lease_ttl: float,
+        reconcile_interval: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.registry = registry
         self.machine_id = machine_id
         self.lease_ttl = lease_ttl
         self.reconcile_interval = reconcile_interval
+        self.clock = clock
         self.leading = asyncio.Event()
         self.units = ParsedUnits(registry)
+        self._leading_since = -float("inf")  # by self.clock
+        self._grace_left = 0.0  # seconds until held units may move; 0 when none are held
+        self._quarantined: dict[str, str] = {}  # as of the last pass, to log each one once
 
     async def run(self) -> None:
-        try:
-            while True:
-                try:
-                    if await self.registry.acquire_leadership(self.machine_id, self.lease_ttl):
-                        log.info("engine: this machine leads (%s)", self.machine_id)
-                        await self._lead()
-                    else:
-                        await self._await_vacancy()
-                except StoreError as error:
-                    await self._outage("engine", error)
-        finally:
-            if self.leading.is_set():
-                # Hand over at once instead of making the next engine wait out our lease.
-                await self.registry.resign(self.machine_id)
+        while True:
+            try:
+                if await self.registry.acquire_leadership(self.machine_id, self.lease_ttl):
+                    log.info("engine: this machine leads (%s)", self.machine_id)
+                    if not await self._lead():
+                        # Let another fleetd take the lease; it may be able to schedule.
+                        await asyncio.sleep(self.lease_ttl)
+                else:
+                    await self._await_vacancy()
+            except StoreError as error:
+                await self._outage("engine", error)
 
     async def _await_vacancy(self) -> None:
         index = await self.registry.index()
         if await self.registry.leader() is not None:
             await self.registry.wait(index, "engine", timeout=self.lease_ttl)
 
-    async def _lead(self) -> None:
+    async def _lead(self) -> bool:
+        """Schedule until the lease is lost (True) or scheduling fails (False); then resign."""
         self.leading.set()
+        self._leading_since = self.clock()
         changed = asyncio.Event()
         changed.set()
-        tasks = [
+        lease = asyncio.create_task(self._keep_lease())
+        workers = [
             asyncio.create_task(coro)
             for coro in (
                 self._watch("job", changed),
@@ -97,12 +133,24 @@ class Engine:
             )
         ]
         try:
-            await self._keep_lease()
+            await asyncio.wait([lease, *workers], return_when=asyncio.FIRST_COMPLETED)
+            for task in workers:
+                if task.done() and task.exception() is not None:
+                    log.error(
+                        "engine: scheduling failed; giving up the leader lease",
+                        exc_info=task.exception(),
+                    )
+                    return False
+            return True
         finally:
+            # Also on cancellation (fleetd stopping): clean up and resign at once, so the next
+            # engine need not wait out our lease.
             self.leading.clear()
-            for task in tasks:
+            for task in (lease, *workers):
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(lease, *workers, return_exceptions=True)
+            with contextlib.suppress(StoreError, TimeoutError):
+                await asyncio.wait_for(self.registry.resign(self.machine_id), RESIGN_TIMEOUT)
 
     async def _keep_lease(self) -> None:
         while True:
@@ -116,23 +164,27 @@ class Engine:
                 return
 
     async def _watch(self, directory: str, changed: asyncio.Event) -> None:
-        index = await self.registry.index()
+        index = None
         while True:
             try:
+                if index is None:
+                    index = await self.registry.index()
                 if await self.registry.wait(index, directory, timeout=WATCH_TIMEOUT) is not None:
                     # Skip to now: the pass this triggers reads everything up to here anyway.
-                    index = await self.registry.index()
+                    index = None
                     changed.set()
             except HistoryLost:
-                index = await self.registry.index()
+                index = None
                 changed.set()
             except StoreError as error:
                 await self._outage(f"watch on {directory}", error)
 
     async def _schedule_on(self, changed: asyncio.Event) -> None:
         while True:
+            # While units are held for missing machines, look again when their grace ends.
+            timeout = min(self.reconcile_interval, self._grace_left or self.reconcile_interval)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), self.reconcile_interval)
+                await asyncio.wait_for(changed.wait(), timeout)
             changed.clear()
             try:
                 await self.reconcile()
@@ -144,32 +196,72 @@ class Engine:
         log.warning("engine: %s: %s", what, error)
         await asyncio.sleep(OUTAGE_PAUSE)
 
+    def _grace(self, last_failure: float) -> float:
+        """Seconds left in which missing machines may still register again."""
+        since_leading = self._leading_since + self.lease_ttl - self.clock()
+        # last_failure is the store's time.monotonic, not our clock.
+        since_outage = last_failure + self.lease_ttl - time.monotonic()
+        return max(since_leading, since_outage, 0.0)
+
     async def reconcile(self) -> Plan:
-        """Read the cluster, compute the plan, and write only the difference."""
-        machines, jobs, current, pending = await asyncio.gather(
+        """Read the cluster, compute the plan, and write only the difference.
+
+        Units the engine must not touch now are held: left where they are, with their
+        assignments as they are. Those are units on machines still within their grace, and
+        quarantined units (unreadable, or failing the scheduler) already assigned somewhere.
+        """
+        machines, jobs, current, pending, last_failure = await asyncio.gather(
             self.registry.machines(),
             self.registry.jobs(),
             self.registry.assignments(),
             self.registry.pending(),
+            self.registry.last_failure(),
         )
-        orphaned = {a.machine_id for a in current} - {m.id for m in machines}
-        settle = await self.registry.last_failure() + self.lease_ttl - time.monotonic()
-        if orphaned and settle > 0:
-            # Right after etcd was away, machine records may have expired while their agents
-            # are fine: give them one TTL to register again before moving their units.
+        parsed, quarantined = await self.units.split(jobs)
+        held = {a.unit for a in current if a.unit in quarantined}
+        missing = {a.machine_id for a in current} - {m.id for m in machines}
+        self._grace_left = self._grace(last_failure) if missing else 0.0
+        if self._grace_left:
             log.info(
-                "engine: %d machine(s) missing just after an etcd outage; waiting %.1fs",
-                len(orphaned),
-                settle,
+                "engine: %d machine(s) missing just after a leader change or etcd outage; "
+                "their units stay for %.1fs",
+                len(missing),
+                self._grace_left,
             )
-            await asyncio.sleep(settle)
-            return await self.reconcile()
-        new_plan = plan(machines, await self.units.of(jobs), current)
-        await self.apply(new_plan, current, pending)
+            held |= {a.unit for a in current if a.machine_id in missing}
+        current = [a for a in current if a.unit not in held]
+        new_plan, failed = plan_guarded(machines, [(j, u) for j, u in parsed if j.name not in held], current)
+        for name, error in failed.items():
+            quarantined[name] = f"the scheduler fails on it: {type(error).__name__}: {error}"
+        self._log_quarantine(quarantined, failed)
+        held |= {a.unit for a in current if a.unit in failed}
+        current = [a for a in current if a.unit not in held]
+        reasons = {**new_plan.pending, **quarantined}
+        await self.apply(
+            new_plan.assignments,
+            {u: r for u, r in reasons.items() if u not in held or u in quarantined},
+            current,
+            {u: r for u, r in pending.items() if u not in held or u in quarantined},
+        )
         return new_plan
 
-    async def apply(self, new_plan: Plan, current: list[Assignment], pending: dict[str, str]) -> None:
-        wanted = {(a.unit, a.machine_id): a for a in new_plan.assignments}
+    def _log_quarantine(self, quarantined: dict[str, str], failed: dict[str, Exception]) -> None:
+        """Log each quarantine once, when it starts (with the traceback of a scheduler failure)."""
+        for name, reason in quarantined.items():
+            if self._quarantined.get(name) != reason:
+                log.error("engine: quarantined %s: %s", name, reason, exc_info=failed.get(name))
+        self._quarantined = quarantined
+
+    async def apply(
+        self,
+        assignments: Sequence[Assignment],
+        reasons: dict[str, str],
+        current: list[Assignment],
+        pending: dict[str, str],
+    ) -> None:
+        """Write the difference: `assignments` and pending `reasons` wanted, `current` and
+        `pending` as stored."""
+        wanted = {(a.unit, a.machine_id): a for a in assignments}
         existing = {(a.unit, a.machine_id): a for a in current}
         writes = []
         for key in existing.keys() - wanted.keys():
@@ -182,8 +274,8 @@ class Engine:
             *(self.registry.assign(a) for key, a in wanted.items() if existing.get(key) != a)
         )
         await asyncio.gather(
-            *(self.registry.set_pending(u, r) for u, r in new_plan.pending.items() if pending.get(u) != r),
-            *(self.registry.set_pending(u, None) for u in pending.keys() - new_plan.pending.keys()),
+            *(self.registry.set_pending(u, r) for u, r in reasons.items() if pending.get(u) != r),
+            *(self.registry.set_pending(u, None) for u in pending.keys() - reasons.keys()),
         )
         if changed := len(writes) // 2 + sum(existing.get(k) != a for k, a in wanted.items()):
             log.info("engine: %d schedule changes", changed)

@@ -5,10 +5,11 @@ The API calls it with what it read from the registry; it needs no engine and doe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from fleetpy.engine.scheduler import explain, plan, short_id
+from fleetpy.engine.guarded import plan_guarded
+from fleetpy.engine.scheduler import explain, short_id
 from fleetpy.registry.models import Assignment, Job, Machine
 
 if TYPE_CHECKING:
@@ -20,14 +21,22 @@ def explain_placement(
     machines: Sequence[Machine],
     units: Sequence[tuple[Job, Unit]],
     current: Sequence[Assignment],
+    pending: Mapping[str, str] | None = None,
 ) -> list[str]:
     """The scheduler's steps for `name`, replayed on the given cluster.
 
     The unit's own placement is left out of the replay, so every machine is weighed again
-    instead of the unit being simply "kept where it runs".
+    instead of the unit being simply "kept where it runs". A unit the engine quarantined (its
+    file does not load, or the scheduler fails on it) is explained by the reason the engine
+    recorded in `pending`.
     """
-    decision = plan(machines, units, [a for a in current if a.unit != name]).decisions.get(name)
+    new_plan, failed = plan_guarded(machines, units, [a for a in current if a.unit != name])
+    decision = new_plan.decisions.get(name)
+    placed = sorted(short_id(a.machine_id) for a in current if a.unit == name)
+    where = f"  now on {', '.join(placed) if placed else 'no machine'}"
+    recorded = (pending or {}).get(name)
+    if name in failed or (decision is None and recorded):
+        return [f"{name} pending: {recorded or failed[name]}", where]
     if decision is None:
         return [f"{name} is not scheduled: its desired state is inactive"]
-    placed = sorted(short_id(a.machine_id) for a in current if a.unit == name)
-    return explain(decision) + [f"  now on {', '.join(placed) if placed else 'no machine'}"]
+    return explain(decision) + [where]
