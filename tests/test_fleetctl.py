@@ -156,6 +156,16 @@ def test_submit_warns_about_deprecated_fleet_options(fleet, unit_dir):
     assert fleet.registry.job("old.service") is not None
 
 
+def test_submit_warns_about_a_line_fleet_read_as_part_of_a_comment(fleet, unit_dir):
+    (unit_dir / "trap.service").write_text("[Service]\n# off: \\\nExecStartPre=/bin/x\nExecStart=/bin/true\n")
+    result = fleet.run("submit", "trap.service")
+    assert result.exit_code == 0, result.output
+    assert (
+        "WARNING: trap.service:3: 'ExecStartPre=/bin/x' follows a comment ending in a backslash"
+        in result.output
+    )
+
+
 def test_start_blocks_until_launched_and_says_where(fleet, unit_dir):
     result = fleet.run("start", "hello.service")
     assert result.exit_code == 0, result.output

@@ -5,6 +5,7 @@ import hashlib
 import pytest
 
 from fleetpy.unit import InvalidUnitFile, UnitFile, UnitOption
+from fleetpy.unit.syntax import swallowed_by_comments
 
 SAMPLE = """\
 # A comment
@@ -26,7 +27,8 @@ def test_sections_and_options_are_read_in_order() -> None:
         UnitOption("Unit", "Description", "Hello world"),
         UnitOption("Service", "ExecStartPre", "/bin/echo one"),
         UnitOption("Service", "ExecStartPre", "/bin/echo two"),
-        UnitOption("Service", "ExecStart", "/bin/sleep 1000"),
+        # systemd's continuation: the backslash becomes a space, the next line is kept as is.
+        UnitOption("Service", "ExecStart", "/bin/sleep      1000"),
     )
     assert unit.sections() == ["Unit", "Service"]
 
@@ -51,17 +53,27 @@ def test_empty_value_is_kept() -> None:
     assert UnitFile.parse("[Service]\nExecStart=\n").values("Service", "ExecStart") == [""]
 
 
+# systemd.syntax(5) and config_parse(), checked against systemd 252's `systemctl show`.
 @pytest.mark.parametrize(
     ("text", "value"),
     [
-        ("[S]\nK=a \\\n  b\n", "a b"),
-        ("[S]\nK=a\\\nb \\\nc\n", "a b c"),
-        ("[S]\nK=a \\\n# note\n; note\n  b\n", "a b"),
+        # the backslash becomes a space and the next line is appended with its whitespace
+        ("[S]\nK=a \\\n  b\n", "a    b"),
+        ("[S]\nK=a\\\nb \\\nc\n", "a b  c"),
+        # comment lines inside a continuation are skipped
+        ("[S]\nK=a \\\n# note\n; note\n  b\n", "a    b"),
         ("[S]\nK=\\\nb\n", "b"),
+        # a continuation at the end of the file ends the value
         ("[S]\nK=a \\", "a"),
+        # a blank line ends a continuation
+        ("[S]\nK=a \\\n\nL=b\n", "a"),
+        # an escaped backslash does not continue the line
+        ("[S]\nK=a\\\\\nL=b\n", "a\\\\"),
+        # tabs inside a value are kept, spaces and tabs around it dropped
+        ("[S]\nK=\t a\tb \t\n", "a\tb"),
     ],
 )
-def test_backslash_continuation_joins_lines_with_one_space(text: str, value: str) -> None:
+def test_continuations_and_blanks_read_as_systemd_reads_them(text: str, value: str) -> None:
     assert UnitFile.parse(text).values("S", "K") == [value]
 
 
@@ -115,7 +127,7 @@ def test_canonical_text_separates_sections_with_blank_lines() -> None:
     assert UnitFile.parse(SAMPLE).to_text() == (
         "[Unit]\nDescription=Hello world\n\n"
         "[Service]\nExecStartPre=/bin/echo one\nExecStartPre=/bin/echo two\n"
-        "ExecStart=/bin/sleep 1000\n"
+        "ExecStart=/bin/sleep      1000\n"
     )
 
 
@@ -124,11 +136,12 @@ def test_parsing_canonical_text_gives_the_same_file() -> None:
     assert UnitFile.parse(unit.to_text()) == unit
 
 
-def test_value_with_line_breaks_is_written_as_continuation() -> None:
-    unit = UnitFile.from_options([{"section": "Service", "name": "ExecStart", "value": "a\nb"}])
-    assert unit.to_text() == "[Service]\nExecStart=a\\\nb\n"
-    # systemd joins continued lines with a space, and so do we on reading back.
-    assert UnitFile.parse(unit.to_text()).values("Service", "ExecStart") == ["a b"]
+def test_api_value_in_fleets_continued_form_is_read_as_systemd_reads_it() -> None:
+    # Go fleetctl sends a continued value as go-systemd read it: backslash, newline and all.
+    unit = UnitFile.from_options([{"section": "Service", "name": "ExecStart", "value": "/bin/a \\\n  -b"}])
+    assert unit.values("Service", "ExecStart") == ["/bin/a    -b"]
+    assert unit.to_text() == "[Service]\nExecStart=/bin/a    -b\n"
+    assert UnitFile.parse(unit.to_text()) == unit
 
 
 def test_hash_is_sha1_of_canonical_text() -> None:
@@ -193,3 +206,98 @@ def test_unit_file_is_immutable() -> None:
     unit = UnitFile.parse(SAMPLE)
     with pytest.raises(AttributeError):
         unit.options = ()  # type: ignore[misc]
+
+
+# Inputs that systemd and fleet would read apart, or that would smuggle a directive past
+# `fleetctl cat`: each is refused with the line and the reason.
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        # systemd ends a line at a lone CR (and at NUL); fleet did not
+        ("[Service]\nDescription=a\rExecStartPre=/bin/evil\n", "line 2: U+000D (CARRIAGE RETURN)"),
+        ("[Service]\nX\x00ExecStartPre=/bin/evil\n", "line 2: U+0000 (NUL)"),
+        ("[Service]\n# note\rExecStartPre=/bin/evil\n", "line 2: U+000D"),
+        # Python's splitlines breaks here, systemd and fleet do not: refused, never split
+        ("[Service]\nDescription=a\x85ExecStartPre=/bin/evil\n", "holds U+0085"),
+        ("[Service]\nDescription=a\x0bExecStartPre=/bin/evil\n", "holds U+000B"),
+        ("[Service]\nDescription=a\u2028ExecStartPre=/bin/evil\n", "holds U+2028 (LINE SEPARATOR)"),
+        ("[Serv\x1cice]\nA=b\n", "line 1: section name"),
+        # a space after the backslash: systemd and fleet see two directives
+        (
+            "[Service]\nExecStart=/bin/foo \\ \nExecStartPre=/bin/bar\n",
+            "line 2: ExecStart= ends in a backslash",
+        ),
+        # systemd reads "[ Service ]" as another section, and refuses quotes in a header
+        ("[ Service ]\nExecStart=/bin/true\n", "has blanks around it"),
+        ('[Ser"vice]\nExecStart=/bin/true\n', "quotes"),
+        ("[Service]\n#Key=x\n;K=y\n[Unit]\n#x=\n", "no options"),
+    ],
+)
+def test_text_that_would_change_meaning_is_refused(text: str, fragment: str) -> None:
+    with pytest.raises(InvalidUnitFile) as err:
+        UnitFile.parse(text)
+    assert fragment in str(err.value)
+
+
+def test_comment_ending_in_backslash_does_not_swallow_the_next_line() -> None:
+    # Current systemd: the comment ends at its line end (fleet's go-systemd continued it).
+    text = "[Service]\n# old: \\\nExecStartPre=/bin/revived\nExecStart=/bin/true\n"
+    assert UnitFile.parse(text).values("Service", "ExecStartPre") == ["/bin/revived"]
+    assert swallowed_by_comments(text) == [(3, "ExecStartPre=/bin/revived")]
+
+
+@pytest.mark.parametrize(
+    ("text", "swallowed"),
+    [
+        ("[S]\n# a \\ \nK=1\n", [(3, "K=1")]),  # go-systemd dropped one trailing space first
+        ("[S]\n# a \\\n# b \\\nK=1\nL=2\n", [(4, "K=1")]),
+        ("[S]\n# a \\\n\nK=1\n", []),
+        ("[S]\n# a\nK=1 \\\nL=2\n", []),
+        ("[S]\nK=1\n", []),
+    ],
+)
+def test_lines_fleet_swallowed_into_a_comment_are_found(text: str, swallowed: list) -> None:
+    assert swallowed_by_comments(text) == swallowed
+
+
+@pytest.mark.parametrize(
+    ("option", "fragment"),
+    [
+        # B2/B3 of the reliability issue: each would have become a line of its own
+        ({"section": "Service", "name": "ExecStart", "value": "/bin/true\r[oops"}, "U+000D"),
+        ({"section": "Service", "name": "ExecStart", "value": "/bin/sleep 1\rExecStartPre=/bin/x"}, "U+000D"),
+        ({"section": "Service", "name": "X\x00ExecStartPre", "value": "/bin/x"}, "U+0000"),
+        (
+            {"section": "Service", "name": "ExecStart", "value": "/bin/sleep 1\nExecStartPre=/bin/x"},
+            "line break",
+        ),
+        ({"section": "Serv\u2029ice", "name": "A", "value": "b"}, "U+2029"),
+        ({"section": "Service", "name": "A", "value": "x\ud800"}, "U+D800"),
+        # a trailing backslash would swallow the next option
+        ({"section": "Service", "name": "ExecStart", "value": "/bin/foo \\"}, "ends in a backslash"),
+        ({"section": "Service", "name": "ExecStart", "value": "/bin/foo \\\\\\"}, "ends in a backslash"),
+        ({"section": "Service", "name": "ExecStart", "value": "/bin/foo \\\n# c"}, "ends in a backslash"),
+        ({"section": "Service", "name": "#ExecStart", "value": "x"}, "begin a comment"),
+    ],
+)
+def test_api_options_that_would_change_meaning_are_refused(option: dict, fragment: str) -> None:
+    with pytest.raises(InvalidUnitFile) as err:
+        UnitFile.from_options([option])
+    assert "option 0" in str(err.value) and fragment in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "stored"),
+    [
+        ("  padded\t", "padded"),  # systemd drops blanks around a value
+        ("a\\\\", "a\\\\"),  # an escaped backslash does not continue the line
+        ("/bin/a \\\n", "/bin/a"),  # go-systemd's form of a continuation before a blank line
+        ("/bin/a \\\r\n b", "/bin/a   b"),
+        ("a \\\n# c\n b", "a   b"),  # comment lines inside a continuation are skipped
+        ("tab\tinside", "tab\tinside"),
+    ],
+)
+def test_api_values_are_stored_as_systemd_reads_them(value: str, stored: str) -> None:
+    unit = UnitFile.from_options([{"section": "Service", "name": "ExecStart", "value": value}])
+    assert unit.values("Service", "ExecStart") == [stored]
+    assert UnitFile.parse(unit.to_text()) == unit

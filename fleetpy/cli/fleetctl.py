@@ -22,6 +22,7 @@ from fleetpy.containers.cli import new_unit_command
 from fleetpy.lab.lab import DEFAULT_DIR as LAB_DIR
 from fleetpy.lab.lab import Lab
 from fleetpy.unit import SUFFIXES, UnitError, UnitFile, UnitName, parse_fleet_options
+from fleetpy.unit.syntax import swallowed_by_comments
 
 DEFAULT_ENDPOINT = "unix:///var/run/fleet.sock"
 POLL_INTERVAL = 0.2
@@ -491,9 +492,16 @@ def _local_options(path: str) -> list[dict] | None:
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
     try:
-        return UnitFile.parse(text).to_options()
+        options = UnitFile.parse(text).to_options()
     except UnitError as error:
         raise click.ClickException(f"{path}: {error}") from None
+    for lineno, line in swallowed_by_comments(text):
+        click.echo(
+            f"WARNING: {path}:{lineno}: {line!r} follows a comment ending in a backslash; fleet "
+            "read it as part of the comment, systemd and fleetpy run it",
+            err=True,
+        )
+    return options
 
 
 def _hash(options: list[dict]) -> str:

@@ -1,32 +1,16 @@
-"""systemd unit files: parsing, fleet's JSON option form and canonical text."""
+"""systemd unit files: parsing, fleet's JSON option form and canonical text.
+
+Every option of a UnitFile is canonical: it is written on one `Name=value` line and reads
+back unchanged, by fleetpy and by systemd (the grammar is in `syntax`).
+"""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
+from fleetpy.unit import syntax
 from fleetpy.unit.errors import InvalidUnitFile
-
-_COMMENT_STARTS = ("#", ";")
-_BAD_NAME_CHARS = frozenset("=[]\n\r\t ")
-_BAD_SECTION_CHARS = frozenset("[]\n\r")
-
-
-def _check_section(section: str) -> str | None:
-    if not section:
-        return "section name is empty"
-    if _BAD_SECTION_CHARS & set(section):
-        return f"section name {section!r} may not contain brackets or line breaks"
-    return None
-
-
-def _check_name(name: str) -> str | None:
-    if not name:
-        return "option name is empty"
-    if _BAD_NAME_CHARS & set(name):
-        return f"option name {name!r} may not contain spaces, '=', brackets or line breaks"
-    return None
 
 
 @dataclass(frozen=True)
@@ -50,6 +34,14 @@ class UnitFile:
     options: tuple[UnitOption, ...]
 
     def __post_init__(self) -> None:
+        for option in self.options:
+            problem = (
+                syntax.check_section(option.section)
+                or syntax.check_name(option.name)
+                or syntax.check_value(option.value)
+            )
+            if problem:
+                raise InvalidUnitFile(f"[{option.section}] {option.name}: {problem}")
         order: dict[str, list[UnitOption]] = {}
         for option in self.options:
             order.setdefault(option.section, []).append(option)
@@ -58,15 +50,16 @@ class UnitFile:
 
     @classmethod
     def parse(cls, text: str) -> UnitFile:
+        """Read unit file text as systemd does; refuse what systemd and fleet would read apart."""
         options: list[UnitOption] = []
         section: str | None = None
-        for lineno, line in _logical_lines(text):
+        for lineno, line in syntax.logical_lines(text):
             if line.startswith("["):
-                if not line.endswith("]"):
+                if not line.endswith("]") or len(line) < 2:
                     raise InvalidUnitFile(
                         f"line {lineno}: bad section header {line!r}; write it as [Name] on a line of its own"
                     )
-                problem = _check_section(line[1:-1])
+                problem = syntax.check_section(line[1:-1])
                 if problem:
                     raise InvalidUnitFile(f"line {lineno}: {problem}")
                 section = line[1:-1]
@@ -76,16 +69,24 @@ class UnitFile:
                 raise InvalidUnitFile(
                     f"line {lineno}: {line!r} is not a Key=Value assignment, a [Section] header or a comment"
                 )
+            key, value = key.strip(syntax.BLANKS), value.strip(syntax.BLANKS)
             if section is None:
                 raise InvalidUnitFile(
-                    f"line {lineno}: option {key.strip()!r} comes before any section; "
+                    f"line {lineno}: option {key!r} comes before any section; "
                     "put a header such as [Unit] or [Service] above it"
                 )
-            key = key.strip()
-            problem = _check_name(key)
+            if syntax.is_continued(value):
+                # Only a backslash with blanks after it gets here: not a continuation.
+                raise InvalidUnitFile(
+                    f"line {lineno}: {key}= ends in a backslash followed by spaces; systemd and "
+                    "fleet do not continue such a line, so the next line stays an option of its "
+                    "own and the backslash ends the value. Remove the spaces to continue the "
+                    "line, or remove the backslash"
+                )
+            problem = syntax.check_name(key) or syntax.check_value(value)
             if problem:
                 raise InvalidUnitFile(f"line {lineno}: {problem}")
-            options.append(UnitOption(section, key, value.strip()))
+            options.append(UnitOption(section, key, value))
         if not options:
             raise InvalidUnitFile(
                 "unit file has no options; a unit needs at least one Key=Value line under a [Section] header"
@@ -94,7 +95,11 @@ class UnitFile:
 
     @classmethod
     def from_options(cls, options: list[dict]) -> UnitFile:
-        """Build from fleet's API form: [{"section": .., "name": .., "value": ..}]."""
+        """Build from fleet's API form: [{"section": .., "name": .., "value": ..}].
+
+        Each value is taken as systemd would read it from the file fleet writes: a continued
+        value is joined, blanks around it dropped; what would change meaning is refused.
+        """
         if not isinstance(options, list):
             raise InvalidUnitFile(f"unit options must be a list of objects, not {type(options).__name__}")
         if not options:
@@ -112,28 +117,26 @@ class UnitFile:
             for key in ("section", "name", "value"):
                 if not isinstance(item[key], str):
                     raise InvalidUnitFile(f"{where}: {key} must be a string, not {type(item[key]).__name__}")
-            problem = _check_section(item["section"]) or _check_name(item["name"])
+            problem = syntax.check_section(item["section"]) or syntax.check_name(item["name"])
             if problem:
                 raise InvalidUnitFile(f"{where}: {problem}")
-            parsed.append(UnitOption(item["section"], item["name"], item["value"]))
+            where += f" ([{item['section']}] {item['name']})"
+            try:
+                value = syntax.read_value(item["value"])
+            except InvalidUnitFile as err:
+                raise InvalidUnitFile(f"{where}: {err}") from None
+            parsed.append(UnitOption(item["section"], item["name"], value))
         return cls(tuple(parsed))
 
     def to_options(self) -> list[dict]:
         return [{"section": o.section, "name": o.name, "value": o.value} for o in self.options]
 
     def to_text(self) -> str:
-        """Canonical text; a value's line breaks become backslash continuations.
-
-        systemd joins continuation lines with a space, so a value holding line
-        breaks reads back with spaces in their place: that is what systemd runs.
-        """
+        """Canonical text: one line per option, sections apart by a blank line."""
         blocks = []
         for section in self.sections():
             lines = [f"[{section}]"]
-            for option in self.options:
-                if option.section == section:
-                    value = option.value.replace("\r\n", "\n").replace("\n", "\\\n")
-                    lines.append(f"{option.name}={value}")
+            lines += [f"{o.name}={o.value}" for o in self.options if o.section == section]
             blocks.append("\n".join(lines) + "\n")
         return "\n".join(blocks)
 
@@ -147,27 +150,3 @@ class UnitFile:
 
     def sections(self) -> list[str]:
         return list(dict.fromkeys(o.section for o in self.options))
-
-
-def _logical_lines(text: str) -> Iterator[tuple[int, str]]:
-    """Yield (starting line number, stripped line) with continuations joined."""
-    pending: list[str] = []
-    start = 0
-    for lineno, raw in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
-        line = raw.strip()
-        if pending:
-            # systemd skips comment lines inside a continued value.
-            if line.startswith(_COMMENT_STARTS):
-                continue
-        elif not line or line.startswith(_COMMENT_STARTS):
-            continue
-        else:
-            start = lineno
-        if line.endswith("\\"):
-            pending.append(line[:-1].rstrip())
-            continue
-        pending.append(line)
-        yield start, " ".join(p for p in pending if p)
-        pending = []
-    if pending:
-        yield start, " ".join(p for p in pending if p)

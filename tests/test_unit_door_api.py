@@ -1,0 +1,96 @@
+"""The API is the door: unit contents any later layer would read differently are refused there.
+
+Regression tests for B2 and B3 of the reliability issue and the line-end cases of the fleet
+compatibility issue, through the real HTTP API over the in-memory registry.
+"""
+
+from __future__ import annotations
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from fleetpy.api import create_app
+from fleetpy.registry import Machine, memory_registry
+from fleetpy.registry.aio import AsyncRegistry
+
+M1 = "113f16a7" + "0" * 24
+SLEEP = {"section": "Service", "name": "ExecStart", "value": "/bin/sleep infinity"}
+
+
+@pytest.fixture
+def registry():
+    reg = memory_registry()
+    reg.register_machine(Machine(M1, "10.0.0.1"), ttl=60)
+    return reg
+
+
+@pytest.fixture
+async def client(registry):
+    async with TestClient(TestServer(create_app(AsyncRegistry(registry), machine_id=M1))) as test_client:
+        yield test_client
+
+
+async def put(client, name: str, options: list[dict]):
+    return await client.put(f"/fleet/v1/units/{name}", json={"desiredState": "launched", "options": options})
+
+
+@pytest.mark.parametrize(
+    ("option", "fragment"),
+    [
+        # B2: accepted before, then no longer parsed and GET /fleet/v1/units answered 400
+        ({"section": "Service", "name": "ExecStart", "value": "/bin/true\r[oops"}, "U+000D"),
+        *[
+            ({"section": "Service", "name": "ExecStart", "value": f"/bin/true{ch}[oops"}, f"U+{ord(ch):04X}")
+            for ch in "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+        ],
+        *[
+            ({"section": f"Ser{ch}vice", "name": "ExecStart", "value": "/bin/true"}, f"U+{ord(ch):04X}")
+            for ch in "\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+        ],
+        *[
+            ({"section": "Service", "name": f"Exec{ch}Start", "value": "/bin/true"}, f"U+{ord(ch):04X}")
+            for ch in "\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+        ],
+        # B3: directives `fleetctl cat` did not show, which systemd ran
+        (
+            {
+                "section": "Service",
+                "name": "ExecStart",
+                "value": "/bin/sleep infinity\rExecStartPre=/bin/touch /tmp/x",
+            },
+            "U+000D",
+        ),
+        ({"section": "Service", "name": "X\u0000ExecStartPre", "value": "/bin/touch /tmp/x"}, "U+0000"),
+        (
+            {"section": "Service", "name": "ExecStart", "value": "/bin/sleep 1\nExecStartPre=/bin/x"},
+            "line break",
+        ),
+        # an option ending in a backslash swallows the next one, in fleet as in systemd
+        ({"section": "Service", "name": "ExecStart", "value": "/bin/sleep 1 \\"}, "ends in a backslash"),
+    ],
+)
+async def test_contents_that_would_change_meaning_are_refused_and_nothing_is_stored(
+    client, registry, option, fragment
+):
+    before = registry.store.index()
+    resp = await put(
+        client, "smuggle.service", [option, {"section": "Unit", "name": "Description", "value": "x"}]
+    )
+    body = await resp.json()
+    assert resp.status == 400, body
+    assert fragment in body["error"]["message"] and "option 0" in body["error"]["message"]
+    assert registry.store.index() == before
+    listing = await client.get("/fleet/v1/units")
+    assert listing.status == 200 and (await listing.json()).get("units", []) == []
+
+
+async def test_listing_still_works_next_to_an_accepted_unit_with_a_continued_value(client, registry):
+    # Go fleetctl sends a continued line as go-systemd read it: the backslash and newline kept.
+    continued = {"section": "Service", "name": "ExecStart", "value": "/bin/sleep \\\n  infinity"}
+    assert (await put(client, "ok.service", [continued])).status == 201
+    listing = await (await client.get("/fleet/v1/units")).json()
+    assert [u["options"] for u in listing["units"]] == [
+        [{"section": "Service", "name": "ExecStart", "value": "/bin/sleep    infinity"}]
+    ]
+    text = registry.store.get(registry.key("unit", registry.job("ok.service").hash))
+    assert text == "[Service]\nExecStart=/bin/sleep    infinity\n"

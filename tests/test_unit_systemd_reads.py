@@ -1,0 +1,65 @@
+"""What fleetpy accepts is what a real systemd runs: the same values, no smuggled directives.
+
+Each unit goes through the door (`UnitFile.from_options` or `UnitFile.parse`), out as the
+canonical text the agent writes, and into a real systemd --user manager; `systemctl show`
+must then report exactly the values fleetpy stored.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fleetpy.lab.node import Node
+from fleetpy.systemd import SystemdManager
+from fleetpy.unit import UnitFile
+
+pytest_plugins = ["fixtures_nodes"]
+pytestmark = pytest.mark.integration
+
+
+def described(description: str, exec_start: str = "/bin/true") -> list[dict]:
+    return [
+        {"section": "Unit", "name": "Description", "value": description},
+        {"section": "Service", "name": "ExecStart", "value": exec_start},
+    ]
+
+
+ACCEPTED = {
+    # Go fleetctl's form of a continued line, with a comment inside the continuation
+    "continued.service": described("first \\\n# a comment\n   second"),
+    "tabs.service": described("a\tb \t"),
+    "escaped.service": described("ends in two\\\\"),
+    "comment-trap.service": UnitFile.parse(
+        "[Unit]\n# was commented out in fleet \\\nDescription=live now\n[Service]\nExecStart=/bin/true\n"
+    ),
+    "exec.service": described("x", "/bin/sleep \\\n  1000"),
+}
+
+
+def show(node: Node, name: str, prop: str) -> str:
+    result = node.run(["systemctl", "--user", "show", "-p", prop, "--value", "--", name], check=True)
+    return result.stdout.removesuffix("\n")
+
+
+async def test_accepted_units_read_the_same_in_systemd(systemd_node: Node) -> None:
+    manager = await SystemdManager.connect(
+        systemd_node.env["DBUS_SESSION_BUS_ADDRESS"], systemd_node.dir / "units"
+    )
+    try:
+        files = {
+            name: spec if isinstance(spec, UnitFile) else UnitFile.from_options(spec)
+            for name, spec in ACCEPTED.items()
+        }
+        for name, unit_file in files.items():
+            await manager.write_unit(name, unit_file.to_text())
+        await manager.link(list(files))
+        for name, unit_file in files.items():
+            assert show(systemd_node, name, "LoadState") == "loaded", name
+            assert show(systemd_node, name, "Description") == unit_file.values("Unit", "Description")[0]
+            assert show(systemd_node, name, "ExecStartPre") == "", name
+    finally:
+        await manager.close()
+    assert files["continued.service"].values("Unit", "Description") == ["first     second"]
+    assert files["comment-trap.service"].values("Unit", "Description") == ["live now"]
+    argv = show(systemd_node, "exec.service", "ExecStart")
+    assert "argv[]=/bin/sleep 1000 ;" in argv
