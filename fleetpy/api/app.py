@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from fleetpy.api.auth import AUTH, Auth, authenticate
+from fleetpy.api.connections import GUARDS, LIMITS, Guards, Limits, clock
 from fleetpy.api.context import ApiContext
 from fleetpy.api.errors import errors
 from fleetpy.api.extensions import FleetpyV1
@@ -25,8 +26,12 @@ def create_app(
 ) -> web.Application:
     """The API application; `serve` puts it on fleetd's sockets."""
     context = ApiContext(registry, machine_id)
-    app = web.Application(middlewares=[errors, authenticate], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[clock, errors, authenticate], client_max_size=MAX_BODY)
     app[AUTH] = Auth()
+    app[GUARDS] = Guards()
+    app[LIMITS] = Limits()
     FleetV1(context).add_routes(app.router)
-    FleetpyV1(context, local, Peers(registry, machine_id, peer_token)).add_routes(app.router)
+    extensions = FleetpyV1(context, local, Peers(registry, machine_id, peer_token))
+    extensions.add_routes(app.router)
+    app.on_shutdown.append(extensions.stop_followers)
     return app

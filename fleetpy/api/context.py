@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -9,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from fleetpy.api.connections import LIMITS
 from fleetpy.api.errors import ApiError
 from fleetpy.api.views import unit_entity
 from fleetpy.registry import Job
@@ -90,7 +92,12 @@ class ApiContext:
 
 
 async def json_body(request: web.Request) -> Any:
-    raw = await request.read()  # raises 413 beyond client_max_size
+    timeout = request.app[LIMITS].body_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            raw = await request.read()  # raises 413 beyond client_max_size
+    except TimeoutError:
+        raise ApiError(408, f"request body did not arrive within {timeout:g}s") from None
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:

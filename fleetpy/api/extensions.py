@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 from aiohttp import web
@@ -22,12 +23,18 @@ class FleetpyV1:
         self.machine_id = context.machine_id
         self.local = local
         self.peers = peers
+        # Requests following a journal, which never end by themselves: cut when fleetd stops.
+        self.followers: set[asyncio.Task] = set()
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_get("/fleetpy/v1/units/{name}/pending", self.pending)
         router.add_get("/fleetpy/v1/units/{name}/explain", self.explain)
         router.add_get("/fleetpy/v1/units/{name}/status", self.status)
         router.add_get("/fleetpy/v1/units/{name}/journal", self.journal)
+
+    async def stop_followers(self, app: web.Application) -> None:
+        for task in self.followers:
+            task.cancel()
 
     async def explain(self, request: web.Request) -> web.Response:
         name = unit_name(request).full
@@ -91,9 +98,15 @@ class FleetpyV1:
             raise ApiError(400, "lines must be a whole number of 0 or more")
         follow = request.query.get("follow", "false").lower() in ("1", "true", "yes")
         machine_id = await self.locate(request, name)
-        if machine_id == self.machine_id:
-            return await self.local_journal(request, name, lines, follow)
-        return await self.peers.journal(request, machine_id, lines, follow)
+        task = asyncio.current_task()
+        if follow and task is not None:
+            self.followers.add(task)
+        try:
+            if machine_id == self.machine_id:
+                return await self.local_journal(request, name, lines, follow)
+            return await self.peers.journal(request, machine_id, lines, follow)
+        finally:
+            self.followers.discard(task)
 
     async def local_journal(
         self, request: web.Request, name: str, lines: int, follow: bool

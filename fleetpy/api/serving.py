@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import resource
 import socket
 import ssl
 import stat
@@ -11,6 +14,12 @@ from pathlib import Path
 from aiohttp import web
 
 from fleetpy.api.auth import AUTH
+from fleetpy.api.connections import GUARDS, LIMITS, AcceptErrorLog, ConnectionGuard, GuardedSite, Limits
+
+log = logging.getLogger(__name__)
+
+# Descriptors kept for everything but API clients: etcd connections, D-Bus, journal followers.
+RESERVED_FDS = 256
 
 
 def _parse_listen(listen: str) -> tuple[str, int]:
@@ -38,6 +47,47 @@ def _remove_stale_socket(path: Path) -> None:
         probe.close()
 
 
+def tcp_connection_limit(limits: Limits) -> int:
+    """The TCP limit, lowered so that TCP clients can never take the unix socket's descriptors."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    room = soft - limits.unix_connections - RESERVED_FDS
+    if soft != resource.RLIM_INFINITY and room < limits.tcp_connections:
+        log.warning(
+            "API: serving at most %d TCP connections, as only %d file descriptors are allowed "
+            "(raise LimitNOFILE= to serve more)",
+            max(room, 1),
+            soft,
+        )
+        return max(room, 1)
+    return limits.tcp_connections
+
+
+def _check_tcp_auth(listen: str, token: str | None, client_ca: str | None, insecure: bool) -> None:
+    if token or client_ca:
+        return
+    if not insecure:
+        raise ValueError(
+            f"refusing to serve the API on TCP {listen} without authentication: anyone who can "
+            "reach it could run any command as fleetd's user on every machine. Give an API token "
+            "(--api-token-file) or a client CA (--api-tls-client-ca), or --api-insecure if you mean it"
+        )
+    log.warning(
+        "API: SERVING TCP %s WITHOUT AUTHENTICATION (--api-insecure): anyone who can reach it "
+        "controls this cluster's units",
+        listen,
+    )
+
+
+def server_tls(tls_cert: str, tls_key: str, client_ca: str | None, token: str | None) -> ssl.SSLContext:
+    """TLS for the API; with a client CA, clients are verified (required, unless a token may stand in)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls_cert, tls_key)
+    if client_ca:
+        context.load_verify_locations(client_ca)
+        context.verify_mode = ssl.CERT_OPTIONAL if token else ssl.CERT_REQUIRED
+    return context
+
+
 async def serve(
     app: web.Application,
     *,
@@ -46,35 +96,58 @@ async def serve(
     token: str | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    client_ca: str | None = None,
+    insecure: bool = False,
+    limits: Limits | None = None,
 ) -> web.AppRunner:
     """Serve `app` on a unix socket (mode 0660) and, if `listen` is given, on TCP.
 
-    TCP needs a token or TLS: the unix socket is guarded by file permissions, TCP by nothing
-    else. Returns the runner; `await runner.cleanup()` stops serving.
+    The unix socket is guarded by file permissions. TCP needs the token or a client certificate
+    signed by `client_ca` (which needs TLS); with neither it is refused unless `insecure`.
+    Returns the runner; `await runner.cleanup()` stops serving within the shutdown timeout.
     """
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("TLS needs both a certificate and a key")
-    if listen and not (token or tls_cert):
-        raise ValueError(
-            f"refusing to serve the API on TCP {listen} without authentication; "
-            "give an API token or a TLS certificate and key"
-        )
+    if client_ca and not tls_cert:
+        raise ValueError("client certificates need TLS: give the API a certificate and key too")
+    if listen:
+        _check_tcp_auth(listen, token, client_ca, insecure)
+    limits = limits or app[LIMITS]
     address = _parse_listen(listen) if listen else None
     app[AUTH].token = token or None
+    app[AUTH].client_certs = bool(client_ca)
+    app[LIMITS] = limits
     path = Path(socket_path)
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     _remove_stale_socket(path)
-    runner = web.AppRunner(app)
+    loop = asyncio.get_running_loop()
+    if not isinstance(loop.get_exception_handler(), AcceptErrorLog):
+        AcceptErrorLog().install(loop)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=limits.shutdown_timeout)
     await runner.setup()
     try:
-        await web.UnixSite(runner, str(path)).start()
+        unix = ConnectionGuard(limits.unix_connections, limits.header_timeout)
+        app[GUARDS].all.append(unix)
+        await GuardedSite(
+            runner, unix, lambda factory: loop.create_unix_server(factory, str(path)), f"unix:{path}"
+        ).start()
         os.chmod(path, 0o660)
         if address:
-            context = None
-            if tls_cert:
-                context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-                context.load_cert_chain(tls_cert, tls_key)
-            await web.TCPSite(runner, address[0], address[1], ssl_context=context).start()
+            context = server_tls(tls_cert, tls_key, client_ca, token) if tls_cert and tls_key else None
+            tcp = ConnectionGuard(tcp_connection_limit(limits), limits.header_timeout)
+            app[GUARDS].all.append(tcp)
+            await GuardedSite(
+                runner,
+                tcp,
+                lambda factory: loop.create_server(
+                    factory,
+                    address[0],
+                    address[1],
+                    ssl=context,
+                    ssl_handshake_timeout=limits.header_timeout if context else None,
+                ),
+                f"{address[0]}:{address[1]}",
+            ).start()
     except BaseException:
         await runner.cleanup()
         raise

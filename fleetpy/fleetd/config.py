@@ -36,6 +36,11 @@ class Config:
     api_token_file: str = ""
     api_tls_cert: str = ""
     api_tls_key: str = ""
+    # The cluster CA: TCP clients with a certificate it signed are let in (mTLS), and peers
+    # get the API token only once their certificate verifies against it.
+    api_tls_client_ca: str = ""
+    # Serve TCP with neither token nor client CA (anyone who reaches it controls the cluster).
+    api_insecure: bool = False
     systemd_bus: str = "system"
     agent_ttl: float = 10.0
     engine_reconcile_interval: float = 30.0
@@ -90,6 +95,7 @@ _CONVERT = {
     "engine_reconcile_interval": parse_duration,
     "etcd_request_timeout": parse_duration,
     "disable_engine": _bool,
+    "api_insecure": _bool,
     "verbosity": int,
 }
 KNOWN = {f.name for f in fields(Config)}
@@ -144,7 +150,21 @@ def build_config(
     config = Config(**values)
     if config.agent_ttl < 1:
         raise ConfigError("agent_ttl must be at least 1s")
+    _check_api_serving(config)
     return config
+
+
+def _check_api_serving(config: Config) -> None:
+    """Refuse at start what `serve` would refuse, before fleetd waits for etcd."""
+    if bool(config.api_tls_cert) != bool(config.api_tls_key):
+        raise ConfigError("api_tls_cert and api_tls_key go together")
+    if config.api_tls_client_ca and not config.api_tls_cert:
+        raise ConfigError("api_tls_client_ca needs TLS: give api_tls_cert and api_tls_key too")
+    if config.api_listen and not (config.api_token_file or config.api_tls_client_ca or config.api_insecure):
+        raise ConfigError(
+            f"api_listen {config.api_listen} needs authentication: give api_token_file or "
+            "api_tls_client_ca (mTLS), or api_insecure=true to serve anyone who can reach it"
+        )
 
 
 def machine_id(config: Config) -> str:

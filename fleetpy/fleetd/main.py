@@ -80,6 +80,8 @@ async def run(config: Config) -> None:
         token=token,
         tls_cert=config.api_tls_cert or None,
         tls_key=config.api_tls_key or None,
+        client_ca=config.api_tls_client_ca or None,
+        insecure=config.api_insecure,
     )
     log.info(
         "fleetd %s up: api %s%s, etcd %s",
@@ -115,10 +117,20 @@ async def run(config: Config) -> None:
 @click.option("--machine-id", help="machine id (default /etc/machine-id, else generated and kept)")
 @click.option("--unit-dir", help="where unit files are written (default /run/fleetpy/units)")
 @click.option("--api-socket", help="unix socket of the API (default /var/run/fleet.sock)")
-@click.option("--api-listen", help="also serve the API on HOST:PORT (needs a token or TLS)")
+@click.option("--api-listen", help="also serve the API on HOST:PORT (needs a token or a client CA)")
 @click.option("--api-token-file", help="file holding the bearer token for TCP clients and peers")
 @click.option("--api-tls-cert")
 @click.option("--api-tls-key")
+@click.option(
+    "--api-tls-client-ca", help="cluster CA: admits TCP clients with a certificate it signed, verifies peers"
+)
+@click.option(
+    "--api-insecure",
+    is_flag=True,
+    default=None,
+    flag_value="true",
+    help="serve --api-listen with no token and no client CA: anyone who reaches it controls the cluster",
+)
 @click.option("--systemd-bus", help="system, user or a D-Bus address (default system)")
 @click.option("--agent-ttl", help="machine heartbeat TTL, e.g. 10s")
 @click.option("--engine-reconcile-interval", help="full scheduling pass interval, e.g. 30s")
