@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from fleetpy.lab.node import Node, remove_bridge, start_node
+from fleetpy.lab import network as labnet
+from fleetpy.lab.node import Node, start_node
 
 
 @pytest.fixture
@@ -32,9 +33,18 @@ def systemd_node(node_factory: Callable[..., Node]) -> Node:
     return node_factory("node")
 
 
+@dataclass(frozen=True)
+class LabBridge:
+    name: str
+    subnet: labnet.Subnet
+
+
 @pytest.fixture
-def lab_bridge() -> Iterator[str]:
-    """A bridge of our own for netns nodes, deleted afterwards."""
-    name = f"fpt{secrets.token_hex(4)}"
-    yield name
-    remove_bridge(name)
+def lab_bridge(tmp_path: Path) -> Iterator[LabBridge]:
+    """A bridge of our own on a free /24, as a lab makes one, for netns nodes; deleted afterwards."""
+    name = labnet.new_bridge_name()
+    with labnet.host_lock():
+        subnet = labnet.free_subnet()
+        labnet.claim_bridge(name, subnet.host_interface, tmp_path)
+    yield LabBridge(name, subnet)
+    assert labnet.release_bridge(name, tmp_path) is None

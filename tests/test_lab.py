@@ -1,7 +1,7 @@
 """The lab end to end: real etcd, systemd --user managers, fleetd and network namespaces.
 
 Needs root, etcd, systemd, dbus-user-session and iproute2; anything missing fails the tests
-(check_host says what to install), never skips them. One lab at a time: they share 10.251.0.0/24.
+(check_host says what to install), never skips them. Each lab has its own bridge and /24.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from labtools import short_lab_dir, wait_for
 
-from fleetpy.lab.lab import BRIDGE, Lab, State
+from fleetpy.lab.lab import Lab, State
+from fleetpy.lab.network import Subnet
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +63,7 @@ def leftovers(lab_dir: Path, state: State) -> list[str]:
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     found += [f"netns {n.netns}" for n in state.nodes if n.netns and n.netns in netns]
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
-    names = [BRIDGE] + [n.veth for n in state.nodes if n.veth]
+    names = [state.bridge] + [n.veth for n in state.nodes if n.veth]
     found += [f"link {name}" for name in names if f" {name}:" in links or f" {name}@" in links]
     found += [
         f"mount {line}"
@@ -194,15 +195,13 @@ def test_partition_moves_units_and_heal_reconnects(lab: Lab, worker_unit: str) -
     node = Lab(lab.dir).node(first)  # fresh state: an earlier test may have restarted it
     fleetpy(lab.dir, "partition", first)
     try:
-        etcd_host = "10.251.0.1"
+        etcd_host = Subnet(Lab(lab.dir).state.subnet).host_ip  # type: ignore[union-attr]
         assert node.run(["busybox", "ping", "-c1", "-W1", etcd_host]).returncode != 0
         other = {"node2": "node3", "node3": "node2"}[first]
         wait_for("rescheduling away from the partitioned node", lambda: unit_node(lab, worker_unit) == other)
     finally:
         fleetpy(lab.dir, "heal", first)
-    wait_for(
-        "etcd's host", lambda: node.run(["busybox", "ping", "-c1", "-W1", "10.251.0.1"]).returncode == 0, 5
-    )
+    wait_for("etcd's host", lambda: node.run(["busybox", "ping", "-c1", "-W1", etcd_host]).returncode == 0, 5)
     machine_id = Lab(lab.dir).state.node(first).machine_id  # type: ignore[union-attr]
     wait_for("the healed node to register again", lambda: machine_id in Lab(lab.dir).machines())
 

@@ -92,12 +92,13 @@ def test_kill_leaves_no_process_cgroup_or_mount(node_factory) -> None:
 
 
 def test_netns_nodes_have_their_ip_and_reach_each_other(node_factory, lab_bridge) -> None:
-    a = node_factory("a", ip="10.251.0.211", netns=True, bridge=lab_bridge)
-    b = node_factory("b", ip="10.251.0.212/24", netns=True, bridge=lab_bridge)
-    assert b.ip == "10.251.0.212"
-    assert "10.251.0.212/24" in b.run(["ip", "-o", "addr", "show", "dev", "eth0"]).stdout
+    ip_a, ip_b = lab_bridge.subnet.node_ip(200), lab_bridge.subnet.node_ip(201)
+    a = node_factory("a", ip=ip_a, netns=True, bridge=lab_bridge.name)
+    b = node_factory("b", ip=f"{ip_b}/24", netns=True, bridge=lab_bridge.name)
+    assert b.ip == ip_b
+    assert f"{ip_b}/24" in b.run(["ip", "-o", "addr", "show", "dev", "eth0"]).stdout
     assert (
-        "10.251.0.212"
+        f"{ip_b}/"
         not in subprocess.run(["ip", "-o", "addr"], check=True, capture_output=True, text=True).stdout
     )
     (b.dir / "www").mkdir()

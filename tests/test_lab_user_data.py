@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from labtools import short_lab_dir
 
-from fleetpy.lab.lab import USER_DATA_BRIDGE, Lab, LabError
+from fleetpy.lab.lab import Lab, LabError
+from fleetpy.lab.network import subnet_in_use
 from fleetpy.lab.node import link_exists
-from fleetpy.lab.userdata import subnet_in_use
 
 pytestmark = pytest.mark.integration
 
@@ -186,9 +186,11 @@ def test_down_leaves_nothing(lab: Lab) -> None:
     assert lab.state is not None
     cgroups = [n.cgroup for n in lab.state.nodes]
     netns = [n.netns for n in lab.state.nodes]
+    bridge = str(lab.state.bridge)
+    assert link_exists(bridge)
     result = fleetpy("lab", "down", "--dir", str(lab.dir))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert not link_exists(USER_DATA_BRIDGE)
+    assert not link_exists(bridge)
     assert not any((CGROUP_UNIFIED / cgroup).exists() for cgroup in cgroups)
     assert not any(Path("/run/netns", str(name)).exists() for name in netns)
     for name in MACHINES:

@@ -82,7 +82,8 @@ def _parse_metadata(values: tuple[str, ...]) -> dict[str, dict[str, str]]:
     type=click.Choice(["auto", "netns", "loopback"]),
     default="auto",
     show_default=True,
-    help="netns: own namespace and 10.251.0.x address per node; loopback: shared network, 127.0.0.x",
+    help="netns: own namespace per node, addresses in a free 10.251.N.0/24 on a bridge of the lab's own; "
+    "loopback: shared network, 127.0.0.x",
 )
 @click.option(
     "--agent-ttl",

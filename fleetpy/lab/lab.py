@@ -5,9 +5,10 @@ written to `<dir>/state.json` before it is created, so `down` can remove it all 
 the process that made it crashed. Processes are found through their cgroups, never by name.
 
 Networking: in "netns" mode each node has its own network namespace with an address on a
-bridge the lab creates (10.251.0.0/24); etcd listens on the bridge's host side, 10.251.0.1,
-which every node reaches through its veth and which exists only on this host. Without network
-namespaces ("loopback" mode) the nodes share the host's network and use 127.0.0.x addresses.
+bridge of the lab's own, in a /24 no other lab or interface of the host uses (10.251.N.0/24,
+see lab/network.py); etcd listens on the bridge's host side, .1, which every node reaches
+through its veth and which exists only on this host. Without network namespaces ("loopback"
+mode) the nodes share the host's network and use 127.0.0.x addresses.
 
 From user-data (`up --user-data FILE`), the nodes are the machines FILE's etcd2 initial-cluster
 names, with its addresses on a bridge of their own, and the lab runs no etcd and no fleetd:
@@ -42,21 +43,17 @@ from fleetpy.containers.image import (
     prepare_node,
     write_podman_config,
 )
+from fleetpy.lab import network as labnet
 from fleetpy.lab import node as nodes
 from fleetpy.lab.etcd import EtcdMember, EtcdMissing, free_port, initial_cluster, start_cluster
 from fleetpy.lab.node import Node, NodeError
 from fleetpy.lab.state import EtcdState, LabError, NodeState, State
-from fleetpy.lab.userdata import UserDataLab, read_user_data_lab, subnet_in_use
+from fleetpy.lab.userdata import UserDataLab, read_user_data_lab
 from fleetpy.registry import EtcdStore, Registry, StoreError
 
 DEFAULT_DIR = Path("/run/fleetpy-lab")
-BRIDGE = "fleetpy-lab0"
-HOST_IP = "10.251.0.1"
-# A lab made from user-data has the addresses the user-data gives its machines, on a bridge of
-# its own, so it never shares an L2 segment with a 10.251.0.0/24 lab.
-USER_DATA_BRIDGE = "fleetpy-ud0"
 LAB_DROP_IN = "50-lab.conf"
-FIRST_NODE_IP = 11  # node1 is 10.251.0.11 (or 127.0.0.11)
+FIRST_LOOPBACK_IP = 11  # node1 is 127.0.0.11 on loopback
 # Not 8080: that is where the example web@.service containers listen, on the node's address.
 API_PORT = 7001
 # Host paths the example units use (web-discovery@ reads /etc/fleetpy/discovery.env, db keeps
@@ -199,20 +196,25 @@ class Lab:
         self.state = State(
             dir=str(self.dir),
             network=mode,
-            bridge=BRIDGE if mode == "netns" else None,
+            bridge=None,
             agent_ttl=agent_ttl,
             token_file=str(self._new_token()),
             containers=with_containers,
         )
-        base = HOST_IP.rsplit(".", 1)[0] if mode == "netns" else "127.0.0"
-        for i, name in enumerate(names):
-            self.state.nodes.append(
-                NodeState(name=name, ip=f"{base}.{FIRST_NODE_IP + i}", metadata=metadata.get(name, {}))
-            )
-        self._save()
         try:
-            if mode == "netns":
-                nodes.ensure_bridge(BRIDGE)
+            with labnet.host_lock():
+                if mode == "netns":
+                    subnet = labnet.free_subnet()
+                    self.state.bridge, self.state.subnet = labnet.new_bridge_name(), subnet.network
+                    ips = [subnet.node_ip(i) for i in range(len(names))]
+                else:
+                    ips = [f"127.0.0.{FIRST_LOOPBACK_IP + i}" for i in range(len(names))]
+                self.state.nodes = [
+                    NodeState(name=name, ip=ip, metadata=metadata.get(name, {}))
+                    for name, ip in zip(names, ips, strict=True)
+                ]
+                self._save()  # bridge and subnet are recorded before they exist
+                self._claim_bridge()
             with concurrent.futures.ThreadPoolExecutor(len(names) + 1) as pool:
                 etcd_done = pool.submit(self._start_etcd, etcd_members)
                 started = [pool.submit(self._start_node, n) for n in self.state.nodes]
@@ -250,35 +252,36 @@ class Lab:
         """
         if network == "loopback":
             raise LabError("--user-data gives each machine its own address: it needs --network netns")
-        if nodes.link_exists(USER_DATA_BRIDGE):
-            raise LabError(
-                f"another lab made from user-data is up (bridge {USER_DATA_BRIDGE} exists); "
-                "`fleetpy lab down --dir DIR` it first"
-            )
-        if owner := subnet_in_use(described.bridge_address):
-            raise LabError(
-                f"--user-data {described.path}: its machines' subnet "
-                f"{ipaddress.ip_interface(described.bridge_address).network} is already used on this host "
-                f"({owner}); the lab will not put a second one beside it"
-            )
+        subnet = str(ipaddress.ip_interface(described.bridge_address).network)
         self._choose_network("netns", notes)
         with_containers = _choose_containers(containers, notes)
-        self.state = State(
-            dir=str(self.dir),
-            network="netns",
-            bridge=USER_DATA_BRIDGE,
-            agent_ttl=agent_ttl,
-            token_file=str(self._new_token()),
-            containers=with_containers,
-            user_data=described.path,
-            user_data_etcd=described.etcd_servers,
-            user_data_sets_agent_ttl=described.sets_agent_ttl,
-        )
-        for name, ip in described.nodes:
-            self.state.nodes.append(NodeState(name=name, ip=ip, metadata=described.metadata))
-        self._save()
+        with labnet.host_lock():
+            if owner := labnet.subnet_in_use(described.bridge_address):
+                raise LabError(
+                    f"--user-data {described.path}: its machines' subnet {subnet} is already used on "
+                    f"this host ({owner}); the lab will not put a second one beside it"
+                )
+            self.state = State(
+                dir=str(self.dir),
+                network="netns",
+                bridge=labnet.new_bridge_name(),
+                subnet=subnet,
+                agent_ttl=agent_ttl,
+                token_file=str(self._new_token()),
+                containers=with_containers,
+                user_data=described.path,
+                user_data_etcd=described.etcd_servers,
+                user_data_sets_agent_ttl=described.sets_agent_ttl,
+            )
+            for name, ip in described.nodes:
+                self.state.nodes.append(NodeState(name=name, ip=ip, metadata=described.metadata))
+            self._save()  # bridge and subnet are recorded before they exist
+            try:
+                self._claim_bridge()
+            except BaseException:
+                self.down()
+                raise
         try:
-            nodes.ensure_bridge(USER_DATA_BRIDGE, described.bridge_address)
             with concurrent.futures.ThreadPoolExecutor(len(self.state.nodes)) as pool:
                 for future in [pool.submit(self._start_node, n) for n in self.state.nodes]:
                     future.result()
@@ -358,11 +361,6 @@ class Lab:
         if network == "loopback":
             notes.append("network: loopback (127.0.0.x), as asked; partition/heal are not available")
             return "loopback"
-        owner = _address_owner(HOST_IP)
-        if owner and owner != BRIDGE:
-            raise LabError(
-                f"{HOST_IP} is already on interface {owner}: is another lab up? (`fleetpy lab down --dir ...`)"
-            )
         probe = f"fleetpy-probe-{secrets.token_hex(3)}"
         result = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, check=False)
         if result.returncode == 0:
@@ -377,9 +375,20 @@ class Lab:
         )
         return "loopback"
 
+    def _claim_bridge(self) -> None:
+        """Create the bridge the state names, or find it ours; refuse one another lab owns."""
+        state = self._require_state()
+        if state.bridge:
+            labnet.claim_bridge(state.bridge, labnet.Subnet(state.subnet).host_interface, self.dir)
+
+    def _host_ip(self) -> str:
+        """Where the host answers the nodes (etcd listens there)."""
+        state = self._require_state()
+        return labnet.Subnet(state.subnet).host_ip if state.subnet else "127.0.0.1"
+
     def _start_etcd(self, members: int) -> None:
         state = self._require_state()
-        host = HOST_IP if state.network == "netns" else "127.0.0.1"
+        host = self._host_ip()
 
         def wrap(member: EtcdMember) -> list[str]:
             cgroup = f"fleetpy-lab-{member.name}-{secrets.token_hex(4)}.slice"
@@ -485,6 +494,8 @@ class Lab:
     def _repair(self, notes: list[str]) -> list[str]:
         """`up` on a lab that exists: restart what died, leave the rest alone."""
         state = self._require_state()
+        with labnet.host_lock():
+            self._claim_bridge()
         for member in state.etcd:
             if not _cgroup_alive(member.cgroup):
                 self.etcd_start(member.name)
@@ -762,8 +773,13 @@ class Lab:
             except (NodeError, OSError) as error:
                 errors.append(f"{member.name}: {error}")
             shutil.rmtree(member.data_dir, ignore_errors=True)
+        notes = []
         if state.bridge:
-            nodes.remove_bridge(state.bridge)
+            try:
+                if left := labnet.release_bridge(state.bridge, self.dir):
+                    notes.append(left)
+            except LabError as error:
+                errors.append(str(error))
         if errors:
             self._save()
             raise LabError("down left some things behind:\n  " + "\n  ".join(errors))
@@ -778,7 +794,7 @@ class Lab:
                 for disk in ("home", "root"):
                     shutil.rmtree(self.dir / ns.name / disk, ignore_errors=True)
         self.state = None
-        return [f"stopped {len(state.nodes)} node(s) and {len(state.etcd)} etcd member(s)"]
+        return [f"stopped {len(state.nodes)} node(s) and {len(state.etcd)} etcd member(s)", *notes]
 
 
 def _podman_reboot(podman_dir: Path) -> None:
@@ -820,15 +836,6 @@ def _unit_escape(value: str) -> str:
 def _pythonpath() -> str:
     # The package may be used from a checkout without being installed.
     return os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-
-
-def _address_owner(address: str) -> str | None:
-    result = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, check=False)
-    for line in result.stdout.splitlines():
-        fields = line.split()
-        if len(fields) > 3 and fields[3].split("/")[0] == address:
-            return fields[1]
-    return None
 
 
 def _api_answers(socket_path: Path) -> bool:

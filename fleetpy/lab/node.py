@@ -21,7 +21,6 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 # Every hierarchy a node's processes must be confined to; "unified" is the
 # cgroup2 mount of the hybrid layout and is the one that has cgroup.kill.
 CGROUP_HIERARCHIES = ("systemd", "unified", "pids", "memory", "cpu", "cpuacct")
-BRIDGE_ADDRESS = "10.251.0.1/24"
 SYSTEMD = "/lib/systemd/systemd"
 JOURNALD = "/lib/systemd/systemd-journald"
 MANAGER_CGROUP = "user@0.service"
@@ -252,24 +251,11 @@ def start_node(
     return node
 
 
-def ensure_bridge(bridge: str, address: str = BRIDGE_ADDRESS) -> None:
-    """Create the lab bridge with `address` (host side, default 10.251.0.1/24) unless it exists."""
-    if link_exists(bridge):
-        return
-    _ip("link", "add", "name", bridge, "type", "bridge")
-    _ip("addr", "add", address, "dev", bridge)
-    _ip("link", "set", bridge, "up")
-
-
-def remove_bridge(bridge: str) -> None:
-    """Delete the lab bridge if it exists."""
-    if link_exists(bridge):
-        _ip("link", "delete", bridge, check=False)
-
-
 def _setup_netns(netns: str, veth: str, ip: str, bridge: str) -> str:
     iface = ipaddress.ip_interface(ip if "/" in ip else f"{ip}/24")
-    ensure_bridge(bridge)
+    if not link_exists(bridge):
+        # The bridge is its lab's (lab/network.py): a node never makes one it would not own.
+        raise NodeError(f"bridge {bridge} does not exist; its lab creates it before its nodes")
     _ip("netns", "add", netns)
     peer = f"fp{veth[2:]}"
     _ip("link", "add", veth, "type", "veth", "peer", "name", peer)

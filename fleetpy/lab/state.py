@@ -42,7 +42,7 @@ class EtcdState:
 class State:
     dir: str
     network: str  # "netns" or "loopback"
-    bridge: str | None
+    bridge: str | None  # this lab's own bridge (lab/network.py), None on loopback
     agent_ttl: str
     token_file: str
     containers: bool = False
@@ -53,6 +53,8 @@ class State:
     user_data: str = ""
     user_data_etcd: list[str] = field(default_factory=list)
     user_data_sets_agent_ttl: bool = False
+    # The bridge's /24 ("10.251.3.0/24"), chosen free on this host; "" on loopback.
+    subnet: str = ""
 
     @classmethod
     def load(cls, path: Path) -> State:

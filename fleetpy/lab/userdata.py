@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -85,38 +84,3 @@ def read_user_data_lab(path: str) -> UserDataLab:
         metadata=metadata,
         sets_agent_ttl="agent_ttl" in config.fleet,
     )
-
-
-# `ip route` route types that come before the destination.
-_ROUTE_TYPES = {
-    "unicast",
-    "local",
-    "broadcast",
-    "multicast",
-    "anycast",
-    "unreachable",
-    "blackhole",
-    "prohibit",
-    "throw",
-    "nat",
-}
-
-
-def subnet_in_use(interface: str) -> str | None:
-    """A route of the host that overlaps `interface`'s network, e.g. docker0's 172.17.0.0/16."""
-    network = ipaddress.ip_interface(interface).network
-    result = subprocess.run(
-        ["ip", "-o", "-4", "route", "show", "table", "all"], capture_output=True, text=True, check=False
-    )
-    for line in result.stdout.splitlines():
-        fields = line.split()
-        dest = fields[1] if fields[0] in _ROUTE_TYPES else fields[0]
-        dev = fields[fields.index("dev") + 1] if "dev" in fields else "-"
-        if dest == "default":
-            continue
-        try:
-            if ipaddress.ip_network(dest, strict=False).overlaps(network):
-                return f"{dest} on {dev}"
-        except ValueError:
-            continue
-    return None
