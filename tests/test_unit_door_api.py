@@ -1,17 +1,22 @@
 """The API is the door: unit contents any later layer would read differently are refused there.
 
-Regression tests for B2 and B3 of the reliability issue and the line-end cases of the fleet
+Regression tests for B1, B2 and B3 of the reliability issue and the line-end cases of the fleet
 compatibility issue, through the real HTTP API over the in-memory registry.
 """
 
 from __future__ import annotations
 
+import asyncio
+from urllib.parse import quote
+
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from fleetpy.agent.agent import Agent
 from fleetpy.api import create_app
-from fleetpy.registry import Machine, memory_registry
+from fleetpy.registry import Assignment, Machine, memory_registry
 from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.systemd import FakeSystemd
 
 M1 = "113f16a7" + "0" * 24
 SLEEP = {"section": "Service", "name": "ExecStart", "value": "/bin/sleep infinity"}
@@ -94,3 +99,27 @@ async def test_listing_still_works_next_to_an_accepted_unit_with_a_continued_val
     ]
     text = registry.store.get(registry.key("unit", registry.job("ok.service").hash))
     assert text == "[Service]\nExecStart=/bin/sleep    infinity\n"
+
+
+# B1: the API accepted "a..service" and the agent's second validator refused it, which killed
+# every fleetd the unit was moved to. One validator now decides for every layer.
+@pytest.mark.parametrize("name", ["a..service", "foo\\x2dbar.service", "a@b@c.service"])
+async def test_a_name_the_api_accepts_runs_and_the_agent_survives(client, registry, name):
+    resp = await client.put(
+        f"/fleet/v1/units/{quote(name)}", json={"desiredState": "launched", "options": [SLEEP]}
+    )
+    assert resp.status == 201, await resp.text()
+    aregistry = AsyncRegistry(registry)
+    systemd = FakeSystemd()
+    agent = asyncio.create_task(Agent(aregistry, systemd, Machine(M1), ttl=5).run())
+    try:
+        await aregistry.assign(Assignment(name, M1, registry.job(name).hash, "launched"))
+        for _ in range(300):
+            if (await systemd.unit_state(name))[1] == "active" or agent.done():
+                break
+            await asyncio.sleep(0.01)
+        assert not agent.done(), agent.exception() if agent.done() else None
+        assert (await systemd.unit_state(name))[1] == "active"
+    finally:
+        agent.cancel()
+    assert (await client.get(f"/fleet/v1/units/{quote(name)}")).status == 200

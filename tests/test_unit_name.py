@@ -1,6 +1,11 @@
 """Tests for unit name parsing and fleet's naming rules."""
 
+import os
+from pathlib import Path
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fleetpy.unit import (
     SUFFIXES,
@@ -10,6 +15,7 @@ from fleetpy.unit import (
     UnitName,
     validate_unit_name,
 )
+from fleetpy.unit.name import is_unit_name
 
 
 def test_plain_name_splits_into_prefix_and_suffix() -> None:
@@ -79,7 +85,7 @@ def test_forbidden_character_is_rejected_and_named(name: str, bad: str) -> None:
         UnitName.parse(name)
     message = str(err.value)
     assert message.startswith(f'"{name}": unit names may contain only letters, digits')
-    assert ":_.@-" in message and bad in message
+    assert ":_.@-" in message and bad in message and "systemd-escape" in message
 
 
 def test_path_traversal_name_is_rejected() -> None:
@@ -92,7 +98,7 @@ def test_name_without_suffix_lists_the_unit_types() -> None:
         UnitName.parse("hello")
     message = str(err.value)
     assert message.startswith('"hello": missing a unit type suffix such as .service')
-    assert "automount, busname" in message and "timer" in message
+    assert "automount, device" in message and "timer" in message
 
 
 def test_unknown_suffix_is_called_out() -> None:
@@ -116,9 +122,10 @@ def test_empty_prefix_is_rejected(name: str) -> None:
         UnitName.parse(name)
 
 
-def test_more_than_one_at_sign_is_rejected() -> None:
-    with pytest.raises(InvalidUnitName, match='at most one "@"'):
-        UnitName.parse("a@b@c.service")
+def test_the_first_at_sign_ends_the_prefix_and_the_rest_is_the_instance() -> None:
+    # systemd: "everything past the first @ and before the last . is the instance"
+    name = UnitName.parse("a@b@c.service")
+    assert (name.prefix, name.instance, name.template) == ("a", "b@c", "a@.service")
 
 
 def test_empty_name_is_rejected() -> None:
@@ -133,3 +140,50 @@ def test_non_string_name_is_rejected() -> None:
 
 def test_unit_errors_are_value_errors() -> None:
     assert issubclass(InvalidUnitName, UnitError) and issubclass(UnitError, ValueError)
+
+
+# systemd's unit_name_is_valid (src/basic/unit-name.c), each checked with `systemctl link`.
+@pytest.mark.parametrize(
+    ("name", "prefix", "instance"),
+    [
+        ("foo\\x2dbar.service", "foo\\x2dbar", None),  # systemd-escape "foo-bar"
+        ("dev-sda\\x2d1.device", "dev-sda\\x2d1", None),
+        ("a\\b.service", "a\\b", None),  # backslash is a name character; escapes are not checked
+        ("web@a\\x2db.service", "web", "a\\x2db"),
+        ("a..service", "a.", None),  # B1: valid for systemd, so valid for every fleetpy layer
+        ("..service", ".", None),
+        ("a@@.service", "a", "@"),
+    ],
+)
+def test_names_systemd_accepts_are_accepted(name: str, prefix: str, instance: str | None) -> None:
+    parsed = UnitName.parse(name)
+    assert (parsed.full, parsed.prefix, parsed.instance) == (name, prefix, instance)
+
+
+@pytest.mark.parametrize("suffix", ["snapshot", "busname"])
+def test_unit_types_systemd_removed_are_refused(suffix: str) -> None:
+    with pytest.raises(InvalidUnitName, match=f'current systemd has no ".{suffix}" units'):
+        UnitName.parse(f"x.{suffix}")
+
+
+@given(
+    st.text(alphabet=st.sampled_from("ab.@/\\:-_x2d %\x00\n~é"), max_size=12).map(lambda s: s + ".service")
+)
+def test_every_valid_name_is_a_file_directly_inside_the_unit_dir(name: str) -> None:
+    # The agent writes a unit to unit_dir/name: a valid name must never leave that directory.
+    if not is_unit_name(name):
+        return
+    unit_dir = Path("/srv/units")
+    assert "/" not in name and name not in (".", "..") and "\x00" not in name
+    assert os.path.normpath(unit_dir / name) == str(unit_dir / name)
+    assert (unit_dir / name).parent == unit_dir
+
+
+@given(st.text(max_size=30))
+def test_is_unit_name_agrees_with_parse(name: str) -> None:
+    try:
+        UnitName.parse(name)
+    except InvalidUnitName:
+        assert not is_unit_name(name)
+    else:
+        assert is_unit_name(name)

@@ -7,6 +7,8 @@ must then report exactly the values fleetpy stored.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from fleetpy.lab.node import Node
@@ -63,3 +65,32 @@ async def test_accepted_units_read_the_same_in_systemd(systemd_node: Node) -> No
     assert files["comment-trap.service"].values("Unit", "Description") == ["live now"]
     argv = show(systemd_node, "exec.service", "ExecStart")
     assert "argv[]=/bin/sleep 1000 ;" in argv
+
+
+@pytest.mark.parametrize("name", ["a..service", "foo\\x2dbar.service", "a@b@c.service", "..service"])
+async def test_names_systemd_accepts_run_through_the_manager_inside_its_unit_dir(
+    systemd_node: Node, name: str
+) -> None:
+    manager = await SystemdManager.connect(
+        systemd_node.env["DBUS_SESSION_BUS_ADDRESS"], systemd_node.dir / "units"
+    )
+    states: list[tuple[str, str]] = []
+    manager.on_state_change(lambda unit, load, active, sub: states.append((unit, active)))
+    try:
+        assert await manager.write_unit(name, "[Service]\nExecStart=/bin/sleep 1000\n")
+        assert [p.name for p in manager.unit_dir.iterdir()] == [name]
+        await manager.link([name])
+        assert await manager.start(name) == "done"
+        assert (await manager.unit_state(name))[1] == "active"
+        assert await manager.installed_units() == {name: "[Service]\nExecStart=/bin/sleep 1000\n"}
+        # The D-Bus object path escapes "\\" and "@" ("_5c", "_40"); signals map back to the name.
+        for _ in range(100):
+            if (name, "active") in states:
+                break
+            await asyncio.sleep(0.02)
+        assert (name, "active") in states
+        assert await manager.stop(name) == "done"
+        await manager.remove_units([name])
+        assert list(manager.unit_dir.iterdir()) == []
+    finally:
+        await manager.close()

@@ -6,7 +6,8 @@ import inspect
 from pathlib import Path
 
 from fleetpy.systemd.bus import SystemdError
-from fleetpy.systemd.manager import UNKNOWN_STATE, StateCallback, validate_unit_name
+from fleetpy.systemd.manager import UNKNOWN_STATE, StateCallback
+from fleetpy.unit.name import validate_unit_name
 
 
 class FakeSystemd:

@@ -23,21 +23,14 @@ from fleetpy.systemd.bus import (
     SystemdBus,
     SystemdError,
 )
+from fleetpy.unit.name import is_unit_name, validate_unit_name
 
 SERVICE_IFACE = "org.freedesktop.systemd1.Service"
 UNIT_PATH_PREFIX = MANAGER_PATH + "/unit/"
 UNKNOWN_STATE = ("not-found", "inactive", "dead")
 NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
 
-_UNIT_NAME_RE = re.compile(r"^[a-zA-Z0-9:_.@-]+$")
-
 StateCallback = Callable[[str, str, str, str], Any]
-
-
-def validate_unit_name(name: str) -> None:
-    """Raise ValueError unless name is a plain unit file name."""
-    if not _UNIT_NAME_RE.match(name) or ".." in name:
-        raise ValueError(f"{name!r}: unit names may contain only letters, digits and ':_.@-', and no '..'")
 
 
 def unit_path_to_name(path: str) -> str:
@@ -147,16 +140,13 @@ class SystemdManager(SystemdBus):
     async def installed_units(self) -> dict[str, str]:
         units = {}
         for path in sorted(self.unit_dir.iterdir()):
-            if (
-                path.is_file()
-                and not path.is_symlink()
-                and _UNIT_NAME_RE.match(path.name)
-                and ".." not in path.name
-            ):
+            if path.is_file() and not path.is_symlink() and is_unit_name(path.name):
                 units[path.name] = path.read_text()
         return units
 
     def _unit_file(self, name: str) -> Path:
+        # A unit name holds no "/" and is never "." or "..", so it names a file in unit_dir;
+        # the check below keeps that true even if the name rules change.
         validate_unit_name(name)
         path = (self.unit_dir / name).resolve()
         if path.parent != self.unit_dir:

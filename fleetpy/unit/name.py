@@ -1,4 +1,11 @@
-"""Unit names: parsing and fleet's rules for what a unit may be called."""
+"""Unit names as systemd's unit_name_is_valid reads them: the one validator every layer uses.
+
+systemd (src/basic/unit-name.c) takes everything before the last "." as the name and what
+follows as the unit type; the name may hold letters, digits, ":-_." and backslash (so
+systemd-escape's "foo\\x2dbar.service" is a name), and "@" anywhere but first: the first "@"
+ends the prefix and the rest up to the type is the instance ("a@b@c.service" is instance
+"b@c" of "a@.service"). Only five unit types can be templates, as systemd loads them.
+"""
 
 from __future__ import annotations
 
@@ -7,29 +14,32 @@ from dataclasses import dataclass
 
 from fleetpy.unit.errors import InvalidUnitName
 
+# The unit types of current systemd (unit_type_from_string).
 SUFFIXES = frozenset(
     {
         "automount",
-        "busname",
         "device",
         "mount",
         "path",
         "scope",
         "service",
         "slice",
-        "snapshot",
         "socket",
         "swap",
         "target",
         "timer",
     }
 )
+# fleet still listed these; systemd dropped them, and refuses names with them.
+REMOVED_SUFFIXES = frozenset({"busname", "snapshot"})
+# unit_type_may_template: only these load from a template.
 TEMPLATE_SUFFIXES = frozenset({"path", "service", "socket", "target", "timer"})
 
 # systemd's UNIT_NAME_MAX is 256 including the terminating NUL.
 MAX_NAME_BYTES = 255
 
-_ALLOWED = re.compile(r"[a-zA-Z0-9:_.@-]*")
+_ALLOWED = re.compile(r"[a-zA-Z0-9:_.@\\-]*")
+ALLOWED_CHARS = 'letters, digits, ":_.@-" and "\\" (as in systemd-escape\'s "\\x2d")'
 
 
 def _fail(name: str, why: str) -> InvalidUnitName:
@@ -60,23 +70,16 @@ class UnitName:
             )
         if not _ALLOWED.fullmatch(name):
             bad = next(ch for ch in name if not _ALLOWED.fullmatch(ch))
-            raise _fail(
-                name,
-                f'unit names may contain only letters, digits and ":_.@-" (found {bad!r}); rename the unit',
-            )
+            raise _fail(name, f"unit names may contain only {ALLOWED_CHARS} (found {bad!r}); rename the unit")
         stem, dot, suffix = name.rpartition(".")
+        if dot and suffix in REMOVED_SUFFIXES:
+            raise _fail(name, f'current systemd has no ".{suffix}" units (fleet still listed them)')
         if not dot or suffix not in SUFFIXES:
             kinds = ", ".join(sorted(SUFFIXES))
             unknown = f'; ".{suffix}" is not a unit type' if dot else ""
             raise _fail(
                 name,
                 f"missing a unit type suffix such as .service (one of {kinds}){unknown}",
-            )
-        if name.count("@") > 1:
-            raise _fail(
-                name,
-                'unit names may contain at most one "@", which separates the '
-                "template name from the instance (e.g. web@1.service)",
             )
         prefix, at, instance = stem.partition("@")
         if not prefix:
@@ -123,3 +126,12 @@ class UnitName:
 def validate_unit_name(name: str) -> UnitName:
     """Parse `name`, raising InvalidUnitName with a readable reason if it is not usable."""
     return UnitName.parse(name)
+
+
+def is_unit_name(name: str) -> bool:
+    """Whether `name` is a valid unit name (for sorting files from other things in a directory)."""
+    try:
+        UnitName.parse(name)
+    except InvalidUnitName:
+        return False
+    return True
