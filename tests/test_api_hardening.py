@@ -15,11 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from click.testing import CliRunner
 
 from fleetpy.api import SystemctlUnitInfo, create_app, serve
+from fleetpy.api.auth import Auth, peer_proof, valid_peer_proof
 from fleetpy.api.connections import AcceptErrorLog, Limits
+from fleetpy.api.peer import peer_tls
 from fleetpy.fleetd.config import ConfigError, build_config
 from fleetpy.fleetd.main import main as fleetd_main
 from fleetpy.registry import Assignment, Job, Machine, memory_registry
@@ -355,3 +357,113 @@ def test_fleetd_refuses_unauthenticated_tcp_at_start(tmp_path, pki):
     )
     with pytest.raises(ConfigError, match="needs TLS"):
         build_config({"api_tls_client_ca": str(pki / "ca.pem")}, {}, str(tmp_path / "none.conf"))
+
+
+# --- peer forwarding -------------------------------------------------------------------------
+
+M2 = "2c9a1b3e" + "0" * 24
+
+
+class Recorder:
+    """A stand-in for a peer's API that keeps the headers it is sent."""
+
+    def __init__(self) -> None:
+        self.headers: list[dict[str, str]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.headers.append(dict(request.headers))
+        return web.json_response({"name": "a.service", "machineID": M2, "status": "rogue\n"})
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", self.handle)
+        return app
+
+
+async def _start(app: web.Application, port: int, tls: ssl.SSLContext | None = None) -> web.AppRunner:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls).start()
+    return runner
+
+
+def _unit_on_m2(registry, endpoint: str) -> None:
+    registry.register_machine(Machine(M2, "10.0.0.2", {}, endpoint), ttl=60)
+    digest = UnitFile.from_options(HELLO).hash
+    registry.put_unit_file(UnitFile.from_options(HELLO))
+    registry.create_job(Job("a.service", digest, "launched"))
+    registry.assign(Assignment("a.service", M2, digest, "launched"))
+
+
+async def test_forwarding_never_sends_the_token_to_an_endpoint_from_etcd(registry, tmp_path):
+    # B14: whoever can write etcd can point a machine's apiEndpoint at themselves.
+    recorder, port = Recorder(), _free_port()
+    rogue = await _start(recorder.app(), port)
+    _unit_on_m2(registry, f"http://127.0.0.1:{port}")
+    app = create_app(AsyncRegistry(registry), machine_id=M1, peer_token="s3cret-token")
+    try:
+        async with TestClient(TestServer(app)) as client:
+            assert (await client.get("/fleetpy/v1/units/a.service/status")).status == 200
+            await client.get("/fleetpy/v1/units/a.service/journal", params={"lines": "1"})
+    finally:
+        await rogue.cleanup()
+    assert len(recorder.headers) == 2
+    assert all("s3cret-token" not in "".join(h.values()) for h in recorder.headers)
+    # What it collected opens nothing else: not another path, not another machine, not later.
+    proof = recorder.headers[0]["Authorization"]
+    auth = Auth(token="s3cret-token", machine_id=M2)
+    status_path = f"/fleetpy/v1/units/a.service/status?machineID={M2}"
+    assert _accepts(auth, "GET", status_path, proof)
+    assert not _accepts(auth, "GET", "/fleetpy/v1/units/b.service/status", proof)
+    assert not _accepts(auth, "PUT", status_path, proof)
+    assert not _accepts(Auth(token="s3cret-token", machine_id=M1), "GET", status_path, proof)
+    stale = peer_proof("s3cret-token", M2, "GET", status_path, now=time.time() - 3600)
+    assert not _accepts(auth, "GET", status_path, stale)
+
+
+def _accepts(auth: Auth, method: str, raw_path: str, given: str) -> bool:
+    request = make_mocked_request(method, raw_path, headers={"Authorization": given})
+    return valid_peer_proof(auth, request, given)
+
+
+async def _serve_tls_peer(registry, tmp_path, pki, port: int) -> web.AppRunner:
+    peer = create_app(AsyncRegistry(registry), machine_id=M2, local=_Status())
+    return await serve(
+        peer,
+        socket_path=str(tmp_path / "peer.sock"),
+        listen=f"127.0.0.1:{port}",
+        tls_cert=str(pki / "server.pem"),
+        tls_key=str(pki / "server.key"),
+        client_ca=str(pki / "ca.pem"),
+    )
+
+
+class _Status:
+    async def status(self, name: str) -> str:
+        return f"* {name} - running on the real peer\n"
+
+
+async def test_with_a_cluster_ca_peers_must_prove_who_they_are(registry, tmp_path, pki):
+    port, rogue_port = _free_port(), _free_port()
+    peer = await _serve_tls_peer(registry, tmp_path, pki, port)
+    recorder = Recorder()
+    rogue_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    rogue_tls.load_cert_chain(str(pki / "rogue.pem"), str(pki / "rogue.key"))
+    rogue = await _start(recorder.app(), rogue_port, rogue_tls)
+    tls = peer_tls(str(pki / "ca.pem"), str(pki / "client.pem"), str(pki / "client.key"))
+    app = create_app(AsyncRegistry(registry), machine_id=M1, peer_tls=tls)
+    try:
+        async with TestClient(TestServer(app)) as client:
+            _unit_on_m2(registry, f"https://127.0.0.1:{port}")
+            body = await (await client.get("/fleetpy/v1/units/a.service/status")).json()
+            assert body["status"] == "* a.service - running on the real peer\n"  # mTLS both ways
+            registry.register_machine(Machine(M2, "10.0.0.2", {}, f"https://127.0.0.1:{rogue_port}"), ttl=60)
+            resp = await client.get("/fleetpy/v1/units/a.service/status")
+            assert resp.status == 502 and "not who it claims" in (await resp.json())["error"]["message"]
+            registry.register_machine(Machine(M2, "10.0.0.2", {}, f"http://127.0.0.1:{rogue_port}"), ttl=60)
+            resp = await client.get("/fleetpy/v1/units/a.service/journal")
+            assert resp.status == 502 and "is not https" in (await resp.json())["error"]["message"]
+    finally:
+        await rogue.cleanup()
+        await peer.cleanup()
+    assert recorder.headers == []

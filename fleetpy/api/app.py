@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 from aiohttp import web
 
 from fleetpy.api.auth import AUTH, Auth, authenticate
@@ -23,15 +25,16 @@ def create_app(
     machine_id: str,
     local: LocalUnitInfo | None = None,
     peer_token: str | None = None,
+    peer_tls: ssl.SSLContext | None = None,
 ) -> web.Application:
     """The API application; `serve` puts it on fleetd's sockets."""
     context = ApiContext(registry, machine_id)
     app = web.Application(middlewares=[clock, errors, authenticate], client_max_size=MAX_BODY)
-    app[AUTH] = Auth()
+    app[AUTH] = Auth(machine_id=machine_id)
     app[GUARDS] = Guards()
     app[LIMITS] = Limits()
     FleetV1(context).add_routes(app.router)
-    extensions = FleetpyV1(context, local, Peers(registry, machine_id, peer_token))
+    extensions = FleetpyV1(context, local, Peers(registry, machine_id, peer_token, peer_tls))
     extensions.add_routes(app.router)
     app.on_shutdown.append(extensions.stop_followers)
     return app

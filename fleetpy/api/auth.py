@@ -1,11 +1,19 @@
 """Who may use the API: anyone who can open the unix socket; on TCP, a client with a certificate
-signed by the cluster CA (mTLS) or with the bearer token, unless fleetd was told to be insecure."""
+signed by the cluster CA (mTLS) or with the bearer token, unless fleetd was told to be insecure.
+
+fleetds forwarding a request to each other never send the token itself: a machine's API
+endpoint comes from etcd, and whoever can write etcd could point it anywhere. They send a peer
+proof instead: an HMAC, keyed with the token, of the receiving machine's id, the time, the method
+and the path. It is good for PEER_PROOF_TTL seconds, on that machine, for that request only.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import hmac
 import socket
+import time
 from typing import Any
 
 from aiohttp import web
@@ -19,6 +27,8 @@ class Auth:
 
     token: str | None = None
     client_certs: bool = False
+    # This machine's id: a peer proof names the machine it is meant for.
+    machine_id: str = ""
 
     @property
     def required(self) -> bool:
@@ -26,6 +36,31 @@ class Auth:
 
 
 AUTH = web.AppKey("auth", Auth)
+
+PEER_SCHEME = "Fleetpy-Peer"
+PEER_PROOF_TTL = 30.0
+
+
+def _peer_mac(token: str, machine_id: str, stamp: int, method: str, raw_path: str) -> str:
+    message = f"{machine_id}\n{stamp}\n{method}\n{raw_path}".encode()
+    return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
+
+
+def peer_proof(token: str, machine_id: str, method: str, raw_path: str, now: float | None = None) -> str:
+    """The Authorization header value for a request to `machine_id`'s API at `raw_path` (with query)."""
+    stamp = int(time.time() if now is None else now)
+    return f"{PEER_SCHEME} {stamp} {_peer_mac(token, machine_id, stamp, method, raw_path)}"
+
+
+def valid_peer_proof(auth: Auth, request: web.Request, given: str) -> bool:
+    scheme, _, rest = given.partition(" ")
+    stamp, _, mac = rest.partition(" ")
+    if scheme != PEER_SCHEME or not stamp.isdigit() or auth.token is None:
+        return False
+    if abs(time.time() - int(stamp)) > PEER_PROOF_TTL:
+        return False
+    wanted = _peer_mac(auth.token, auth.machine_id, int(stamp), request.method, request.raw_path)
+    return hmac.compare_digest(mac.encode(), wanted.encode())
 
 
 def _over_unix(request: web.Request) -> bool:
@@ -48,6 +83,8 @@ async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse
     if auth.token is not None:
         given = request.headers.get("Authorization", "")
         if hmac.compare_digest(given.encode(), f"Bearer {auth.token}".encode()):
+            return await handler(request)
+        if valid_peer_proof(auth, request, given):
             return await handler(request)
     token_help = "pass it as 'Authorization: Bearer TOKEN' (fleetctl --token or FLEETCTL_TOKEN)"
     if not auth.client_certs:

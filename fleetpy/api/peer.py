@@ -1,10 +1,19 @@
-"""Passing a status or journal request on to the fleetd of the machine that runs the unit."""
+"""Passing a status or journal request on to the fleetd of the machine that runs the unit.
+
+A peer's endpoint comes from its machine record in etcd, so it is only as trustworthy as etcd.
+Two defences: the token never leaves this machine (a peer gets a proof for one request, see
+`auth`), and with a cluster CA a peer must be https with a certificate that CA signed for the
+endpoint's address, and this fleetd presents its own certificate to it.
+"""
 
 from __future__ import annotations
+
+import ssl
 
 import httpx
 from aiohttp import web
 
+from fleetpy.api.auth import peer_proof
 from fleetpy.api.errors import ApiError
 from fleetpy.registry.aio import AsyncRegistry
 
@@ -12,13 +21,24 @@ from fleetpy.registry.aio import AsyncRegistry
 FORWARDED_HEADER = "X-Fleetpy-Forwarded"
 
 
-class Peers:
-    """Forwards requests to other machines' APIs, with this cluster's peer token."""
+def peer_tls(cluster_ca: str, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+    """TLS towards peers: verified against the cluster CA, presenting this fleetd's certificate."""
+    context = ssl.create_default_context(cafile=cluster_ca)
+    if cert and key:
+        context.load_cert_chain(cert, key)
+    return context
 
-    def __init__(self, registry: AsyncRegistry, machine_id: str, token: str | None):
+
+class Peers:
+    """Forwards requests to other machines' APIs."""
+
+    def __init__(
+        self, registry: AsyncRegistry, machine_id: str, token: str | None, tls: ssl.SSLContext | None = None
+    ):
         self.registry = registry
         self.machine_id = machine_id
         self.token = token
+        self.tls = tls
 
     async def endpoint(self, request: web.Request, machine_id: str) -> str:
         """The API endpoint of another machine, after checking the request may go there."""
@@ -35,23 +55,42 @@ class Peers:
             raise ApiError(
                 502, f"machine {machine_id[:8]}... has no API endpoint; start its fleetd with --api-listen"
             )
+        if self.tls is not None and not machine.api_endpoint.startswith("https://"):
+            raise ApiError(
+                502,
+                f"machine {machine_id[:8]}...'s API endpoint {machine.api_endpoint} is not https; "
+                "with a cluster CA this fleetd talks only to peers that prove who they are",
+            )
         return machine.api_endpoint.rstrip("/")
 
-    def headers(self) -> dict[str, str]:
-        headers = {FORWARDED_HEADER: self.machine_id}
+    def client(self, timeout: httpx.Timeout | float) -> httpx.AsyncClient:
+        return httpx.AsyncClient(timeout=timeout, verify=self.tls if self.tls is not None else True)
+
+    def request(self, client: httpx.AsyncClient, url: str, machine_id: str, params: dict) -> httpx.Request:
+        request = client.build_request("GET", url, params=params, headers={FORWARDED_HEADER: self.machine_id})
         if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        return headers
+            raw_path = request.url.raw_path.decode()
+            request.headers["Authorization"] = peer_proof(self.token, machine_id, "GET", raw_path)
+        return request
+
+    def unreachable(self, machine_id: str, endpoint: str, error: Exception) -> str:
+        if isinstance(error, httpx.ConnectError) and "CERTIFICATE_VERIFY_FAILED" in str(error):
+            return (
+                f"machine {machine_id[:8]}... at {endpoint} is not who it claims to be: its certificate "
+                f"does not verify against the cluster CA ({error}); its etcd record may have been tampered with"
+            )
+        return f"cannot reach machine {machine_id[:8]}... at {endpoint}: {error}"
 
     async def status(self, request: web.Request, machine_id: str) -> web.Response:
         endpoint = await self.endpoint(request, machine_id)
         try:
-            async with httpx.AsyncClient(timeout=15) as client:
-                reply = await client.get(
-                    f"{endpoint}{request.path}", headers=self.headers(), params={"machineID": machine_id}
+            async with self.client(15) as client:
+                forwarded = self.request(
+                    client, f"{endpoint}{request.path}", machine_id, {"machineID": machine_id}
                 )
+                reply = await client.send(forwarded)
         except httpx.HTTPError as error:
-            raise ApiError(502, f"cannot reach machine {machine_id[:8]}... at {endpoint}: {error}") from None
+            raise ApiError(502, self.unreachable(machine_id, endpoint, error)) from None
         return web.Response(status=reply.status_code, body=reply.content, content_type="application/json")
 
     async def journal(
@@ -61,22 +100,24 @@ class Peers:
         params = {"lines": str(lines), "follow": str(follow).lower(), "machineID": machine_id}
         response: web.StreamResponse | None = None
         try:
-            async with (
-                httpx.AsyncClient(timeout=httpx.Timeout(15, read=None)) as client,
-                client.stream(
-                    "GET", f"{endpoint}{request.path}", params=params, headers=self.headers()
-                ) as reply,
-            ):
-                if reply.status_code != 200:
-                    return web.Response(
-                        status=reply.status_code, body=await reply.aread(), content_type="application/json"
-                    )
-                response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
-                await response.prepare(request)
-                async for chunk in reply.aiter_bytes():
-                    await response.write(chunk)
+            async with self.client(httpx.Timeout(15, read=None)) as client:
+                forwarded = self.request(client, f"{endpoint}{request.path}", machine_id, params)
+                reply = await client.send(forwarded, stream=True)
+                try:
+                    if reply.status_code != 200:
+                        return web.Response(
+                            status=reply.status_code,
+                            body=await reply.aread(),
+                            content_type="application/json",
+                        )
+                    response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+                    await response.prepare(request)
+                    async for chunk in reply.aiter_bytes():
+                        await response.write(chunk)
+                finally:
+                    await reply.aclose()
         except httpx.HTTPError as error:
-            message = f"cannot reach machine {machine_id[:8]}... at {endpoint}: {error}"
+            message = self.unreachable(machine_id, endpoint, error)
             if response is None:
                 raise ApiError(502, message) from None
             # Lines already went out: the reader learns of the break at the end of the text.

@@ -13,6 +13,7 @@ import click
 
 from fleetpy.agent.agent import Agent
 from fleetpy.api import SystemctlUnitInfo, create_app, serve
+from fleetpy.api.peer import peer_tls
 from fleetpy.engine.engine import Engine
 from fleetpy.fleetd.config import Config, ConfigError, build_config, machine_id
 from fleetpy.registry import EtcdStore, Machine, Registry, StoreError
@@ -70,8 +71,13 @@ async def run(config: Config) -> None:
             log.warning("waiting for etcd: %s", error)
             await asyncio.sleep(1)
     systemd = await SystemdManager.connect(config.systemd_bus, config.unit_dir)
+    cluster_ca = config.api_tls_client_ca
     app = create_app(
-        registry, machine_id=machine.id, local=local_unit_info(config.systemd_bus), peer_token=token
+        registry,
+        machine_id=machine.id,
+        local=local_unit_info(config.systemd_bus),
+        peer_token=token,
+        peer_tls=peer_tls(cluster_ca, config.api_tls_cert, config.api_tls_key) if cluster_ca else None,
     )
     runner = await serve(
         app,
