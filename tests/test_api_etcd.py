@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from fleetpy.api import create_app
-from fleetpy.registry import Assignment, Machine, UnitState
+from fleetpy.api import create_app, serve
+from fleetpy.client import Client, EtcdUnreachable
+from fleetpy.lab.etcd import start_cluster
+from fleetpy.registry import Assignment, EtcdStore, Machine, Registry, UnitState
 from fleetpy.registry.aio import AsyncRegistry
 from fleetpy.unit import UnitFile
 
@@ -64,3 +74,41 @@ async def test_bad_name_writes_nothing_to_etcd(client, etcd_registry):
     )
     assert resp.status == 400
     assert etcd_registry.jobs() == []
+
+
+@pytest.fixture
+def own_etcd(tmp_path_factory):
+    """An etcd of this test's own, which the test may pause or stop."""
+    base = tempfile.mkdtemp(dir="/dev/shm", prefix="fleetpy-etcd-api-")
+    members = start_cluster(Path(base))
+    try:
+        yield members[0]
+    finally:
+        for member in members:
+            if member.process is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(member.process.pid, signal.SIGCONT)
+            member.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("outage", ["paused", "stopped"])
+async def test_etcd_outage_is_named_by_fleetd_within_the_clients_timeout(own_etcd, tmp_path, outage):
+    # B12: fleetd's etcd retries (10 s) outlasted fleetctl's request timeout (10 s), so the
+    # client said "cannot reach fleetd ... is fleetd running?" about a fleetd that was fine.
+    registry = Registry(EtcdStore([own_etcd.client_url]), "/b12/")
+    registry.register_machine(Machine(M1, "10.0.0.1"), ttl=60)
+    sock = str(tmp_path / "fleet.sock")
+    runner = await serve(create_app(AsyncRegistry(registry), machine_id=M1), socket_path=sock)
+    try:
+        if outage == "paused":  # a hung or partitioned etcd: connections open, no answers
+            os.kill(own_etcd.process.pid, signal.SIGSTOP)
+        else:
+            own_etcd.stop()
+        # 10 s is fleetctl's default request timeout.
+        with Client(f"unix://{sock}", timeout=10) as client, pytest.raises(EtcdUnreachable) as raised:
+            await asyncio.to_thread(client.units)
+        assert raised.value.code == 503
+        assert raised.value.message.startswith("fleetd answered, but etcd ")
+    finally:
+        await runner.cleanup()

@@ -7,7 +7,7 @@ import ssl
 from aiohttp import web
 
 from fleetpy.api.auth import AUTH, Auth, authenticate
-from fleetpy.api.connections import GUARDS, LIMITS, Guards, Limits, clock
+from fleetpy.api.connections import GUARDS, LIMITS, Guards, Limits, bounded, clock
 from fleetpy.api.context import ApiContext
 from fleetpy.api.errors import errors
 from fleetpy.api.extensions import FleetpyV1
@@ -29,7 +29,7 @@ def create_app(
 ) -> web.Application:
     """The API application; `serve` puts it on fleetd's sockets."""
     context = ApiContext(registry, machine_id)
-    app = web.Application(middlewares=[clock, errors, authenticate], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[clock, errors, authenticate, bounded], client_max_size=MAX_BODY)
     app[AUTH] = Auth(machine_id=machine_id)
     app[GUARDS] = Guards()
     app[LIMITS] = Limits()

@@ -10,13 +10,16 @@ closed at once, and a connection that has not sent a complete request head withi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
+
+from fleetpy.api.errors import ETCD_UNREACHABLE, ApiError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,9 @@ class Limits:
     header_timeout: float = 10.0
     # Time to send a request's body once its head arrived.
     body_timeout: float = 30.0
+    # Time a request may wait for etcd. Well under fleetctl's 10 s request timeout, so that
+    # during an etcd outage the client hears fleetd's 503 instead of timing out itself.
+    registry_deadline: float = 5.0
     # Time running requests get to finish when fleetd stops (aiohttp may wait it twice);
     # followed journals are cut at once.
     shutdown_timeout: float = 0.5
@@ -146,6 +152,34 @@ async def clock(request: web.Request, handler: Any) -> web.StreamResponse:
         return await handler(request)
     finally:
         guards.request_done(request)
+
+
+# Routes that stream or ask another machine; they bound their own registry part (see `deadline`).
+UNBOUNDED_ROUTES = frozenset({"status", "journal"})
+
+
+@web.middleware
+async def bounded(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Answers 503 once a request has waited `registry_deadline` (for etcd, in practice)."""
+    if request.match_info.route.name in UNBOUNDED_ROUTES:
+        return await handler(request)
+    async with deadline(request):
+        return await handler(request)
+
+
+@contextlib.asynccontextmanager
+async def deadline(request: web.BaseRequest) -> AsyncIterator[None]:
+    seconds = request.app[LIMITS].registry_deadline
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        raise ApiError(
+            503,
+            f"etcd did not answer within {seconds:g}s: it is down or unreachable from this fleetd, "
+            "which keeps retrying; check that etcd runs and that --etcd-servers points at it",
+            reason=ETCD_UNREACHABLE,
+        ) from None
 
 
 class GuardedSite(web.BaseSite):

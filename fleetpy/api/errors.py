@@ -18,15 +18,24 @@ from fleetpy.unit import UnitError
 log = logging.getLogger(__name__)
 
 
+# The error's "reason" when etcd is what failed (a fleetpy field beside fleet's code and message),
+# so that clients can tell "fleetd answered but etcd is unreachable" from "fleetd is unreachable".
+ETCD_UNREACHABLE = "etcdUnreachable"
+
+
 class ApiError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, reason: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.reason = reason
 
 
-def error_response(status: int, message: str) -> web.Response:
-    return web.json_response({"error": {"code": status, "message": message}}, status=status)
+def error_response(status: int, message: str, reason: str | None = None) -> web.Response:
+    error: dict = {"code": status, "message": message}
+    if reason:
+        error["reason"] = reason
+    return web.json_response({"error": error}, status=status)
 
 
 @web.middleware
@@ -34,7 +43,7 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as error:
-        return error_response(error.status, error.message)
+        return error_response(error.status, error.message, error.reason)
     except UnitError as error:
         return error_response(400, str(error))
     except NotFound as error:
@@ -42,7 +51,7 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
     except Conflict as error:
         return error_response(409, str(error))
     except Unavailable as error:
-        return error_response(503, str(error))
+        return error_response(503, str(error), ETCD_UNREACHABLE)
     except web.HTTPException as error:
         if error.status < 400:
             raise

@@ -7,6 +7,7 @@ import contextlib
 
 from aiohttp import web
 
+from fleetpy.api.connections import deadline
 from fleetpy.api.context import ApiContext, unit_name
 from fleetpy.api.errors import ApiError
 from fleetpy.api.local import LocalUnitInfo
@@ -29,8 +30,8 @@ class FleetpyV1:
     def add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_get("/fleetpy/v1/units/{name}/pending", self.pending)
         router.add_get("/fleetpy/v1/units/{name}/explain", self.explain)
-        router.add_get("/fleetpy/v1/units/{name}/status", self.status)
-        router.add_get("/fleetpy/v1/units/{name}/journal", self.journal)
+        router.add_get("/fleetpy/v1/units/{name}/status", self.status, name="status")
+        router.add_get("/fleetpy/v1/units/{name}/journal", self.journal, name="journal")
 
     async def stop_followers(self, app: web.Application) -> None:
         for task in self.followers:
@@ -52,6 +53,10 @@ class FleetpyV1:
 
     async def locate(self, request: web.Request, name: str) -> str:
         """The live machine running `name`; this one if it is among several."""
+        async with deadline(request):
+            return await self._locate(request, name)
+
+    async def _locate(self, request: web.Request, name: str) -> str:
         await self.context.existing_job(name)
         alive = {m.id for m in await self.registry.machines()}
         where = [

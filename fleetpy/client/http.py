@@ -25,6 +25,18 @@ class ConnectionFailed(APIError):
     """fleetd could not be reached at all."""
 
 
+class NoAnswer(APIError):
+    """fleetd took the request but did not answer within the request timeout."""
+
+
+class EtcdUnreachable(APIError):
+    """fleetd answered, but etcd did not: fleetd runs, the cluster's store is away."""
+
+
+# The API's error reason for an etcd that did not answer (fleetpy.api.errors.ETCD_UNREACHABLE).
+_ETCD_UNREACHABLE = "etcdUnreachable"
+
+
 class Client:
     """fleet's API client; `endpoint` is unix:///path/fleet.sock or http(s)://host:port."""
 
@@ -69,10 +81,20 @@ class Client:
         if self._socket_path is not None and not os.path.exists(self._socket_path):
             raise self._unreachable(FileNotFoundError(f"no socket at {self._socket_path}"))
 
+    def _no_answer(self, error: Exception) -> NoAnswer:
+        return NoAnswer(
+            0,
+            f"fleetd at {self.endpoint} took the request but did not answer within "
+            f"{self._http.timeout.read:g}s ({type(error).__name__}); it may be overloaded, "
+            "or give it more time with --request-timeout",
+        )
+
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         self._check_socket()
         try:
             response = self._http.request(method, path, **kwargs)
+        except (httpx.ReadTimeout, httpx.WriteTimeout) as error:
+            raise self._no_answer(error) from None
         except httpx.TransportError as error:
             raise self._unreachable(error) from None
         _raise_for_error(response)
@@ -155,6 +177,8 @@ class Client:
                     response.read()
                     _raise_for_error(response)
                 yield from response.iter_lines()
+        except (httpx.ReadTimeout, httpx.WriteTimeout) as error:
+            raise self._no_answer(error) from None
         except httpx.TransportError as error:
             raise self._unreachable(error) from None
 
@@ -170,8 +194,12 @@ def _unit_path(name: str) -> str:
 def _raise_for_error(response: httpx.Response) -> None:
     if response.status_code < 400:
         return
+    reason = None
     try:
-        message = response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
+        error = response.json()["error"]
+        message, reason = error["message"], error.get("reason")
+    except (ValueError, KeyError, TypeError, AttributeError):
         message = response.text.strip() or response.reason_phrase
+    if reason == _ETCD_UNREACHABLE:
+        raise EtcdUnreachable(response.status_code, f"fleetd answered, but {message}")
     raise APIError(response.status_code, message)
