@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from fleetpy.lab.node import Node
-from fleetpy.systemd import SystemdManager
+from fleetpy.systemd import SystemdError, SystemdManager
 
 pytest_plugins = ["fixtures_nodes"]
 pytestmark = pytest.mark.integration
@@ -142,3 +142,9 @@ async def test_remove_units_tolerates_units_never_linked(manager) -> None:
     await manager.remove_units(["never.service", "written.service", "linked.service"])
     assert await manager.installed_units() == {}
     assert await manager.unit_state("linked.service") == ("not-found", "inactive", "dead")
+
+
+async def test_calls_after_the_connection_closed_raise_instead_of_hanging(manager) -> None:
+    await manager.close()
+    with pytest.raises(SystemdError, match="closed"):
+        await asyncio.wait_for(manager.unit_state("hello.service"), 5)

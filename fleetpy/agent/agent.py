@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 
 from fleetpy.agent.tasks import Desired, Tasks, plan_tasks
@@ -32,6 +33,9 @@ class Agent:
         self._published: dict[str, UnitState] = {}
         self._to_publish: dict[str, tuple[str, str, str]] = {}
         self._publish_wanted = asyncio.Event()
+        # The heartbeat gets a thread of its own: a burst of API requests or state writes that
+        # fills the shared worker threads must not let the machine record expire.
+        self._heartbeat_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="heartbeat")
 
     async def run(self) -> None:
         self.systemd.on_state_change(self._on_state_change)
@@ -48,12 +52,16 @@ class Agent:
                 await asyncio.sleep(OUTAGE_PAUSE)
 
     async def _heartbeat(self) -> None:
+        loop = asyncio.get_running_loop()
+        registry = self.registry.sync
         while True:
             await asyncio.sleep(self.ttl / 3)
             try:
-                if not await self.registry.refresh_machine(self.machine.id, self.ttl):
+                beat = registry.refresh_machine, self.machine.id, self.ttl
+                if not await loop.run_in_executor(self._heartbeat_thread, *beat):
                     log.warning("machine record had expired; registering again")
-                    await self.registry.register_machine(self.machine, self.ttl)
+                    register = registry.register_machine, self.machine, self.ttl
+                    await loop.run_in_executor(self._heartbeat_thread, *register)
             except StoreError as error:
                 # Units keep running while etcd is away; we just try again next beat.
                 log.warning("heartbeat failed: %s", error)
@@ -81,7 +89,7 @@ class Agent:
         desired = {a.unit: Desired(await self._text(a.hash), a.desired_state) for a in assignments}
         self._texts = {a.hash: self._texts[a.hash] for a in assignments}  # keep only what runs here
         installed = await self.systemd.installed_units()
-        active = {name: (await self.systemd.unit_state(name))[1] for name in installed}
+        active = {name: state[1] for name, state in (await self.systemd.unit_states(list(installed))).items()}
         tasks = plan_tasks(desired, installed, active)
         if tasks:
             log.info(
@@ -95,9 +103,10 @@ class Agent:
         for name in tasks.remove:
             self._published.pop(name, None)
             await self.registry.remove_state(name, self.machine.id)
-        for name in desired.keys() - self._published.keys():
-            # Units we adopted or loaded without a state change still need a published state.
-            self._on_state_change(name, *await self.systemd.unit_state(name))
+        # Units we adopted or loaded without a state change still need a published state.
+        unpublished = sorted(desired.keys() - self._published.keys())
+        for name, state in (await self.systemd.unit_states(unpublished)).items():
+            self._on_state_change(name, *state)
         self.reconciled.set()
         return tasks
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from typing import Any
 
 from dbus_next import BusType, Message, MessageType
@@ -13,6 +15,9 @@ MANAGER_PATH = "/org/freedesktop/systemd1"
 MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
 UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 PROPS_IFACE = "org.freedesktop.DBus.Properties"
+# Calls awaiting a reply on one connection. The system bus's dbus-daemon refuses more than 128
+# per connection (max_replies_per_connection); below that, a burst queues here, not in the socket.
+MAX_CALLS_IN_FLIGHT = 64
 JOB_REMOVED_RULE = (
     f"type='signal',sender='{SYSTEMD_BUS_NAME}',path='{MANAGER_PATH}',"
     f"interface='{MANAGER_IFACE}',member='JobRemoved'"
@@ -25,6 +30,27 @@ class SystemdError(RuntimeError):
     def __init__(self, error_name: str, message: str) -> None:
         super().__init__(f"{error_name}: {message}")
         self.error_name = error_name
+
+
+class _EagainSafeSocket:
+    """The bus socket as dbus-next's writer sees it: EAGAIN from send() means "0 bytes sent".
+
+    dbus-next 0.2.3 treats a full socket buffer (BlockingIOError) as a fatal error and drops the
+    connection. Reporting 0 bytes instead makes its writer wait until the socket is writable,
+    which is what EAGAIN asks for.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def send(self, data: bytes) -> int:
+        try:
+            return self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
 class SystemdBus:
@@ -40,6 +66,9 @@ class SystemdBus:
         # job-creating call is in flight wait here for their caller.
         self._early_results: dict[str, str] = {}
         self._calls_in_flight = 0
+        self._call_slots = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
+        bus._writer.sock = _EagainSafeSocket(bus._writer.sock)
+        self._disconnect_watch: asyncio.Future | None = None
 
     @classmethod
     async def connect(cls, bus: str, *args: Any) -> Any:
@@ -70,15 +99,25 @@ class SystemdBus:
         except BaseException:
             message_bus.disconnect()
             raise
+        self._disconnect_watch = asyncio.ensure_future(self._fail_jobs_on_disconnect())
         return self
 
+    async def _fail_jobs_on_disconnect(self) -> None:
+        with contextlib.suppress(Exception):  # how it ended does not matter to the waiters
+            await self._bus.wait_for_disconnect()
+        self._fail_jobs("the connection to systemd was lost")
+
     async def close(self) -> None:
+        self._fail_jobs("connection to systemd closed")
+        self._bus.disconnect()
+        with contextlib.suppress(Exception):  # how the connection ended no longer matters
+            await self._bus.wait_for_disconnect()
+
+    def _fail_jobs(self, why: str) -> None:
         for job in self._jobs.values():
             if not job.done():
-                job.set_exception(SystemdError("fleetpy.Closed", "connection to systemd closed"))
+                job.set_exception(SystemdError("fleetpy.Disconnected", why))
         self._jobs.clear()
-        self._bus.disconnect()
-        await self._bus.wait_for_disconnect()
 
     async def reload(self) -> None:
         await self._manager("Reload")
@@ -92,10 +131,18 @@ class SystemdBus:
 
     async def unit_state(self, name: str) -> tuple[str, str, str]:
         """(LoadState, ActiveState, SubState); ("not-found", "inactive", "dead") if unknown."""
-        # LoadUnit, unlike GetUnit, also answers for units linked but never started.
-        path = (await self._manager("LoadUnit", "s", [name]))[0]
-        props = (await self._call(SYSTEMD_BUS_NAME, path, PROPS_IFACE, "GetAll", "s", [UNIT_IFACE]))[0]
-        return props["LoadState"].value, props["ActiveState"].value, props["SubState"].value
+        return (await self.unit_states([name]))[name]
+
+    async def unit_states(self, names: list[str]) -> dict[str, tuple[str, str, str]]:
+        """(LoadState, ActiveState, SubState) of each unit, in one call however many there are.
+
+        ListUnitsByNames also answers for units linked but never started, and its reply is a
+        few strings per unit where GetAll would bring some eighty properties to unmarshal.
+        """
+        if not names:
+            return {}
+        reply = await self._manager("ListUnitsByNames", "as", [list(names)])
+        return {row[0]: (row[2], row[3], row[4]) for row in reply[0]}
 
     async def run_job(self, method: str, name: str) -> str:
         """Call a job method (StartUnit, StopUnit, RestartUnit, ...) and wait for the job's result
@@ -122,16 +169,25 @@ class SystemdBus:
     async def _call(
         self, destination: str, path: str, interface: str, member: str, signature: str, body: list[Any]
     ) -> list[Any]:
-        reply = await self._bus.call(
-            Message(
-                destination=destination,
-                path=path,
-                interface=interface,
-                member=member,
-                signature=signature,
-                body=body,
-            )
+        message = Message(
+            destination=destination,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=body,
         )
+        async with self._call_slots:
+            if not self._bus.connected:
+                # dbus-next would queue the call on a dead connection and never answer.
+                raise SystemdError("fleetpy.Disconnected", "the connection to systemd is closed")
+            try:
+                reply = await self._bus.call(message)
+            except Exception as error:  # the connection broke under this call
+                self._fail_jobs(f"the connection to systemd broke: {error!r}")
+                raise SystemdError(
+                    "fleetpy.Disconnected", f"the connection to systemd broke: {error!r}"
+                ) from error
         if reply.message_type == MessageType.ERROR:
             raise SystemdError(reply.error_name, str(reply.body[0]) if reply.body else "")
         return reply.body

@@ -87,6 +87,9 @@ class FakeSystemd:
             return self.states[name]
         return ("loaded", "inactive", "dead") if name in self.linked else UNKNOWN_STATE
 
+    async def unit_states(self, names: list[str]) -> dict[str, tuple[str, str, str]]:
+        return {name: await self.unit_state(name) for name in names}
+
     async def main_pid(self, name: str) -> int:
         validate_unit_name(name)
         return self.pids.get(name, 0)

@@ -42,10 +42,12 @@ def unit_path_to_name(path: str) -> str:
 class SystemdManager(SystemdBus):
     """Unit files in one directory, linked as runtime units, started, stopped and watched."""
 
+    # Only the Unit interface's changes (arg0): those carry the three states. Matching every
+    # interface's PropertiesChanged too would triple what dbus-next unmarshals in a burst.
     MATCH_RULES = (
         (
             f"type='signal',sender='{SYSTEMD_BUS_NAME}',path_namespace='{MANAGER_PATH}/unit',"
-            f"interface='{PROPS_IFACE}',member='PropertiesChanged'"
+            f"interface='{PROPS_IFACE}',member='PropertiesChanged',arg0='{UNIT_IFACE}'"
         ),
     )
 
@@ -125,9 +127,10 @@ class SystemdManager(SystemdBus):
         validate_unit_name(name)
         return await self.run_job("StopUnit", name)
 
-    async def unit_state(self, name: str) -> tuple[str, str, str]:
-        validate_unit_name(name)
-        return await super().unit_state(name)
+    async def unit_states(self, names: list[str]) -> dict[str, tuple[str, str, str]]:
+        for name in names:
+            validate_unit_name(name)
+        return await super().unit_states(names)
 
     async def main_pid(self, name: str) -> int:
         validate_unit_name(name)
