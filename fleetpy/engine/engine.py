@@ -236,7 +236,7 @@ class Engine:
         self._log_quarantine(quarantined, failed)
         held |= {a.unit for a in current if a.unit in failed}
         current = [a for a in current if a.unit not in held]
-        reasons = {**new_plan.pending, **quarantined}
+        reasons = {**{unit: str(reason) for unit, reason in new_plan.pending.items()}, **quarantined}
         await self.apply(
             new_plan.assignments,
             {u: r for u, r in reasons.items() if u not in held or u in quarantined},

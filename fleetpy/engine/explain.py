@@ -30,7 +30,7 @@ def explain_placement(
     file does not load, or the scheduler fails on it) is explained by the reason the engine
     recorded in `pending`.
     """
-    new_plan, failed = plan_guarded(machines, units, [a for a in current if a.unit != name])
+    new_plan, failed = plan_guarded(machines, units, [a for a in current if a.unit != name], {name})
     decision = new_plan.decisions.get(name)
     placed = sorted(short_id(a.machine_id) for a in current if a.unit == name)
     where = f"  now on {', '.join(placed) if placed else 'no machine'}"

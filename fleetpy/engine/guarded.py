@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 from fleetpy.engine import scheduler
@@ -14,7 +14,10 @@ if TYPE_CHECKING:
 
 
 def plan_guarded(
-    machines: Sequence[Machine], jobs: Sequence[tuple[Job, Unit]], current: Sequence[Assignment]
+    machines: Sequence[Machine],
+    jobs: Sequence[tuple[Job, Unit]],
+    current: Sequence[Assignment],
+    detail: Collection[str] = (),
 ) -> tuple[Plan, dict[str, Exception]]:
     """`scheduler.plan`, and the units it fails on (with the error) left out instead of failing.
 
@@ -22,7 +25,7 @@ def plan_guarded(
     already fine), so finding the culprits costs something only when there is one.
     """
     try:
-        return scheduler.plan(machines, jobs, current), {}
+        return scheduler.plan(machines, jobs, current, detail), {}
     except Exception:  # noqa: BLE001 - narrowed below to the units that cause it
         pass
     fine: list[tuple[Job, Unit]] = []
@@ -33,4 +36,4 @@ def plan_guarded(
             fine.append((job, unit))
         except Exception as error:  # noqa: BLE001 - that unit is a culprit
             failed[job.name] = error
-    return scheduler.plan(machines, fine, current), failed
+    return scheduler.plan(machines, fine, current, detail), failed

@@ -6,7 +6,14 @@ unit, the reasoning `fleetctl` can show.
 
 Placement is a small pipeline in the manner of Nomad's feasibility/rank iterators and the
 Kubernetes filter/score plugins: every filter answers one question about one machine and
-returns a short reason when the answer is no; rankers score the machines that survive.
+returns a `Reason` when the answer is no; rankers score the machines that survive. Reasons are
+data (a code and its arguments), rendered to text only where a person reads them.
+
+The pipeline is the definition; the plan reaches the same answer without running it over every
+machine for every unit: machines are indexed by metadata, units by the Conflicts patterns that
+match them, MachineOf targets are looked up, and the least-loaded machine comes from a heap. The
+full per-machine pipeline runs only for the units being explained (`plan(..., detail=...)`) and
+for units that fit nowhere, whose reason summarises it.
 
 Semantics, following fleet (Documentation/unit-files-and-scheduling.md and its engine):
 
@@ -33,35 +40,100 @@ Semantics, following fleet (Documentation/unit-files-and-scheduling.md and its e
 
 from __future__ import annotations
 
+import bisect
+import gc
 import heapq
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from fleetpy.registry.models import Assignment, Job, Machine
+from fleetpy.unit import FleetOptions
 
 if TYPE_CHECKING:
     from fleetpy.unit import Unit
 
 SHORT_ID = 8
 
-# Reasons that name one other unit; a pending summary lists those names together.
-_NAMING_REASONS = ("conflicts with ", "replaced by ")
+_NONE: Mapping = MappingProxyType({})
+
+
+def short_id(machine_id: str) -> str:
+    return machine_id if len(machine_id) <= SHORT_ID else machine_id[:SHORT_ID] + "..."
+
+
+# --- reasons ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why a machine was excluded, why a unit went where it went, or why it went nowhere.
+
+    `code` names the rule and `args` its data; `str()` renders it for people (see _RENDER).
+    """
+
+    code: str
+    args: tuple = ()
+
+    def __str__(self) -> str:
+        return _RENDER[self.code](*self.args)
+
+
+def _metadata_text(wanted: tuple[tuple[str, tuple[str, ...]], ...]) -> str:
+    return ",".join(f"{key}={'|'.join(values)}" for key, values in wanted)
+
+
+def _no_fit_text(machine_count: int, groups: tuple[tuple[Reason, int], ...]) -> str:
+    if len(groups) == 1:
+        ((reason, _),) = groups
+        where = "the only machine" if machine_count == 1 else f"all {machine_count} machines"
+        return f"no machine fits: {reason} on {where}"
+    return f"0/{machine_count} machines fit: " + ", ".join(f"{n} {reason}" for reason, n in groups)
+
+
+def _load_text(load: int) -> str:
+    return f"least loaded ({load} unit{'' if load == 1 else 's'})"
+
+
+_RENDER: dict[str, Callable[..., str]] = {
+    # Filters: why one machine is out.
+    "machine-id": lambda wanted: f"MachineID is {short_id(wanted)}",
+    "metadata": lambda wanted: f"metadata {_metadata_text(wanted)} does not match",
+    "machine-of": lambda target: f"not the machine of {target}",
+    "conflict": lambda *units: f"conflicts with {', '.join(units)}",
+    "replaced-by": lambda *units: f"replaced by {', '.join(units)}",
+    # Choices: why this machine.
+    "kept": lambda: "kept where it runs",
+    "replaces": lambda *units: f"replaces {', '.join(units)} there",
+    "only-fit": lambda: "only machine that fits",
+    "least-loaded": _load_text,
+    "global": lambda chosen, total: f"global: on {chosen} of {total} machines",
+    # Pending: why no machine.
+    "no-machines": lambda: "no machines registered",
+    "cycle": lambda *path: "MachineOf cycle: " + " -> ".join(path),
+    "waiting": lambda target: f"waiting for {target} to be scheduled",
+    "no-fit": _no_fit_text,
+}
+# Reasons that name other units: a pending summary lists those names together.
+_NAMING = frozenset({"conflict", "replaced-by"})
 
 
 @dataclass(frozen=True)
 class Decision:
-    """Why a unit went where it went, or why it went nowhere."""
+    """Why a unit went where it went, or why it went nowhere.
+
+    `filtered` (every excluded machine with its reason) and `scores` (every candidate) are
+    recorded only for the units a plan was asked to detail.
+    """
 
     unit: str
     machine_id: str | None
-    filtered: Mapping[str, str] = field(default_factory=dict)
+    reason: Reason
+    filtered: Mapping[str, Reason] = field(default_factory=dict)
     scores: Mapping[str, float] = field(default_factory=dict)
     kept: bool = False
-    # One human phrase: "least loaded (1 unit)", "kept where it runs", the pending reason...
-    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,83 +141,266 @@ class Plan:
     """The complete desired schedule, and what could not be scheduled."""
 
     assignments: tuple[Assignment, ...]
-    pending: Mapping[str, str]
+    pending: Mapping[str, Reason]
     decisions: Mapping[str, Decision]
 
 
-@dataclass
+# --- indexes ---------------------------------------------------------------------------------
+
+
+class Replacements:
+    """Who replaces whom: the one home of the Replaces rule.
+
+    Only submitted units count, and two units replacing each other cancel out (both would move
+    forever), as in fleet.
+    """
+
+    def __init__(self, units: Mapping[str, Unit]):
+        self._of: dict[str, frozenset[str]] = {}
+        self._by: dict[str, set[str]] = {}
+        for name, unit in units.items():
+            replaced = frozenset(
+                other
+                for other in unit.fleet.replaces
+                if other in units and name not in units[other].fleet.replaces
+            )
+            if replaced:
+                self._of[name] = replaced
+                for other in replaced:
+                    self._by.setdefault(other, set()).add(name)
+
+    def of(self, replacer: str) -> frozenset[str]:
+        """The units `replacer` displaces."""
+        return self._of.get(replacer, frozenset())
+
+    def by(self, replaced: str) -> Collection[str]:
+        """The units that displace `replaced`."""
+        return self._by.get(replaced, ())
+
+
+class Conflicts:
+    """Units grouped by the Conflicts patterns that match them, and where those units are.
+
+    For every pattern some unit states: its holders, the units it matches (found with the unit
+    module's own matcher), and per machine the placed holders and placed matches, so "does
+    anything here conflict with this unit" is a few dictionary lookups.
+    """
+
+    def __init__(self, units: Mapping[str, Unit]):
+        self.patterns: dict[str, tuple[str, ...]] = {
+            n: u.fleet.conflicts for n, u in units.items() if u.fleet.conflicts
+        }
+        self.matched_by: dict[str, list[str]] = {}
+        names = sorted(units)
+        for pattern in {p for patterns in self.patterns.values() for p in patterns}:
+            for name in _matches(pattern, names):
+                self.matched_by.setdefault(name, []).append(pattern)
+        # Units ruled out of exactly the same machines share a class (and a heap, when many do).
+        self.class_of: dict[str, tuple] = {
+            name: (self.patterns.get(name, ()), tuple(sorted(self.matched_by.get(name, ()))))
+            for name in self.patterns.keys() | self.matched_by.keys()
+        }
+        self.class_size = Counter(self.class_of.values())
+        self._holders_on: dict[str, dict[str, set[str]]] = {}
+        self._matches_on: dict[str, dict[str, set[str]]] = {}
+
+    def place(self, name: str, machine_id: str) -> None:
+        for pattern in self.patterns.get(name, ()):
+            self._holders_on.setdefault(pattern, {}).setdefault(machine_id, set()).add(name)
+        for pattern in self.matched_by.get(name, ()):
+            self._matches_on.setdefault(pattern, {}).setdefault(machine_id, set()).add(name)
+
+    def remove(self, name: str, machine_id: str) -> None:
+        for pattern in self.patterns.get(name, ()):
+            self._holders_on[pattern][machine_id].discard(name)
+        for pattern in self.matched_by.get(name, ()):
+            self._matches_on[pattern][machine_id].discard(name)
+
+    def on(self, name: str, machine_id: str) -> Iterable[str]:
+        """The units on `machine_id` that conflict with `name`, either way (may repeat)."""
+        for pattern in self.patterns.get(name, ()):
+            yield from self._matches_on.get(pattern, _NONE).get(machine_id, ())
+        for pattern in self.matched_by.get(name, ()):
+            yield from self._holders_on.get(pattern, _NONE).get(machine_id, ())
+
+    def involves(self, name: str) -> bool:
+        """Whether `name` states Conflicts or some unit's Conflicts match it."""
+        return name in self.patterns or name in self.matched_by
+
+    def any_on(self, name: str, machine_id: str) -> bool:
+        """Whether a unit on `machine_id` other than `name` conflicts with it."""
+        return any(other != name for other in self.on(name, machine_id))
+
+    def hosts(self, name: str) -> set[str]:
+        """Every machine holding a unit that conflicts with `name` (or `name` itself)."""
+        machines: set[str] = set()
+        for pattern in self.patterns.get(name, ()):
+            machines.update(m for m, here in self._matches_on.get(pattern, _NONE).items() if here)
+        for pattern in self.matched_by.get(name, ()):
+            machines.update(m for m, here in self._holders_on.get(pattern, _NONE).items() if here)
+        return machines
+
+
+def _matches(pattern: str, names: list[str]) -> list[str]:
+    """The sorted `names` that `pattern` matches, by the unit module's matcher.
+
+    Only names starting with the pattern's literal head can match, so just those are tried.
+    """
+    matcher = FleetOptions(conflicts=(pattern,))
+    head = pattern
+    for i, char in enumerate(pattern):
+        if char in "*?[\\":
+            head = pattern[:i]
+            break
+    found = []
+    for name in names[bisect.bisect_left(names, head) :]:
+        if not name.startswith(head):
+            break
+        if matcher.conflicts_with(name):
+            found.append(name)
+    return found
+
+
+class Loads:
+    """Machines ordered by (load, id) within each candidate pool, as lazy heaps.
+
+    A load change pushes a fresh entry into every heap holding that machine; entries whose load
+    is no longer the machine's are dropped when they surface.
+    """
+
+    def __init__(self, machine_ids: Iterable[str]):
+        self.load: dict[str, int] = dict.fromkeys(machine_ids, 0)
+        self._heaps: dict[object, list[tuple[int, str]]] = {}
+        self._heaps_of: dict[str, list[list[tuple[int, str]]]] = {mid: [] for mid in self.load}
+
+    def pool(self, key: object, members: Callable[[], Iterable[str]]) -> list[tuple[int, str]]:
+        heap = self._heaps.get(key)
+        if heap is None:
+            heap = [(self.load[mid], mid) for mid in members()]
+            heapq.heapify(heap)
+            self._heaps[key] = heap
+            for _, mid in heap:
+                self._heaps_of[mid].append(heap)
+        return heap
+
+    def change(self, machine_id: str, delta: int) -> None:
+        self.load[machine_id] += delta
+        entry = (self.load[machine_id], machine_id)
+        for heap in self._heaps_of[machine_id]:
+            heapq.heappush(heap, entry)
+
+    def lightest(
+        self,
+        heap: list[tuple[int, str]],
+        excluded: Callable[[str], bool] | None,
+        count: int,
+        drop_excluded: bool = False,
+    ) -> list[str]:
+        """Up to `count` machines of the pool, least loaded first, skipping `excluded` ones.
+
+        A heap that serves one class of units may `drop_excluded` entries for good: only a
+        change of what runs on a machine can change that, and it pushes a fresh entry.
+        """
+        found: list[str] = []
+        popped: list[tuple[int, str]] = []
+        seen: set[str] = set()
+        while heap and len(found) < count:
+            entry = heapq.heappop(heap)
+            load, mid = entry
+            if load != self.load[mid] or mid in seen:
+                continue
+            seen.add(mid)
+            if excluded is None or not excluded(mid):
+                found.append(mid)
+            elif drop_excluded:
+                continue
+            popped.append(entry)
+        for entry in popped:
+            heapq.heappush(heap, entry)
+        return found
+
+
 class Context:
     """The schedule as it is being built; filters and rankers read it, `plan` writes it."""
 
-    machines: Mapping[str, Machine]
-    units: Mapping[str, Unit]
-    cycles: Mapping[str, str]
-    on_machine: dict[str, set[str]]
-    placed: dict[str, set[str]]
-    # Units that carry Conflicts or Replaces: the only ones the pairwise filters must look at,
-    # which keeps a plan near-linear when most units have neither.
-    with_conflicts: frozenset[str] = frozenset()
-    with_replaces: frozenset[str] = frozenset()
+    def __init__(self, machines: Mapping[str, Machine], units: Mapping[str, Unit]):
+        self.machines = machines
+        self.units = units
+        self.cycles = _machine_of_cycles(units)
+        self.on_machine: dict[str, set[str]] = {mid: set() for mid in machines}
+        self.placed: dict[str, set[str]] = {}
+        self.replacements = Replacements(units)
+        self.conflicts = Conflicts(units)
+        self.loads = Loads(machines)
+        # metadata key -> value -> machines with it
+        self._by_metadata: dict[str, dict[str, set[str]]] = {}
+        for mid, machine in machines.items():
+            for key, value in machine.metadata.items():
+                self._by_metadata.setdefault(key, {}).setdefault(value, set()).add(mid)
 
     def place(self, name: str, machine_id: str) -> None:
         self.on_machine[machine_id].add(name)
         self.placed.setdefault(name, set()).add(machine_id)
+        self.conflicts.place(name, machine_id)
+        self.loads.change(machine_id, 1)
 
     def remove(self, name: str) -> None:
         for machine_id in self.placed.pop(name, ()):
             self.on_machine[machine_id].discard(name)
+            self.conflicts.remove(name, machine_id)
+            self.loads.change(machine_id, -1)
 
     def load(self, machine_id: str) -> int:
-        return len(self.on_machine[machine_id])
+        return self.loads.load[machine_id]
+
+    def with_metadata(self, wanted: tuple[tuple[str, frozenset[str]], ...]) -> set[str]:
+        """Machines whose metadata satisfies `wanted` (every key, any of its values)."""
+        matching: set[str] | None = None
+        for key, values in wanted:
+            by_value = self._by_metadata.get(key, _NONE)
+            some = set().union(*(by_value.get(v, ()) for v in values))
+            matching = some if matching is None else matching & some
+        return set(self.machines) if matching is None else matching
 
 
-Filter = Callable[[Context, "Unit", Machine], "str | None"]
+Filter = Callable[[Context, "Unit", Machine], "Reason | None"]
 Ranker = Callable[[Context, "Unit", Machine], float]
 
 
-def short_id(machine_id: str) -> str:
-    return machine_id if len(machine_id) <= SHORT_ID else machine_id[:SHORT_ID] + "..."
+# --- filters: None when the machine is feasible, else the reason -----------------------------
 
 
-# --- filters: None when the machine is feasible, else a short reason -----------------------
-
-
-def machine_id_filter(ctx: Context, unit: Unit, machine: Machine) -> str | None:
+def machine_id_filter(ctx: Context, unit: Unit, machine: Machine) -> Reason | None:
     wanted = unit.fleet.machine_id
     if wanted is not None and wanted != machine.id:
-        return f"MachineID is {short_id(wanted)}"
+        return Reason("machine-id", (wanted,))
     return None
 
 
-def metadata_filter(ctx: Context, unit: Unit, machine: Machine) -> str | None:
+def metadata_filter(ctx: Context, unit: Unit, machine: Machine) -> Reason | None:
     if unit.fleet.metadata_matches(machine.metadata):
         return None
-    wanted = ",".join(
-        f"{key}={'|'.join(sorted(values))}" for key, values in sorted(unit.fleet.machine_metadata)
-    )
-    return f"metadata {wanted} does not match"
+    wanted = tuple((key, tuple(sorted(values))) for key, values in sorted(unit.fleet.machine_metadata))
+    return Reason("metadata", (wanted,))
 
 
-def machine_of_filter(ctx: Context, unit: Unit, machine: Machine) -> str | None:
+def machine_of_filter(ctx: Context, unit: Unit, machine: Machine) -> Reason | None:
     for target in unit.fleet.machine_of:
         if target not in ctx.on_machine[machine.id]:
-            return f"not the machine of {target}"
+            return Reason("machine-of", (target,))
     return None
 
 
-def conflicts_filter(ctx: Context, unit: Unit, machine: Machine) -> str | None:
+def conflicts_filter(ctx: Context, unit: Unit, machine: Machine) -> Reason | None:
+    name = unit.name.full
+    other = min((o for o in ctx.conflicts.on(name, machine.id) if o != name), default=None)
+    return None if other is None else Reason("conflict", (other,))
+
+
+def replaced_filter(ctx: Context, unit: Unit, machine: Machine) -> Reason | None:
     here = ctx.on_machine[machine.id]
-    for other in sorted(here if unit.fleet.conflicts else here & ctx.with_conflicts):
-        if other != unit.name.full and _conflict(unit, ctx.units[other]):
-            return f"conflicts with {other}"
-    return None
-
-
-def replaced_filter(ctx: Context, unit: Unit, machine: Machine) -> str | None:
-    for other in sorted(ctx.on_machine[machine.id] & ctx.with_replaces):
-        if _replaces(ctx.units[other], unit):
-            return f"replaced by {other}"
-    return None
+    other = min((r for r in ctx.replacements.by(unit.name.full) if r in here), default=None)
+    return None if other is None else Reason("replaced-by", (other,))
 
 
 FILTERS: tuple[Filter, ...] = (
@@ -159,17 +414,6 @@ FILTERS: tuple[Filter, ...] = (
 GLOBAL_FILTERS: tuple[Filter, ...] = (metadata_filter, conflicts_filter)
 
 
-def _conflict(a: Unit, b: Unit) -> bool:
-    return a.fleet.conflicts_with(b.name.full) or b.fleet.conflicts_with(a.name.full)
-
-
-def _replaces(replacer: Unit, replaced: Unit) -> bool:
-    forward = replaced.name.full in replacer.fleet.replaces
-    backward = replacer.name.full in replaced.fleet.replaces
-    # Mutual replacement would move both units forever; fleet ignores it, so do we.
-    return forward and not backward
-
-
 # --- rankers: higher is better, each in [0, 1] -----------------------------------------------
 
 
@@ -178,10 +422,7 @@ def least_loaded_ranker(ctx: Context, unit: Unit, machine: Machine) -> float:
 
 
 def replaces_ranker(ctx: Context, unit: Unit, machine: Machine) -> float:
-    if not unit.fleet.replaces:
-        return 0.0
-    hosts_replaced = any(_replaces(unit, ctx.units[other]) for other in ctx.on_machine[machine.id])
-    return 1.0 if hosts_replaced else 0.0
+    return 1.0 if ctx.replacements.of(unit.name.full) & ctx.on_machine[machine.id] else 0.0
 
 
 # Weights: the replaced unit's machine beats any difference in load.
@@ -192,50 +433,65 @@ RANKERS: tuple[tuple[Ranker, float], ...] = ((least_loaded_ranker, 1.0), (replac
 
 
 def plan(
-    machines: Sequence[Machine], jobs: Sequence[tuple[Job, Unit]], current: Sequence[Assignment]
+    machines: Sequence[Machine],
+    jobs: Sequence[tuple[Job, Unit]],
+    current: Sequence[Assignment],
+    detail: Collection[str] = (),
 ) -> Plan:
-    """Compute the complete desired schedule from the cluster as it is now."""
+    """Compute the complete desired schedule from the cluster as it is now.
+
+    The decisions of the units named in `detail` carry every filter and rank step.
+    """
+    # A plan makes many objects and frees few until it returns; the cyclic collector, run
+    # every few hundred of them, scanned the caller's long-lived ones (every parsed unit) each
+    # time, and made large plans 1.5-4x slower and superlinear. Nothing here makes cycles.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _plan(machines, jobs, current, detail)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _plan(
+    machines: Sequence[Machine],
+    jobs: Sequence[tuple[Job, Unit]],
+    current: Sequence[Assignment],
+    detail: Collection[str],
+) -> Plan:
     active = {job.name: (job, unit) for job, unit in jobs if job.desired_state != "inactive"}
     units = {name: unit for name, (_, unit) in active.items()}
     live = {m.id: m for m in sorted(machines, key=lambda m: m.id)}
-    ctx = Context(
-        machines=live,
-        units=units,
-        cycles=_machine_of_cycles(units),
-        on_machine={mid: set() for mid in live},
-        placed={},
-        with_conflicts=frozenset(n for n, u in units.items() if u.fleet.conflicts),
-        with_replaces=frozenset(n for n, u in units.items() if u.fleet.replaces),
-    )
+    ctx = Context(live, units)
     decisions: dict[str, Decision] = {}
-    pending: dict[str, str] = {}
 
     globals_ = sorted(name for name, unit in units.items() if unit.fleet.is_global)
-    order = _order({name: unit for name, unit in units.items() if not unit.fleet.is_global})
+    order = _order({name: unit for name, unit in units.items() if not unit.fleet.is_global}, ctx.replacements)
     was_on = _current_machines(current, units, live)
 
     for name in order:
         machine_id = min(was_on.get(name, ()), default=None)
         if machine_id is not None and _keepable(ctx, units[name], live[machine_id]):
             ctx.place(name, machine_id)
-            decisions[name] = Decision(name, machine_id, kept=True, reason="kept where it runs")
+            decisions[name] = Decision(name, machine_id, Reason("kept"), kept=True)
 
     for name in globals_:
-        decisions[name] = _place_global(ctx, units[name], was_on.get(name, set()))
+        decisions[name] = _place_global(ctx, units[name], was_on.get(name, set()), name in detail)
 
+    position = {name: i for i, name in enumerate(order)}
     queue = deque(name for name in order if name not in ctx.placed)
     evicted: set[str] = set()
     while queue:
         name = queue.popleft()
-        decision = _place(ctx, units[name])
+        decision = _place_detailed(ctx, units[name]) if name in detail else _place(ctx, units[name])
         decisions[name] = decision
-        if decision.machine_id is not None:
-            moved = _evict_replaced(ctx, units[name], decision.machine_id, order, evicted)
-            queue.extendleft(reversed(moved))
+        if decision.machine_id is not None and ctx.replacements.of(name):
+            # Globals are not in `order`: one displaced from a machine is not placed again.
+            moved = [n for n in _evict_replaced(ctx, name, decision.machine_id, evicted) if n in position]
+            queue.extendleft(sorted(moved, key=position.__getitem__, reverse=True))
 
-    for name, decision in decisions.items():
-        if name not in ctx.placed:
-            pending[name] = decision.reason
+    pending = {name: decision.reason for name, decision in decisions.items() if name not in ctx.placed}
     assignments = tuple(
         Assignment(
             unit=name, machine_id=mid, hash=active[name][0].hash, desired_state=active[name][0].desired_state
@@ -263,52 +519,158 @@ def _keepable(ctx: Context, unit: Unit, machine: Machine) -> bool:
     return _blocked(ctx, unit) is None and all(f(ctx, unit, machine) is None for f in FILTERS)
 
 
-def _blocked(ctx: Context, unit: Unit) -> str | None:
+def _blocked(ctx: Context, unit: Unit) -> Reason | None:
     """A reason the unit cannot be placed anywhere yet, whatever the machines."""
     name = unit.name.full
     if name in ctx.cycles:
         return ctx.cycles[name]
     for target in unit.fleet.machine_of:
         if not ctx.placed.get(target):
-            return f"waiting for {target} to be scheduled"
+            return Reason("waiting", (target,))
     return None
 
 
 def _place(ctx: Context, unit: Unit) -> Decision:
+    """Place `unit` as `_place_detailed` would, from the indexes instead of every machine."""
     name = unit.name.full
     blocked = _blocked(ctx, unit)
     if blocked is not None:
-        return Decision(name, None, reason=blocked)
+        return Decision(name, None, blocked)
+    excluded = _Exclusions(ctx, name) if ctx.conflicts.involves(name) or ctx.replacements.by(name) else None
+    pool = _static_pool(ctx, unit)
+    if pool is None:
+        wanted = unit.fleet.machine_metadata
+        key = _heap_key(ctx, name, wanted)
+        heap = ctx.loads.pool(key, lambda: ctx.with_metadata(wanted))
+        best = ctx.loads.lightest(heap, excluded, 2, drop_excluded=key != wanted)
+    else:
+        fits = pool if excluded is None else [mid for mid in pool if not excluded(mid)]
+        best = sorted(fits, key=lambda mid: (ctx.load(mid), mid))[:2]
+    if not best:
+        return Decision(name, None, _no_fit(_filter(ctx, unit, FILTERS), len(ctx.machines)))
+    if ctx.replacements.of(name):
+        best = _replaced_machine(ctx, unit, pool, excluded) or best
+    reason = _choice_reason(ctx, name, best[0], len(best))
+    ctx.place(name, best[0])
+    return Decision(name, best[0], reason)
+
+
+# A class of units this large gets a heap of its own, rather than skipping its exclusions in the
+# shared one: all instances of a template that conflict with each other, say.
+CLASS_HEAP = 8
+
+
+def _heap_key(ctx: Context, name: str, wanted: tuple) -> object:
+    conflict_class = ctx.conflicts.class_of.get(name)
+    if (
+        conflict_class is None
+        or ctx.replacements.by(name)
+        or ctx.conflicts.class_size[conflict_class] < CLASS_HEAP
+    ):
+        return wanted
+    return (wanted, conflict_class)
+
+
+class _Exclusions:
+    """Whether Conflicts or Replaces rule a machine out for one unit.
+
+    Asked machine by machine; once many were ruled out, the full set of ruled-out machines is
+    cheaper than asking each.
+    """
+
+    ASK = 16
+
+    def __init__(self, ctx: Context, name: str):
+        self.ctx = ctx
+        self.name = name
+        self.asked = 0
+        self.known: set[str] | None = None
+
+    def __call__(self, machine_id: str) -> bool:
+        if self.known is None:
+            self.asked += 1
+            if self.asked <= self.ASK:
+                return self._here(machine_id)
+            self.known = self.ctx.conflicts.hosts(self.name)
+            for replacer in self.ctx.replacements.by(self.name):
+                self.known |= self.ctx.placed.get(replacer, set())
+        return machine_id in self.known
+
+    def _here(self, machine_id: str) -> bool:
+        if self.ctx.conflicts.any_on(self.name, machine_id):
+            return True
+        here = self.ctx.on_machine[machine_id]
+        return any(r in here for r in self.ctx.replacements.by(self.name))
+
+
+def _replaced_machine(
+    ctx: Context, unit: Unit, pool: set[str] | None, excluded: Callable[[str], bool] | None
+) -> list[str]:
+    """The least-loaded feasible machine holding a unit `unit` replaces, if any (the
+    replaces ranker outweighs any difference in load)."""
+    name = unit.name.full
+    holding = {mid for r in ctx.replacements.of(name) for mid in ctx.placed.get(r, ())}
+    feasible = [
+        mid
+        for mid in holding
+        if (mid in pool if pool is not None else unit.fleet.metadata_matches(ctx.machines[mid].metadata))
+        and (excluded is None or not excluded(mid))
+    ]
+    return [min(feasible, key=lambda mid: (ctx.load(mid), mid))] if feasible else []
+
+
+def _static_pool(ctx: Context, unit: Unit) -> set[str] | None:
+    """The machines MachineID and MachineOf allow (with the metadata they need), or None when
+    neither applies and the pool is every machine with the unit's metadata."""
+    fleet = unit.fleet
+    if fleet.machine_id is None and not fleet.machine_of:
+        return None
+    pool = set(ctx.machines) if fleet.machine_id is None else {fleet.machine_id} & ctx.machines.keys()
+    for target in fleet.machine_of:
+        pool &= ctx.placed.get(target, set())
+    return {mid for mid in pool if fleet.metadata_matches(ctx.machines[mid].metadata)}
+
+
+def _place_detailed(ctx: Context, unit: Unit) -> Decision:
+    """Run every filter over every machine and every ranker over the survivors."""
+    name = unit.name.full
+    blocked = _blocked(ctx, unit)
+    if blocked is not None:
+        return Decision(name, None, blocked)
     filtered = _filter(ctx, unit, FILTERS)
     survivors = [m for mid, m in ctx.machines.items() if mid not in filtered]
     if not survivors:
-        return Decision(name, None, filtered=filtered, reason=_pending_reason(filtered, len(ctx.machines)))
+        return Decision(name, None, _no_fit(filtered, len(ctx.machines)), filtered=filtered)
     scores = {m.id: sum(weight * rank(ctx, unit, m) for rank, weight in RANKERS) for m in survivors}
     best = min(scores, key=lambda mid: (-scores[mid], mid))
-    reason = _choice_reason(ctx, unit, ctx.machines[best], len(survivors))
+    reason = _choice_reason(ctx, name, best, len(survivors))
     ctx.place(name, best)
-    return Decision(name, best, filtered=filtered, scores=scores, reason=reason)
+    return Decision(name, best, reason, filtered=filtered, scores=scores)
 
 
-def _place_global(ctx: Context, unit: Unit, was_on: set[str]) -> Decision:
+def _place_global(ctx: Context, unit: Unit, was_on: set[str], detailed: bool) -> Decision:
     name = unit.name.full
-    filtered = _filter(ctx, unit, GLOBAL_FILTERS)
-    chosen = [mid for mid in ctx.machines if mid not in filtered]
+    matching = ctx.with_metadata(unit.fleet.machine_metadata)
+    conflicted = ctx.conflicts.hosts(name)
+    chosen = sorted(mid for mid in matching if mid not in conflicted)
+    filtered = _filter(ctx, unit, GLOBAL_FILTERS) if detailed or not chosen else {}
     if not chosen:
-        return Decision(name, None, filtered=filtered, reason=_pending_reason(filtered, len(ctx.machines)))
+        return Decision(
+            name, None, _no_fit(filtered, len(ctx.machines)), filtered=filtered if detailed else {}
+        )
     for mid in chosen:
         ctx.place(name, mid)
     return Decision(
         name,
         None,
+        Reason("global", (len(chosen), len(ctx.machines))),
         filtered=filtered,
         kept=set(chosen) == was_on,
-        reason=f"global: on {len(chosen)} of {len(ctx.machines)} machines",
     )
 
 
-def _filter(ctx: Context, unit: Unit, filters: Sequence[Filter]) -> dict[str, str]:
-    filtered: dict[str, str] = {}
+def _filter(ctx: Context, unit: Unit, filters: Sequence[Filter]) -> dict[str, Reason]:
+    filtered: dict[str, Reason] = {}
     for mid, machine in ctx.machines.items():
         reason = next((r for f in filters if (r := f(ctx, unit, machine)) is not None), None)
         if reason is not None:
@@ -316,68 +678,62 @@ def _filter(ctx: Context, unit: Unit, filters: Sequence[Filter]) -> dict[str, st
     return filtered
 
 
-def _choice_reason(ctx: Context, unit: Unit, machine: Machine, candidates: int) -> str:
-    replaced = sorted(o for o in ctx.on_machine[machine.id] if _replaces(unit, ctx.units[o]))
+def _choice_reason(ctx: Context, name: str, machine_id: str, candidates: int) -> Reason:
+    replaced = sorted(ctx.replacements.of(name) & ctx.on_machine[machine_id])
     if replaced:
-        return f"replaces {', '.join(replaced)} there"
+        return Reason("replaces", tuple(replaced))
     if candidates == 1:
-        return "only machine that fits"
-    load = ctx.load(machine.id)
-    return f"least loaded ({load} unit{'' if load == 1 else 's'})"
+        return Reason("only-fit")
+    return Reason("least-loaded", (ctx.load(machine_id),))
 
 
-def _evict_replaced(
-    ctx: Context, replacer: Unit, machine_id: str, order: Sequence[str], evicted: set[str]
-) -> list[str]:
+def _evict_replaced(ctx: Context, replacer: str, machine_id: str, evicted: set[str]) -> set[str]:
     """Take the units `replacer` displaces off its machine, with their MachineOf followers.
 
-    Returns them in placement order, to be placed again. A unit is displaced at most once so a
-    replacement chain that loops (a -> b -> c -> a) cannot move units forever.
+    A unit is displaced at most once so a replacement chain that loops (a -> b -> c -> a)
+    cannot move units forever.
     """
-    moving = {o for o in ctx.on_machine[machine_id] if o not in evicted and _replaces(replacer, ctx.units[o])}
-    grew = True
+    here = ctx.on_machine[machine_id]
+    moving = (ctx.replacements.of(replacer) & here) - evicted
+    grew = bool(moving)
     while grew:
-        followers = {
-            o for o in ctx.on_machine[machine_id] - moving if set(ctx.units[o].fleet.machine_of) & moving
-        }
+        followers = {o for o in here - moving if set(ctx.units[o].fleet.machine_of) & moving}
         grew = bool(followers)
         moving |= followers
     for name in moving:
         ctx.remove(name)
     evicted |= moving
-    return [name for name in order if name in moving]
+    return moving
 
 
-def _pending_reason(filtered: Mapping[str, str], machine_count: int) -> str:
+def _no_fit(filtered: Mapping[str, Reason], machine_count: int) -> Reason:
     """Summarise why no machine fits, as Kubernetes does for a pending pod."""
     if machine_count == 0:
-        return "no machines registered"
-    groups: dict[str, list[str]] = {}
-    counts: Counter[str] = Counter()
+        return Reason("no-machines")
+    named: dict[str, set[str]] = {}
+    counts: Counter[Reason] = Counter()
     for reason in filtered.values():
-        head = next((p for p in _NAMING_REASONS if reason.startswith(p)), reason)
-        named = reason[len(head) :] if head != reason else ""
-        if named and named not in groups.setdefault(head, []):
-            groups[head].append(named)
-        counts[head] += 1
-    phrases = {head: head + ", ".join(sorted(groups[head])) if groups.get(head) else head for head in counts}
-    if len(counts) == 1:
-        (head,) = counts
-        where = "the only machine" if machine_count == 1 else f"all {machine_count} machines"
-        return f"no machine fits: {phrases[head]} on {where}"
-    parts = (
-        f"{n} {phrases[head]}" for head, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        if reason.code in _NAMING:
+            named.setdefault(reason.code, set()).update(reason.args)
+            reason = Reason(reason.code)
+        counts[reason] += 1
+    groups = sorted(
+        (
+            (Reason(r.code, tuple(sorted(named[r.code]))) if r.code in _NAMING else r, n, str(r))
+            for r, n in counts.items()
+        ),
+        key=lambda group: (-group[1], group[2]),
     )
-    return f"0/{machine_count} machines fit: {', '.join(parts)}"
+    return Reason("no-fit", (machine_count, tuple((r, n) for r, n, _ in groups)))
 
 
-def _machine_of_cycles(units: Mapping[str, Unit]) -> dict[str, str]:
+def _machine_of_cycles(units: Mapping[str, Unit]) -> dict[str, Reason]:
     """Units on a MachineOf cycle, each with the cycle spelled out from itself."""
-    cycles: dict[str, str] = {}
-    for start in sorted(units):
+    cycles: dict[str, Reason] = {}
+    for start in sorted(name for name, unit in units.items() if unit.fleet.machine_of):
         path = _cycle_through(units, start)
         if path is not None:
-            cycles[start] = "MachineOf cycle: " + " -> ".join(path)
+            cycles[start] = Reason("cycle", path)
     return cycles
 
 
@@ -395,14 +751,14 @@ def _cycle_through(units: Mapping[str, Unit], start: str) -> tuple[str, ...] | N
     return None
 
 
-def _order(units: Mapping[str, Unit]) -> list[str]:
+def _order(units: Mapping[str, Unit], replacements: Replacements) -> list[str]:
     """Names in name order, except targets before followers and replacers before replaced."""
     before: dict[str, set[str]] = {
         name: {t for t in unit.fleet.machine_of if t in units} for name, unit in units.items()
     }
-    for name, unit in units.items():
-        for replaced in unit.fleet.replaces:
-            if replaced in units and _replaces(unit, units[replaced]):
+    for name in units:
+        for replaced in replacements.of(name):
+            if replaced in units:
                 before[replaced].add(name)
     waiting = {name: len(deps) for name, deps in before.items()}
     after: dict[str, list[str]] = {name: [] for name in units}
@@ -430,7 +786,7 @@ def explain(decision: Decision) -> list[str]:
     """Human lines for `fleetctl`: where the unit went and why, then each excluded machine."""
     if decision.machine_id is not None:
         head = f"{decision.unit} -> {short_id(decision.machine_id)} : {decision.reason}"
-    elif decision.reason.startswith("global:"):
+    elif decision.reason.code == "global":
         head = f"{decision.unit} {decision.reason}"
     else:
         head = f"{decision.unit} pending: {decision.reason}"
