@@ -12,7 +12,7 @@ import pytest
 from fleetpy.agent.agent import Agent
 from fleetpy.registry import Assignment, Machine
 from fleetpy.registry.aio import AsyncRegistry
-from fleetpy.systemd import SystemdManager
+from fleetpy.systemd import DbusManager
 from fleetpy.unit import UnitFile
 
 pytest_plugins = ["fixtures_nodes"]
@@ -43,7 +43,7 @@ async def test_500_launches_then_500_destroys_run_each_unit_once(node_factory, e
     node = node_factory("burst")
     log = node.dir / "starts.log"
     registry = AsyncRegistry(etcd_registry)
-    systemd = await SystemdManager.connect(node.env["DBUS_SESSION_BUS_ADDRESS"], node.dir / "units")
+    systemd = await DbusManager.connect(node.env["DBUS_SESSION_BUS_ADDRESS"], node.dir / "units")
     agent = Agent(registry, systemd, Machine("m1"), ttl=TTL)
     running = asyncio.create_task(agent.run())
     expired = []

@@ -18,7 +18,7 @@ from fleetpy.engine.engine import Engine
 from fleetpy.fleetd.config import Config, ConfigError, build_config, machine_id
 from fleetpy.registry import EtcdStore, Machine, Registry, StoreError
 from fleetpy.registry.aio import AsyncRegistry
-from fleetpy.systemd import SystemdManager
+from fleetpy.systemd import DbusManager
 
 log = logging.getLogger("fleetd")
 
@@ -70,7 +70,7 @@ async def run(config: Config) -> None:
         except StoreError as error:
             log.warning("waiting for etcd: %s", error)
             await asyncio.sleep(1)
-    systemd = await SystemdManager.connect(config.systemd_bus, config.unit_dir)
+    systemd = await DbusManager.connect(config.systemd_bus, config.unit_dir)
     cluster_ca = config.api_tls_client_ca
     app = create_app(
         registry,

@@ -2,6 +2,16 @@
 
 from fleetpy.systemd.bus import SystemdBus, SystemdError
 from fleetpy.systemd.fake import FakeSystemd
-from fleetpy.systemd.manager import SystemdManager
+from fleetpy.systemd.manager import DbusManager
+from fleetpy.systemd.protocol import UNKNOWN_STATE, State, StateCallback, SystemdManager
 
-__all__ = ["FakeSystemd", "SystemdBus", "SystemdError", "SystemdManager"]
+__all__ = [
+    "UNKNOWN_STATE",
+    "DbusManager",
+    "FakeSystemd",
+    "State",
+    "StateCallback",
+    "SystemdBus",
+    "SystemdError",
+    "SystemdManager",
+]

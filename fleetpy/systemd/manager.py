@@ -7,8 +7,8 @@ import contextlib
 import inspect
 import os
 import re
+import signal
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +23,13 @@ from fleetpy.systemd.bus import (
     SystemdBus,
     SystemdError,
 )
+from fleetpy.systemd.protocol import State, StateCallback
 from fleetpy.unit.name import is_unit_name, validate_unit_name
 
 SERVICE_IFACE = "org.freedesktop.systemd1.Service"
 UNIT_PATH_PREFIX = MANAGER_PATH + "/unit/"
-UNKNOWN_STATE = ("not-found", "inactive", "dead")
 NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
-
-StateCallback = Callable[[str, str, str, str], Any]
+CLD_EXITED = 1  # ExecMainCode: the main process exited (2, 3: killed, dumped core)
 
 
 def unit_path_to_name(path: str) -> str:
@@ -39,8 +38,9 @@ def unit_path_to_name(path: str) -> str:
     return re.sub(r"_([0-9a-f]{2})", lambda m: chr(int(m.group(1), 16)), escaped)
 
 
-class SystemdManager(SystemdBus):
-    """Unit files in one directory, linked as runtime units, started, stopped and watched."""
+class DbusManager(SystemdBus):
+    """The SystemdManager of a real systemd: unit files in one directory, linked as runtime
+    units, started and stopped through jobs, watched through PropertiesChanged signals."""
 
     # Only the Unit interface's changes (arg0): those carry the three states. Matching every
     # interface's PropertiesChanged too would triple what dbus-next unmarshals in a burst.
@@ -60,7 +60,7 @@ class SystemdManager(SystemdBus):
         self._last_state: dict[str, tuple[str, str, str]] = {}
 
     @classmethod
-    async def connect(cls, bus: str, unit_dir: str | Path) -> SystemdManager:
+    async def connect(cls, bus: str, unit_dir: str | Path) -> DbusManager:
         unit_dir = Path(unit_dir)
         unit_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         return await super().connect(bus, unit_dir.resolve())
@@ -127,18 +127,42 @@ class SystemdManager(SystemdBus):
         validate_unit_name(name)
         return await self.run_job("StopUnit", name)
 
-    async def unit_states(self, names: list[str]) -> dict[str, tuple[str, str, str]]:
+    async def unit_states(self, names: list[str]) -> dict[str, State]:
         for name in names:
             validate_unit_name(name)
         return await super().unit_states(names)
+
+    async def failure_reason(self, name: str) -> str:
+        load, active, _ = await self.unit_state(name)
+        if load not in ("loaded", "not-found"):
+            # bad-setting, error, masked: LoadError is (D-Bus error name, message).
+            _error, message = await self._unit_property(name, UNIT_IFACE, "LoadError")
+            return f"{load}: {message}" if message else load
+        if active != "failed":
+            return ""
+        kind = name.rpartition(".")[2]
+        result = await self._unit_property(name, f"org.freedesktop.systemd1.{kind.capitalize()}", "Result")
+        if kind != "service" or result not in ("exit-code", "signal", "core-dump"):
+            return result
+        code = await self._unit_property(name, SERVICE_IFACE, "ExecMainCode")
+        status = await self._unit_property(name, SERVICE_IFACE, "ExecMainStatus")
+        if code == CLD_EXITED:
+            return f"{result}: the main process exited with status {status}"
+        try:
+            return f"{result}: the main process was killed by {signal.Signals(status).name}"
+        except ValueError:
+            return f"{result}: the main process was killed by signal {status}"
+
+    async def _unit_property(self, name: str, interface: str, prop: str) -> Any:
+        path = (await self._manager("LoadUnit", "s", [name]))[0]
+        reply = await self._call(SYSTEMD_BUS_NAME, path, PROPS_IFACE, "Get", "ss", [interface, prop])
+        return reply[0].value
 
     async def main_pid(self, name: str) -> int:
         validate_unit_name(name)
         if not name.endswith(".service"):
             return 0
-        path = (await self._manager("LoadUnit", "s", [name]))[0]
-        reply = await self._call(SYSTEMD_BUS_NAME, path, PROPS_IFACE, "Get", "ss", [SERVICE_IFACE, "MainPID"])
-        return int(reply[0].value)
+        return int(await self._unit_property(name, SERVICE_IFACE, "MainPID"))
 
     async def installed_units(self) -> dict[str, str]:
         units = {}
