@@ -14,6 +14,7 @@ from aiohttp import web
 
 from fleetpy.api.context import ApiContext, json_body, unit_name
 from fleetpy.api.errors import ApiError
+from fleetpy.api.openapi import serve_document
 from fleetpy.api.views import machine_entity
 from fleetpy.registry import DESIRED_STATES, Job, NotFound
 from fleetpy.unit import UnitFile, UnitName, load_unit
@@ -81,6 +82,7 @@ class FleetV1:
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_get("/fleet/v1/discovery", self.discovery)
+        router.add_get("/fleet/v1/openapi.json", serve_document)
         router.add_get("/fleet/v1/units", self.list_units)
         router.add_get("/fleet/v1/units/{name}", self.get_unit)
         router.add_put("/fleet/v1/units/{name}", self.put_unit)

@@ -1,0 +1,296 @@
+"""The OpenAPI 3 description of the routes fleetd really serves, at /fleet/v1/openapi.json.
+
+It describes fleet's /fleet/v1 (what Go fleetctl speaks) and fleetpy's /fleetpy/v1 extensions,
+with their bodies and every status code each route may answer; the schema test (schemathesis)
+fuzzes the API against it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from fleetpy.registry import DESIRED_STATES
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict:
+    meaning = {
+        400: "the request is wrong; the message says what to change",
+        401: "missing or wrong credentials (TCP only)",
+        404: "no such unit, machine or path",
+        405: "method not allowed on this path",
+        408: "the request body did not arrive in time",
+        409: "conflicts with what exists; the message says why",
+        413: "request body too large",
+        502: "the machine running the unit could not be asked",
+        503: "etcd is unreachable (reason etcdUnreachable), or systemd is not available here",
+    }
+    return {str(code): _json(_ref("Error"), meaning[code]) for code in sorted({401, 405, 503, *codes})}
+
+
+def _page_token() -> dict:
+    return {
+        "name": "nextPageToken",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "the nextPageToken of the previous page",
+    }
+
+
+_NAME = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "unit name, e.g. web@1.service",
+    "example": "hello.service",
+}
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {
+                    "code": {"type": "integer"},
+                    "message": {"type": "string"},
+                    "reason": {"type": "string", "description": "fleetpy: etcdUnreachable"},
+                },
+            }
+        },
+    },
+    "UnitOption": {
+        "type": "object",
+        "required": ["section", "name", "value"],
+        "properties": {
+            "section": {"type": "string"},
+            "name": {"type": "string"},
+            "value": {"type": "string"},
+        },
+    },
+    "Unit": {
+        "type": "object",
+        "required": ["name", "options", "desiredState", "currentState", "global"],
+        "properties": {
+            "name": {"type": "string"},
+            "options": {"type": "array", "items": _ref("UnitOption")},
+            "desiredState": {"type": "string", "enum": list(DESIRED_STATES)},
+            "currentState": {"type": "string", "enum": list(DESIRED_STATES)},
+            "machineID": {"type": "string"},
+            "global": {"type": "boolean", "description": "fleetpy: [X-Fleet] Global=true"},
+        },
+    },
+    "UnitRequest": {
+        "type": "object",
+        "example": {
+            "desiredState": "launched",
+            "options": [{"section": "Service", "name": "ExecStart", "value": "/bin/sleep 1000"}],
+        },
+        "properties": {
+            "name": {"type": "string"},
+            "desiredState": {"type": "string", "enum": ["", *DESIRED_STATES]},
+            "options": {"type": "array", "items": _ref("UnitOption")},
+        },
+    },
+    "UnitState": {
+        "type": "object",
+        "required": ["name", "machineID"],
+        "properties": {
+            "name": {"type": "string"},
+            "hash": {"type": "string"},
+            "machineID": {"type": "string"},
+            "systemdLoadState": {"type": "string"},
+            "systemdActiveState": {"type": "string"},
+            "systemdSubState": {"type": "string"},
+        },
+    },
+    "Machine": {
+        "type": "object",
+        "required": ["id", "primaryIP", "metadata"],
+        "properties": {
+            "id": {"type": "string"},
+            "primaryIP": {"type": "string"},
+            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    },
+    "MetadataOperation": {
+        "type": "object",
+        "required": ["op", "path"],
+        "properties": {
+            "op": {"type": "string", "enum": ["add", "remove", "replace"]},
+            "path": {"type": "string", "description": "/<machine id>/metadata/<key>"},
+            "value": {"type": "string"},
+        },
+    },
+}
+
+
+def _list_of(key: str, item: str) -> dict:
+    return {
+        "type": "object",
+        "required": [key],
+        "properties": {key: {"type": "array", "items": _ref(item)}, "nextPageToken": {"type": "string"}},
+    }
+
+
+def _paths() -> dict[str, Any]:
+    no_content = {"description": "done"}
+    return {
+        "/fleet/v1/discovery": {
+            "get": {"operationId": "discovery", "responses": {"200": _json({"type": "object"}, "fleet's")}}
+        },
+        "/fleet/v1/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "responses": {"200": _json({"type": "object"}, "this document")},
+            }
+        },
+        "/fleet/v1/units": {
+            "get": {
+                "operationId": "listUnits",
+                "parameters": [_page_token()],
+                "responses": {"200": _json(_list_of("units", "Unit"), "one page of units"), **_errors(400)},
+            }
+        },
+        "/fleet/v1/units/{name}": {
+            "parameters": [_NAME],
+            "get": {
+                "operationId": "getUnit",
+                "responses": {"200": _json(_ref("Unit"), "the unit"), **_errors(400, 404)},
+            },
+            "put": {
+                "operationId": "setUnit",
+                "description": "create (201), replace (201) or set the desired state (204), as fleet",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("UnitRequest")}},
+                },
+                "responses": {"201": no_content, "204": no_content, **_errors(400, 408, 409, 413)},
+            },
+            "delete": {
+                "operationId": "deleteUnit",
+                "responses": {"204": no_content, **_errors(400, 404)},
+            },
+        },
+        "/fleet/v1/state": {
+            "get": {
+                "operationId": "listUnitStates",
+                "parameters": [
+                    _page_token(),
+                    {"name": "machineID", "in": "query", "required": False, "schema": {"type": "string"}},
+                    {"name": "unitName", "in": "query", "required": False, "schema": {"type": "string"}},
+                ],
+                "responses": {"200": _json(_list_of("states", "UnitState"), "one page"), **_errors(400)},
+            }
+        },
+        "/fleet/v1/state/{name}": {
+            "parameters": [_NAME],
+            "get": {
+                "operationId": "getUnitState",
+                "responses": {"200": _json(_ref("UnitState"), "one machine's state"), **_errors(400, 404)},
+            },
+        },
+        "/fleet/v1/machines": {
+            "get": {
+                "operationId": "listMachines",
+                "parameters": [_page_token()],
+                "responses": {"200": _json(_list_of("machines", "Machine"), "one page"), **_errors(400)},
+            },
+            "patch": {
+                "operationId": "patchMachines",
+                "description": "JSON Patch of machine metadata, validated whole before any is applied",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"type": "array", "items": _ref("MetadataOperation")}}
+                    },
+                },
+                "responses": {"204": no_content, **_errors(400, 404, 408, 413)},
+            },
+        },
+        **_extensions(),
+    }
+
+
+def _extensions() -> dict[str, Any]:
+    def route(operation: str, ok: dict, *codes: int, parameters: list | None = None) -> dict:
+        get = {"operationId": operation, "responses": {"200": ok, **_errors(400, 404, *codes)}}
+        if parameters:
+            get["parameters"] = parameters
+        return {"parameters": [_NAME], "get": get}
+
+    named = {"name": {"type": "string"}}
+    machine = {"name": "machineID", "in": "query", "required": False, "schema": {"type": "string"}}
+    return {
+        "/fleetpy/v1/units/{name}/pending": route(
+            "pending",
+            _json({"type": "object", "properties": {**named, "reason": {"type": ["string", "null"]}}}, "why"),
+        ),
+        "/fleetpy/v1/units/{name}/explain": route(
+            "explain",
+            _json(
+                {
+                    "type": "object",
+                    "properties": {**named, "lines": {"type": "array", "items": {"type": "string"}}},
+                },
+                "the scheduler's steps for the unit",
+            ),
+        ),
+        "/fleetpy/v1/units/{name}/status": route(
+            "status",
+            _json(
+                {"type": "object", "properties": {**named, "status": {"type": "string"}}}, "systemctl status"
+            ),
+            502,
+            parameters=[machine],
+        ),
+        "/fleetpy/v1/units/{name}/journal": route(
+            "journal",
+            {"description": "journal lines", "content": {"text/plain": {"schema": {"type": "string"}}}},
+            502,
+            parameters=[
+                machine,
+                {
+                    "name": "lines",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "integer", "minimum": 0},
+                },
+                {"name": "follow", "in": "query", "required": False, "schema": {"type": "boolean"}},
+            ],
+        ),
+    }
+
+
+def document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "fleetd API",
+            "version": "v1",
+            "description": "fleet's /fleet/v1 API, and fleetpy's /fleetpy/v1 extensions",
+        },
+        "paths": _paths(),
+        "components": {
+            "schemas": _SCHEMAS,
+            "securitySchemes": {"token": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"token": []}, {}],
+    }
+
+
+async def serve_document(request: web.Request) -> web.Response:
+    return web.json_response(document())
