@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import statistics
-import tempfile
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
+from bench.common import etcd, summary
 from fleetpy.agent.agent import Agent
 from fleetpy.engine.engine import Engine
-from fleetpy.lab.etcd import start_cluster
 from fleetpy.registry import EtcdStore, Job, Machine, Registry
 from fleetpy.registry.aio import AsyncRegistry
 from fleetpy.systemd import FakeSystemd
@@ -47,19 +44,6 @@ def rss_mib() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
-
-
-def summary(samples: list[float]) -> dict[str, float]:
-    return {
-        "p50_ms": round(statistics.median(samples) * 1000, 2),
-        "p95_ms": round(percentile(samples, 0.95) * 1000, 2),
-        "n": len(samples),
-    }
 
 
 async def baseline(url: str, rounds: int) -> list[float]:
@@ -152,16 +136,15 @@ async def launches(url: str, machines: int, units: int) -> dict:
     }
 
 
-async def main_async(args: argparse.Namespace) -> dict:
-    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="fleetpy-bench-") as base:
-        members = start_cluster(Path(base))
-        try:
-            url = members[0].client_url
-            floor = await baseline(url, args.units)
-            result = await launches(url, args.machines, args.units)
-        finally:
-            for member in members:
-                member.stop()
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--machines", type=int, help="simulated agents (default 50; --quick 5)")
+    parser.add_argument("--units", type=int, help="units started one at a time (default 100; --quick 5)")
+
+
+async def main_async(machines: int, units: int) -> dict:
+    with etcd() as url:
+        floor = await baseline(url, units)
+        result = await launches(url, machines, units)
     result["baseline_one_write_one_watcher"] = summary(floor)
     result["launch_over_baseline"] = round(
         result["submit_to_active"]["p50_ms"] / result["baseline_one_write_one_watcher"]["p50_ms"], 1
@@ -169,35 +152,25 @@ async def main_async(args: argparse.Namespace) -> dict:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--machines", type=int, default=50)
-    parser.add_argument("--units", type=int, default=100)
-    parser.add_argument("--json", action="store_true", help="print JSON only")
-    args = parser.parse_args()
-    result = asyncio.run(main_async(args))
-    if args.json:
-        print(json.dumps(result))
-        return
-    print(f"{args.machines} machines, {args.units} units started one at a time")
+def run(args: argparse.Namespace) -> dict:
+    return asyncio.run(
+        main_async(args.machines or (5 if args.quick else 50), args.units or (5 if args.quick else 100))
+    )
+
+
+def render(result: dict) -> str:
     s, b = result["submit_to_active"], result["baseline_one_write_one_watcher"]
-    print(f"submit -> active:          p50 {s['p50_ms']} ms  p95 {s['p95_ms']} ms")
-    print(
-        f"baseline (1 PUT, 1 watch): p50 {b['p50_ms']} ms  p95 {b['p95_ms']} ms"
-        f"  -> launch = {result['launch_over_baseline']}x baseline"
-    )
     ops = result["etcd_requests_per_launch"]
-    print(
-        f"etcd requests per launch:  api {ops['api_submit']}, engine {ops['engine']}, agents {ops['agents']}"
-    )
-    print(f"agents woken per launch:   {result['agent_wakeups_per_launch']} of {args.machines}")
     memory = result["memory"]
-    print(
-        f"memory: process {memory['process_before_mib']} MiB before, {memory['per_agent_kib']} KiB per agent, "
-        f"{memory['per_unit_kib']} KiB per unit"
+    return "\n".join(
+        [
+            f"{result['machines']} machines, {result['units']} units started one at a time",
+            f"submit -> active:          p50 {s['p50_ms']} ms  p95 {s['p95_ms']} ms",
+            f"baseline (1 PUT, 1 watch): p50 {b['p50_ms']} ms  p95 {b['p95_ms']} ms"
+            f"  -> launch = {result['launch_over_baseline']}x baseline",
+            f"etcd requests per launch:  api {ops['api_submit']}, engine {ops['engine']}, agents {ops['agents']}",
+            f"agents woken per launch:   {result['agent_wakeups_per_launch']} of {result['machines']}",
+            f"memory: process {memory['process_before_mib']} MiB before, {memory['per_agent_kib']} KiB per agent, "
+            f"{memory['per_unit_kib']} KiB per unit",
+        ]
     )
-    print(json.dumps(result))
-
-
-if __name__ == "__main__":
-    main()
