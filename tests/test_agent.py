@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from fleetpy.agent.agent import Agent
+from fleetpy.agent.agent import Agent, supervise
 from fleetpy.agent.tasks import Desired, plan_tasks
-from fleetpy.registry import Assignment, Machine, memory_registry
+from fleetpy.engine.engine import Engine
+from fleetpy.registry import Assignment, Machine, UnitState, memory_registry
 from fleetpy.registry.aio import AsyncRegistry
 from fleetpy.systemd import FakeSystemd, SystemdError
 from fleetpy.unit import UnitFile
@@ -15,29 +16,31 @@ SLEEP = "[Service]\nExecStart=/bin/sleep 1000\n"
 
 
 def test_new_launched_unit_is_written_and_started():
-    tasks = plan_tasks({"a.service": Desired(SLEEP, "launched")}, {}, {})
+    tasks = plan_tasks({"a.service": Desired(SLEEP, "launched")}, {}, {}, None)
     assert tasks.write == {"a.service": SLEEP} and tasks.start == ["a.service"] and not tasks.stop
 
 
 def test_loaded_unit_is_written_but_not_started():
-    tasks = plan_tasks({"a.service": Desired(SLEEP, "loaded")}, {}, {})
+    tasks = plan_tasks({"a.service": Desired(SLEEP, "loaded")}, {}, {}, None)
     assert tasks.write and not tasks.start
 
 
 def test_running_unit_with_same_content_is_adopted_untouched():
     tasks = plan_tasks(
-        {"a.service": Desired(SLEEP, "launched")}, {"a.service": SLEEP}, {"a.service": "active"}
+        {"a.service": Desired(SLEEP, "launched")}, {"a.service": SLEEP}, {"a.service": "active"}, None
     )
     assert not tasks
 
 
 def test_stopped_unit_is_stopped_and_kept():
-    tasks = plan_tasks({"a.service": Desired(SLEEP, "loaded")}, {"a.service": SLEEP}, {"a.service": "active"})
+    tasks = plan_tasks(
+        {"a.service": Desired(SLEEP, "loaded")}, {"a.service": SLEEP}, {"a.service": "active"}, set()
+    )
     assert tasks.stop == ["a.service"] and not tasks.remove and not tasks.start
 
 
 def test_unassigned_unit_is_stopped_and_removed():
-    tasks = plan_tasks({}, {"a.service": SLEEP}, {"a.service": "active"})
+    tasks = plan_tasks({}, {"a.service": SLEEP}, {"a.service": "active"}, set())
     assert tasks.stop == ["a.service"] and tasks.remove == ["a.service"]
 
 
@@ -46,13 +49,33 @@ def test_changed_content_restarts_a_running_unit():
         {"a.service": Desired(SLEEP + "Restart=always\n", "launched")},
         {"a.service": SLEEP},
         {"a.service": "active"},
+        {"a.service"},
     )
     assert tasks.stop == ["a.service"] and tasks.start == ["a.service"] and tasks.write
 
 
-def test_failed_launched_unit_is_started_again():
+def test_a_failed_unit_is_not_started_again_by_a_later_pass():
+    # B13: systemd's Restart= decides restarts, not whichever reconcile comes next.
+    for state in ("failed", "inactive"):
+        tasks = plan_tasks(
+            {"a.service": Desired(SLEEP, "launched")},
+            {"a.service": SLEEP},
+            {"a.service": state},
+            {"a.service"},
+        )
+        assert not tasks, state
+
+
+def test_a_failed_unit_found_on_the_first_pass_is_adopted_as_it_is():
     tasks = plan_tasks(
-        {"a.service": Desired(SLEEP, "launched")}, {"a.service": SLEEP}, {"a.service": "failed"}
+        {"a.service": Desired(SLEEP, "launched")}, {"a.service": SLEEP}, {"a.service": "failed"}, None
+    )
+    assert not tasks
+
+
+def test_a_unit_launched_again_after_a_stop_starts_even_if_it_had_failed():
+    tasks = plan_tasks(
+        {"a.service": Desired(SLEEP, "launched")}, {"a.service": SLEEP}, {"a.service": "failed"}, set()
     )
     assert tasks.start == ["a.service"] and not tasks.write
 
@@ -154,3 +177,171 @@ async def test_scheduling_a_unit_wakes_only_the_agent_of_its_machine():
     finally:
         for task in tasks:
             task.cancel()
+
+
+FAILING = "[Service]\nType=oneshot\nExecStart=/bin/false\n"
+TYPO = "[Service]\nExecStrat=/bin/sleep 1000\n"
+
+
+async def _assign(registry, name: str, text: str, state: str = "launched", machine: str = "m1") -> str:
+    digest = await registry.put_unit_file(UnitFile.parse(text))
+    await registry.assign(Assignment(name, machine, digest, state))
+    return digest
+
+
+async def _published(registry, agent) -> dict:
+    """Let the agent's publisher write what the last reconcile queued, then read the states."""
+    publisher = asyncio.create_task(agent._publish_states())
+    try:
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if not agent._to_publish and not agent._publish_wanted.is_set():
+                break
+    finally:
+        publisher.cancel()
+    return {s.unit: s for s in await registry.states()}
+
+
+async def test_a_failed_unit_is_not_restarted_by_an_unrelated_reconcile():
+    registry = AsyncRegistry(memory_registry())
+    systemd = FakeSystemd()
+    agent = Agent(registry, systemd, Machine("m1"), ttl=5)
+    await _assign(registry, "broken.service", FAILING)
+    await agent.reconcile(await registry.assignments("m1"))
+    await _assign(registry, "other.service", SLEEP)
+    await agent.reconcile(await registry.assignments("m1"))
+    await agent.reconcile(await registry.assignments("m1"))
+    assert systemd.jobs.count(("start", "broken.service")) == 1
+    assert (await systemd.unit_state("broken.service"))[1] == "failed"
+
+    # fleetctl stop, then start: the user asks for a new start, and gets it.
+    await _assign(registry, "broken.service", FAILING, "loaded")
+    await agent.reconcile(await registry.assignments("m1"))
+    await _assign(registry, "broken.service", FAILING, "launched")
+    await agent.reconcile(await registry.assignments("m1"))
+    assert systemd.jobs.count(("start", "broken.service")) == 2
+
+
+async def test_failed_and_unloadable_units_publish_systemds_reason():
+    registry = AsyncRegistry(memory_registry())
+    agent = Agent(registry, FakeSystemd(), Machine("m1"), ttl=5)
+    await _assign(registry, "broken.service", FAILING)
+    await _assign(registry, "typo.service", TYPO)
+    await _assign(registry, "good.service", SLEEP)
+    await agent.reconcile(await registry.assignments("m1"))
+    states = await _published(registry, agent)
+    assert states["broken.service"].active_state == "failed"
+    assert states["broken.service"].reason == "exit-code: the main process exited with status 1"
+    assert states["typo.service"].load_state == "bad-setting"
+    assert states["typo.service"].reason == "bad-setting: Unit typo.service has a bad unit file setting."
+    assert states["good.service"].active_state == "active" and states["good.service"].reason == ""
+    assert states["broken.service"].to_json()["reason"] and "reason" not in states["good.service"].to_json()
+
+
+async def test_a_unit_the_agent_cannot_handle_is_quarantined_and_the_others_run(caplog):
+    registry = AsyncRegistry(memory_registry())
+    systemd = FakeSystemd()
+    real_write = systemd.write_unit
+
+    async def write_unit(name, text):
+        if name == "odd.service":
+            raise RuntimeError("something nobody expected")
+        return await real_write(name, text)
+
+    systemd.write_unit = write_unit
+    agent = Agent(registry, systemd, Machine("m1"), ttl=5)
+    await registry.assign(Assignment("lost.service", "m1", "0" * 40, "launched"))  # no such unit file
+    await _assign(registry, "odd.service", SLEEP.replace("1000", "1001"))
+    await _assign(registry, "good.service", SLEEP)
+    for _ in range(3):
+        await agent.reconcile(await registry.assignments("m1"))
+    states = await _published(registry, agent)
+    assert states["good.service"].active_state == "active"
+    for name, why in (
+        ("lost.service", "missing from the registry"),
+        ("odd.service", "something nobody expected"),
+    ):
+        assert (states[name].active_state, states[name].sub_state) == ("failed", "failed")
+        assert why in states[name].reason
+        assert sum(name in r.message and "quarantined" in r.message for r in caplog.records) == 1
+
+    # Once the cause is gone the unit runs, and its state says so.
+    systemd.write_unit = real_write
+    await agent.reconcile(await registry.assignments("m1"))
+    states = await _published(registry, agent)
+    assert states["odd.service"].active_state == "active" and not states["odd.service"].reason
+
+
+async def test_the_agent_removes_states_of_units_no_longer_assigned_to_it():
+    registry = AsyncRegistry(memory_registry())
+    # Left by an earlier run of this agent; the engine no longer deletes state/ keys.
+    await registry.publish_state(UnitState("old.service", "m1", "x", "loaded", "active", "running"))
+    await registry.publish_state(UnitState("old.service", "m2", "x", "loaded", "active", "running"))
+    agent = Agent(registry, FakeSystemd(), Machine("m1"), ttl=5)
+    await registry.assign(Assignment("lost.service", "m1", "0" * 40, "launched"))
+    await agent.reconcile(await registry.assignments("m1"))
+    await _published(registry, agent)
+    assert {(s.unit, s.machine_id) for s in await registry.states()} == {
+        ("old.service", "m2"),
+        ("lost.service", "m1"),
+    }
+    await registry.unassign("lost.service", "m1")
+    await agent.reconcile(await registry.assignments("m1"))
+    assert {(s.unit, s.machine_id) for s in await registry.states()} == {("old.service", "m2")}
+
+
+async def test_a_crashed_background_task_is_logged_and_started_again(caplog):
+    runs = []
+
+    async def flaky():
+        runs.append(1)
+        if len(runs) == 1:
+            raise RuntimeError("boom")
+        await asyncio.sleep(3600)
+
+    task = asyncio.create_task(supervise("flaky", flaky, pause=0.01))
+    for _ in range(100):
+        if len(runs) == 2:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    assert len(runs) == 2
+    crash = [r for r in caplog.records if "flaky crashed" in r.message]
+    assert len(crash) == 1 and crash[0].exc_info and "boom" in str(crash[0].exc_info[1])
+
+
+async def test_the_heartbeat_survives_an_unexpected_error(monkeypatch):
+    monkeypatch.setattr("fleetpy.agent.agent.RESTART_PAUSE", 0.01)
+    registry = AsyncRegistry(memory_registry())
+    real_refresh = registry.sync.refresh_machine
+    calls = []
+
+    def refresh(machine_id, ttl):
+        calls.append(machine_id)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the store")
+        return real_refresh(machine_id, ttl)
+
+    registry.sync.refresh_machine = refresh
+    agent = Agent(registry, FakeSystemd(), Machine("m1"), ttl=0.06)
+    task = asyncio.create_task(agent.run())
+    try:
+        for _ in range(300):
+            if len(calls) >= 3:
+                break
+            await asyncio.sleep(0.01)
+        assert len(calls) >= 3 and not task.done()
+    finally:
+        task.cancel()
+
+
+async def test_only_the_agent_writes_state_keys_the_engine_leaves_them():
+    registry = AsyncRegistry(memory_registry())
+    engine = Engine(registry, "m9", lease_ttl=5)
+    moved = Assignment("a.service", "m1", "x", "launched")
+    await registry.assign(moved)
+    await registry.publish_state(UnitState("a.service", "m1", "x", "loaded", "active", "running"))
+    await engine.apply([], {}, [moved], {})
+    assert await registry.assignments("m1") == []
+    # m1's agent stops the unit and removes its state; were m1 dead, the API hides it.
+    assert [(s.unit, s.machine_id) for s in await registry.states()] == [("a.service", "m1")]

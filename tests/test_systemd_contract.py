@@ -111,6 +111,13 @@ async def test_remove_units_forgets_files_and_units(manager) -> None:
     assert await manager.unit_state("hello.service") == UNKNOWN_STATE
 
 
+async def test_remove_units_forgets_a_failed_unit(manager) -> None:
+    await install(manager, "broken.service", FAILING)
+    assert await manager.start("broken.service") == "failed"
+    await manager.remove_units(["broken.service"])
+    assert await manager.unit_state("broken.service") == UNKNOWN_STATE
+
+
 async def test_remove_units_tolerates_units_never_linked(manager) -> None:
     await install(manager, "linked.service", SLEEPER)
     assert await manager.write_unit("written.service", SLEEPER)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+from collections.abc import Awaitable, Callable
 
-from fleetpy.agent.tasks import Desired, Tasks, plan_tasks
+from fleetpy.agent.tasks import STARTED, Desired, Tasks, plan_tasks
 from fleetpy.registry import Assignment, HistoryLost, Machine, StoreError, UnitState
 from fleetpy.registry.aio import AsyncRegistry
-from fleetpy.systemd import SystemdError
+from fleetpy.systemd import State, SystemdError, SystemdManager
+from fleetpy.unit.name import validate_unit_name
 
 log = logging.getLogger(__name__)
 
@@ -17,12 +19,33 @@ log = logging.getLogger(__name__)
 WATCH_TIMEOUT = 300.0
 # Pause after etcd stayed unreachable through the store's own retries.
 OUTAGE_PAUSE = 1.0
+# Pause before a background task that crashed is started again.
+RESTART_PAUSE = 1.0
+# State records written at once; the rest of a burst waits its turn.
+PUBLISH_CONCURRENCY = 16
+# The state shown for a unit the agent cannot handle: it never reached systemd as it should.
+QUARANTINED = ("error", "failed", "failed")
+# A start that failed because systemd was unreachable is tried again on the next pass.
+DISCONNECTED = "fleetpy.Disconnected"
+
+
+async def supervise(name: str, task: Callable[[], Awaitable[None]], pause: float = RESTART_PAUSE) -> None:
+    """Run `task` for ever: when it raises or returns, log why and start it again."""
+    while True:
+        try:
+            await task()
+            log.error("agent: %s stopped; starting it again", name)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("agent: %s crashed; starting it again in %.0fs", name, pause)
+        await asyncio.sleep(pause)
 
 
 class Agent:
     """Runs, on one machine, exactly the units the engine assigned to it."""
 
-    def __init__(self, registry: AsyncRegistry, systemd, machine: Machine, ttl: float):
+    def __init__(self, registry: AsyncRegistry, systemd: SystemdManager, machine: Machine, ttl: float):
         self.registry = registry
         self.systemd = systemd
         self.machine = machine
@@ -30,9 +53,18 @@ class Agent:
         self.reconciled = asyncio.Event()  # set after each reconcile; lets tests and benches wait
         self._assigned: dict[str, Assignment] = {}
         self._texts: dict[str, str] = {}  # unit file text by hash: immutable, so safe to cache
-        self._published: dict[str, UnitState] = {}
-        self._to_publish: dict[str, tuple[str, str, str]] = {}
+        # Launched units started (or adopted) with their current content; None before the first
+        # pass. A unit in here is not started again when it fails: systemd's Restart= decides.
+        self._started: set[str] | None = None
+        # Units this agent cannot handle, with the reason shown as their state.
+        self._quarantined: dict[str, str] = {}
+        # State records this agent wrote (read back from etcd on the first pass).
+        self._published: dict[str, UnitState] | None = None
+        self._to_publish: dict[str, State] = {}
         self._publish_wanted = asyncio.Event()
+        # Held while state records are written or removed, so a late write never brings back
+        # the state of a unit that was just unassigned.
+        self._state_writes = asyncio.Lock()
         # The heartbeat gets a thread of its own: a burst of API requests or state writes that
         # fills the shared worker threads must not let the machine record expire.
         self._heartbeat_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="heartbeat")
@@ -40,7 +72,11 @@ class Agent:
     async def run(self) -> None:
         self.systemd.on_state_change(self._on_state_change)
         await self._until_registered()
-        await asyncio.gather(self._heartbeat(), self._follow_schedule(), self._publish_states())
+        await asyncio.gather(
+            supervise("heartbeat", self._heartbeat),
+            supervise("schedule follower", self._follow_schedule),
+            supervise("state publisher", self._publish_states),
+        )
 
     async def _until_registered(self) -> None:
         while True:
@@ -84,13 +120,25 @@ class Agent:
                 await asyncio.sleep(OUTAGE_PAUSE)
 
     async def reconcile(self, assignments: list[Assignment]) -> Tasks:
-        """Bring systemd in line with `assignments`, the machine's whole schedule."""
+        """Bring systemd in line with `assignments`, the machine's whole schedule.
+
+        A unit that cannot be handled (a bad name, an unreadable unit file, a write systemd
+        refuses) is quarantined: shown failed with the reason, logged once, left alone, while
+        the other units go on. Only etcd or systemd being unreachable fails the whole pass.
+        """
+        if self._published is None:
+            mine = [s for s in await self.registry.states() if s.machine_id == self.machine.id]
+            self._published = {s.unit: s for s in mine}
         self._assigned = {a.unit: a for a in assignments}
-        desired = {a.unit: Desired(await self._text(a.hash), a.desired_state) for a in assignments}
-        self._texts = {a.hash: self._texts[a.hash] for a in assignments}  # keep only what runs here
-        installed = await self.systemd.installed_units()
+        quarantined, self._quarantined = self._quarantined, {}
+        desired = await self._desired(assignments)
+        self._texts = {a.hash: self._texts[a.hash] for a in assignments if a.hash in self._texts}
+        # Units set aside are left as they are on disk and in systemd.
+        installed = {
+            n: t for n, t in (await self.systemd.installed_units()).items() if n not in self._quarantined
+        }
         active = {name: state[1] for name, state in (await self.systemd.unit_states(list(installed))).items()}
-        tasks = plan_tasks(desired, installed, active)
+        tasks = plan_tasks(desired, installed, active, self._started)
         if tasks:
             log.info(
                 "reconcile: stop %s remove %s write %s start %s",
@@ -99,67 +147,159 @@ class Agent:
                 list(tasks.write),
                 tasks.start,
             )
-        await self._execute(tasks)
-        for name in tasks.remove:
-            self._published.pop(name, None)
-            await self.registry.remove_state(name, self.machine.id)
-        # Units we adopted or loaded without a state change still need a published state.
-        unpublished = sorted(desired.keys() - self._published.keys())
-        for name, state in (await self.systemd.unit_states(unpublished)).items():
+        not_started = await self._execute(tasks)
+        started = (
+            self._started if self._started is not None else {n for n in desired if active.get(n) in STARTED}
+        )
+        self._started = {
+            name
+            for name, want in desired.items()
+            if want.desired_state == "launched"
+            and name not in self._quarantined
+            and name not in not_started
+            and (name in tasks.start or name in started)
+        }
+        for name, reason in self._quarantined.items():
+            if quarantined.get(name) != reason:
+                log.error("agent: unit %s quarantined: %s", name, reason)
+        await self._remove_states(self._published.keys() - self._assigned.keys())
+        # Publish every assigned unit's state: the publisher skips what is already in etcd.
+        ours = [n for n in desired if n not in self._quarantined]
+        for name, state in (await self.systemd.unit_states(ours)).items():
             self._on_state_change(name, *state)
+        for name in self._quarantined.keys() & self._assigned.keys():
+            self._to_publish[name] = QUARANTINED
+        self._publish_wanted.set()
         self.reconciled.set()
         return tasks
+
+    async def _desired(self, assignments: list[Assignment]) -> dict[str, Desired]:
+        desired = {}
+        for a in assignments:
+            try:
+                validate_unit_name(a.unit)
+                desired[a.unit] = Desired(await self._text(a.hash), a.desired_state)
+            except StoreError:
+                raise  # etcd is away: the whole pass is retried
+            except Exception as error:
+                self._quarantine(a.unit, f"cannot read its unit file: {error}")
+        return desired
+
+    def _quarantine(self, name: str, reason: str) -> None:
+        self._quarantined[name] = f"fleetpy agent: {reason}"
 
     async def _text(self, digest: str) -> str:
         if digest not in self._texts:
             unit_file = await self.registry.unit_file(digest)
             if unit_file is None:
-                raise StoreError(f"unit file {digest} is missing from the registry")
+                raise LookupError(f"unit file {digest} is missing from the registry")
             self._texts[digest] = unit_file.to_text()
         return self._texts[digest]
 
-    async def _execute(self, tasks: Tasks) -> None:
+    async def _execute(self, tasks: Tasks) -> set[str]:
+        """Do the tasks, each unit inside its own error boundary; the units to start next time."""
         await asyncio.gather(*(self._job(self.systemd.stop, name) for name in tasks.stop))
         if tasks.remove:
-            await self.systemd.remove_units(tasks.remove)
+            await self._each(self.systemd.remove_units, tasks.remove, "remove")
+        written = []
         for name, text in tasks.write.items():
-            await self.systemd.write_unit(name, text)
-        if tasks.write:
-            await self.systemd.link(list(tasks.write))
-        await asyncio.gather(*(self._job(self.systemd.start, name) for name in tasks.start))
+            try:
+                await self.systemd.write_unit(name, text)
+                written.append(name)
+            except Exception as error:
+                self._quarantine(name, f"cannot write its unit file: {error}")
+        if written:
+            await self._each(self.systemd.link, written, "link")
+        starts = [n for n in tasks.start if n not in self._quarantined]
+        results = await asyncio.gather(*(self._job(self.systemd.start, name) for name in starts))
+        return {name for name, retry in zip(starts, results, strict=True) if retry}
 
-    async def _job(self, action, name: str) -> None:
+    async def _each(
+        self, action: Callable[[list[str]], Awaitable[None]], names: list[str], what: str
+    ) -> None:
+        """`action` on all names at once; if that fails, one by one to set aside only the culprits."""
+        try:
+            await action(names)
+            return
+        except Exception as error:
+            if isinstance(error, SystemdError) and error.error_name == DISCONNECTED:
+                raise  # systemd is away, not one unit's fault: the whole pass is retried
+            if len(names) == 1:
+                self._quarantine(names[0], f"cannot {what} it: {error}")
+                return
+        for name in names:
+            await self._each(action, [name], what)
+
+    async def _job(self, action: Callable[[str], Awaitable[str]], name: str) -> bool:
+        """Run a start or stop job; True if it should be tried again on the next pass."""
         try:
             result = await action(name)
         except SystemdError as error:
             # One unit systemd refuses (a bad setting, say) must not hold up the others; its
-            # published state shows the failure.
-            result = str(error)
+            # published state shows systemd's reason.
+            log.warning("%s %s: %s", action.__name__, name, error)
+            return error.error_name == DISCONNECTED
+        except Exception as error:
+            self._quarantine(name, f"cannot {action.__name__} it: {error}")
+            return False
         if result != "done":
             log.warning("%s %s: %s", action.__name__, name, result)
+        return False
 
     def _on_state_change(self, name: str, load: str, active: str, sub: str) -> None:
-        if name in self._assigned:
+        if name in self._assigned and name not in self._quarantined:
             self._to_publish[name] = (load, active, sub)
             self._publish_wanted.set()
+
+    async def _remove_states(self, names: set[str]) -> None:
+        async with self._state_writes:
+            for name in sorted(names):
+                try:
+                    await self.registry.remove_state(name, self.machine.id)
+                    self._published.pop(name, None)
+                except StoreError as error:
+                    log.warning("cannot remove the state of %s (next pass retries): %s", name, error)
 
     async def _publish_states(self) -> None:
         while True:
             await self._publish_wanted.wait()
             self._publish_wanted.clear()
             batch, self._to_publish = self._to_publish, {}
-            for name, (load, active, sub) in batch.items():
-                assignment = self._assigned.get(name)
-                if assignment is None:
-                    continue
-                state = UnitState(name, self.machine.id, assignment.hash, load, active, sub)
-                if self._published.get(name) == state:
-                    continue
-                try:
-                    await self.registry.publish_state(state)
-                    self._published[name] = state
-                except StoreError as error:
-                    log.warning("cannot publish state of %s: %s", name, error)
-                    self._to_publish.setdefault(name, (load, active, sub))
-                    await asyncio.sleep(OUTAGE_PAUSE)
-                    self._publish_wanted.set()
+            states = await asyncio.gather(*(self._state(name, state) for name, state in batch.items()))
+            changed = [s for s in states if s is not None and (self._published or {}).get(s.unit) != s]
+            slots = asyncio.Semaphore(PUBLISH_CONCURRENCY)
+            async with self._state_writes:
+                results = await asyncio.gather(*(self._write_state(s, slots) for s in changed))
+            if not all(results):
+                await asyncio.sleep(OUTAGE_PAUSE)
+
+    async def _state(self, name: str, state: State) -> UnitState | None:
+        """The record to publish for `name`, with systemd's reason if it failed or cannot load."""
+        assignment = self._assigned.get(name)
+        if assignment is None:
+            return None
+        load, active, sub = state
+        reason = self._quarantined.get(name, "")
+        if not reason and (active == "failed" or load not in ("loaded", "not-found")):
+            try:
+                reason = await self.systemd.failure_reason(name)
+            except SystemdError as error:
+                reason = f"systemd did not say why: {error}"
+        return UnitState(name, self.machine.id, assignment.hash, load, active, sub, reason)
+
+    async def _write_state(self, state: UnitState, slots: asyncio.Semaphore) -> bool:
+        if state.unit not in self._assigned:
+            return True  # unassigned while we read it: its state goes, not comes
+        async with slots:
+            try:
+                await self.registry.publish_state(state)
+            except StoreError as error:
+                log.warning("cannot publish state of %s: %s", state.unit, error)
+                self._to_publish.setdefault(
+                    state.unit, (state.load_state, state.active_state, state.sub_state)
+                )
+                self._publish_wanted.set()
+                return False
+        if self._published is not None:
+            self._published[state.unit] = state
+        return True

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 
 # States in which a unit counts as running or on its way there: starting it again is pointless.
 RUNNING = frozenset({"active", "activating", "reloading"})
+# A unit found in one of these was started before: systemd's Restart= decides what comes next.
+STARTED = RUNNING | {"failed", "deactivating"}
 
 
 @dataclass(frozen=True)
@@ -29,13 +31,20 @@ class Tasks:
 
 
 def plan_tasks(
-    desired: Mapping[str, Desired], installed: Mapping[str, str], active: Mapping[str, str]
+    desired: Mapping[str, Desired],
+    installed: Mapping[str, str],
+    active: Mapping[str, str],
+    started: Set[str] | None,
 ) -> Tasks:
     """Compare what the engine assigned with what is on disk and running, and list the work.
 
     `installed` maps unit files in our unit dir to their text, `active` maps units to systemd's
-    ActiveState. A unit already installed with the same text and running is left alone: this is
-    what lets a restarted fleetd adopt its units without restarting them.
+    ActiveState, `started` names the launched units this agent already started with their
+    current content (None on its first pass: then a unit systemd shows running or failed
+    counts as started). A unit already installed with the same text and running is left alone:
+    this is what lets a restarted fleetd adopt its units without restarting them. A unit
+    started before is never started again just because it failed or exited: systemd's
+    Restart= decides that, and `fleetctl stop` then `start` (or new content) starts it anew.
     """
     tasks = Tasks()
     for name in sorted(installed.keys() - desired.keys()):
@@ -51,6 +60,7 @@ def plan_tasks(
         if running and (changed or want.desired_state != "launched"):
             # New content only takes effect through a restart.
             tasks.stop.append(name)
-        if want.desired_state == "launched" and (changed or not running):
+        was_started = active.get(name) in STARTED if started is None else name in started
+        if want.desired_state == "launched" and (changed or not was_started):
             tasks.start.append(name)
     return tasks

@@ -266,8 +266,8 @@ class Engine:
         writes = []
         for key in existing.keys() - wanted.keys():
             unit, machine_id = key
+            # Its state/ key is the agent's to remove (one writer per key).
             writes.append(self.registry.unassign(unit, machine_id))
-            writes.append(self.registry.remove_state(unit, machine_id))
         # Unassign before assigning, so Conflicts/Replaces never see both copies at once.
         await asyncio.gather(*writes)
         await asyncio.gather(
@@ -277,5 +277,5 @@ class Engine:
             *(self.registry.set_pending(u, r) for u, r in reasons.items() if pending.get(u) != r),
             *(self.registry.set_pending(u, None) for u in pending.keys() - reasons.keys()),
         )
-        if changed := len(writes) // 2 + sum(existing.get(k) != a for k, a in wanted.items()):
+        if changed := len(writes) + sum(existing.get(k) != a for k, a in wanted.items()):
             log.info("engine: %d schedule changes", changed)

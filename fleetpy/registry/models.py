@@ -89,9 +89,12 @@ class UnitState:
     load_state: str
     active_state: str
     sub_state: str
+    # Why the unit failed or cannot load, in systemd's words (or why the agent set it aside);
+    # "" while all is well. Fleet's clients ignore the extra field.
+    reason: str = ""
 
     def to_json(self) -> dict:
-        return {
+        record = {
             "name": self.unit,
             "machineID": self.machine_id,
             "hash": self.hash,
@@ -99,6 +102,9 @@ class UnitState:
             "systemdActiveState": self.active_state,
             "systemdSubState": self.sub_state,
         }
+        if self.reason:
+            record["reason"] = self.reason
+        return record
 
     @classmethod
     def from_json(cls, data: dict) -> UnitState:
@@ -109,4 +115,5 @@ class UnitState:
             load_state=data["systemdLoadState"],
             active_state=data["systemdActiveState"],
             sub_state=data["systemdSubState"],
+            reason=data.get("reason", ""),
         )

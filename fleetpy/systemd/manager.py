@@ -117,6 +117,12 @@ class DbusManager(SystemdBus):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             self._last_state.pop(path.name, None)
+        # systemd keeps a failed unit in memory after its file is gone; one assigned here again
+        # later must start from a clean slate, not look failed already.
+        for name, (_load, active, _sub) in (await self.unit_states(list(names))).items():
+            if active == "failed":
+                with contextlib.suppress(SystemdError):
+                    await self._manager("ResetFailedUnit", "s", [name])
         await self._manager("Reload")
 
     async def start(self, name: str) -> str:
