@@ -73,6 +73,13 @@ def test_a_failed_unit_found_on_the_first_pass_is_adopted_as_it_is():
     assert not tasks
 
 
+def test_stopping_a_failed_unit_clears_its_failure():
+    tasks = plan_tasks(
+        {"a.service": Desired(SLEEP, "loaded")}, {"a.service": SLEEP}, {"a.service": "failed"}, set()
+    )
+    assert tasks.stop == ["a.service"] and not tasks.start
+
+
 def test_a_unit_launched_again_after_a_stop_starts_even_if_it_had_failed():
     tasks = plan_tasks(
         {"a.service": Desired(SLEEP, "launched")}, {"a.service": SLEEP}, {"a.service": "failed"}, set()

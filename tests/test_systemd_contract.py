@@ -90,6 +90,10 @@ async def test_a_unit_that_fails_at_once_reports_systemds_reason(manager) -> Non
     assert (
         await manager.failure_reason("broken.service") == "exit-code: the main process exited with status 1"
     )
+    # Stopping a failed unit clears its failure: a later start is not read as failing again.
+    assert await manager.stop("broken.service") == "done"
+    assert await manager.unit_state("broken.service") == ("loaded", "inactive", "dead")
+    assert await manager.failure_reason("broken.service") == ""
 
 
 async def test_a_unit_that_cannot_load_is_refused_with_its_load_error(manager) -> None:

@@ -60,6 +60,9 @@ def plan_tasks(
         if running and (changed or want.desired_state != "launched"):
             # New content only takes effect through a restart.
             tasks.stop.append(name)
+        elif active.get(name) == "failed" and want.desired_state != "launched":
+            # Stopping clears the failure, so a later start is not read as failing again.
+            tasks.stop.append(name)
         was_started = active.get(name) in STARTED if started is None else name in started
         if want.desired_state == "launched" and (changed or not was_started):
             tasks.start.append(name)

@@ -584,7 +584,13 @@ def _change_state(session: _Session, names: list[str], target: str, no_block: bo
     # As fleet does, global units are not waited for: they have no single machine to report.
     waited = [n for n, u in units.items() if not _is_global(n, u["options"])]
 
+    failed: dict[str, str] = {}
+
     def reached(name: str) -> bool:
+        # A unit that failed or cannot load is done waiting: say systemd's reason, not "launched".
+        if target == "launched" and (reason := _failure(client, name)):
+            failed[name] = reason
+            return True
         unit = client.unit(name)
         if unit is None or unit["currentState"] != target:
             return False
@@ -593,8 +599,8 @@ def _change_state(session: _Session, names: list[str], target: str, no_block: bo
         return True
 
     late = _poll(waited, reached, attempts)
-    if late:
-        problems = []
+    problems = [f"unit {name} failed to start: {reason}" for name, reason in failed.items()]
+    if late or problems:
         for name in late:
             reason = client.pending_reason(name)
             problems.append(
@@ -602,6 +608,11 @@ def _change_state(session: _Session, names: list[str], target: str, no_block: bo
                 + (f" (pending: {reason})" if reason else "")
             )
         raise click.ClickException("; ".join(problems))
+
+
+def _failure(client: Client, name: str) -> str:
+    """The reason the agent published for a unit that failed or cannot load; "" if none."""
+    return next((s["reason"] for s in client.unit_states(unit_name=name) if s.get("reason")), "")
 
 
 def _poll(names: list[str], done: Callable[[str], bool], attempts: int) -> list[str]:

@@ -131,7 +131,11 @@ class DbusManager(SystemdBus):
 
     async def stop(self, name: str) -> str:
         validate_unit_name(name)
-        return await self.run_job("StopUnit", name)
+        result = await self.run_job("StopUnit", name)
+        # A failed unit stays failed through StopUnit; stopped means inactive, failure cleared.
+        if (await self.unit_state(name))[1] == "failed":
+            await self._manager("ResetFailedUnit", "s", [name])
+        return result
 
     async def unit_states(self, names: list[str]) -> dict[str, State]:
         for name in names:

@@ -38,7 +38,7 @@ class SystemdManager(Protocol):
         """Start and wait for the job's result: "done", "failed", "canceled", ..."""
 
     async def stop(self, name: str) -> str:
-        """Stop and wait for the job's result."""
+        """Stop and wait for the job's result; a failed unit ends inactive, its failure cleared."""
 
     async def unit_state(self, name: str) -> State:
         """The unit's state; UNKNOWN_STATE for a unit systemd does not know."""
