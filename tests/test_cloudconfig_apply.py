@@ -215,7 +215,7 @@ def test_invalid_user_data_changes_nothing(tmp_path: Path) -> None:
         [str(path), "--root", str(root), "--private-ipv4", "10.0.0.1", "--public-ipv4", "10.0.0.1"],
     )
     assert result.exit_code == 1
-    assert "is not a duration" in result.output
+    assert "bad duration" in result.output
     assert "nothing was changed" in result.output
     assert list(root.iterdir()) == []
 

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from fleetpy.cloudinit import CloudConfigError, Finding, load, substitute, validate
 from fleetpy.cloudinit.cli import validate_command
+from fleetpy.fleetd.config import ConfigError, build_config
 
 GZIP_B64_HELLO = "H4sIAAAAAAACA8tIzcnJBwCGphA2BQAAAA=="
 SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHKEY user@host"
@@ -218,7 +219,11 @@ CASES = {
     ),
     "fleet bad metadata": (
         cc("coreos:\n  fleet:\n    metadata: region\n"),
-        [(4, 15, "error", 'metadata "region" is not a key=value pair')],
+        [(4, 15, "error", "bad metadata 'region': expected key=value")],
+    ),
+    "fleet metadata without a value": (
+        cc("coreos:\n  fleet:\n    metadata: role=\n"),
+        [(4, 15, "error", "bad metadata 'role=': expected key=value")],
     ),
     "fleet verbosity as word": (
         cc("coreos:\n  fleet:\n    verbosity: debug\n"),
@@ -230,7 +235,15 @@ CASES = {
     ),
     "fleet bad agent ttl": (
         cc("coreos:\n  fleet:\n    agent_ttl: thirty\n"),
-        [(4, 16, "error", '"thirty" is not a duration')],
+        [(4, 16, "error", "bad duration 'thirty'")],
+    ),
+    "fleet negative agent ttl": (
+        cc("coreos:\n  fleet:\n    agent_ttl: -5s\n"),
+        [(4, 16, "error", "cannot be negative")],
+    ),
+    "fleet agent ttl under a second": (
+        cc("coreos:\n  fleet:\n    agent_ttl: 500ms\n"),
+        [(4, 16, "error", "at least 1s")],
     ),
     "fleet etcd servers without scheme": (
         cc("coreos:\n  fleet:\n    etcd-servers: 10.0.0.1:2379\n"),
@@ -522,3 +535,21 @@ def test_load_raises_with_findings() -> None:
 
 def test_load_header_only() -> None:
     assert load("#cloud-config\n").units == []
+
+
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("agent_ttl", "-5s"), ("agent_ttl", "500ms"), ("agent_ttl", "ten"), ("agent_ttl", "30s"),
+        ("agent_ttl", "1m30s"), ("agent_ttl", "7"), ("metadata", "role="), ("metadata", "role"),
+        ("metadata", "=web"), ("metadata", "role=web,zone=a"), ("metadata", "role=web, zone=a"),
+    ],
+)  # fmt: skip
+def test_validate_accepts_exactly_what_fleetd_accepts(option: str, value: str, tmp_path) -> None:
+    findings = validate(cc(f"coreos:\n  fleet:\n    {option}: '{value}'\n"))
+    try:
+        build_config({option: value}, {"FLEET_CONFIG": str(tmp_path / "absent.conf")})
+        fleetd_refuses = False
+    except ConfigError:
+        fleetd_refuses = True
+    assert bool(findings) == fleetd_refuses, findings

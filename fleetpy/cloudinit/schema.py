@@ -19,6 +19,7 @@ from itertools import pairwise
 from typing import Literal
 
 from fleetpy.cloudinit.substitute import substitute
+from fleetpy.conf.values import BadValue, parse_agent_ttl, parse_duration, parse_metadata
 from fleetpy.unit.errors import InvalidUnitName
 from fleetpy.unit.name import validate_unit_name
 
@@ -105,24 +106,27 @@ def _ip_address(value: str) -> Problem | None:
 
 
 def _metadata(value: str) -> Problem | None:
-    # fleetd silently drops malformed pairs, so the machine would lack the metadata
-    # that units are scheduled by; better to say so before boot.
-    for pair in value.split(","):
-        key, eq, _ = pair.strip().partition("=")
-        if not key or not eq:
-            return "error", f'metadata "{pair.strip()}" is not a key=value pair'
+    # fleetd refuses to start with a malformed pair; better to say so before boot.
+    try:
+        parse_metadata(value)
+    except BadValue as error:
+        return "error", str(error)
     return None
 
 
-# Go's time.ParseDuration syntax, which fleetd and locksmithd use for these options.
-_DURATION = re.compile(
-    r"[-+]?(\d+(\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)((\d+(\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h))*"
-)
+def _agent_ttl(value: str) -> Problem | None:
+    try:
+        parse_agent_ttl(value)
+    except BadValue as error:
+        return "error", str(error)
+    return None
 
 
-def _duration(value: str) -> Problem | None:
-    if not _DURATION.fullmatch(value):
-        return "error", f'"{value}" is not a duration such as 30s or 1h30m'
+def _go_duration(value: str) -> Problem | None:
+    try:
+        parse_duration(value, bare_seconds=False)
+    except BadValue as error:
+        return "error", str(error)
     return None
 
 
@@ -322,7 +326,7 @@ ETCD2 = Spec(
 FLEET = Spec(
     "map",
     fields={
-        "agent_ttl": Spec("str", check=_duration),
+        "agent_ttl": Spec("str", check=_agent_ttl),
         "authorized_keys_file": Spec("str", deprecated="fleetd ignores it"),
         "disable_engine": BOOL,
         "disable_watches": BOOL,
@@ -407,7 +411,7 @@ COREOS = Spec(
                     "group",
                 ),
                 "window_start": Spec("str", check=_window_start),
-                "window_length": Spec("str", check=_duration),
+                "window_length": Spec("str", check=_go_duration),
             },
         ),
         "oem": Spec(

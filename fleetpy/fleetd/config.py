@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from fleetpy.conf.values import parse_agent_ttl, parse_duration, parse_metadata
 
 DEFAULT_CONFIG_FILE = "/etc/fleet/fleet.conf"
 SYSTEM_MACHINE_ID = "/etc/machine-id"
@@ -48,31 +49,6 @@ class Config:
     verbosity: int = 0
 
 
-def parse_duration(value: str) -> float:
-    """fleet writes durations as Go does ("10s", "1m30s", "500ms"); bare numbers are seconds."""
-    text = value.strip().strip('"')
-    if re.fullmatch(r"\d+(\.\d+)?", text):
-        return float(text)
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise ConfigError(f"bad duration {value!r}: use seconds (10) or Go style (10s, 1m30s, 500ms)")
-    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
-    return sum(float(n) * scale[u] for n, u in parts)
-
-
-def parse_metadata(value: str) -> dict[str, str]:
-    """`role=web,zone=a` -> {"role": "web", "zone": "a"}."""
-    metadata = {}
-    for pair in filter(None, (p.strip() for p in value.strip().strip('"').split(","))):
-        key, sep, val = pair.partition("=")
-        if not sep or not key.strip() or not val.strip():
-            raise ConfigError(
-                f"bad metadata {pair!r}: expected key=value pairs joined by commas, e.g. role=web,zone=a"
-            )
-        metadata[key.strip()] = val.strip()
-    return metadata
-
-
 def _list(value: str) -> tuple[str, ...]:
     # fleet.conf writes lists as ["a","b"]; flags and env as a,b.
     text = value.strip().strip("[]")
@@ -91,7 +67,7 @@ def _bool(value: str) -> bool:
 _CONVERT = {
     "etcd_servers": _list,
     "metadata": parse_metadata,
-    "agent_ttl": parse_duration,
+    "agent_ttl": parse_agent_ttl,
     "engine_reconcile_interval": parse_duration,
     "etcd_request_timeout": parse_duration,
     "disable_engine": _bool,
@@ -148,8 +124,6 @@ def build_config(
         except ValueError as error:
             raise ConfigError(f"{key}: {error}") from None
     config = Config(**values)
-    if config.agent_ttl < 1:
-        raise ConfigError("agent_ttl must be at least 1s")
     _check_api_serving(config)
     return config
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from fleetpy.conf.values import BadValue, parse_metadata
 from fleetpy.lab.lab import DEFAULT_DIR, Lab, LabError
 from fleetpy.lab.node import NodeError
 from fleetpy.registry import StoreError
@@ -54,16 +55,16 @@ def group() -> None:
 
 
 def _parse_metadata(values: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """`NODE=key=value[,key=value]` options -> {NODE: metadata}, each read as fleetd reads metadata."""
     result: dict[str, dict[str, str]] = {}
     for value in values:
         node, sep, pairs = value.partition("=")
         if not sep or not pairs:
             raise click.BadParameter(f"{value!r}: use NODE=key=value[,key=value]", param_hint="--metadata")
-        for pair in pairs.split(","):
-            key, sep, val = pair.partition("=")
-            if not sep or not key:
-                raise click.BadParameter(f"{value!r}: {pair!r} is not key=value", param_hint="--metadata")
-            result.setdefault(node, {})[key] = val
+        try:
+            result.setdefault(node, {}).update(parse_metadata(pairs))
+        except BadValue as error:
+            raise click.BadParameter(f"{value!r}: {error}", param_hint="--metadata") from None
     return result
 
 

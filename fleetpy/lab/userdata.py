@@ -8,7 +8,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from fleetpy.cloudinit import CloudConfigError, load
-from fleetpy.fleetd.config import ConfigError, parse_metadata
+from fleetpy.conf.values import BadValue, parse_metadata
 from fleetpy.lab import node as nodes
 from fleetpy.lab.state import LabError
 
@@ -74,7 +74,7 @@ def read_user_data_lab(path: str) -> UserDataLab:
         metadata = (
             parse_metadata(value) if isinstance(value, str) else {str(k): str(v) for k, v in value.items()}
         )
-    except ConfigError as error:
+    except BadValue as error:
         raise LabError(f"--user-data {path}: {error}") from None
     return UserDataLab(
         path=str(Path(path).absolute()),

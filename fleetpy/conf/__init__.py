@@ -1,0 +1,1 @@
+"""The bottom layer: values and files every other package reads and writes the same way."""

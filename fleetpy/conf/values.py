@@ -1,0 +1,76 @@
+"""How fleet writes durations, machine metadata and machine ids: one reader for every layer.
+
+fleetd's configuration, `cloud-config validate` and the lab all call these, so what one of
+them accepts the others accept too (a TTL of "-5s" or metadata "role=" used to pass the
+validator and then stop fleetd at start).
+"""
+
+from __future__ import annotations
+
+import re
+
+# Go's time.ParseDuration units, which fleet and locksmith use for their durations.
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+_PART = re.compile(rf"({_NUMBER})(ns|us|µs|ms|s|m|h)")
+_DURATION = re.compile(rf"\+?(?:{_NUMBER}(?:ns|us|µs|ms|s|m|h))+")
+MIN_AGENT_TTL = 1.0
+SHORT_ID = 8
+
+
+class BadValue(ValueError):
+    """A value fleet would not read; the message says what to write instead."""
+
+
+def parse_duration(value: str, bare_seconds: bool = True) -> float:
+    """Seconds in a duration written as Go does ("10s", "1m30s", "500ms") or as bare seconds ("7").
+
+    fleetd reads bare numbers as seconds; `bare_seconds=False` is Go's own rule, for the
+    options of other CoreOS daemons (locksmith) that read durations with Go.
+    """
+    text = value.strip().strip('"')
+    if bare_seconds and re.fullmatch(_NUMBER, text):
+        return float(text)
+    if text.startswith("-"):
+        raise BadValue(f"bad duration {value!r}: a duration here cannot be negative")
+    if not _DURATION.fullmatch(text):
+        raise BadValue(f"bad duration {value!r}: use seconds (10) or Go style (10s, 1m30s, 500ms)")
+    return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in _PART.findall(text))
+
+
+def parse_agent_ttl(value: str) -> float:
+    """The machine heartbeat TTL: a duration of at least a second (the engine's lease uses it too)."""
+    seconds = parse_duration(value)
+    if seconds < MIN_AGENT_TTL:
+        raise BadValue(f"agent_ttl {value!r} is too short: it must be at least {MIN_AGENT_TTL:.0f}s")
+    return seconds
+
+
+def parse_positive_duration(value: str) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise BadValue(f"bad duration {value!r}: it must be more than 0")
+    return seconds
+
+
+def parse_metadata(value: str) -> dict[str, str]:
+    """`role=web,zone=a` -> {"role": "web", "zone": "a"}; every pair needs a key and a value."""
+    metadata = {}
+    for pair in filter(None, (p.strip() for p in value.strip().strip('"').split(","))):
+        key, sep, val = pair.partition("=")
+        if not sep or not key.strip() or not val.strip():
+            raise BadValue(
+                f"bad metadata {pair!r}: expected key=value pairs joined by commas, e.g. role=web,zone=a"
+            )
+        metadata[key.strip()] = val.strip()
+    return metadata
+
+
+def format_metadata(metadata: dict[str, str]) -> str:
+    """The inverse of parse_metadata: {"role": "web"} -> "role=web"."""
+    return ",".join(f"{key}={value}" for key, value in metadata.items())
+
+
+def short_machine_id(machine_id: str) -> str:
+    """A machine id as fleetctl shows it: its first 8 characters and "..." (the whole if that short)."""
+    return machine_id if len(machine_id) <= SHORT_ID else f"{machine_id[:SHORT_ID]}..."
