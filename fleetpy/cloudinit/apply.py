@@ -52,6 +52,7 @@ from fleetpy.cloudinit.substitute import substitute
 from fleetpy.systemd import SystemdBus, SystemdError
 from fleetpy.unit.errors import InvalidUnitFile
 from fleetpy.unit.file import UnitFile
+from fleetpy.unit.quoting import environment
 
 DROP_IN = "20-cloudinit.conf"
 # coreos.units `command` values and the manager methods that carry them out.
@@ -412,16 +413,17 @@ def _merge_keys(path: Path, keys: list[str]) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def _systemd_value(name: str, value: Any) -> str:
-    text = str(value).lower() if isinstance(value, bool) else str(value)
-    # Inside double quotes systemd only treats backslash and the quote itself specially.
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
-    return f'Environment="{name}={escaped}"'
+def _systemd_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _environment_drop_in(prefix: str, options: dict[str, Any]) -> bytes:
+    # Specifiers stay: user-data writes `name: %H` for systemd to expand, as on CoreOS.
     lines = ["[Service]"]
-    lines += [_systemd_value(f"{prefix}_{key.upper()}", value) for key, value in options.items()]
+    lines += [
+        environment(f"{prefix}_{key.upper()}", _systemd_value(value), specifiers=True)
+        for key, value in options.items()
+    ]
     return ("\n".join(lines) + "\n").encode()
 
 

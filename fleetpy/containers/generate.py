@@ -15,6 +15,7 @@ from functools import cache
 import jinja2
 
 from fleetpy.unit import UnitError, load_unit, validate_unit_name
+from fleetpy.unit.quoting import escape_specifiers, quote_word
 
 RUNTIMES = {"podman": "/usr/bin/podman", "docker": "/usr/bin/docker"}
 RESTART_POLICIES = ("no", "always", "on-success", "on-failure", "on-abnormal", "on-abort", "on-watchdog")
@@ -31,7 +32,6 @@ PODMAN_RUN_FLAGS = (
 )  # fmt: skip
 
 # Characters that never need quoting in an ExecStart= word.
-_SAFE_WORD = re.compile(r"[A-Za-z0-9_./:=@,+-]+")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # A simplified distribution/reference grammar: [host[:port]/]path[:tag][@digest].
 _IMAGE = re.compile(
@@ -97,19 +97,10 @@ class _Rendered:
 
 
 def systemd_quote(value: str, expand_dollar: bool = True) -> str:
-    """Quote one word so systemd reads it back verbatim.
-
-    `%` becomes `%%` (specifiers) and, for command lines, `$` becomes `$$`
-    (environment expansion); anything outside a conservative safe set is
-    put in double quotes with backslashes and quotes escaped.
-    """
+    """One word of the unit's command lines, read back verbatim (fleetpy.unit.quoting's rule);
+    control characters are refused first, with the container unit's own error."""
     _check_text("value", value)
-    escaped = value.replace("%", "%%")
-    if expand_dollar:
-        escaped = escaped.replace("$", "$$")
-    if _SAFE_WORD.fullmatch(escaped):
-        return escaped
-    return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return quote_word(value, expand_dollar)
 
 
 def generate_unit(  # noqa: C901 - to be split (issue 12)
@@ -271,7 +262,7 @@ def _check_text(label: str, value: str) -> None:
 def _description(text: str) -> str:
     # Description= is not split into words; only specifiers are expanded there.
     _check_text("description", text)
-    return text.replace("%", "%%")
+    return escape_specifiers(text)
 
 
 def _check_image(image: str) -> None:

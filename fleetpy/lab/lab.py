@@ -36,20 +36,22 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from fleetpy.containers.image import (
+from fleetpy.conf.values import format_metadata
+from fleetpy.lab import network as labnet
+from fleetpy.lab import node as nodes
+from fleetpy.lab.etcd import EtcdMember, EtcdMissing, free_port, initial_cluster, start_cluster
+from fleetpy.lab.image import (
     BUSYBOX,
     ImageError,
     build_busybox_image,
     prepare_node,
     write_podman_config,
 )
-from fleetpy.lab import network as labnet
-from fleetpy.lab import node as nodes
-from fleetpy.lab.etcd import EtcdMember, EtcdMissing, free_port, initial_cluster, start_cluster
 from fleetpy.lab.node import Node, NodeError
 from fleetpy.lab.state import EtcdState, LabError, NodeState, State
 from fleetpy.lab.userdata import UserDataLab, read_user_data_lab
 from fleetpy.registry import EtcdStore, Registry, StoreError
+from fleetpy.unit.quoting import environment, quote_value
 
 DEFAULT_DIR = Path("/run/fleetpy-lab")
 LAB_DROP_IN = "50-lab.conf"
@@ -352,9 +354,9 @@ class Lab:
             f"# Written by fleetpy lab for {ns.name}; the rest of fleet.service comes from {state.user_data}.",
             "[Service]",
             "ExecStart=",
-            f'ExecStart="{_unit_escape(sys.executable)}" -m fleetpy.fleetd.main',
+            f"ExecStart={quote_value(sys.executable)} -m fleetpy.fleetd.main",
         ]
-        lines += [f'Environment="{key}={_unit_escape(value)}"' for key, value in env.items()]
+        lines += [environment(key, value) for key, value in env.items()]
         return "\n".join(lines) + "\n"
 
     def _choose_network(self, network: str, notes: list[str]) -> str:
@@ -478,7 +480,7 @@ class Lab:
             "--agent-ttl", state.agent_ttl,
         ]  # fmt: skip
         if ns.metadata:
-            argv += ["--metadata", ",".join(f"{k}={v}" for k, v in ns.metadata.items())]
+            argv += ["--metadata", format_metadata(ns.metadata)]
         with open(node_dir / "fleetd.log", "ab") as log:
             proc = self._node(ns).popen(
                 argv,
@@ -826,11 +828,6 @@ def _choose_containers(containers: bool | None, notes: list[str]) -> bool:
         raise LabError(f"--containers: {missing}")
     notes.append(f"containers: off ({missing}); plain units still work")
     return False
-
-
-def _unit_escape(value: str) -> str:
-    """`value` for a double-quoted unit file setting: no specifier expansion, no early end quote."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
 
 
 def _pythonpath() -> str:
