@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from fleetpy.containers.generate import generate_unit
-from fleetpy.containers.image import DEFAULT_IMAGE, build_busybox_image, prepare_node, write_podman_config
+from fleetpy.lab.image import DEFAULT_IMAGE, build_busybox_image, prepare_node, write_podman_config
 from fleetpy.lab.node import start_node
 from fleetpy.systemd import SystemdBus
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
 from labtools import wait_for
 
 from fleetpy.cli.fleetctl import cli
+from fleetpy.cli.fleetpy import main as fleetpy_cli
 from fleetpy.client import Client
 from fleetpy.lab.lab import Lab
 
@@ -67,6 +69,11 @@ class Cluster:
         if ok:
             assert result.exit_code == 0, result.output
         return result
+
+    def lab_shell(self, target: str, *command: str) -> int:
+        """`fleetpy lab shell TARGET COMMAND` on this lab; its exit status."""
+        argv = ["lab", "shell", "--dir", str(self.lab.dir), target, *command]
+        return CliRunner().invoke(fleetpy_cli, argv).exit_code
 
     def write(self, name: str, text: str | None = None) -> str:
         (self.workdir / name).write_text(text if text is not None else SLEEP.format(name=name))
@@ -134,13 +141,28 @@ def test_metadata_pins_a_unit_to_the_db_machine(cluster):
     cluster.write("db.service", SLEEP.format(name="db") + "[X-Fleet]\nMachineMetadata=role=db\n")
     cluster.fleetctl("start", "db.service")
     assert wait_for("db.service to run", lambda: cluster.placement().get("db.service")) == "node1"
-    # fleetctl ssh enters the lab node running the unit, or the machine given by an id prefix.
-    lab_dir = ["ssh", "--lab-dir", str(cluster.lab.dir)]
+    # `fleetpy lab shell` enters the lab node running the unit, or the node it is given.
     check = ["systemctl", "--user", "--quiet", "is-active", "db.service"]
-    assert cluster.fleetctl(*lab_dir, "db.service", *check).exit_code == 0
-    node2 = cluster.lab.state.node("node2").machine_id[:12]
-    assert cluster.fleetctl(*lab_dir, node2, *check, ok=False).exit_code != 0
-    assert cluster.fleetctl(*lab_dir, "node1", *check).exit_code == 0
+    assert cluster.lab_shell("db.service", *check) == 0
+    assert cluster.lab_shell("node2", *check) != 0
+    assert cluster.lab_shell("node1", *check) == 0
+
+
+def test_fleetctl_ssh_logs_in_to_the_machine_running_the_unit(cluster, monkeypatch):
+    cluster.write("db.service", SLEEP.format(name="db") + "[X-Fleet]\nMachineMetadata=role=db\n")
+    cluster.fleetctl("start", "db.service")
+    wait_for("db.service to run", lambda: cluster.placement().get("db.service"))
+    calls = []
+    monkeypatch.setattr("os.execvp", lambda file, argv: calls.append(argv))
+    # Whether this host has an ssh client does not matter: nothing is executed.
+    monkeypatch.setattr("fleetpy.cli.fleetctl.shutil", SimpleNamespace(which=lambda name: f"/usr/bin/{name}"))
+    node2 = cluster.lab.state.node("node2")
+    cluster.fleetctl("--ssh-username", "ops", "ssh", "db.service", "uptime")
+    cluster.fleetctl("ssh", node2.machine_id[:12])
+    assert calls == [
+        ["ssh", "-l", "ops", "--", cluster.lab.state.node("node1").ip, "uptime"],
+        ["ssh", "-l", "core", "--", node2.ip],
+    ]
 
 
 def test_conflicts_keep_instances_apart_and_the_fourth_pending_with_reason(cluster):

@@ -21,7 +21,7 @@ from fleetpy.containers.generate import (
     InvalidVolume,
     generate_unit,
 )
-from fleetpy.containers.image import build_busybox_image, prepare_node, write_podman_config
+from fleetpy.lab.image import build_busybox_image, prepare_node, write_podman_config
 from fleetpy.lab.node import Node
 from fleetpy.unit import UnitError, UnitFile, load_unit
 

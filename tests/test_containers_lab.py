@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from labtools import wait_for
 
 from fleetpy.cli.fleetctl import cli
-from fleetpy.containers.image import write_podman_config
+from fleetpy.lab.image import write_podman_config
 from fleetpy.lab.lab import Lab, missing_for_containers
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ import fnmatch
 import ipaddress
 import math
 import os
-import sys
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -18,9 +18,6 @@ import click
 
 from fleetpy import __version__
 from fleetpy.client import APIError, Client
-from fleetpy.containers.cli import new_unit_command
-from fleetpy.lab.lab import DEFAULT_DIR as LAB_DIR
-from fleetpy.lab.lab import Lab
 from fleetpy.unit import SUFFIXES, UnitError, UnitFile, UnitName, parse_fleet_options
 from fleetpy.unit.syntax import swallowed_by_comments
 
@@ -281,35 +278,24 @@ def explain(session: _Session, units: tuple[str, ...]) -> None:
 
 
 @cli.command("ssh", context_settings={"ignore_unknown_options": True})
-@click.option(
-    "--lab-dir",
-    envvar="FLEETPY_LAB_DIR",
-    default=str(LAB_DIR),
-    show_default=True,
-    help="a local lab whose nodes are entered directly",
-)
 @click.argument("target")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @pass_session
-def ssh(session: _Session, lab_dir: str, target: str, command: tuple[str, ...]) -> None:
+def ssh(session: _Session, target: str, command: tuple[str, ...]) -> None:
     """Open a shell (or run COMMAND) on machine TARGET (an id or unique prefix) or on the
-    machine running unit TARGET. On the local lab this enters the node (TARGET may also be a
-    node name); elsewhere it runs `ssh USER@IP` like fleet (--ssh-username, default core)."""
-    lab = Lab(lab_dir)
-    lab_nodes = lab.state.nodes if lab.state else []
-    node = next((n for n in lab_nodes if n.name == target), None)
-    if node is None:
-        machine = _target_machine(session.client, target)
-        node = next((n for n in lab_nodes if n.machine_id == machine["id"]), None)
-    if node is not None:
-        shell = [os.environ.get("SHELL", "/bin/bash")]
-        sys.exit(lab.node(node.name).popen(list(command) or shell).wait())
+    machine running unit TARGET, with `ssh USER@IP` like fleet (--ssh-username, default core).
+    In a local lab, `fleetpy lab shell TARGET` enters a node instead."""
+    machine = _target_machine(session.client, target)
     try:
         address = str(ipaddress.ip_address(machine.get("primaryIP", "")))
     except ValueError:
         raise click.ClickException(
             f"machine {machine['id']} has no usable IP address ({machine.get('primaryIP')!r})"
         ) from None
+    if shutil.which("ssh") is None:
+        raise click.ClickException(
+            "no ssh client: apt-get install -y openssh-client (in a local lab: `fleetpy lab shell TARGET`)"
+        )
     os.execvp("ssh", ["ssh", "-l", session.ssh_username, "--", address, *command])
 
 
@@ -626,9 +612,6 @@ def _poll(names: list[str], done: Callable[[str], bool], attempts: int) -> list[
             break
         time.sleep(POLL_INTERVAL)
     return left
-
-
-cli.add_command(new_unit_command)
 
 
 def main() -> None:

@@ -1,10 +1,15 @@
-"""The `fleetpy` tool: everything that is not fleetctl (the local lab, cloud-config checks)."""
+"""The `fleetpy` tool: everything that is not fleetctl (the local lab, cloud-config, container units).
+
+The only command that composes the tool packages (lab, cloudinit, containers); fleetctl and
+the rest of the core never import them.
+"""
 
 from __future__ import annotations
 
 import click
 
 from fleetpy.cloudinit.cli import apply_command, validate_command
+from fleetpy.containers.cli import new_unit_command
 from fleetpy.lab.cli import group as lab_group
 
 
@@ -21,6 +26,7 @@ def cloud_config() -> None:
 cloud_config.add_command(validate_command)
 cloud_config.add_command(apply_command)
 main.add_command(lab_group)
+main.add_command(new_unit_command)
 
 
 if __name__ == "__main__":

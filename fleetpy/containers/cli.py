@@ -1,4 +1,4 @@
-"""`fleetctl new-unit`: write a container unit generated from the template."""
+"""`fleetpy new-unit`: write a container unit generated from the template."""
 
 from __future__ import annotations
 
