@@ -20,6 +20,9 @@ OPTIONS = (
     "Conflicts",
     "Global",
     "Replaces",
+    # fleetpy's own: the agent stops the unit when it cannot renew its heartbeat, before its
+    # TTL runs out and the engine moves the unit, so it never runs on two machines at once.
+    "Fence",
 )
 
 # Names fleet accepted before v0.8.0; still honoured so old unit files keep working.
@@ -53,6 +56,7 @@ class FleetOptions:
     conflicts: tuple[str, ...] = ()
     is_global: bool = False
     replaces: tuple[str, ...] = ()
+    fence: bool = False
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def metadata_matches(self, metadata: Mapping[str, str]) -> bool:
@@ -107,8 +111,9 @@ def parse_fleet_options(unit_name: str, unit: UnitFile) -> FleetOptions:
         machine_of=_unit_names(unit_name, "MachineOf", values["MachineOf"]),
         machine_metadata=_metadata(unit_name, values["MachineMetadata"]),
         conflicts=_words(unit_name, "Conflicts", values["Conflicts"]),
-        is_global=_boolean(unit_name, values["Global"]),
+        is_global=_boolean(unit_name, "Global", values["Global"]),
         replaces=_unit_names(unit_name, "Replaces", values["Replaces"]),
+        fence=_boolean(unit_name, "Fence", values["Fence"]),
         warnings=tuple(warnings),
     )
     _check_combinations(unit_name, options)
@@ -175,7 +180,7 @@ def _machine_id(unit_name: str, values: list[str]) -> str | None:
     return words[0]
 
 
-def _boolean(unit_name: str, values: list[str]) -> bool:
+def _boolean(unit_name: str, key: str, values: list[str]) -> bool:
     # As in systemd, the last assignment wins.
     if not values:
         return False
@@ -184,7 +189,7 @@ def _boolean(unit_name: str, values: list[str]) -> bool:
         return True
     if value in _FALSE:
         return False
-    raise InvalidFleetOptions(f"{unit_name}: Global={values[-1]!r} is not a boolean; use true or false")
+    raise InvalidFleetOptions(f"{unit_name}: {key}={values[-1]!r} is not a boolean; use true or false")
 
 
 def _metadata(unit_name: str, values: list[str]) -> tuple[tuple[str, frozenset[str]], ...]:
