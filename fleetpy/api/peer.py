@@ -15,6 +15,7 @@ from aiohttp import web
 
 from fleetpy.api.auth import peer_proof
 from fleetpy.api.errors import ApiError
+from fleetpy.conf.values import short_machine_id
 from fleetpy.registry.aio import AsyncRegistry
 
 # Marks a request one fleetd passed to another, so a stale schedule cannot bounce it around.
@@ -53,12 +54,13 @@ class Peers:
             raise ApiError(502, f"machine {machine_id} is no longer alive")
         if not machine.api_endpoint:
             raise ApiError(
-                502, f"machine {machine_id[:8]}... has no API endpoint; start its fleetd with --api-listen"
+                502,
+                f"machine {short_machine_id(machine_id)} has no API endpoint; start its fleetd with --api-listen",
             )
         if self.tls is not None and not machine.api_endpoint.startswith("https://"):
             raise ApiError(
                 502,
-                f"machine {machine_id[:8]}...'s API endpoint {machine.api_endpoint} is not https; "
+                f"machine {short_machine_id(machine_id)}'s API endpoint {machine.api_endpoint} is not https; "
                 "with a cluster CA this fleetd talks only to peers that prove who they are",
             )
         return machine.api_endpoint.rstrip("/")
@@ -76,10 +78,10 @@ class Peers:
     def unreachable(self, machine_id: str, endpoint: str, error: Exception) -> str:
         if isinstance(error, httpx.ConnectError) and "CERTIFICATE_VERIFY_FAILED" in str(error):
             return (
-                f"machine {machine_id[:8]}... at {endpoint} is not who it claims to be: its certificate "
+                f"machine {short_machine_id(machine_id)} at {endpoint} is not who it claims to be: its certificate "
                 f"does not verify against the cluster CA ({error}); its etcd record may have been tampered with"
             )
-        return f"cannot reach machine {machine_id[:8]}... at {endpoint}: {error}"
+        return f"cannot reach machine {short_machine_id(machine_id)} at {endpoint}: {error}"
 
     async def status(self, request: web.Request, machine_id: str) -> web.Response:
         endpoint = await self.endpoint(request, machine_id)

@@ -18,6 +18,7 @@ import click
 
 from fleetpy import __version__
 from fleetpy.client import APIError, Client
+from fleetpy.conf.values import short_machine_id
 from fleetpy.unit import SUFFIXES, UnitError, UnitFile, UnitName, parse_fleet_options
 from fleetpy.unit.syntax import swallowed_by_comments
 
@@ -65,7 +66,7 @@ class _Session:
 
     def legend(self, machine_id: str, full: bool) -> str:
         """fleet's "113f16a7.../10.0.0.2" form of a machine."""
-        shown = machine_id if full else f"{machine_id[:8]}..."
+        shown = machine_id if full else short_machine_id(machine_id)
         ip = self.machines().get(machine_id, {}).get("primaryIP", "")
         return f"{shown}/{ip}" if ip else shown
 
@@ -178,7 +179,7 @@ def list_machines(session: _Session, full: bool, no_legend: bool, fields: str) -
         return ",".join(f"{k}={v}" for k, v in pairs) or "-"
 
     known: dict[str, Callable[[dict], str]] = {
-        "machine": lambda m: m["id"] if full else f"{m['id'][:8]}...",
+        "machine": lambda m: m["id"] if full else short_machine_id(m["id"]),
         "ip": lambda m: m.get("primaryIP") or "-",
         "metadata": metadata,
     }

@@ -41,7 +41,6 @@ import socket
 import stat
 import struct
 import subprocess
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from typing import Any
 
 from fleetpy.cloudinit.model import CloudConfig, Unit, load
 from fleetpy.cloudinit.substitute import substitute
+from fleetpy.conf.files import write_atomic
 from fleetpy.systemd import SystemdBus, SystemdError
 from fleetpy.unit.errors import InvalidUnitFile
 from fleetpy.unit.file import UnitFile
@@ -500,22 +500,7 @@ def _link_state(change: LinkChange) -> str:
 
 def _write(change: FileChange) -> None:
     _make_dirs(change.path.parent, change.dir_mode)
-    # Write beside the target and rename, so a reader never sees half a file.
-    fd, tmp = tempfile.mkstemp(prefix=f".{change.path.name}.", dir=change.path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(change.content)
-            os.fchmod(f.fileno(), change.mode)
-            if change.uid is not None or change.gid is not None:
-                os.fchown(
-                    f.fileno(),
-                    -1 if change.uid is None else change.uid,
-                    -1 if change.gid is None else change.gid,
-                )
-        os.replace(tmp, change.path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(change.path, change.content, change.mode, change.uid, change.gid)
 
 
 def _link(change: LinkChange) -> None:

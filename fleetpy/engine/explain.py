@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from fleetpy.conf.values import short_machine_id
 from fleetpy.engine.guarded import plan_guarded
-from fleetpy.engine.scheduler import explain, short_id
+from fleetpy.engine.scheduler import explain
 from fleetpy.registry.models import Assignment, Job, Machine
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ def explain_placement(
     """
     new_plan, failed = plan_guarded(machines, units, [a for a in current if a.unit != name], {name})
     decision = new_plan.decisions.get(name)
-    placed = sorted(short_id(a.machine_id) for a in current if a.unit == name)
+    placed = sorted(short_machine_id(a.machine_id) for a in current if a.unit == name)
     where = f"  now on {', '.join(placed) if placed else 'no machine'}"
     recorded = (pending or {}).get(name)
     if name in failed or (decision is None and recorded):

@@ -49,19 +49,14 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from fleetpy.conf.values import short_machine_id
 from fleetpy.registry.models import Assignment, Job, Machine
 from fleetpy.unit import FleetOptions
 
 if TYPE_CHECKING:
     from fleetpy.unit import Unit
 
-SHORT_ID = 8
-
 _NONE: Mapping = MappingProxyType({})
-
-
-def short_id(machine_id: str) -> str:
-    return machine_id if len(machine_id) <= SHORT_ID else machine_id[:SHORT_ID] + "..."
 
 
 # --- reasons ---------------------------------------------------------------------------------
@@ -99,7 +94,7 @@ def _load_text(load: int) -> str:
 
 _RENDER: dict[str, Callable[..., str]] = {
     # Filters: why one machine is out.
-    "machine-id": lambda wanted: f"MachineID is {short_id(wanted)}",
+    "machine-id": lambda wanted: f"MachineID is {short_machine_id(wanted)}",
     "metadata": lambda wanted: f"metadata {_metadata_text(wanted)} does not match",
     "machine-of": lambda target: f"not the machine of {target}",
     "conflict": lambda *units: f"conflicts with {', '.join(units)}",
@@ -785,15 +780,17 @@ def _order(units: Mapping[str, Unit], replacements: Replacements) -> list[str]:
 def explain(decision: Decision) -> list[str]:
     """Human lines for `fleetctl`: where the unit went and why, then each excluded machine."""
     if decision.machine_id is not None:
-        head = f"{decision.unit} -> {short_id(decision.machine_id)} : {decision.reason}"
+        head = f"{decision.unit} -> {short_machine_id(decision.machine_id)} : {decision.reason}"
     elif decision.reason.code == "global":
         head = f"{decision.unit} {decision.reason}"
     else:
         head = f"{decision.unit} pending: {decision.reason}"
     lines = [head]
-    lines += [f"  excluded {short_id(mid)} ({reason})" for mid, reason in sorted(decision.filtered.items())]
     lines += [
-        f"  candidate {short_id(mid)} score {score:.2f}"
+        f"  excluded {short_machine_id(mid)} ({reason})" for mid, reason in sorted(decision.filtered.items())
+    ]
+    lines += [
+        f"  candidate {short_machine_id(mid)} score {score:.2f}"
         for mid, score in sorted(decision.scores.items(), key=lambda s: (-s[1], s[0]))
     ]
     return lines

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from fleetpy.conf.values import BadValue, parse_metadata
+from fleetpy.conf.values import BadValue, parse_metadata, short_machine_id
 from fleetpy.lab.lab import DEFAULT_DIR, Lab, LabError
 from fleetpy.lab.node import NodeError
 from fleetpy.registry import StoreError
@@ -235,7 +235,7 @@ def _print_status(info: dict[str, Any]) -> None:
         health = "healthy" if member["healthy"] else ("running, unhealthy" if member["running"] else "DOWN")
         click.echo(f"  {member['name']:<8} {member['url']:<28} {health}")
     header = (
-        f"  {'NODE':<8} {'IP':<13} {'MACHINE':<9} {'SYSTEMD':<8} {'FLEETD':<7} {'REGISTERED':<11} "
+        f"  {'NODE':<8} {'IP':<13} {'MACHINE':<12} {'SYSTEMD':<8} {'FLEETD':<7} {'REGISTERED':<11} "
         f"{'PROCS':>5} {'RSS':>7} {'PSS':>7}  METADATA"
     )
     click.echo(header)
@@ -243,7 +243,7 @@ def _print_status(info: dict[str, Any]) -> None:
         ip = n["ip"] + (" (cut)" if n["partitioned"] else "")
         metadata = ",".join(f"{k}={v}" for k, v in n["metadata"].items()) or "-"
         click.echo(
-            f"  {n['name']:<8} {ip:<13} {n['machine_id'][:8]:<9} {yes(n['systemd']):<8} {yes(n['fleetd']):<7} "
+            f"  {n['name']:<8} {ip:<13} {short_machine_id(n['machine_id']):<12} {yes(n['systemd']):<8} {yes(n['fleetd']):<7} "
             f"{'yes' if n['registered'] else 'no':<11} {n['processes']:>5} "
             f"{n['rss_kib'] // 1024:>5}MB {n['pss_kib'] // 1024:>5}MB  {metadata}"
         )

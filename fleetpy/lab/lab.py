@@ -36,6 +36,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from fleetpy.conf.files import write_atomic
 from fleetpy.conf.values import format_metadata
 from fleetpy.lab import network as labnet
 from fleetpy.lab import node as nodes
@@ -109,9 +110,8 @@ class Lab:
     def _save(self) -> None:
         assert self.state is not None
         with self._state_lock:
-            tmp = self.state_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(asdict(self.state), indent=1))
-            tmp.replace(self.state_file)  # atomic: a crash leaves the old or the new state
+            # A crash leaves the old state or the new one.
+            write_atomic(self.state_file, json.dumps(asdict(self.state), indent=1))
 
     def _require_state(self) -> State:
         if self.state is None:

@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import os
 import re
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from dbus_next import Message
 from dbus_next.aio import MessageBus
 
+from fleetpy.conf.files import write_atomic
 from fleetpy.systemd.bus import (
     MANAGER_PATH,
     PROPS_IFACE,
@@ -81,16 +80,8 @@ class DbusManager(SystemdBus):
                 return False
         except FileNotFoundError:
             pass
-        # The tmp name contains '~' so installed_units() never mistakes it for a unit.
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp~", dir=self.unit_dir)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        # Its temporary name ends in '~', so installed_units() never mistakes it for a unit.
+        write_atomic(path, text)
         return True
 
     async def link(self, names: list[str]) -> None:

@@ -1,9 +1,10 @@
-"""Durations and metadata as fleet writes them: one reader for fleetd, cloud-config and the lab."""
+"""The bottom layer: durations, metadata and machine ids as fleet writes them, and atomic files."""
 
 from __future__ import annotations
 
 import pytest
 
+from fleetpy.conf.files import write_atomic
 from fleetpy.conf.values import (
     BadValue,
     format_metadata,
@@ -66,3 +67,25 @@ def test_metadata_round_trips_through_its_text() -> None:
 def test_short_machine_id() -> None:
     assert short_machine_id("1abb93b9c0ffee") == "1abb93b9..."
     assert short_machine_id("abc") == "abc"
+
+
+def test_atomic_write_replaces_the_whole_file_and_leaves_no_temporary(tmp_path) -> None:
+    path = tmp_path / "state.json"
+    path.write_text("old")
+    write_atomic(path, "new", mode=0o600)
+    assert path.read_text() == "new" and (path.stat().st_mode & 0o777) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_a_failed_atomic_write_keeps_the_old_file(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "unit.service"
+    path.write_text("old")
+
+    def refuse(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.replace", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, b"new")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["unit.service"]
