@@ -3,13 +3,21 @@ runs out, so the engine moves them only after they stopped."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
+from fleetpy.agent.agent import Agent
+from fleetpy.fleetd.config import build_config
+from fleetpy.registry import Assignment, Machine, Unavailable, memory_registry
+from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.systemd import FakeSystemd
 from fleetpy.unit import UnitFile
 from fleetpy.unit.errors import InvalidFleetOptions
 from fleetpy.unit.fleet import parse_fleet_options
 
 SLEEP = "[Service]\nExecStart=/bin/sleep 1000\n"
+TTL = 2.0
 
 
 def test_the_fence_option_is_a_boolean_of_x_fleet():
@@ -18,3 +26,92 @@ def test_the_fence_option_is_a_boolean_of_x_fleet():
     assert not parse_fleet_options("a.service", UnitFile.parse(SLEEP)).fence
     with pytest.raises(InvalidFleetOptions, match="Fence='maybe' is not a boolean"):
         parse_fleet_options("a.service", UnitFile.parse(SLEEP + "[X-Fleet]\nFence=maybe\n"))
+
+
+async def _until(what, check, timeout=5.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def _fenced_cluster(fence_flag: bool):
+    registry = AsyncRegistry(memory_registry())
+    systemd = FakeSystemd()
+    agent = Agent(registry, systemd, Machine("m1"), ttl=TTL, fence=fence_flag)
+    for name, text in (("fenced.service", SLEEP + "[X-Fleet]\nFence=true\n"), ("plain.service", SLEEP)):
+        digest = await registry.put_unit_file(UnitFile.parse(text))
+        await registry.assign(Assignment(name, "m1", digest, "launched"))
+    return registry, systemd, agent
+
+
+def _active(systemd: FakeSystemd, name: str) -> bool:
+    return systemd.states.get(name, ("", "", ""))[1] == "active"
+
+
+async def test_a_fenced_unit_stops_before_the_ttl_runs_out_and_starts_when_the_heartbeat_is_back():
+    registry, systemd, agent = await _fenced_cluster(fence_flag=False)
+    alive_when_stopped = []
+
+    def on_change(name, load, active, sub):
+        if name == "fenced.service" and active == "inactive":
+            # The engine moves units only once the machine record is gone: it must still be here.
+            alive_when_stopped.append([m.id for m in registry.sync.machines()] == ["m1"])
+
+    systemd.on_state_change(on_change)
+    running = asyncio.create_task(agent.run())
+    try:
+        await _until(
+            "both units to run",
+            lambda: _active(systemd, "fenced.service") and _active(systemd, "plain.service"),
+        )
+        real_refresh = registry.sync.refresh_machine
+
+        def partitioned(machine_id, ttl):
+            raise Unavailable("etcd is unreachable (a partition)")
+
+        registry.sync.refresh_machine = partitioned
+        await _until(
+            "the fenced unit to stop", lambda: not _active(systemd, "fenced.service"), timeout=TTL * 2
+        )
+        assert alive_when_stopped == [True]
+        assert _active(systemd, "plain.service")  # not fenced: it runs on, as fleet's units did
+
+        registry.sync.refresh_machine = real_refresh
+        await _until(
+            "the fenced unit to run again", lambda: _active(systemd, "fenced.service"), timeout=TTL * 2
+        )
+        assert systemd.jobs.count(("start", "fenced.service")) == 2
+        assert systemd.jobs.count(("start", "plain.service")) == 1
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_fleetd_fence_flag_fences_every_unit():
+    registry, systemd, agent = await _fenced_cluster(fence_flag=True)
+    running = asyncio.create_task(agent.run())
+    try:
+        await _until("both units to run", lambda: _active(systemd, "plain.service"))
+
+        def partitioned(machine_id, ttl):
+            raise Unavailable("etcd is unreachable (a partition)")
+
+        registry.sync.refresh_machine = partitioned
+        await _until(
+            "every unit to stop",
+            lambda: not _active(systemd, "plain.service") and not _active(systemd, "fenced.service"),
+            timeout=TTL * 2,
+        )
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+
+
+def test_the_fence_flag_is_read_from_fleet_conf(tmp_path):
+    conf = tmp_path / "fleet.conf"
+    conf.write_text("fence=true\n")
+    assert build_config({}, environ={}, config_file=str(conf)).fence
+    conf.write_text("")
+    assert not build_config({}, environ={}, config_file=str(conf)).fence
+    assert build_config({"fence": "true"}, environ={}, config_file=str(conf)).fence

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
-from fleetpy.agent.tasks import STARTED, Desired, Tasks, plan_tasks
+from fleetpy.agent.tasks import RUNNING, STARTED, Desired, Tasks, plan_tasks
 from fleetpy.registry import Assignment, HistoryLost, Machine, StoreError, UnitState
 from fleetpy.registry.aio import AsyncRegistry
 from fleetpy.systemd import State, SystemdError, SystemdManager
+from fleetpy.unit.fleet import parse_fleet_options
 from fleetpy.unit.name import validate_unit_name
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,10 @@ PUBLISH_CONCURRENCY = 16
 QUARANTINED = ("error", "failed", "failed")
 # A start that failed because systemd was unreachable is tried again on the next pass.
 DISCONNECTED = "fleetpy.Disconnected"
+# Fencing: after this share of the TTL without a renewed heartbeat, fenced units are stopped;
+# the rest of the TTL is for stopping them before the machine record expires and the engine
+# starts them elsewhere. With heartbeats every TTL/3, that is two missed beats.
+FENCE_AFTER = 0.6
 
 
 async def supervise(name: str, task: Callable[[], Awaitable[None]], pause: float = RESTART_PAUSE) -> None:
@@ -45,14 +51,32 @@ async def supervise(name: str, task: Callable[[], Awaitable[None]], pause: float
 class Agent:
     """Runs, on one machine, exactly the units the engine assigned to it."""
 
-    def __init__(self, registry: AsyncRegistry, systemd: SystemdManager, machine: Machine, ttl: float):
+    def __init__(
+        self,
+        registry: AsyncRegistry,
+        systemd: SystemdManager,
+        machine: Machine,
+        ttl: float,
+        fence: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.registry = registry
         self.systemd = systemd
         self.machine = machine
         self.ttl = ttl
+        self.fence = fence  # fence every unit, as [X-Fleet] Fence=true fences one
+        self._clock = clock
+        # When the last heartbeat that etcd took was sent: the machine record lives at least
+        # until this plus the TTL.
+        self._renewed_at = clock()
+        self._fence_units: set[str] = set()  # assigned units to stop when the heartbeat is lost
+        self._fenced: set[str] = set()  # stopped by the fence; started again when it is back
+        self._resync: asyncio.Task | None = None
+        self._reconciling = asyncio.Lock()
         self.reconciled = asyncio.Event()  # set after each reconcile; lets tests and benches wait
         self._assigned: dict[str, Assignment] = {}
-        self._texts: dict[str, str] = {}  # unit file text by hash: immutable, so safe to cache
+        # Unit file text and Fence= by hash: immutable, so safe to cache.
+        self._texts: dict[str, tuple[str, bool]] = {}
         # Launched units started (or adopted) with their current content; None before the first
         # pass. A unit in here is not started again when it fails: systemd's Restart= decides.
         self._started: set[str] | None = None
@@ -76,12 +100,15 @@ class Agent:
             supervise("heartbeat", self._heartbeat),
             supervise("schedule follower", self._follow_schedule),
             supervise("state publisher", self._publish_states),
+            supervise("fence", self._fence_watch),
         )
 
     async def _until_registered(self) -> None:
         while True:
             try:
+                sent = self._clock()
                 await self.registry.register_machine(self.machine, self.ttl)
+                self._renewed_at = sent
                 return
             except StoreError as error:
                 log.warning("cannot register machine %s yet: %s", self.machine.id, error)
@@ -93,11 +120,13 @@ class Agent:
         while True:
             await asyncio.sleep(self.ttl / 3)
             try:
+                sent = self._clock()
                 beat = registry.refresh_machine, self.machine.id, self.ttl
                 if not await loop.run_in_executor(self._heartbeat_thread, *beat):
                     log.warning("machine record had expired; registering again")
                     register = registry.register_machine, self.machine, self.ttl
                     await loop.run_in_executor(self._heartbeat_thread, *register)
+                self._renewed(sent)
             except StoreError as error:
                 # Units keep running while etcd is away; we just try again next beat.
                 log.warning("heartbeat failed: %s", error)
@@ -126,6 +155,10 @@ class Agent:
         refuses) is quarantined: shown failed with the reason, logged once, left alone, while
         the other units go on. Only etcd or systemd being unreachable fails the whole pass.
         """
+        async with self._reconciling:
+            return await self._reconcile(assignments)
+
+    async def _reconcile(self, assignments: list[Assignment]) -> Tasks:
         if self._published is None:
             mine = [s for s in await self.registry.states() if s.machine_id == self.machine.id]
             self._published = {s.unit: s for s in mine}
@@ -139,6 +172,9 @@ class Agent:
         }
         active = {name: state[1] for name, state in (await self.systemd.unit_states(list(installed))).items()}
         tasks = plan_tasks(desired, installed, active, self._started)
+        # Without a heartbeat, a fenced unit stopped here must not start again.
+        held = {n for n in tasks.start if n in self._fence_units} if self._heartbeat_lost() else set()
+        tasks.start = [n for n in tasks.start if n not in held]
         if tasks:
             log.info(
                 "reconcile: stop %s remove %s write %s start %s",
@@ -147,7 +183,7 @@ class Agent:
                 list(tasks.write),
                 tasks.start,
             )
-        not_started = await self._execute(tasks)
+        not_started = await self._execute(tasks) | held
         started = (
             self._started if self._started is not None else {n for n in desired if active.get(n) in STARTED}
         )
@@ -175,10 +211,14 @@ class Agent:
 
     async def _desired(self, assignments: list[Assignment]) -> dict[str, Desired]:
         desired = {}
+        self._fence_units = set()
         for a in assignments:
             try:
                 validate_unit_name(a.unit)
-                desired[a.unit] = Desired(await self._text(a.hash), a.desired_state)
+                text, fence = await self._unit_file(a.unit, a.hash)
+                desired[a.unit] = Desired(text, a.desired_state)
+                if self.fence or fence:
+                    self._fence_units.add(a.unit)
             except StoreError:
                 raise  # etcd is away: the whole pass is retried
             except Exception as error:
@@ -188,12 +228,13 @@ class Agent:
     def _quarantine(self, name: str, reason: str) -> None:
         self._quarantined[name] = f"fleetpy agent: {reason}"
 
-    async def _text(self, digest: str) -> str:
+    async def _unit_file(self, name: str, digest: str) -> tuple[str, bool]:
+        """The unit file's text, and whether it asks for fencing."""
         if digest not in self._texts:
             unit_file = await self.registry.unit_file(digest)
             if unit_file is None:
                 raise LookupError(f"unit file {digest} is missing from the registry")
-            self._texts[digest] = unit_file.to_text()
+            self._texts[digest] = unit_file.to_text(), parse_fleet_options(name, unit_file).fence
         return self._texts[digest]
 
     async def _execute(self, tasks: Tasks) -> set[str]:
@@ -245,6 +286,51 @@ class Agent:
         if result != "done":
             log.warning("%s %s: %s", action.__name__, name, result)
         return False
+
+    def _heartbeat_lost(self) -> bool:
+        return self._clock() - self._renewed_at > self.ttl * FENCE_AFTER
+
+    async def _fence_watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 20)
+            if self._heartbeat_lost():
+                await self._fence()
+
+    async def _fence(self) -> None:
+        """Stop the fenced units that run, before the machine record can expire."""
+        candidates = sorted(self._fence_units - self._fenced)
+        if not candidates:
+            return
+        states = await self.systemd.unit_states(candidates)
+        names = [n for n in candidates if states[n][1] in RUNNING]
+        if not names:
+            return
+        log.warning(
+            "agent: heartbeat not renewed for %.1fs (TTL %.0fs): stopping fenced units %s",
+            self._clock() - self._renewed_at,
+            self.ttl,
+            names,
+        )
+        self._fenced.update(names)
+        if self._started is not None:
+            self._started -= set(names)  # so the next pass starts them again
+        await asyncio.gather(*(self._job(self.systemd.stop, name) for name in names))
+
+    def _renewed(self, sent: float) -> None:
+        self._renewed_at = max(self._renewed_at, sent)
+        if self._fenced and not self._heartbeat_lost():
+            log.warning("agent: heartbeat renewed; starting fenced units %s again", sorted(self._fenced))
+            self._fenced.clear()
+            # The schedule watch may sleep through a partition: read the schedule now.
+            self._resync = asyncio.ensure_future(self._reconcile_now())
+
+    async def _reconcile_now(self) -> None:
+        try:
+            await self.reconcile(await self.registry.assignments(self.machine.id))
+        except (StoreError, SystemdError) as error:
+            log.warning("reconcile after the heartbeat came back failed (the watch retries): %s", error)
+        except Exception:
+            log.exception("reconcile after the heartbeat came back crashed (the watch retries)")
 
     def _on_state_change(self, name: str, load: str, active: str, sub: str) -> None:
         if name in self._assigned and name not in self._quarantined:

@@ -44,6 +44,9 @@ class Config:
     api_insecure: bool = False
     systemd_bus: str = "system"
     agent_ttl: float = 10.0
+    # Stop every unit when the heartbeat cannot be renewed, before the TTL runs out (as
+    # [X-Fleet] Fence=true does for one unit).
+    fence: bool = False
     engine_reconcile_interval: float = 30.0
     disable_engine: bool = False
     verbosity: int = 0
@@ -71,6 +74,7 @@ _CONVERT = {
     "engine_reconcile_interval": parse_duration,
     "etcd_request_timeout": parse_duration,
     "disable_engine": _bool,
+    "fence": _bool,
     "api_insecure": _bool,
     "verbosity": int,
 }

@@ -96,7 +96,7 @@ async def run(config: Config) -> None:
         f" and {config.api_listen}" if config.api_listen else "",
         ",".join(config.etcd_servers),
     )
-    parts = [Agent(registry, systemd, machine, config.agent_ttl).run()]
+    parts = [Agent(registry, systemd, machine, config.agent_ttl, fence=config.fence).run()]
     if not config.disable_engine:
         parts.append(Engine(registry, machine.id, config.agent_ttl, config.engine_reconcile_interval).run())
     main = asyncio.gather(*parts)
@@ -141,6 +141,13 @@ async def run(config: Config) -> None:
 @click.option("--agent-ttl", help="machine heartbeat TTL, e.g. 10s")
 @click.option("--engine-reconcile-interval", help="full scheduling pass interval, e.g. 30s")
 @click.option("--disable-engine", is_flag=True, default=None, flag_value="true")
+@click.option(
+    "--fence",
+    is_flag=True,
+    default=None,
+    flag_value="true",
+    help="stop all units when the heartbeat cannot be renewed, before the TTL runs out",
+)
 @click.option("-v", "--verbosity", help="log verbosity: 0 info, 1 debug")
 def main(config_file: str | None, **flags: str | None) -> None:
     """Run the fleetpy daemon: agent, engine and API of one machine."""
