@@ -22,6 +22,7 @@ from fleetpy.api import SystemctlUnitInfo, create_app, serve
 from fleetpy.api.auth import Auth, peer_proof, valid_peer_proof
 from fleetpy.api.connections import AcceptErrorLog, Limits
 from fleetpy.api.peer import peer_tls
+from fleetpy.cli.fleetctl import cli as fleetctl
 from fleetpy.fleetd.config import ConfigError, build_config
 from fleetpy.fleetd.main import main as fleetd_main
 from fleetpy.registry import Assignment, Job, Machine, memory_registry
@@ -467,3 +468,24 @@ async def test_with_a_cluster_ca_peers_must_prove_who_they_are(registry, tmp_pat
         await rogue.cleanup()
         await peer.cleanup()
     assert recorder.headers == []
+
+
+async def test_fleetctl_speaks_mtls(registry, tmp_path, pki):
+    port = _free_port()
+    runner = await serve(
+        create_app(AsyncRegistry(registry), machine_id=M1),
+        socket_path=str(tmp_path / "fleet.sock"),
+        listen=f"127.0.0.1:{port}",
+        tls_cert=str(pki / "server.pem"),
+        tls_key=str(pki / "server.key"),
+        client_ca=str(pki / "ca.pem"),
+    )
+    base = ["--endpoint", f"https://127.0.0.1:{port}", "--ca-file", str(pki / "ca.pem")]
+    cert = ["--cert-file", str(pki / "client.pem"), "--key-file", str(pki / "client.key")]
+    try:
+        admitted = await asyncio.to_thread(CliRunner().invoke, fleetctl, [*base, *cert, "list-machines"])
+        refused = await asyncio.to_thread(CliRunner().invoke, fleetctl, [*base, "list-machines"])
+    finally:
+        await runner.cleanup()
+    assert admitted.exit_code == 0 and "113f16a7..." in admitted.output, admitted.output
+    assert refused.exit_code == 1 and "TLS failed: check --ca-file" in refused.output, refused.output

@@ -45,18 +45,26 @@ class _Group(click.Group):
 class _Session:
     """The client for one invocation, plus the machine list fetched once for legends."""
 
-    def __init__(self, endpoint: str, token: str | None, request_timeout: float, ssh_username: str):
+    def __init__(
+        self,
+        endpoint: str,
+        token: str | None,
+        request_timeout: float,
+        ssh_username: str,
+        tls_files: dict[str, str | None] | None = None,
+    ):
         self.endpoint = endpoint
         self.token = token
         self.request_timeout = request_timeout
         self.ssh_username = ssh_username
+        self.tls_files = tls_files or {}
         self._client: Client | None = None
         self._machines: dict[str, dict] | None = None
 
     @property
     def client(self) -> Client:
         if self._client is None:
-            self._client = Client(self.endpoint, self.token, timeout=self.request_timeout)
+            self._client = Client(self.endpoint, self.token, timeout=self.request_timeout, **self.tls_files)
         return self._client
 
     def machines(self) -> dict[str, dict]:
@@ -92,6 +100,9 @@ pass_session = click.make_pass_decorator(_Session)
     default=None,
     help="bearer token for a TCP endpoint (env FLEETCTL_TOKEN)",
 )
+@click.option("--ca-file", envvar="FLEETCTL_CA_FILE", help="CA that signed fleetd's TLS certificate")
+@click.option("--cert-file", envvar="FLEETCTL_CERT_FILE", help="client certificate for fleetd's mTLS")
+@click.option("--key-file", envvar="FLEETCTL_KEY_FILE", help="key of --cert-file")
 @click.option(
     "--request-timeout",
     envvar="FLEETCTL_REQUEST_TIMEOUT",
@@ -110,10 +121,18 @@ pass_session = click.make_pass_decorator(_Session)
 @click.version_option(__version__, prog_name="fleetctl")
 @click.pass_context
 def cli(
-    ctx: click.Context, endpoint: str, token: str | None, request_timeout: float, ssh_username: str
+    ctx: click.Context,
+    endpoint: str,
+    token: str | None,
+    ca_file: str | None,
+    cert_file: str | None,
+    key_file: str | None,
+    request_timeout: float,
+    ssh_username: str,
 ) -> None:
     """Manage units in a fleetpy cluster."""
-    session = _Session(endpoint, token, request_timeout, ssh_username)
+    tls_files = {"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file}
+    session = _Session(endpoint, token, request_timeout, ssh_username, tls_files)
     ctx.obj = session
     ctx.call_on_close(session.close)
 

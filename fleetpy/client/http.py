@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Iterator
 from typing import Any, Self
 from urllib.parse import quote
@@ -40,9 +41,22 @@ _ETCD_UNREACHABLE = "etcdUnreachable"
 class Client:
     """fleet's API client; `endpoint` is unix:///path/fleet.sock or http(s)://host:port."""
 
-    def __init__(self, endpoint: str, token: str | None = None, timeout: float = 10):
+    def __init__(
+        self,
+        endpoint: str,
+        token: str | None = None,
+        timeout: float = 10,
+        *,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+    ):
+        """`ca_file` verifies an https fleetd (the cluster CA); `cert_file`/`key_file` are this
+        client's certificate for a fleetd that admits clients by certificate (mTLS)."""
         self.endpoint = endpoint
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if bool(cert_file) != bool(key_file):
+            raise ValueError("a client certificate needs both --cert-file and --key-file")
         if endpoint.startswith("unix://"):
             path = endpoint.removeprefix("unix://")
             if not path:
@@ -58,7 +72,14 @@ class Client:
             raise ValueError(
                 f"bad endpoint {endpoint!r}; expected unix:///path/fleet.sock or http(s)://HOST:PORT"
             )
-        self._http = httpx.Client(base_url=base_url, transport=transport, headers=headers, timeout=timeout)
+        verify: ssl.SSLContext | bool = True
+        if ca_file or cert_file:
+            verify = ssl.create_default_context(cafile=ca_file or None)
+            if cert_file and key_file:
+                verify.load_cert_chain(cert_file, key_file)
+        self._http = httpx.Client(
+            base_url=base_url, transport=transport, headers=headers, timeout=timeout, verify=verify
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -70,6 +91,15 @@ class Client:
         self.close()
 
     def _unreachable(self, error: Exception) -> ConnectionFailed:
+        tls_trouble = "SSL" in str(error) or isinstance(error, httpx.RemoteProtocolError)
+        if self.endpoint.startswith("https://") and tls_trouble:
+            # fleetd runs (it took the connection) but the TLS handshake or its checks failed.
+            return ConnectionFailed(
+                0,
+                f"cannot reach fleetd at {self.endpoint}: {error}; TLS failed: check --ca-file "
+                "(the CA that signed fleetd's certificate) and, if fleetd admits clients by "
+                "certificate, --cert-file and --key-file",
+            )
         return ConnectionFailed(
             0,
             f"cannot reach fleetd at {self.endpoint}: {error}; is fleetd "
