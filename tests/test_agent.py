@@ -318,7 +318,7 @@ async def test_a_crashed_background_task_is_logged_and_started_again(caplog):
 
 
 async def test_the_heartbeat_survives_an_unexpected_error(monkeypatch):
-    monkeypatch.setattr("fleetpy.agent.agent.RESTART_PAUSE", 0.01)
+    monkeypatch.setattr("fleetpy.supervise.RESTART_PAUSE", 0.01)
     registry = AsyncRegistry(memory_registry())
     real_refresh = registry.sync.refresh_machine
     calls = []

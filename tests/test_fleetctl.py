@@ -1,8 +1,8 @@
 """fleetctl end to end: click's CliRunner against a real API server on a unix socket.
 
-The server runs on its own event loop thread over the in-memory registry; a small thread
-stands in for the engine and agents, scheduling every wanted unit on the first machine and
-publishing the systemd state its desired state implies, so blocking commands complete.
+The server runs on its own event loop thread over the in-memory registry, beside two real
+fleetds (agent and engine, built as `fleetd` builds them) whose systemd is FakeSystemd, so
+blocking commands complete exactly as on a cluster.
 """
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ from click.testing import CliRunner
 from fleetpy.api import create_app, serve
 from fleetpy.cli.fleetctl import cli, tabulate
 from fleetpy.client import Client
-from fleetpy.registry import Assignment, Machine, Registry, UnitState, memory_registry
+from fleetpy.fleetd.config import Config
+from fleetpy.fleetd.daemon import build_fleetd
+from fleetpy.registry import Registry, memory_registry
 from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.systemd import FakeSystemd
 from fleetpy.unit import UnitFile
 
 M1 = "113f16a7" + "a" * 24
@@ -29,7 +32,10 @@ M2 = "2c9a1b3e" + "b" * 24
 HELLO = "[Unit]\nDescription=Hello\n\n[Service]\nExecStart=/bin/sleep 1000\n"
 WEB = "[Service]\nExecStart=/bin/web %i\n"
 TOKEN = "s3cret"
-ACTIVE = {"loaded": ("inactive", "dead"), "launched": ("active", "running")}
+MACHINES = (
+    Config(machine_id=M1, public_ip="10.0.0.1", metadata={"region": "us", "disk": "ssd"}, agent_ttl=600),
+    Config(machine_id=M2, public_ip="10.0.0.2", agent_ttl=600),
+)
 
 
 class FakeLocal:
@@ -39,26 +45,6 @@ class FakeLocal:
     async def journal(self, name: str, lines: int, follow: bool) -> AsyncIterator[str]:
         for i in range(lines):
             yield f"{name} line {i}\n"
-
-
-def simulate_cluster(registry: Registry, stop: threading.Event) -> None:
-    """Engine and agent in one loop: units called stuck*.service never fit anywhere."""
-    while not stop.wait(0.02):
-        jobs = {job.name: job for job in registry.jobs()}
-        for assignment in registry.assignments():
-            job = jobs.get(assignment.unit)
-            if job is None or job.desired_state == "inactive":
-                registry.unassign(assignment.unit, assignment.machine_id)
-                registry.remove_state(assignment.unit, assignment.machine_id)
-        for job in jobs.values():
-            if job.desired_state == "inactive":
-                continue
-            if job.name.startswith("stuck"):
-                registry.set_pending(job.name, "no machine has region=mars")
-                continue
-            registry.assign(Assignment(job.name, M1, job.hash, job.desired_state))
-            active, sub = ACTIVE[job.desired_state]
-            registry.publish_state(UnitState(job.name, M1, job.hash, "loaded", active, sub))
 
 
 @dataclass
@@ -71,11 +57,22 @@ class Fleet:
         return CliRunner().invoke(cli, ["--endpoint", self.endpoint, *args], env=env)
 
 
+async def _start_cluster(registry: AsyncRegistry) -> list[asyncio.Task]:
+    tasks = [asyncio.create_task(build_fleetd(c, registry, FakeSystemd()).run()) for c in MACHINES]
+    while len(await registry.machines()) < len(MACHINES):
+        await asyncio.sleep(0.01)
+    return tasks
+
+
+async def _stop_cluster(tasks: list[asyncio.Task]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 @pytest.fixture
 def fleet(tmp_path):
     registry = memory_registry()
-    registry.register_machine(Machine(M1, "10.0.0.1", {"region": "us", "disk": "ssd"}), ttl=600)
-    registry.register_machine(Machine(M2, "10.0.0.2"), ttl=600)
     loop = asyncio.new_event_loop()
     server = threading.Thread(target=loop.run_forever, daemon=True)
     server.start()
@@ -86,14 +83,11 @@ def fleet(tmp_path):
         port = probe.getsockname()[1]
     serving = serve(app, socket_path=str(socket_path), listen=f"127.0.0.1:{port}", token=TOKEN)
     runner = asyncio.run_coroutine_threadsafe(serving, loop).result(10)
-    stop = threading.Event()
-    cluster = threading.Thread(target=simulate_cluster, args=(registry, stop), daemon=True)
-    cluster.start()
+    cluster = asyncio.run_coroutine_threadsafe(_start_cluster(AsyncRegistry(registry)), loop).result(10)
     try:
         yield Fleet(registry, f"unix://{socket_path}", f"http://127.0.0.1:{port}")
     finally:
-        stop.set()
-        cluster.join()
+        asyncio.run_coroutine_threadsafe(_stop_cluster(cluster), loop).result(10)
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         server.join()
@@ -192,17 +186,16 @@ def test_load_stop_unload_destroy(fleet, unit_dir):
 
 def test_pending_unit_times_out_with_its_reason(fleet, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "stuck.service").write_text(HELLO)
+    (tmp_path / "stuck.service").write_text(HELLO + "[X-Fleet]\nMachineMetadata=region=mars\n")
     result = fleet.run("start", "--block-attempts", "5", "stuck.service")
     assert result.exit_code == 1
+    reason = fleet.registry.pending()["stuck.service"]
+    assert "region=mars" in reason, reason
     assert (
-        "Error: timed out waiting for unit stuck.service to report state launched "
-        "(pending: no machine has region=mars)"
+        f"Error: timed out waiting for unit stuck.service to report state launched (pending: {reason})"
     ) in result.output
     result = fleet.run("list-units", "--fields", "unit,machine,active,reason")
-    assert result.output == (
-        "UNIT\t\tMACHINE\tACTIVE\tREASON\nstuck.service\t-\t-\tno machine has region=mars\n"
-    )
+    assert result.output == f"UNIT\t\tMACHINE\tACTIVE\tREASON\nstuck.service\t-\t-\t{reason}\n"
 
 
 def test_no_block_returns_at_once(fleet, unit_dir):
@@ -218,7 +211,7 @@ def test_instance_of_submitted_template(fleet, unit_dir):
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [
         "Unit web@1.service launched on 113f16a7.../10.0.0.1",
-        "Unit web@2.service launched on 113f16a7.../10.0.0.1",
+        "Unit web@2.service launched on 2c9a1b3e.../10.0.0.2",
     ]
     assert fleet.registry.job("web@1.service").hash == fleet.registry.job("web@.service").hash
 

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from fleetpy.agent.tasks import RUNNING, STARTED, Desired, Tasks, plan_tasks
 from fleetpy.registry import Assignment, HistoryLost, Machine, StoreError, UnitState
 from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.supervise import supervise
 from fleetpy.systemd import State, SystemdError, SystemdManager
 from fleetpy.unit.fleet import parse_fleet_options
 from fleetpy.unit.name import validate_unit_name
@@ -21,8 +22,6 @@ log = logging.getLogger(__name__)
 WATCH_TIMEOUT = 300.0
 # Pause after etcd stayed unreachable through the store's own retries.
 OUTAGE_PAUSE = 1.0
-# Pause before a background task that crashed is started again.
-RESTART_PAUSE = 1.0
 # State records written at once; the rest of a burst waits its turn.
 PUBLISH_CONCURRENCY = 16
 # The state shown for a unit the agent cannot handle: it never reached systemd as it should.
@@ -33,19 +32,6 @@ DISCONNECTED = "fleetpy.Disconnected"
 # the rest of the TTL is for stopping them before the machine record expires and the engine
 # starts them elsewhere. With heartbeats every TTL/3, that is two missed beats.
 FENCE_AFTER = 0.6
-
-
-async def supervise(name: str, task: Callable[[], Awaitable[None]], pause: float = RESTART_PAUSE) -> None:
-    """Run `task` for ever: when it raises or returns, log why and start it again."""
-    while True:
-        try:
-            await task()
-            log.error("agent: %s stopped; starting it again", name)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("agent: %s crashed; starting it again in %.0fs", name, pause)
-        await asyncio.sleep(pause)
 
 
 class Agent:
@@ -92,15 +78,15 @@ class Agent:
         # The heartbeat gets a thread of its own: a burst of API requests or state writes that
         # fills the shared worker threads must not let the machine record expire.
         self._heartbeat_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="heartbeat")
+        systemd.on_state_change(self._on_state_change)
 
     async def run(self) -> None:
-        self.systemd.on_state_change(self._on_state_change)
         await self._until_registered()
         await asyncio.gather(
-            supervise("heartbeat", self._heartbeat),
-            supervise("schedule follower", self._follow_schedule),
-            supervise("state publisher", self._publish_states),
-            supervise("fence", self._fence_watch),
+            supervise("agent: heartbeat", self._heartbeat),
+            supervise("agent: schedule follower", self._follow_schedule),
+            supervise("agent: state publisher", self._publish_states),
+            supervise("agent: fence", self._fence_watch),
         )
 
     async def _until_registered(self) -> None:

@@ -7,33 +7,26 @@ import concurrent.futures
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import click
 
-from fleetpy.agent.agent import Agent
 from fleetpy.api import SystemctlUnitInfo, create_app, serve
 from fleetpy.api.peer import peer_tls
-from fleetpy.engine.engine import Engine
-from fleetpy.fleetd.config import Config, ConfigError, build_config, machine_id
-from fleetpy.registry import EtcdStore, Machine, Registry, StoreError
+from fleetpy.fleetd.config import Config, ConfigError, build_config
+from fleetpy.fleetd.daemon import build_fleetd
+from fleetpy.registry import EtcdStore, Registry, StoreError
 from fleetpy.registry.aio import AsyncRegistry
-from fleetpy.systemd import DbusManager
+from fleetpy.systemd import DbusManager, SystemdError
 
 log = logging.getLogger("fleetd")
 
 # Watches hold a thread each for as long as they long-poll; API calls need threads meanwhile.
 REGISTRY_THREADS = 32
 
-
-def api_endpoint(config: Config) -> str:
-    if not config.api_listen:
-        return ""
-    host, _, port = config.api_listen.rpartition(":")
-    if host in ("", "0.0.0.0", "[::]"):
-        host = config.public_ip or "127.0.0.1"
-    scheme = "https" if config.api_tls_cert else "http"
-    return f"{scheme}://{host}:{port}"
+T = TypeVar("T")
 
 
 def local_unit_info(bus: str) -> SystemctlUnitInfo:
@@ -60,21 +53,14 @@ async def run(config: Config) -> None:
     loop = asyncio.get_running_loop()
     loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(REGISTRY_THREADS))
     registry = AsyncRegistry(open_registry(config))
-    machine = Machine(machine_id(config), config.public_ip, dict(config.metadata), api_endpoint(config))
     token = Path(config.api_token_file).read_text().strip() if config.api_token_file else None
-
-    while True:
-        try:
-            await registry.ensure_schema()
-            break
-        except StoreError as error:
-            log.warning("waiting for etcd: %s", error)
-            await asyncio.sleep(1)
-    systemd = await DbusManager.connect(config.systemd_bus, config.unit_dir)
+    await _until_ready("etcd", registry.ensure_schema)
+    systemd = await _until_ready("systemd", lambda: DbusManager.connect(config.systemd_bus, config.unit_dir))
+    fleetd = build_fleetd(config, registry, systemd)
     cluster_ca = config.api_tls_client_ca
     app = create_app(
         registry,
-        machine_id=machine.id,
+        machine_id=fleetd.machine.id,
         local=local_unit_info(config.systemd_bus),
         peer_token=token,
         peer_tls=peer_tls(cluster_ca, config.api_tls_cert, config.api_tls_key) if cluster_ca else None,
@@ -91,15 +77,12 @@ async def run(config: Config) -> None:
     )
     log.info(
         "fleetd %s up: api %s%s, etcd %s",
-        machine.id,
+        fleetd.machine.id,
         config.api_socket,
         f" and {config.api_listen}" if config.api_listen else "",
         ",".join(config.etcd_servers),
     )
-    parts = [Agent(registry, systemd, machine, config.agent_ttl, fence=config.fence).run()]
-    if not config.disable_engine:
-        parts.append(Engine(registry, machine.id, config.agent_ttl, config.engine_reconcile_interval).run())
-    main = asyncio.gather(*parts)
+    main = asyncio.ensure_future(fleetd.run())
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, main.cancel)
     try:
@@ -109,6 +92,16 @@ async def run(config: Config) -> None:
     finally:
         await runner.cleanup()
         await systemd.close()
+
+
+async def _until_ready(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+    """Retry `attempt` until it succeeds: etcd or systemd being away is no reason to exit."""
+    while True:
+        try:
+            return await attempt()
+        except (StoreError, SystemdError, ConnectionError, FileNotFoundError) as error:
+            log.warning("waiting for %s: %s", what, error)
+            await asyncio.sleep(1)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,0 +1,73 @@
+"""One machine's fleetd, built from its seams: a registry, a systemd manager and a clock.
+
+`fleetd` builds it over etcd and D-Bus; tests build the same thing over the memory registry
+and FakeSystemd, so what they run is the real agent and engine, supervised as in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fleetpy.agent.agent import Agent
+from fleetpy.engine.engine import Engine
+from fleetpy.fleetd.config import Config, machine_id
+from fleetpy.registry import Machine
+from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.supervise import supervise
+from fleetpy.systemd import SystemdManager
+
+
+def machine_of(config: Config) -> Machine:
+    """This machine as its agent registers it."""
+    return Machine(machine_id(config), config.public_ip, dict(config.metadata), api_endpoint(config))
+
+
+def api_endpoint(config: Config) -> str:
+    """Where peers reach this fleetd's API over TCP, or "" when it serves only its unix socket."""
+    if not config.api_listen:
+        return ""
+    host, _, port = config.api_listen.rpartition(":")
+    if host in ("", "0.0.0.0", "[::]"):
+        host = config.public_ip or "127.0.0.1"
+    scheme = "https" if config.api_tls_cert else "http"
+    return f"{scheme}://{host}:{port}"
+
+
+@dataclass
+class Fleetd:
+    """The agent and (unless disabled) the engine of one machine; the API is served beside it."""
+
+    machine: Machine
+    registry: AsyncRegistry
+    agent: Agent
+    engine: Engine | None
+    restart_pause: float | None = None  # supervise's default
+
+    async def run(self) -> None:
+        """Run until cancelled; each part is supervised, so none can end the others."""
+        parts = [supervise("agent", self.agent.run, self.restart_pause)]
+        if self.engine is not None:
+            parts.append(supervise("engine", self.engine.run, self.restart_pause))
+        async with asyncio.TaskGroup() as group:
+            for part in parts:
+                group.create_task(part)
+
+
+def build_fleetd(
+    config: Config,
+    registry: AsyncRegistry,
+    systemd: SystemdManager,
+    clock: Callable[[], float] = time.monotonic,
+) -> Fleetd:
+    """The fleetd that `config` describes, over the given registry, systemd manager and clock."""
+    machine = machine_of(config)
+    agent = Agent(registry, systemd, machine, config.agent_ttl, fence=config.fence)
+    engine = (
+        None
+        if config.disable_engine
+        else Engine(registry, machine.id, config.agent_ttl, config.engine_reconcile_interval, clock=clock)
+    )
+    return Fleetd(machine, registry, agent, engine)
