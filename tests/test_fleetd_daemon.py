@@ -14,7 +14,7 @@ import pytest
 
 from fleetpy.fleetd.config import Config
 from fleetpy.fleetd.daemon import build_fleetd
-from fleetpy.registry import Job, memory_registry
+from fleetpy.registry import Job, MemoryStore, Registry, memory_registry
 from fleetpy.registry.aio import AsyncRegistry
 from fleetpy.supervise import supervise
 from fleetpy.systemd import FakeSystemd
@@ -98,3 +98,31 @@ def test_fleetd_waits_for_systemd_instead_of_exiting_and_stops_at_once(etcd_url,
         fleetd.wait(5)
     bad = subprocess.run([*argv[:3], "--agent-ttl", "-5s"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "agent" in bad.stderr.lower(), bad.stderr
+
+
+class ManualClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_stopping_fleetd_leaves_its_machine_a_whole_ttl_to_come_back():
+    # Restarting fleetd must not outlast what was left of the TTL since the last heartbeat.
+    clock = ManualClock()
+    registry = AsyncRegistry(Registry(MemoryStore(clock)))
+    fleetd = build_fleetd(Config(machine_id=M1, agent_ttl=30), registry, FakeSystemd(), clock)
+    task = asyncio.create_task(fleetd.run())
+    await _until(lambda: _has_machines(registry, 1))
+    clock.now = 20.0  # the heartbeat (every 10 s of real time) has not come yet
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    clock.now = 45.0
+    assert await _has_machines(registry, 1)
+    clock.now = 51.0
+    assert await _has_machines(registry, 0)
+
+
+async def _has_machines(registry, count):
+    return len(await registry.machines()) == count

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,8 @@ DISCONNECTED = "fleetpy.Disconnected"
 # the rest of the TTL is for stopping them before the machine record expires and the engine
 # starts them elsewhere. With heartbeats every TTL/3, that is two missed beats.
 FENCE_AFTER = 0.6
+# How long a stopping agent tries to renew its machine record one last time.
+LAST_BEAT = 0.5
 
 
 class Agent:
@@ -82,12 +85,18 @@ class Agent:
 
     async def run(self) -> None:
         await self._until_registered()
-        await asyncio.gather(
-            supervise("agent: heartbeat", self._heartbeat),
-            supervise("agent: schedule follower", self._follow_schedule),
-            supervise("agent: state publisher", self._publish_states),
-            supervise("agent: fence", self._fence_watch),
-        )
+        try:
+            await asyncio.gather(
+                supervise("agent: heartbeat", self._heartbeat),
+                supervise("agent: schedule follower", self._follow_schedule),
+                supervise("agent: state publisher", self._publish_states),
+                supervise("agent: fence", self._fence_watch),
+            )
+        finally:
+            # A fleetd that stops (to restart, say) gives itself a whole TTL to come back in
+            # before the engine moves its units, not whatever was left since the last beat.
+            with contextlib.suppress(StoreError, TimeoutError):
+                await asyncio.wait_for(self.registry.refresh_machine(self.machine.id, self.ttl), LAST_BEAT)
 
     async def _until_registered(self) -> None:
         while True:
