@@ -222,3 +222,18 @@ async def test_units_of_a_machine_that_does_not_come_back_move_after_the_grace(r
     clock.advance(10)
     await registry.register_machine(Machine("m3"), ttl=300)  # any event wakes the engine
     await _until(lambda: _placed(registry, {"moves.service": "m3", "new.service": "m1"}))
+
+
+async def test_a_metadata_edit_wakes_the_engine(running):
+    registry = AsyncRegistry(memory_registry())
+    await registry.register_machine(Machine("m1", metadata={"role": "web"}), ttl=30)
+    engine = Engine(registry, "m1", lease_ttl=5, reconcile_interval=3600)
+    running(engine.run())
+    await _submit(registry, "db.service", TRUE + "[X-Fleet]\nMachineMetadata=role=db\n")
+    await _until(lambda: _is_pending(registry, "db.service"))
+    await registry.edit_machine_metadata("m1", {"role": "db"})
+    await _until(lambda: _placed(registry, {"db.service": "m1"}))
+
+
+async def _is_pending(registry, unit):
+    return unit in await registry.pending()

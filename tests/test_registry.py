@@ -67,14 +67,23 @@ def test_machines_expire_without_heartbeat(registry):
     assert not registry.refresh_machine("m1", ttl=1)
 
 
-def test_replace_machine_is_compare_and_swap(registry):
-    old = Machine("m1", "10.0.0.1", {"role": "web"})
-    registry.register_machine(old, ttl=30)
-    new = Machine("m1", "10.0.0.1", {"role": "db"})
-    registry.replace_machine(old, new, ttl=30)
-    assert registry.machines() == [new]
-    with pytest.raises(Conflict):
-        registry.replace_machine(old, new, ttl=30)
+def test_metadata_edits_lie_over_the_agents_record_and_survive_its_re_registering(registry):
+    registry.register_machine(Machine("m1", "10.0.0.1", {"role": "web", "zone": "a"}), ttl=30)
+    registry.edit_machine_metadata("m1", {"role": "db", "disk": "ssd"})
+    registry.edit_machine_metadata("m1", {"zone": None})
+    assert registry.machines() == [Machine("m1", "10.0.0.1", {"role": "db", "disk": "ssd"})]
+    registry.register_machine(Machine("m1", "10.0.0.1", {"role": "web", "zone": "a"}), ttl=30)
+    assert registry.machines()[0].metadata == {"role": "db", "disk": "ssd"}
+
+
+def test_editing_a_dead_machines_metadata_does_not_keep_it_alive(registry):
+    # B7: an edit rewrote machines/<id> with a fresh TTL, so a dead machine stayed "alive".
+    registry.register_machine(Machine("m1", "10.0.0.1", {"role": "web"}), ttl=1)
+    registry.edit_machine_metadata("m1", {"role": "db"})
+    deadline = time.monotonic() + 5
+    while registry.machines() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert registry.machines() == []
 
 
 def test_schedule_is_kept_per_machine(registry):

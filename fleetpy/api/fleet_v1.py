@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import dataclasses
 import json
 import re
 from typing import Any
@@ -20,9 +19,6 @@ from fleetpy.registry import DESIRED_STATES, Job, NotFound
 from fleetpy.unit import UnitFile, UnitName, load_unit
 
 PAGE_SIZE = 100
-# A machine record written by a metadata edit lives this long unless its agent refreshes it,
-# as the agent does every few seconds while alive.
-METADATA_EDIT_TTL = 30.0
 _PATCH_PATH = re.compile(r"/([^/]+)/metadata/([^/]+)")
 
 
@@ -220,19 +216,12 @@ class FleetV1:
 
     async def patch_machines(self, request: web.Request) -> web.Response:
         operations = _parse_patch(await json_body(request))
-        machines = {m.id: m for m in await self.registry.machines()}
-        edited: dict[str, dict[str, str]] = {}
+        alive = {m.id for m in await self.registry.machines()}
+        edits: dict[str, dict[str, str | None]] = {}
         for op, machine_id, key, value in operations:
-            if machine_id not in machines:
+            if machine_id not in alive:
                 raise ApiError(404, f"machine {machine_id} not found; see 'fleetctl list-machines -l'")
-            metadata = edited.setdefault(machine_id, dict(machines[machine_id].metadata))
-            if op == "remove":
-                metadata.pop(key, None)
-            else:
-                metadata[key] = value
-        for machine_id, metadata in edited.items():
-            old = machines[machine_id]
-            await self.registry.replace_machine(
-                old, dataclasses.replace(old, metadata=metadata), METADATA_EDIT_TTL
-            )
+            edits.setdefault(machine_id, {})[key] = None if op == "remove" else value
+        for machine_id, changes in edits.items():
+            await self.registry.edit_machine_metadata(machine_id, changes)
         return web.Response(status=204)

@@ -129,6 +129,7 @@ class Engine:
             for coro in (
                 self._watch("job", changed),
                 self._watch("machines", changed),
+                self._watch("machine-metadata", changed),
                 self._schedule_on(changed),
             )
         ]

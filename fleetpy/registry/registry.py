@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+from collections.abc import Mapping
 
 from fleetpy.registry.models import Assignment, Job, Machine, UnitState
 from fleetpy.registry.store import AlreadyExists, CompareFailed, MemoryStore, Store
@@ -27,6 +29,7 @@ class Registry:
     Keys (relative to the prefix), each written by one party:
       version                      schema version                    first fleetd
       machines/<id>                Machine JSON, with the agent TTL  that machine's agent
+      machine-metadata/<id>        metadata edits laid over it       API (PATCH /machines)
       unit/<hash>                  unit file text, content-addressed API (submit)
       job/<name>                   Job JSON: hash + desired state    API
       schedule/<machine>/<name>    Assignment JSON                   engine
@@ -109,18 +112,26 @@ class Registry:
         return self.store.refresh(self.key("machines", machine_id), ttl)
 
     def machines(self) -> list[Machine]:
-        return [Machine.from_json(json.loads(v)) for _, v in sorted(self._list("machines").items())]
+        """Live machines, with any metadata edits laid over what their agents registered."""
+        overlays = {k: json.loads(v) for k, v in self._list("machine-metadata").items()}
+        machines = [Machine.from_json(json.loads(v)) for _, v in sorted(self._list("machines").items())]
+        return [_with_overlay(m, overlays[m.id]) if m.id in overlays else m for m in machines]
 
-    def replace_machine(self, old: Machine, new: Machine, ttl: float) -> None:
-        """Compare-and-swap a machine record (metadata edits through the API)."""
-        key = self.key("machines", old.id)
+    # Metadata edits (PATCH /machines): an overlay per machine, apart from the machine's record,
+    # so that only the agent's heartbeat keeps a machine alive. A value of None removes the key.
+    def edit_machine_metadata(self, machine_id: str, changes: Mapping[str, str | None]) -> None:
+        key = self.key("machine-metadata", machine_id)
         current = self.store.get(key)
-        if current is None or Machine.from_json(json.loads(current)) != old:
-            raise Conflict(f"machine {old.id} changed or disappeared; try again")
+        overlay = {**(json.loads(current) if current else {}), **changes}
         try:
-            self.store.put(key, json.dumps(new.to_json()), ttl=ttl, prev_value=current)
-        except CompareFailed:
-            raise Conflict(f"machine {old.id} changed while being updated; try again") from None
+            if current is None:
+                self.store.put(key, json.dumps(overlay, sort_keys=True), create_only=True)
+            else:
+                self.store.put(key, json.dumps(overlay, sort_keys=True), prev_value=current)
+        except (AlreadyExists, CompareFailed):
+            raise Conflict(
+                f"metadata of machine {machine_id} changed while being updated; try again"
+            ) from None
 
     def remove_machine(self, machine_id: str) -> None:
         self.store.delete(self.key("machines", machine_id))
@@ -188,6 +199,11 @@ class Registry:
 
     def wait(self, after_index: int, *parts: str, timeout: float = 30.0) -> int | None:
         return self.store.wait(self.key(*parts), after_index, timeout)
+
+
+def _with_overlay(machine: Machine, overlay: Mapping[str, str | None]) -> Machine:
+    metadata = {**machine.metadata, **overlay}
+    return dataclasses.replace(machine, metadata={k: v for k, v in metadata.items() if v is not None})
 
 
 def memory_registry(prefix: str = DEFAULT_PREFIX) -> Registry:
