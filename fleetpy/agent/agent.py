@@ -96,7 +96,8 @@ class Agent:
             # A fleetd that stops (to restart, say) gives itself a whole TTL to come back in
             # before the engine moves its units, not whatever was left since the last beat.
             with contextlib.suppress(StoreError, TimeoutError):
-                await asyncio.wait_for(self.registry.refresh_machine(self.machine.id, self.ttl), LAST_BEAT)
+                async with asyncio.timeout(LAST_BEAT):
+                    await self.registry.refresh_machine(self.machine.id, self.ttl)
 
     async def _until_registered(self) -> None:
         while True:

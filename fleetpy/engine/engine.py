@@ -151,7 +151,8 @@ class Engine:
                 task.cancel()
             await asyncio.gather(lease, *workers, return_exceptions=True)
             with contextlib.suppress(StoreError, TimeoutError):
-                await asyncio.wait_for(self.registry.resign(self.machine_id), RESIGN_TIMEOUT)
+                async with asyncio.timeout(RESIGN_TIMEOUT):
+                    await self.registry.resign(self.machine_id)
 
     async def _keep_lease(self) -> None:
         while True:
@@ -184,8 +185,11 @@ class Engine:
         while True:
             # While units are held for missing machines, look again when their grace ends.
             timeout = min(self.reconcile_interval, self._grace_left or self.reconcile_interval)
+            # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation that
+            # arrives just as the event is set, and then _lead would wait for this task for ever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await changed.wait()
             changed.clear()
             try:
                 await self.reconcile()
