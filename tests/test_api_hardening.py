@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from fleetpy.api import SystemctlUnitInfo, create_app, serve
 from fleetpy.api.auth import Auth, peer_proof, valid_peer_proof
-from fleetpy.api.connections import AcceptErrorLog, Limits
+from fleetpy.api.connections import LIMITS, AcceptErrorLog, Limits
 from fleetpy.api.peer import peer_tls
 from fleetpy.cli.fleetctl import cli as fleetctl
 from fleetpy.fleetd.config import ConfigError, build_config
@@ -489,3 +489,37 @@ async def test_fleetctl_speaks_mtls(registry, tmp_path, pki):
         await runner.cleanup()
     assert admitted.exit_code == 0 and "113f16a7..." in admitted.output, admitted.output
     assert refused.exit_code == 1 and "TLS failed: check --ca-file" in refused.output, refused.output
+
+
+class SlowCreates:
+    """A registry whose job creation takes `delay`, as etcd's does when it is struggling."""
+
+    def __init__(self, inner: AsyncRegistry, delay: float):
+        self.inner = inner
+        self.delay = delay
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    async def create_job(self, job: Job) -> None:
+        await asyncio.sleep(self.delay)
+        await self.inner.create_job(job)
+
+
+async def test_a_replace_past_the_deadline_still_completes(registry):
+    # The deadline answers 503, but the half-made replace (old job deleted) must not stay half-made.
+    app = create_app(SlowCreates(AsyncRegistry(registry), 1.0), machine_id=M1)
+    app[LIMITS] = Limits(registry_deadline=0.3)
+    other = [{"section": "Service", "name": "ExecStart", "value": "/bin/true"}]
+    async with TestClient(TestServer(app)) as client:
+        registry.put_unit_file(UnitFile.from_options(HELLO))
+        registry.create_job(Job("a.service", UnitFile.from_options(HELLO).hash, "launched"))
+        resp = await client.put(
+            "/fleet/v1/units/a.service", json={"desiredState": "launched", "options": other}
+        )
+        assert resp.status == 503 and "may yet be made" in (await resp.json())["error"]["message"]
+        for _ in range(100):
+            if registry.job("a.service") is not None:
+                break
+            await asyncio.sleep(0.05)
+    assert registry.job("a.service").hash == UnitFile.from_options(other).hash

@@ -174,10 +174,11 @@ async def deadline(request: web.BaseRequest) -> AsyncIterator[None]:
         async with asyncio.timeout(seconds):
             yield
     except TimeoutError:
+        pending = "" if request.method == "GET" else "; your change is still being tried and may yet be made"
         raise ApiError(
             503,
             f"etcd did not answer within {seconds:g}s: it is down or unreachable from this fleetd, "
-            "which keeps retrying; check that etcd runs and that --etcd-servers points at it",
+            f"which keeps retrying; check that etcd runs and that --etcd-servers points at it{pending}",
             reason=ETCD_UNREACHABLE,
         ) from None
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import json
+import logging
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -17,6 +21,10 @@ from fleetpy.api.openapi import serve_document
 from fleetpy.api.views import machine_entity
 from fleetpy.registry import DESIRED_STATES, Job, NotFound
 from fleetpy.unit import UnitFile, UnitName, load_unit
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any, web.Request], Awaitable[web.Response]]
 
 PAGE_SIZE = 100
 _PATCH_PATH = re.compile(r"/([^/]+)/metadata/([^/]+)")
@@ -69,6 +77,28 @@ def _parse_patch(body: Any) -> list[tuple[str, str, str, str | None]]:
     return operations
 
 
+def runs_to_completion(handler: Handler) -> Handler:
+    """Lets a registry change finish even if its request is cancelled (client gone, deadline passed).
+
+    A half-made change, such as a replaced unit deleted but not yet created again, is worse
+    than a late one.
+    """
+
+    @functools.wraps(handler)
+    async def shielded(self: FleetV1, request: web.Request) -> web.Response:
+        task = asyncio.ensure_future(handler(self, request))
+        task.add_done_callback(_unawaited_failure)
+        return await asyncio.shield(task)
+
+    return shielded
+
+
+def _unawaited_failure(task: asyncio.Future) -> None:
+    # If the request was cancelled nobody awaits the outcome; log a failure instead of losing it.
+    if not task.cancelled() and (error := task.exception()) is not None and not isinstance(error, ApiError):
+        log.warning("API change failed after its request ended: %s", error)
+
+
 class FleetV1:
     """The handlers of fleet's own API."""
 
@@ -116,6 +146,7 @@ class FleetV1:
         job = await self.context.existing_job(name)
         return web.json_response((await self.context.entities([job]))[0])
 
+    @runs_to_completion
     async def put_unit(self, request: web.Request) -> web.Response:
         """Create, replace or set the desired state of a unit, with fleet's semantics.
 
@@ -172,6 +203,7 @@ class FleetV1:
             )
         raise ApiError(409, f"unit {name.full} does not exist; creating it needs options")
 
+    @runs_to_completion
     async def delete_unit(self, request: web.Request) -> web.Response:
         # The unit file stays: other units with the same content share it by hash.
         await self.registry.delete_job(unit_name(request).full)
@@ -214,6 +246,7 @@ class FleetV1:
             body["nextPageToken"] = token
         return web.json_response(body)
 
+    @runs_to_completion
     async def patch_machines(self, request: web.Request) -> web.Response:
         operations = _parse_patch(await json_body(request))
         alive = {m.id for m in await self.registry.machines()}
