@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from fleetpy.api import create_app, serve
 from fleetpy.cli.fleetctl import cli, tabulate
-from fleetpy.client import Client
+from fleetpy.client import APIError, Client
 from fleetpy.fleetd.config import Config
 from fleetpy.fleetd.daemon import build_fleetd
 from fleetpy.registry import Registry, memory_registry
@@ -296,6 +296,16 @@ def test_client_sets_and_removes_machine_metadata(fleet):
         client.set_machine_metadata(M2, "role", None)
         assert client.machines()[1]["metadata"] == {}
         assert client.unit("nope.service") is None
+
+
+def test_client_leaves_an_instances_template_to_fleetd(fleet):
+    # One home for template resolution: fleetd's API, not a copy in the client.
+    with Client(fleet.endpoint) as client:
+        client.create_unit("web@.service", "inactive", UnitFile.parse(WEB).to_options())
+        client.create_unit("web@7.service", "inactive")
+        assert client.unit("web@7.service")["options"] == client.unit("web@.service")["options"]
+        with pytest.raises(APIError, match="its template db@.service is not submitted"):
+            client.create_unit("db@1.service", "inactive")
 
 
 def test_tcp_endpoint_needs_the_token(fleet):

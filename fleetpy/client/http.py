@@ -10,8 +10,6 @@ from urllib.parse import quote
 
 import httpx
 
-from fleetpy.unit import UnitName
-
 
 class APIError(Exception):
     """fleetd answered with an error; `message` is its explanation."""
@@ -154,16 +152,11 @@ class Client:
             raise
 
     def create_unit(self, name: str, desired_state: str, options: list[dict] | None = None) -> None:
-        """Create a unit; an instance given no options takes its template's, as fleetctl does."""
-        parsed = UnitName.parse(name)
-        if not options and parsed.is_instance:
-            template = self.unit(parsed.template)
-            if template is None:
-                raise APIError(
-                    404, f"unit {name} has no options and its template {parsed.template} is not submitted"
-                )
-            options = template["options"]
-        self._request("PUT", _unit_path(name), json={"desiredState": desired_state, "options": options or []})
+        """Create a unit; fleetd gives an instance sent without options its template's."""
+        body: dict[str, Any] = {"desiredState": desired_state}
+        if options:
+            body["options"] = options
+        self._request("PUT", _unit_path(name), json=body)
 
     def set_unit_target_state(self, name: str, state: str) -> None:
         self._request("PUT", _unit_path(name), json={"desiredState": state})
