@@ -28,6 +28,7 @@ from fleetpy.unit.name import is_unit_name, validate_unit_name
 SERVICE_IFACE = "org.freedesktop.systemd1.Service"
 UNIT_PATH_PREFIX = MANAGER_PATH + "/unit/"
 NO_SUCH_UNIT = "org.freedesktop.systemd1.NoSuchUnit"
+STATE_PROPERTIES = ("LoadState", "ActiveState", "SubState")
 CLD_EXITED = 1  # ExecMainCode: the main process exited (2, 3: killed, dumped core)
 
 
@@ -57,6 +58,7 @@ class DbusManager(SystemdBus):
         self._tasks: set[asyncio.Task] = set()
         # systemd emits several PropertiesChanged per transition; report each state once.
         self._last_state: dict[str, tuple[str, str, str]] = {}
+        self._reading: set[str] = set()  # units whose state is being read after a partial signal
 
     @classmethod
     async def connect(cls, bus: str, unit_dir: str | Path) -> DbusManager:
@@ -88,6 +90,7 @@ class DbusManager(SystemdBus):
         paths = [str(self._unit_file(name)) for name in names]
         await self._manager("LinkUnitFiles", "asbb", [paths, True, True])
         await self._manager("Reload")
+        await self.unit_states(names)  # one read, so their later signals carry the news
 
     async def remove_units(self, names: list[str]) -> None:
         files = [self._unit_file(name) for name in names]
@@ -122,16 +125,24 @@ class DbusManager(SystemdBus):
 
     async def stop(self, name: str) -> str:
         validate_unit_name(name)
+        known = self._last_state.get(name)
         result = await self.run_job("StopUnit", name)
         # A failed unit stays failed through StopUnit; stopped means inactive, failure cleared.
-        if (await self.unit_state(name))[1] == "failed":
+        # Signals keep our units' states known, so asking systemd is seldom needed.
+        if known is None:
+            known = await self.unit_state(name)
+        if known[1] == "failed":
             await self._manager("ResetFailedUnit", "s", [name])
         return result
 
     async def unit_states(self, names: list[str]) -> dict[str, State]:
         for name in names:
             validate_unit_name(name)
-        return await super().unit_states(names)
+        states = await super().unit_states(names)
+        for name, state in states.items():
+            if (self.unit_dir / name).is_file():
+                self._notify(name, *state)  # what a read finds is news too, if it is new
+        return states
 
     async def failure_reason(self, name: str) -> str:
         load, active, _ = await self.unit_state(name)
@@ -193,19 +204,22 @@ class DbusManager(SystemdBus):
     def _on_unit_properties(self, name: str, changed: dict[str, Any]) -> None:
         if not (self.unit_dir / name).is_file():
             return
-        if {"LoadState", "ActiveState", "SubState"} <= changed.keys():
-            self._notify(
-                name,
-                changed["LoadState"].value,
-                changed["ActiveState"].value,
-                changed["SubState"].value,
-            )
-        elif "ActiveState" in changed or "SubState" in changed or "LoadState" in changed:
-            # A partial update: read the rest rather than report a stale mix.
-            self._spawn(self._refresh(name))
+        update = {i: changed[prop].value for i, prop in enumerate(STATE_PROPERTIES) if prop in changed}
+        known = self._last_state.get(name)
+        if len(update) == len(STATE_PROPERTIES) or (update and known is not None):
+            # systemd sends what changed, in order: laid over the last known state, it is current.
+            load, active, sub = (update.get(i, known[i] if known else "") for i in range(3))
+            self._notify(name, load, active, sub)
+        elif update and name not in self._reading:
+            # A partial update of a unit we know nothing of yet: read the rest once.
+            self._reading.add(name)
+            self._spawn(self._read(name))
 
-    async def _refresh(self, name: str) -> None:
-        self._notify(name, *await self.unit_state(name))
+    async def _read(self, name: str) -> None:
+        try:
+            await self.unit_states([name])
+        finally:
+            self._reading.discard(name)
 
     def _notify(self, name: str, load: str, active: str, sub: str) -> None:
         if self._last_state.get(name) == (load, active, sub):
