@@ -17,7 +17,7 @@ from pathlib import Path
 from bench.common import RESULTS, write
 
 # In the order `python -m bench` runs them; the last two need root (they start lab nodes).
-BENCHES = ("placement", "launch", "e2e", "fleetd")
+BENCHES = ("placement", "cli", "launch", "e2e", "fleetd")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,6 +1,8 @@
 """fleetctl: fleet's command-line tool, talking to fleetd's API through `fleetpy.client`.
 
 API errors become "Error: ..." on stderr and exit status 1; usage errors exit 2 (click).
+fleetctl is a short process: it imports what the command it runs needs and no more (fleetpy.unit
+loads its parsers on first use), so `fleetctl list-machines` pays for click and the client.
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ from typing import Any
 
 import click
 
+import fleetpy.unit as fleet_unit
 from fleetpy import __version__
 from fleetpy.client import APIError, Client
 from fleetpy.conf.values import short_machine_id
-from fleetpy.unit import SUFFIXES, UnitError, UnitFile, UnitName, parse_fleet_options
-from fleetpy.unit.syntax import swallowed_by_comments
 
 DEFAULT_ENDPOINT = "unix:///var/run/fleet.sock"
 POLL_INTERVAL = 0.2
@@ -38,7 +39,7 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except APIError as error:
             raise click.ClickException(error.message) from None
-        except (UnitError, ValueError, OSError) as error:
+        except (fleet_unit.UnitError, ValueError, OSError) as error:
             raise click.ClickException(str(error)) from None
 
 
@@ -177,13 +178,6 @@ def _fields_option(default: str) -> Callable:
     )
 
 
-def _is_global(name: str, options: list[dict]) -> bool:
-    try:
-        return parse_fleet_options(name, UnitFile.from_options(options)).is_global
-    except UnitError:
-        return False
-
-
 # Listing
 @cli.command("list-machines")
 @click.option("-l", "--full", is_flag=True, help="do not ellipsize machine IDs")
@@ -250,12 +244,12 @@ def list_unit_files(session: _Session, full: bool, no_legend: bool, fields: str)
     """List the units submitted to the cluster, whether or not they run anywhere."""
 
     def target(u: dict) -> str:
-        if _is_global(u["name"], u["options"]):
+        if u.get("global"):
             return "global"
         return session.legend(u["machineID"], full) if u.get("machineID") else "-"
 
     def digest(u: dict) -> str:
-        value = UnitFile.from_options(u["options"]).hash
+        value = fleet_unit.UnitFile.from_options(u["options"]).hash
         return value if full else value[:7]
 
     def description(u: dict) -> str:
@@ -267,9 +261,9 @@ def list_unit_files(session: _Session, full: bool, no_legend: bool, fields: str)
         "unit": lambda u: u["name"],
         "hash": digest,
         "dstate": lambda u: u.get("desiredState") or "-",
-        "state": lambda u: "-" if _is_global(u["name"], u["options"]) else u.get("currentState") or "-",
+        "state": lambda u: "-" if u.get("global") else u.get("currentState") or "-",
         "target": target,
-        "global": lambda u: str(_is_global(u["name"], u["options"])).lower(),
+        "global": lambda u: str(bool(u.get("global"))).lower(),
         "desc": description,
     }
     _print_table(fields, known, session.client.units(), not no_legend)
@@ -285,7 +279,7 @@ def cat(session: _Session, unit: str) -> None:
     found = session.client.unit(name)
     if found is None:
         raise click.ClickException(f"Unit {name} not found")
-    click.echo(UnitFile.from_options(found["options"]).to_text(), nl=False)
+    click.echo(fleet_unit.UnitFile.from_options(found["options"]).to_text(), nl=False)
 
 
 @cli.command("explain")
@@ -450,8 +444,8 @@ def destroy(session: _Session, units: tuple[str, ...], no_block: bool, block_att
     if no_block:
         return
 
-    def gone(name: str) -> bool:
-        return not client.unit_states(unit_name=name)
+    def gone(left: list[str]) -> set[str]:
+        return set(left) - {state["name"] for state in client.unit_states()}
 
     late = _poll(destroyed, gone, block_attempts)
     if late:
@@ -464,7 +458,7 @@ def _unit_name(arg: str) -> str:
     """fleet's name mangling: a path's base name, with .service added if it has no type."""
     base = os.path.basename(arg)
     _, dot, suffix = base.rpartition(".")
-    return base if dot and suffix in SUFFIXES else f"{base}.service"
+    return base if dot and suffix in fleet_unit.SUFFIXES else f"{base}.service"
 
 
 def _expand(client: Client, args: Iterable[str]) -> list[str]:
@@ -486,7 +480,7 @@ def _expand(client: Client, args: Iterable[str]) -> list[str]:
 
 def _existing(client: Client, args: Iterable[str]) -> list[str]:
     names = _expand(client, args)
-    missing = [n for n in names if client.unit(n) is None]
+    missing = [n for n, unit in client.many_units(names).items() if unit is None]
     if missing:
         raise click.ClickException(f"unable to find unit {', '.join(missing)}; submit it first")
     return names
@@ -498,9 +492,11 @@ def _local_options(path: str) -> list[dict] | None:
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
     try:
-        options = UnitFile.parse(text).to_options()
-    except UnitError as error:
+        options = fleet_unit.UnitFile.parse(text).to_options()
+    except fleet_unit.UnitError as error:
         raise click.ClickException(f"{path}: {error}") from None
+    from fleetpy.unit.syntax import swallowed_by_comments
+
     for lineno, line in swallowed_by_comments(text):
         click.echo(
             f"WARNING: {path}:{lineno}: {line!r} follows a comment ending in a backslash; fleet "
@@ -511,21 +507,25 @@ def _local_options(path: str) -> list[dict] | None:
 
 
 def _hash(options: list[dict]) -> str:
-    return UnitFile.from_options(options).hash
+    return fleet_unit.UnitFile.from_options(options).hash
 
 
 def _create_units(client: Client, args: Iterable[str], replace: bool) -> list[str]:
     """Submit what is not in the registry yet (fleet's lazy create) and return all names."""
     names = []
+    given: dict[str, str] = {}
     for arg in args:
         if _GLOB_CHARS & set(arg):
             names.extend(_expand(client, [arg]))
             continue
         name = _unit_name(arg)
-        UnitName.parse(name)
+        fleet_unit.UnitName.parse(name)
         names.append(name)
+        given.setdefault(name, arg)
+    registered = client.many_units(given)
+    for name, arg in given.items():
         local = _local_options(arg)
-        existing = client.unit(name)
+        existing = registered[name]
         if existing is not None:
             if local is None or _hash(local) == _hash(existing["options"]):
                 continue
@@ -537,72 +537,64 @@ def _create_units(client: Client, args: Iterable[str], replace: bool) -> list[st
                 )
                 continue
             client.destroy_unit(name)
-        options = local or _template_options(client, name, arg)
-        _warn_deprecated(name, options)
+        options = local or _template_options(name, arg)
+        if options:
+            _warn_deprecated(name, options)
         client.create_unit(name, "inactive", options)
     return list(dict.fromkeys(names))
 
 
 def _warn_deprecated(name: str, options: list[dict]) -> None:
     try:
-        warnings = parse_fleet_options(name, UnitFile.from_options(options)).warnings
-    except UnitError:
+        warnings = fleet_unit.parse_fleet_options(name, fleet_unit.UnitFile.from_options(options)).warnings
+    except fleet_unit.UnitError:
         return  # fleetd refuses it with the same message
     for warning in warnings:
         click.echo(f"WARNING: {warning}", err=True)
 
 
-def _template_options(client: Client, name: str, arg: str) -> list[dict]:
-    """An instance's options from its template: submitted, or a local file beside `arg`."""
-    parsed = UnitName.parse(name)
+def _template_options(name: str, arg: str) -> list[dict] | None:
+    """An instance's options from a local template file beside `arg`; None to let fleetd use
+    the submitted template (it answers 404 when there is none)."""
+    parsed = fleet_unit.UnitName.parse(name)
     if not parsed.is_instance:
         raise click.ClickException(f"unable to find unit file {arg} locally or unit {name} in the cluster")
-    template = client.unit(parsed.template)
-    if template is not None:
-        return template["options"]
-    local = _local_options(os.path.join(os.path.dirname(arg), parsed.template))
-    if local is None:
-        raise click.ClickException(
-            f"unable to find unit {name}, its template {parsed.template} "
-            "in the cluster, or a local file for either"
-        )
-    return local
+    return _local_options(os.path.join(os.path.dirname(arg), parsed.template))
 
 
 def _change_state(session: _Session, names: list[str], target: str, no_block: bool, attempts: int) -> None:
     client = session.client
-    units = {}
-    for name in names:
-        unit = client.unit(name)
+    units = client.many_units(names)
+    for name, unit in units.items():
         if unit is None:
             raise click.ClickException(f"unable to find unit {name}")
-        if UnitName.parse(name).is_template and target != "inactive":
+        if fleet_unit.UnitName.parse(name).is_template and target != "inactive":
             raise click.ClickException(
                 f"unable to {'start' if target == 'launched' else 'load'} "
                 f"{name}: it is a template; use an instance such as "
                 f"{name.replace('@.', '@1.')}"
             )
-        units[name] = unit
-        if unit["desiredState"] != target:
-            client.set_unit_target_state(name, target)
+    client.set_target_states([n for n, u in units.items() if u["desiredState"] != target], target)
     if no_block:
         return
     # As fleet does, global units are not waited for: they have no single machine to report.
-    waited = [n for n, u in units.items() if not _is_global(n, u["options"])]
+    waited = [n for n, u in units.items() if not u.get("global")]
 
     failed: dict[str, str] = {}
 
-    def reached(name: str) -> bool:
+    def reached(left: list[str]) -> set[str]:
+        done = set()
         # A unit that failed or cannot load is done waiting: say systemd's reason, not "launched".
-        if target == "launched" and (reason := _failure(client, name)):
-            failed[name] = reason
-            return True
-        unit = client.unit(name)
-        if unit is None or unit["currentState"] != target:
-            return False
-        where = unit.get("machineID")
-        click.echo(f"Unit {name} {target}" + (f" on {session.legend(where, False)}" if where else ""))
-        return True
+        if target == "launched":
+            for name, reason in _failures(client, left).items():
+                failed[name] = reason
+                done.add(name)
+        for name, unit in client.many_units([n for n in left if n not in done]).items():
+            if unit is not None and unit["currentState"] == target:
+                where = unit.get("machineID")
+                click.echo(f"Unit {name} {target}" + (f" on {session.legend(where, False)}" if where else ""))
+                done.add(name)
+        return done
 
     late = _poll(waited, reached, attempts)
     problems = [f"unit {name} failed to start: {reason}" for name, reason in failed.items()]
@@ -616,17 +608,19 @@ def _change_state(session: _Session, names: list[str], target: str, no_block: bo
         raise click.ClickException("; ".join(problems))
 
 
-def _failure(client: Client, name: str) -> str:
-    """The reason the agent published for a unit that failed or cannot load; "" if none."""
-    return next((s["reason"] for s in client.unit_states(unit_name=name) if s.get("reason")), "")
+def _failures(client: Client, names: list[str]) -> dict[str, str]:
+    """The reasons the agents published for those of `names` that failed or cannot load."""
+    wanted = set(names)
+    return {s["name"]: s["reason"] for s in client.unit_states() if s["name"] in wanted and s.get("reason")}
 
 
-def _poll(names: list[str], done: Callable[[str], bool], attempts: int) -> list[str]:
-    """Check each name until done or out of attempts (0 = forever); the names left over."""
+def _poll(names: list[str], done: Callable[[list[str]], set[str]], attempts: int) -> list[str]:
+    """Ask which names are done until all are or attempts run out (0 = forever); the rest."""
     left = list(names)
     attempt = 0
     while left:
-        left = [n for n in left if not done(n)]
+        finished = done(left)
+        left = [n for n in left if n not in finished]
         attempt += 1
         if not left or (attempts and attempt >= attempts):
             break

@@ -1,14 +1,21 @@
-"""A synchronous client of fleetd's API over its unix socket or TCP (httpx)."""
+"""A synchronous client of fleetd's API over its unix socket or TCP, on the standard library.
+
+http.client rather than httpx: fleetctl is a short process, and importing httpx took 0.10 s
+of the 0.28 s `fleetctl list-machines` took (http.client: 0.005 s); the client needs only
+HTTP/1.1 requests with JSON bodies on one keep-alive connection, which http.client does.
+Several requests can be sent back to back on that connection before any answer is read
+(`Client.pipeline`), so a command about many units waits one round trip, not one per request.
+"""
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
-import ssl
-from collections.abc import Iterator
+import socket
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Self
-from urllib.parse import quote
-
-import httpx
+from urllib.parse import quote, urlencode, urlsplit
 
 
 class APIError(Exception):
@@ -36,6 +43,54 @@ class EtcdUnreachable(APIError):
 _ETCD_UNREACHABLE = "etcdUnreachable"
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("fleetd", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self._path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class _Response:
+    """Status, reason and body of one answer."""
+
+    def __init__(self, status: int, reason: str, body: bytes):
+        self.status_code = status
+        self.reason_phrase = reason
+        self.content = body
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+class _SharedReader:
+    """One buffered reader for every pipelined response; a response closing it changes nothing."""
+
+    def __init__(self, sock: socket.socket):
+        self._file = sock.makefile("rb")
+
+    def makefile(self, mode: str, *args: Any) -> _SharedReader:
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+    def close(self) -> None:
+        pass
+
+
 class Client:
     """fleet's API client; `endpoint` is unix:///path/fleet.sock or http(s)://host:port."""
 
@@ -52,35 +107,45 @@ class Client:
         """`ca_file` verifies an https fleetd (the cluster CA); `cert_file`/`key_file` are this
         client's certificate for a fleetd that admits clients by certificate (mTLS)."""
         self.endpoint = endpoint
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.timeout = timeout
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         if bool(cert_file) != bool(key_file):
             raise ValueError("a client certificate needs both --cert-file and --key-file")
+        self._socket_path: str | None = None
+        self._base = ""
+        self._host = "fleetd"
         if endpoint.startswith("unix://"):
             path = endpoint.removeprefix("unix://")
             if not path:
                 raise ValueError(f"bad endpoint {endpoint!r}; expected unix:///path/to/fleet.sock")
-            self._socket_path: str | None = path
-            transport = httpx.HTTPTransport(uds=path)
-            base_url = "http://fleetd"
+            self._socket_path = path
+            self._connect: Callable[[], http.client.HTTPConnection] = lambda: _UnixConnection(path, timeout)
         elif endpoint.startswith(("http://", "https://")):
-            self._socket_path = None
-            transport = None
-            base_url = endpoint.rstrip("/")
+            url = urlsplit(endpoint.rstrip("/"))
+            if not url.hostname:
+                raise ValueError(f"bad endpoint {endpoint!r}; expected http(s)://HOST:PORT")
+            self._base, self._host = url.path, url.netloc
+            if url.scheme == "https":
+                import ssl  # only for https: it costs a unix-socket fleetctl 10 ms
+
+                context = ssl.create_default_context(cafile=ca_file or None)
+                if cert_file and key_file:
+                    context.load_cert_chain(cert_file, key_file)
+                self._connect = lambda: http.client.HTTPSConnection(
+                    url.hostname, url.port, timeout=timeout, context=context
+                )
+            else:
+                self._connect = lambda: http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
         else:
             raise ValueError(
                 f"bad endpoint {endpoint!r}; expected unix:///path/fleet.sock or http(s)://HOST:PORT"
             )
-        verify: ssl.SSLContext | bool = True
-        if ca_file or cert_file:
-            verify = ssl.create_default_context(cafile=ca_file or None)
-            if cert_file and key_file:
-                verify.load_cert_chain(cert_file, key_file)
-        self._http = httpx.Client(
-            base_url=base_url, transport=transport, headers=headers, timeout=timeout, verify=verify
-        )
+        self._connection: http.client.HTTPConnection | None = None
 
     def close(self) -> None:
-        self._http.close()
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
     def __enter__(self) -> Self:
         return self
@@ -89,7 +154,9 @@ class Client:
         self.close()
 
     def _unreachable(self, error: Exception) -> ConnectionFailed:
-        tls_trouble = "SSL" in str(error) or isinstance(error, httpx.RemoteProtocolError)
+        tls_trouble = "SSL" in str(error) or isinstance(
+            error, http.client.HTTPException | ConnectionResetError
+        )
         if self.endpoint.startswith("https://") and tls_trouble:
             # fleetd runs (it took the connection) but the TLS handshake or its checks failed.
             return ConnectionFailed(
@@ -105,7 +172,6 @@ class Client:
         )
 
     def _check_socket(self) -> None:
-        # Said plainly up front; httpcore would also leak the socket of a failed unix connect.
         if self._socket_path is not None and not os.path.exists(self._socket_path):
             raise self._unreachable(FileNotFoundError(f"no socket at {self._socket_path}"))
 
@@ -113,20 +179,88 @@ class Client:
         return NoAnswer(
             0,
             f"fleetd at {self.endpoint} took the request but did not answer within "
-            f"{self._http.timeout.read:g}s ({type(error).__name__}); it may be overloaded, "
+            f"{self.timeout:g}s ({type(error).__name__}); it may be overloaded, "
             "or give it more time with --request-timeout",
         )
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _open(self) -> http.client.HTTPConnection:
+        """The keep-alive connection, connected."""
         self._check_socket()
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except (httpx.ReadTimeout, httpx.WriteTimeout) as error:
-            raise self._no_answer(error) from None
-        except httpx.TransportError as error:
-            raise self._unreachable(error) from None
+        if self._connection is None or self._connection.sock is None:
+            self.close()
+            connection = self._connect()
+            try:
+                connection.connect()
+            except OSError as error:
+                connection.close()
+                raise self._unreachable(error) from None
+            self._connection = connection
+        return self._connection
+
+    def _message(
+        self, method: str, path: str, params: dict | None, body: Any
+    ) -> tuple[str, bytes | None, dict]:
+        target = self._base + path + (f"?{urlencode(params)}" if params else "")
+        headers = {**self._headers, "Host": self._host}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        return target, data, headers
+
+    def _request(self, method: str, path: str, params: dict | None = None, json: Any = None) -> _Response:
+        (response,) = self.pipeline([(method, path, params, json)])
         _raise_for_error(response)
         return response
+
+    def pipeline(self, requests: Iterable[tuple[str, str, dict | None, Any]]) -> list[_Response]:
+        """Send every (method, path, params, json body) back to back on the one connection,
+        then read the answers in order (HTTP/1.1 pipelining); errors are left to the caller."""
+        requests = list(requests)
+        reused = self._connection is not None
+        try:
+            return self._pipeline(requests)
+        except TimeoutError as error:
+            self.close()
+            raise self._no_answer(error) from None
+        except (OSError, http.client.HTTPException) as error:
+            self.close()
+            if not reused:
+                raise self._unreachable(error) from None
+        # fleetd closed the keep-alive connection while it was idle: one try on a fresh one.
+        try:
+            return self._pipeline(requests)
+        except TimeoutError as error:
+            self.close()
+            raise self._no_answer(error) from None
+        except (OSError, http.client.HTTPException) as error:
+            self.close()
+            raise self._unreachable(error) from None
+
+    def _pipeline(self, requests: list[tuple[str, str, dict | None, Any]]) -> list[_Response]:
+        connection = self._open()
+        payload = bytearray()
+        for method, path, params, body in requests:
+            target, data, headers = self._message(method, path, params, body)
+            head = [f"{method} {target} HTTP/1.1"]
+            head += [f"{k}: {v}" for k, v in headers.items()]
+            head.append(f"Content-Length: {len(data) if data is not None else 0}")
+            payload += ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+            if data is not None:
+                payload += data
+        assert connection.sock is not None
+        connection.sock.sendall(payload)
+        reader = _SharedReader(connection.sock)
+        responses = []
+        closing = False
+        for method, *_ in requests:
+            answer = http.client.HTTPResponse(reader, method=method)  # type: ignore[arg-type]
+            answer.begin()
+            responses.append(_Response(answer.status, answer.reason, answer.read()))
+            closing = closing or answer.will_close
+        if closing:
+            self.close()
+        return responses
 
     def _paged(self, path: str, key: str, params: dict[str, str] | None = None) -> list[dict]:
         items: list[dict] = []
@@ -144,12 +278,20 @@ class Client:
         return self._paged("/fleet/v1/units", "units")
 
     def unit(self, name: str) -> dict | None:
-        try:
-            return self._request("GET", _unit_path(name)).json()
-        except APIError as error:
-            if error.code == 404:
-                return None
-            raise
+        return self.many_units([name])[name]
+
+    def many_units(self, names: Iterable[str]) -> dict[str, dict | None]:
+        """Each unit (None when it does not exist), fetched in one pipelined round trip."""
+        names = list(dict.fromkeys(names))
+        answers = self.pipeline(("GET", _unit_path(name), None, None) for name in names)
+        found: dict[str, dict | None] = {}
+        for name, response in zip(names, answers, strict=True):
+            if response.status_code == 404:
+                found[name] = None
+                continue
+            _raise_for_error(response)
+            found[name] = response.json()
+        return found
 
     def create_unit(self, name: str, desired_state: str, options: list[dict] | None = None) -> None:
         """Create a unit; fleetd gives an instance sent without options its template's."""
@@ -159,7 +301,12 @@ class Client:
         self._request("PUT", _unit_path(name), json=body)
 
     def set_unit_target_state(self, name: str, state: str) -> None:
-        self._request("PUT", _unit_path(name), json={"desiredState": state})
+        self.set_target_states([name], state)
+
+    def set_target_states(self, names: Iterable[str], state: str) -> None:
+        """Set every unit's desired state, in one pipelined round trip."""
+        for response in self.pipeline(("PUT", _unit_path(n), None, {"desiredState": state}) for n in names):
+            _raise_for_error(response)
 
     def destroy_unit(self, name: str) -> None:
         self._request("DELETE", _unit_path(name))
@@ -190,20 +337,26 @@ class Client:
 
     def unit_journal(self, name: str, lines: int = 10, follow: bool = False) -> Iterator[str]:
         params = {"lines": str(lines), "follow": "true" if follow else "false"}
-        path = f"/fleetpy/v1/units/{_quoted(name)}/journal"
-        # A followed journal has no end; only connecting may time out.
-        timeout = httpx.Timeout(self._http.timeout.connect, read=None) if follow else httpx.USE_CLIENT_DEFAULT
+        target, _, headers = self._message("GET", f"/fleetpy/v1/units/{_quoted(name)}/journal", params, None)
+        # Its own connection: a followed journal has no end, and only connecting may time out.
         self._check_socket()
+        connection = self._connect()
         try:
-            with self._http.stream("GET", path, params=params, timeout=timeout) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    _raise_for_error(response)
-                yield from response.iter_lines()
-        except (httpx.ReadTimeout, httpx.WriteTimeout) as error:
-            raise self._no_answer(error) from None
-        except httpx.TransportError as error:
-            raise self._unreachable(error) from None
+            try:
+                connection.request("GET", target, headers=headers)
+                if follow and connection.sock is not None:
+                    connection.sock.settimeout(None)
+                response = connection.getresponse()
+                if response.status >= 400:
+                    _raise_for_error(_Response(response.status, response.reason, response.read()))
+                for line in response:
+                    yield line.decode("utf-8", "replace").rstrip("\r\n")
+            except TimeoutError as error:
+                raise self._no_answer(error) from None
+            except (OSError, http.client.HTTPException) as error:
+                raise self._unreachable(error) from None
+        finally:
+            connection.close()
 
 
 def _quoted(name: str) -> str:
@@ -214,7 +367,7 @@ def _unit_path(name: str) -> str:
     return f"/fleet/v1/units/{_quoted(name)}"
 
 
-def _raise_for_error(response: httpx.Response) -> None:
+def _raise_for_error(response: _Response) -> None:
     if response.status_code < 400:
         return
     reason = None
