@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from collections.abc import AsyncIterator
 
 import pytest
@@ -125,3 +126,39 @@ async def test_calls_after_the_connection_closed_raise_instead_of_hanging(manage
     await manager.close()
     with pytest.raises(SystemdError, match="closed"):
         await asyncio.wait_for(manager.unit_state("hello.service"), 5)
+
+
+async def _start_and_see_it_run(manager: DbusManager, name: str) -> None:
+    """Start `name` and wait for its running state through the callbacks (so signals flow)."""
+    log = StateLog(manager)
+    deadline = asyncio.get_running_loop().time() + 15
+    while True:
+        try:
+            assert await manager.start(name) == "done"
+            break
+        except SystemdError:  # systemd may need a moment to be back on the bus
+            assert asyncio.get_running_loop().time() < deadline, "systemd never answered again"
+            await asyncio.sleep(0.2)
+    await log.wait_for((name, "loaded", "active", "running"), timeout=10)
+
+
+async def test_a_lost_bus_connection_is_made_again_with_its_signals(manager, systemd_node) -> None:
+    await install(manager, "after.service", SLEEPER)
+    shown = systemd_node.run(["systemctl", "--user", "show", "-p", "MainPID", "--value", "dbus.service"])
+    os.kill(int(shown.stdout), signal.SIGTERM)  # the node's dbus-daemon: our connection ends
+    await _start_and_see_it_run(manager, "after.service")
+
+
+async def test_a_change_missed_while_the_bus_was_away_is_reported_after(manager, systemd_node) -> None:
+    log = StateLog(manager)
+    await install(manager, "victim.service", SLEEPER)
+    assert await manager.start("victim.service") == "done"
+    await log.wait_for(("victim.service", "loaded", "active", "running"))
+    victim = await manager.main_pid("victim.service")
+    shown = systemd_node.run(["systemctl", "--user", "show", "-p", "MainPID", "--value", "dbus.service"])
+    bus_daemon = int(shown.stdout)
+    os.kill(bus_daemon, signal.SIGSTOP)  # systemd's signals about what follows queue in it...
+    os.kill(victim, signal.SIGKILL)
+    await asyncio.sleep(0.3)
+    os.kill(bus_daemon, signal.SIGKILL)  # ...and are lost with it
+    await log.wait_for(("victim.service", "loaded", "failed", "failed"), timeout=15)

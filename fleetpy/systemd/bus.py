@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import logging
 import socket
 from typing import Any
 
@@ -18,10 +20,29 @@ PROPS_IFACE = "org.freedesktop.DBus.Properties"
 # Calls awaiting a reply on one connection. The system bus's dbus-daemon refuses more than 128
 # per connection (max_replies_per_connection); below that, a burst queues here, not in the socket.
 MAX_CALLS_IN_FLIGHT = 64
+# Pauses between attempts to connect again after the bus connection was lost.
+RECONNECT_PAUSES = (0.1, 0.5, 1.0, 2.0, 5.0)
 JOB_REMOVED_RULE = (
     f"type='signal',sender='{SYSTEMD_BUS_NAME}',path='{MANAGER_PATH}',"
     f"interface='{MANAGER_IFACE}',member='JobRemoved'"
 )
+
+
+log = logging.getLogger(__name__)
+
+
+async def _open(bus: str) -> MessageBus:
+    if bus == "system":
+        message_bus = MessageBus(bus_type=BusType.SYSTEM)
+    elif bus == "user":
+        message_bus = MessageBus(bus_type=BusType.SESSION)
+    else:
+        message_bus = MessageBus(bus_address=bus)
+    try:
+        await message_bus.connect()
+    except (OSError, ValueError, EOFError) as error:
+        raise SystemdError("fleetpy.NoBus", f"cannot connect to the {bus} bus: {error}") from None
+    return message_bus
 
 
 class SystemdError(RuntimeError):
@@ -59,34 +80,33 @@ class SystemdBus:
     # Signals subclasses want besides JobRemoved.
     MATCH_RULES: tuple[str, ...] = ()
 
-    def __init__(self, bus: MessageBus) -> None:
+    def __init__(self, bus: MessageBus, address: str) -> None:
         self._bus = bus
+        self._address = address
+        self._closed = False
+        self._reconnecting = asyncio.Lock()
         self._jobs: dict[str, asyncio.Future[str]] = {}
         # JobRemoved can overtake the reply to StartUnit; results that arrive while a
         # job-creating call is in flight wait here for their caller.
         self._early_results: dict[str, str] = {}
         self._calls_in_flight = 0
         self._call_slots = asyncio.Semaphore(MAX_CALLS_IN_FLIGHT)
-        bus._writer.sock = _EagainSafeSocket(bus._writer.sock)
-        self._disconnect_watch: asyncio.Future | None = None
+        self._background: set[asyncio.Future] = set()
 
     @classmethod
     async def connect(cls, bus: str, *args: Any) -> Any:
         """`bus` is "system", "user" ($DBUS_SESSION_BUS_ADDRESS) or an address like unix:path=..."""
-        if bus == "system":
-            message_bus = MessageBus(bus_type=BusType.SYSTEM)
-        elif bus == "user":
-            message_bus = MessageBus(bus_type=BusType.SESSION)
-        else:
-            message_bus = MessageBus(bus_address=bus)
+        self = cls(await _open(bus), bus, *args)
+        await self._attach()
+        return self
+
+    async def _attach(self) -> None:
+        """Ask for our signals on the current connection and watch it for its end."""
+        bus = self._bus
+        bus._writer.sock = _EagainSafeSocket(bus._writer.sock)
+        bus.add_message_handler(self._on_message)
         try:
-            await message_bus.connect()
-        except (OSError, ValueError) as error:
-            raise SystemdError("fleetpy.NoBus", f"cannot connect to the {bus} bus: {error}") from None
-        self = cls(message_bus, *args)
-        message_bus.add_message_handler(self._on_message)
-        try:
-            for rule in (JOB_REMOVED_RULE, *cls.MATCH_RULES):
+            for rule in (JOB_REMOVED_RULE, *self.MATCH_RULES):
                 await self._call(
                     "org.freedesktop.DBus",
                     "/org/freedesktop/DBus",
@@ -97,17 +117,49 @@ class SystemdBus:
                 )
             await self._manager("Subscribe")  # without it the manager sends no signals
         except BaseException:
-            message_bus.disconnect()
+            bus.disconnect()
             raise
-        self._disconnect_watch = asyncio.ensure_future(self._fail_jobs_on_disconnect())
-        return self
+        self._spawn(self._reconnect_when_lost(bus))
 
-    async def _fail_jobs_on_disconnect(self) -> None:
+    async def _reconnect_when_lost(self, bus: MessageBus) -> None:
         with contextlib.suppress(Exception):  # how it ended does not matter to the waiters
-            await self._bus.wait_for_disconnect()
+            # Shielded: cancelling this watcher must not cancel the bus's own future.
+            await asyncio.shield(bus.wait_for_disconnect())
         self._fail_jobs("the connection to systemd was lost")
+        for attempt in itertools.count():
+            if self._closed or self._bus is not bus:
+                return
+            try:
+                await self._reconnect()
+                return
+            except SystemdError as error:
+                pause = RECONNECT_PAUSES[min(attempt, len(RECONNECT_PAUSES) - 1)]
+                log.warning("systemd's bus is away (%s); trying again in %.1fs", error, pause)
+                await asyncio.sleep(pause)
+
+    async def _reconnect(self) -> None:
+        async with self._reconnecting:
+            if self._closed:
+                raise SystemdError("fleetpy.Disconnected", "the connection to systemd is closed")
+            if self._bus.connected:
+                return
+            self._bus = await _open(self._address)
+            await self._attach()
+            log.warning("connected to systemd's bus again")
+        self._resubscribed()
+
+    def _resubscribed(self) -> None:
+        """Signals were missed while the connection was down: for subclasses to catch up."""
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
+        self._closed = True
+        for task in self._background:
+            task.cancel()
         self._fail_jobs("connection to systemd closed")
         self._bus.disconnect()
         with contextlib.suppress(Exception):  # how the connection ended no longer matters
@@ -177,10 +229,12 @@ class SystemdBus:
             signature=signature,
             body=body,
         )
+        if not self._bus.connected:
+            # dbus-next would queue the call on a dead connection and never answer.
+            await self._reconnect()
         async with self._call_slots:
             if not self._bus.connected:
-                # dbus-next would queue the call on a dead connection and never answer.
-                raise SystemdError("fleetpy.Disconnected", "the connection to systemd is closed")
+                raise SystemdError("fleetpy.Disconnected", "the connection to systemd was lost")
             try:
                 reply = await self._bus.call(message)
             except Exception as error:  # the connection broke under this call

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import inspect
+import logging
 import re
 import signal
 from pathlib import Path
@@ -24,6 +24,8 @@ from fleetpy.systemd.bus import (
 )
 from fleetpy.systemd.protocol import State, StateCallback
 from fleetpy.unit.name import is_unit_name, validate_unit_name
+
+log = logging.getLogger(__name__)
 
 SERVICE_IFACE = "org.freedesktop.systemd1.Service"
 UNIT_PATH_PREFIX = MANAGER_PATH + "/unit/"
@@ -51,11 +53,10 @@ class DbusManager(SystemdBus):
         ),
     )
 
-    def __init__(self, bus: MessageBus, unit_dir: Path) -> None:
-        super().__init__(bus)
+    def __init__(self, bus: MessageBus, address: str, unit_dir: Path) -> None:
+        super().__init__(bus, address)
         self.unit_dir = unit_dir
         self._callbacks: list[StateCallback] = []
-        self._tasks: set[asyncio.Task] = set()
         # systemd emits several PropertiesChanged per transition; report each state once.
         self._last_state: dict[str, tuple[str, str, str]] = {}
         self._reading: set[str] = set()  # units whose state is being read after a partial signal
@@ -65,11 +66,6 @@ class DbusManager(SystemdBus):
         unit_dir = Path(unit_dir)
         unit_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         return await super().connect(bus, unit_dir.resolve())
-
-    async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await super().close()
 
     def on_state_change(self, callback: StateCallback) -> None:
         """Call callback(name, load, active, sub) whenever one of our units changes state."""
@@ -230,7 +226,14 @@ class DbusManager(SystemdBus):
             if inspect.isawaitable(result):
                 self._spawn(result)
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _resubscribed(self) -> None:
+        # Signals were missed: forget what we knew, read every unit of ours once and report
+        # what changed meanwhile.
+        self._last_state.clear()
+        self._spawn(self._catch_up())
+
+    async def _catch_up(self) -> None:
+        try:
+            await self.unit_states(list(await self.installed_units()))
+        except SystemdError as error:
+            log.warning("cannot read the states of our units after reconnecting: %s", error)
