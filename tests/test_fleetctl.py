@@ -239,6 +239,18 @@ def test_globs_match_submitted_units(fleet, unit_dir):
     assert result.exit_code == 1 and "no submitted unit matches nothing*.service" in result.output
 
 
+def test_globs_use_fleets_path_match_grammar(fleet, unit_dir):
+    fleet.run("start", "--no-block", "web@1.service", "web@2.service")
+    # Go's path.Match: [^1] negates; fnmatch would read [!1] as the negation instead.
+    assert fleet.run("stop", "web@[^1].service").exit_code == 0
+    assert {j.name: j.desired_state for j in fleet.registry.jobs()} == {
+        "web@1.service": "launched",
+        "web@2.service": "loaded",
+    }
+    result = fleet.run("stop", "web@[.service")
+    assert result.exit_code == 1 and "has a '[' without its ']'" in result.output
+
+
 def test_replace_resubmits_a_changed_file(fleet, unit_dir):
     fleet.run("submit", "hello.service")
     (unit_dir / "hello.service").write_text(HELLO.replace("1000", "2000"))

@@ -17,6 +17,7 @@ from fleetpy.api import create_app
 from fleetpy.registry import Assignment, Machine, memory_registry
 from fleetpy.registry.aio import AsyncRegistry
 from fleetpy.systemd import FakeSystemd
+from fleetpy.unit import load_unit
 
 M1 = "113f16a7" + "0" * 24
 SLEEP = {"section": "Service", "name": "ExecStart", "value": "/bin/sleep infinity"}
@@ -123,3 +124,51 @@ async def test_a_name_the_api_accepts_runs_and_the_agent_survives(client, regist
     finally:
         agent.cancel()
     assert (await client.get(f"/fleet/v1/units/{quote(name)}")).status == 200
+
+
+async def _submit_template(client, name: str, fleet_options: dict[str, str]):
+    options = [SLEEP] + [{"section": "X-Fleet", "name": k, "value": v} for k, v in fleet_options.items()]
+    return await client.put(f"/fleet/v1/units/{name}", json={"desiredState": "inactive", "options": options})
+
+
+@pytest.mark.parametrize(
+    ("fleet_options", "instance", "expected"),
+    [
+        (
+            {"MachineMetadata": "hostname=%i"},
+            "node1",
+            {"machine_metadata": (("hostname", frozenset({"node1"})),)},
+        ),
+        ({"MachineID": "%i"}, M1, {"machine_id": M1}),
+        ({"MachineOf": "%i.socket"}, "db", {"machine_of": ("db.socket",)}),
+    ],
+)
+async def test_fleet_templates_with_instance_specifiers_are_accepted_and_read_per_instance(
+    client, registry, fleet_options, instance, expected
+):
+    # fleet validated a template with its specifiers unexpanded; fleetpy used to expand %i to
+    # nothing and refuse MachineMetadata=hostname=%i and MachineID=%i.
+    resp = await _submit_template(client, "web@.service", fleet_options)
+    assert resp.status == 201, await resp.text()
+    name = f"web@{instance}.service"
+    resp = await client.put(f"/fleet/v1/units/{name}", json={"desiredState": "launched"})
+    assert resp.status == 201, await resp.text()
+    fleet = load_unit(name, registry.unit_file(registry.job(name).hash)).fleet
+    assert {key: getattr(fleet, key) for key in expected} == expected
+
+
+async def test_what_only_an_instance_can_show_wrong_is_refused_for_that_instance(client, registry):
+    assert (await _submit_template(client, "web@.service", {"MachineOf": "%i"})).status == 201
+    resp = await client.put("/fleet/v1/units/web@nosuffix.service", json={"desiredState": "launched"})
+    body = await resp.json()
+    assert resp.status == 400 and "MachineOf=nosuffix is not a unit name" in body["error"]["message"]
+    resp = await client.put("/fleet/v1/units/web@db.service.service", json={"desiredState": "launched"})
+    assert resp.status == 201, await resp.text()
+
+
+async def test_global_fleet_read_as_false_is_refused_with_how_fleet_read_it(client, registry):
+    options = [SLEEP, {"section": "X-Fleet", "name": "Global", "value": "y"}]
+    resp = await put(client, "g.service", options)
+    body = await resp.json()
+    assert resp.status == 400 and "fleet read it as false" in body["error"]["message"]
+    assert registry.jobs() == []

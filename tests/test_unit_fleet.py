@@ -67,10 +67,15 @@ def test_metadata_keys_must_all_match_and_repeated_key_is_any_of(
 @pytest.mark.parametrize(
     ("value", "fragment"),
     [
-        ("region", "'region' is not a key=value pair"),
+        # fleet split each entry at "=" and ignored any that did not give two non-empty parts
+        ("region", "'region' is not a key=value pair, so fleet ignored it"),
         ("=x", "'=x' is not a key=value pair"),
         ("region=", "'region=' is not a key=value pair"),
-        ('"region=us', "check the quotes"),
+        ("a=b=c", "'a=b=c' is not a key=value pair"),
+        ('"region=us east=1"', "'region=us east=1' is not a key=value pair"),
+        ('"region=us', "fleet reads quotes only around whole words"),
+        ('region="us"', "fleet reads quotes only around whole words"),
+        ('"region=us" "disk', "cannot be read"),
         ("", "MachineMetadata= is empty"),
     ],
 )
@@ -109,7 +114,7 @@ def test_global_accepts_systemd_false_values(value: str) -> None:
 
 
 def test_global_that_is_not_a_boolean_is_rejected() -> None:
-    with pytest.raises(InvalidFleetOptions, match="Global='maybe' is not a boolean"):
+    with pytest.raises(InvalidFleetOptions, match="Global='maybe' is not a boolean; fleet read it as false"):
         fleet("Global=maybe\n")
 
 
@@ -152,12 +157,18 @@ def test_replaces_lists_unit_names() -> None:
     )
 
 
-@pytest.mark.parametrize("key", ["MachineOf", "Replaces"])
-def test_invalid_unit_name_in_machine_of_or_replaces_is_rejected(key: str) -> None:
+def test_invalid_unit_name_in_machine_of_is_rejected() -> None:
     with pytest.raises(InvalidFleetOptions) as err:
-        fleet(f"{key}=nosuffix\n")
-    assert f"{key}=nosuffix is not a unit name" in str(err.value)
+        fleet("MachineOf=nosuffix\n")
+    assert "MachineOf=nosuffix is not a unit name" in str(err.value)
     assert "missing a unit type suffix" in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["Conflicts", "Replaces"])
+@pytest.mark.parametrize("pattern", ["web@[", "web@[]", "web@[-1]", "web@[\\]"])
+def test_malformed_glob_in_conflicts_or_replaces_is_rejected(key: str, pattern: str) -> None:
+    with pytest.raises(InvalidFleetOptions, match=f"{key}=.* is not a glob fleet could match"):
+        fleet(f"{key}={pattern}\n")
 
 
 @pytest.mark.parametrize("key", ["MachineOf", "Replaces", "Conflicts", "MachineID"])
@@ -235,8 +246,9 @@ def test_options_outside_the_fleet_section_are_ignored() -> None:
         ("%N", "foo@bar"),
         ("%p", "foo"),
         ("%i", "bar"),
-        ("%%", "%"),
-        ("%p-%i.%%", "foo-bar.%"),
+        # fleet replaced only %n %N %p %i; "%%" stays as it is
+        ("%%", "%%"),
+        ("%p-%i.%%", "foo-bar.%%"),
         ("50%", "50%"),
         ("%x", "%x"),
     ],
@@ -256,7 +268,7 @@ def test_specifiers_expand_inside_fleet_options() -> None:
 
 
 def test_expanded_value_is_validated_as_a_unit_name() -> None:
-    with pytest.raises(InvalidFleetOptions, match="MachineOf=web-%"):
+    with pytest.raises(InvalidFleetOptions, match="MachineOf=web-%%"):
         fleet("MachineOf=%p-%%.service\n")
 
 
@@ -272,9 +284,10 @@ def test_load_unit_from_parsed_file() -> None:
     assert load_unit("a.service", file).file is file
 
 
-def test_template_loads_with_empty_instance() -> None:
-    unit = load_unit("web@.service", "[Service]\nExecStart=/bin/true\n[X-Fleet]\nConflicts=web@%i*\n")
-    assert unit.name.is_template and unit.fleet.conflicts == ("web@*",)
+def test_template_keeps_its_instance_specifier_for_each_instance() -> None:
+    text = "[Service]\nExecStart=/bin/true\n[X-Fleet]\nConflicts=web@%i*\n"
+    assert load_unit("web@.service", text).fleet.conflicts == ("web@%i*",)
+    assert load_unit("web@3.service", text).fleet.conflicts == ("web@3*",)
 
 
 @pytest.mark.parametrize(

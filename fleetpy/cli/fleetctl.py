@@ -7,7 +7,6 @@ loads its parsers on first use), so `fleetctl list-machines` pays for click and 
 
 from __future__ import annotations
 
-import fnmatch
 import ipaddress
 import math
 import os
@@ -28,6 +27,7 @@ POLL_INTERVAL = 0.2
 # fleet blocks forever by default; fleetpy gives up after 30 s unless told otherwise.
 DEFAULT_BLOCK_ATTEMPTS = 150
 TAB_WIDTH = 8
+# An argument with one of these is a glob; a backslash alone is part of an escaped unit name.
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -469,7 +469,12 @@ def _expand(client: Client, args: Iterable[str]) -> list[str]:
         if _GLOB_CHARS & set(arg):
             if submitted is None:
                 submitted = [u["name"] for u in client.units()]
-            matched = [n for n in submitted if fnmatch.fnmatchcase(n, os.path.basename(arg))]
+            from fleetpy.unit.glob import BadPattern, glob_match
+
+            try:
+                matched = [n for n in submitted if glob_match(os.path.basename(arg), n)]
+            except BadPattern as error:
+                raise click.ClickException(str(error)) from None
             if not matched:
                 raise click.ClickException(f"no submitted unit matches {arg}")
             names.extend(matched)

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING
 
 from fleetpy.conf.values import short_machine_id
 from fleetpy.registry.models import Assignment, Job, Machine
-from fleetpy.unit import FleetOptions
+from fleetpy.unit.glob import glob_match
 
 if TYPE_CHECKING:
     from fleetpy.unit import Unit
@@ -153,11 +153,14 @@ class Replacements:
     def __init__(self, units: Mapping[str, Unit]):
         self._of: dict[str, frozenset[str]] = {}
         self._by: dict[str, set[str]] = {}
+        names = sorted(units)
         for name, unit in units.items():
+            # Replaces= holds globs, as fleet's agent matched them.
             replaced = frozenset(
                 other
-                for other in unit.fleet.replaces
-                if other in units and name not in units[other].fleet.replaces
+                for pattern in unit.fleet.replaces
+                for other in _matches(pattern, names)
+                if other != name and not units[other].fleet.replaces_unit(name)
             )
             if replaced:
                 self._of[name] = replaced
@@ -237,11 +240,10 @@ class Conflicts:
 
 
 def _matches(pattern: str, names: list[str]) -> list[str]:
-    """The sorted `names` that `pattern` matches, by the unit module's matcher.
+    """The sorted `names` that `pattern` matches, by the unit module's glob matcher.
 
     Only names starting with the pattern's literal head can match, so just those are tried.
     """
-    matcher = FleetOptions(conflicts=(pattern,))
     head = pattern
     for i, char in enumerate(pattern):
         if char in "*?[\\":
@@ -251,7 +253,7 @@ def _matches(pattern: str, names: list[str]) -> list[str]:
     for name in names[bisect.bisect_left(names, head) :]:
         if not name.startswith(head):
             break
-        if matcher.conflicts_with(name):
+        if glob_match(pattern, name):
             found.append(name)
     return found
 

@@ -1,15 +1,22 @@
-"""fleet's [X-Fleet] section: scheduling options, specifiers and their rules."""
+"""fleet's [X-Fleet] section: scheduling options, specifiers and their rules.
+
+Values are read as fleet read them (job/job.go and unit/unit.go of fleet v1.0): a value
+that starts and ends with a double quote is a list of quoted words, quotes dropped;
+otherwise its words are split at whitespace. %n %N %p %i expand from the unit's name.
+Where fleet silently read a value as something its author cannot have meant (a Global it
+read as false, a MachineMetadata entry it ignored, a malformed glob that matched nothing),
+fleetpy refuses it and says how fleet read it. docs/fleet-compat.md lists every case.
+"""
 
 from __future__ import annotations
 
-import fnmatch
 import re
-import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fleetpy.unit.errors import InvalidFleetOptions, UnitError
 from fleetpy.unit.file import UnitFile
+from fleetpy.unit.glob import BadPattern, check_pattern, glob_match
 from fleetpy.unit.name import UnitName, validate_unit_name
 
 SECTION = "X-Fleet"
@@ -40,9 +47,17 @@ REMOVED = {
     ),
 }
 
-_TRUE = frozenset({"1", "yes", "y", "true", "t", "on"})
-_FALSE = frozenset({"0", "no", "n", "false", "f", "off"})
-_SPECIFIER = re.compile(r"%(.)", re.DOTALL)
+# fleet v0.13+ (isTruthyValue): these, in any case, are true; anything else is false.
+_FLEET_TRUE = frozenset({"true", "yes", "1", "on", "t"})
+# False to fleet and to systemd alike.
+_FALSE = frozenset({"false", "no", "0", "off", "f", "n"})
+# systemd's parse_boolean, for fleetpy's own options.
+_SYSTEMD_TRUE = frozenset({"true", "yes", "1", "on", "t", "y"})
+# fleet's unitPrintf: only these four, replaced in this order; "%%" is left alone.
+_SPECIFIERS = ("%n", "%N", "%p", "%i")
+_PENDING_INSTANCE = "%i"
+# A systemd-escape sequence such as \x2d, which path.Match reads as "x2d".
+_ESCAPE_IN_PATTERN = re.compile(r"(?<!\\)\\x[0-9a-fA-F]{2}")
 
 
 @dataclass(frozen=True)
@@ -64,30 +79,65 @@ class FleetOptions:
 
     def conflicts_with(self, other_name: str) -> bool:
         """Whether one of this unit's Conflicts globs matches `other_name`."""
-        return any(fnmatch.fnmatchcase(other_name, pattern) for pattern in self.conflicts)
+        return any(glob_match(pattern, other_name) for pattern in self.conflicts)
+
+    def replaces_unit(self, other_name: str) -> bool:
+        """Whether one of this unit's Replaces globs matches `other_name`."""
+        return any(glob_match(pattern, other_name) for pattern in self.replaces)
 
 
 def expand_specifiers(value: str, name: UnitName) -> str:
-    """Expand %n %N %p %i and %% as systemd does.
+    """Expand %n %N %p %i as fleet did; a template's %i is left for its instances.
 
-    Other specifiers are left untouched, as fleet did, so values such as
-    "discount=50%" in metadata survive.
+    Other specifiers, "%%" among them, are left untouched as fleet left them, so values
+    such as "discount=50%" in metadata survive.
     """
-    table = {
-        "n": name.full,
-        "N": name.stem,
-        "p": name.prefix,
-        "i": name.instance or "",
-        "%": "%",
-    }
-    return _SPECIFIER.sub(lambda m: table.get(m.group(1), m.group(0)), value)
+    table = {"%n": name.full, "%N": name.stem, "%p": name.prefix, "%i": name.instance}
+    for specifier in _SPECIFIERS:
+        replacement = table[specifier]
+        if specifier == "%i" and name.is_template:
+            continue
+        value = value.replace(specifier, replacement or "")
+    return value
+
+
+def split_words(value: str) -> list[str]:
+    """fleet's reading of an [X-Fleet] value as a list of words.
+
+    A value that starts and ends with '"' is quoted words: quotes go, blanks outside them
+    split (fleet's parseMultivalueLine). Any other value splits at whitespace; a quote in
+    it would have been kept by fleet as part of a word, which is never what was meant.
+    """
+    if len(value) >= 2 and value.startswith('"') and value.endswith('"'):
+        if value.count('"') % 2:
+            raise ValueError("its quotes are unbalanced")
+        words, current, quoted = [], [], False
+        for char in value:
+            if char == '"':
+                quoted = not quoted
+            elif char in " \t" and not quoted:
+                words.append("".join(current))
+                current = []
+            else:
+                current.append(char)
+        words.append("".join(current))
+        return [word for word in words if word]
+    if '"' in value:
+        raise ValueError(
+            "fleet reads quotes only around whole words of a value that starts and ends "
+            'with one, as in "region=us-east" "disk=ssd"; here it would keep them as part of the text'
+        )
+    return value.split()
 
 
 def parse_fleet_options(unit_name: str, unit: UnitFile) -> FleetOptions:
-    """Read `unit`'s [X-Fleet] section as it applies to the unit called `unit_name`."""
+    """Read `unit`'s [X-Fleet] section as it applies to the unit called `unit_name`.
+
+    A template's %i stays as it is: what depends on it is checked for each instance.
+    """
     name = validate_unit_name(unit_name)
     warnings: list[str] = []
-    values: dict[str, list[str]] = {key: [] for key in OPTIONS}
+    values: dict[str, list[list[str]]] = {key: [] for key in OPTIONS}
     for option in unit.options:
         if option.section != SECTION:
             continue
@@ -104,15 +154,28 @@ def parse_fleet_options(unit_name: str, unit: UnitFile) -> FleetOptions:
             raise InvalidFleetOptions(
                 f"{unit_name}: unknown [X-Fleet] option {key!r}; valid options are {', '.join(OPTIONS)}"
             )
-        values[key].append(expand_specifiers(option.value, name))
+        expanded = expand_specifiers(option.value, name)
+        try:
+            words = split_words(expanded)
+        except ValueError as err:
+            raise InvalidFleetOptions(f"{unit_name}: {key}={option.value} cannot be read: {err}") from None
+        if not words:
+            raise InvalidFleetOptions(f"{unit_name}: {key}= is empty; give a value or drop the line")
+        if key == "MachineMetadata" and len(words) > 1 and not expanded.startswith('"'):
+            warnings.append(
+                f"{unit_name}: MachineMetadata={option.value}: fleet read this as one entry and "
+                f"ignored it; fleetpy requires all {len(words)} pairs. Quote each pair "
+                '("a=b" "c=d") or give one per line'
+            )
+        values[key].append(words)
 
     options = FleetOptions(
         machine_id=_machine_id(unit_name, values["MachineID"]),
         machine_of=_unit_names(unit_name, "MachineOf", values["MachineOf"]),
         machine_metadata=_metadata(unit_name, values["MachineMetadata"]),
-        conflicts=_words(unit_name, "Conflicts", values["Conflicts"]),
-        is_global=_boolean(unit_name, "Global", values["Global"]),
-        replaces=_unit_names(unit_name, "Replaces", values["Replaces"]),
+        conflicts=_patterns(unit_name, "Conflicts", values["Conflicts"], warnings),
+        is_global=_global(unit_name, values["Global"]),
+        replaces=_patterns(unit_name, "Replaces", values["Replaces"], warnings),
         fence=_boolean(unit_name, "Fence", values["Fence"]),
         warnings=tuple(warnings),
     )
@@ -144,19 +207,16 @@ def _check_combinations(unit_name: str, options: FleetOptions) -> None:
         )
 
 
-def _words(unit_name: str, key: str, values: list[str]) -> tuple[str, ...]:
-    words: list[str] = []
-    for value in values:
-        split = value.split()
-        if not split:
-            raise InvalidFleetOptions(f"{unit_name}: {key}= is empty; give a value or drop the line")
-        words.extend(split)
-    return tuple(words)
+def _names_like(values: list[list[str]]) -> tuple[str, ...]:
+    # fleet split Conflicts at all whitespace, quoted or not; no unit name holds a blank.
+    return tuple(part for words in values for word in words for part in word.split())
 
 
-def _unit_names(unit_name: str, key: str, values: list[str]) -> tuple[str, ...]:
-    names = _words(unit_name, key, values)
+def _unit_names(unit_name: str, key: str, values: list[list[str]]) -> tuple[str, ...]:
+    names = _names_like(values)
     for other in names:
+        if _PENDING_INSTANCE in other:
+            continue  # a template's: checked for each instance
         try:
             validate_unit_name(other)
         except UnitError as err:
@@ -164,55 +224,92 @@ def _unit_names(unit_name: str, key: str, values: list[str]) -> tuple[str, ...]:
     return names
 
 
-def _machine_id(unit_name: str, values: list[str]) -> str | None:
+def _patterns(unit_name: str, key: str, values: list[list[str]], warnings: list[str]) -> tuple[str, ...]:
+    patterns = _names_like(values)
+    for pattern in patterns:
+        try:
+            check_pattern(pattern)
+        except BadPattern as err:
+            raise InvalidFleetOptions(
+                f"{unit_name}: {key}={pattern} is not a glob fleet could match ({err}); fleet matched nothing"
+            ) from None
+        if _ESCAPE_IN_PATTERN.search(pattern):
+            warnings.append(
+                f"{unit_name}: {key}={pattern}: in a glob a backslash escapes the next character, "
+                "so \\x2d matches 'x2d'; write \\\\x2d to match a systemd-escaped name"
+            )
+    return patterns
+
+
+def _machine_id(unit_name: str, values: list[list[str]]) -> str | None:
     if not values:
         return None
     if len(values) > 1:
         raise InvalidFleetOptions(
             f"{unit_name}: MachineID is given {len(values)} times; a unit can be pinned to one machine only"
         )
-    words = values[0].split()
+    words = _names_like(values)
     if len(words) != 1:
         raise InvalidFleetOptions(
-            f"{unit_name}: MachineID must be exactly one machine ID, got {values[0]!r}; "
+            f"{unit_name}: MachineID must be exactly one machine ID, got {' '.join(words)!r}; "
             "see 'fleetctl list-machines -l'"
         )
     return words[0]
 
 
-def _boolean(unit_name: str, key: str, values: list[str]) -> bool:
-    # As in systemd, the last assignment wins.
+def _last_word(unit_name: str, key: str, values: list[list[str]]) -> str | None:
+    # As in fleet (and systemd), the last assignment wins.
     if not values:
+        return None
+    words = values[-1]
+    if len(words) != 1:
+        raise InvalidFleetOptions(f"{unit_name}: {key}={' '.join(words)!r} must be one word, true or false")
+    return words[0]
+
+
+def _global(unit_name: str, values: list[list[str]]) -> bool:
+    """Global= as fleet v1.0 read it; refused where fleet's reading cannot have been meant."""
+    word = _last_word(unit_name, "Global", values)
+    if word is None:
         return False
-    value = values[-1].strip().lower()
-    if value in _TRUE:
+    if word.lower() in _FLEET_TRUE:
         return True
-    if value in _FALSE:
+    if word.lower() in _FALSE:
         return False
-    raise InvalidFleetOptions(f"{unit_name}: {key}={values[-1]!r} is not a boolean; use true or false")
+    if word.lower() == "y":
+        raise InvalidFleetOptions(
+            f"{unit_name}: Global={word} is ambiguous: fleet read it as false and systemd's "
+            "booleans read it as true; write Global=true or Global=false"
+        )
+    raise InvalidFleetOptions(
+        f"{unit_name}: Global={word!r} is not a boolean; fleet read it as false (only true, "
+        "yes, 1, on and t, in any case, were true to it). Write Global=true or Global=false"
+    )
 
 
-def _metadata(unit_name: str, values: list[str]) -> tuple[tuple[str, frozenset[str]], ...]:
+def _boolean(unit_name: str, key: str, values: list[list[str]]) -> bool:
+    """One of fleetpy's own boolean options, with systemd's spellings."""
+    word = _last_word(unit_name, key, values)
+    if word is None:
+        return False
+    if word.lower() in _SYSTEMD_TRUE:
+        return True
+    if word.lower() in _FALSE:
+        return False
+    raise InvalidFleetOptions(f"{unit_name}: {key}={word!r} is not a boolean; use true or false")
+
+
+def _metadata(unit_name: str, values: list[list[str]]) -> tuple[tuple[str, frozenset[str]], ...]:
     allowed: dict[str, set[str]] = {}
-    for value in values:
-        try:
-            pairs = shlex.split(value)
-        except ValueError as err:
-            raise InvalidFleetOptions(
-                f"{unit_name}: MachineMetadata={value} cannot be read ({err}); "
-                'check the quotes, e.g. MachineMetadata="region=us-east" "disk=ssd"'
-            ) from err
-        if not pairs:
-            raise InvalidFleetOptions(
-                f"{unit_name}: MachineMetadata= is empty; give key=value pairs or drop the line"
-            )
-        for pair in pairs:
+    for words in values:
+        for pair in words:
+            # fleet's rule: exactly one "=", with text on both sides; it ignored anything else.
             key, eq, wanted = pair.partition("=")
-            key, wanted = key.strip(), wanted.strip()
-            if not eq or not key or not wanted:
+            if not eq or not key or not wanted or "=" in wanted:
                 raise InvalidFleetOptions(
-                    f"{unit_name}: MachineMetadata entry {pair!r} is not a key=value "
-                    'pair; write it as e.g. MachineMetadata="region=us-east"'
+                    f"{unit_name}: MachineMetadata entry {pair!r} is not a key=value pair, so fleet "
+                    "ignored it and the unit could run on any machine; write it as e.g. "
+                    'MachineMetadata="region=us-east"'
                 )
             allowed.setdefault(key, set()).add(wanted)
     return tuple((key, frozenset(vals)) for key, vals in allowed.items())

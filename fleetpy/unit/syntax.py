@@ -161,8 +161,9 @@ def physical_lines(text: str) -> list[str]:
     ambiguous = _AMBIGUOUS_LINE_END.search(text)
     if ambiguous:
         lineno = text.count("\n", 0, ambiguous.start()) + 1
+        line = text.split("\n")[lineno - 1]
         raise InvalidUnitFile(
-            f"line {lineno}: {_describe(ambiguous.group())} in the text; systemd ends a line "
+            f"line {lineno}: {_describe(ambiguous.group())} in {_clip(line)}; systemd ends a line "
             "there and fleet did not, so the unit would mean different things to each. Use "
             "line feeds only"
         )
