@@ -8,7 +8,6 @@ import json
 import os
 import socket
 import ssl
-import subprocess
 import time
 from pathlib import Path
 
@@ -28,6 +27,8 @@ from fleetpy.fleetd.main import main as fleetd_main
 from fleetpy.registry import Assignment, Job, Machine, memory_registry
 from fleetpy.registry.aio import AsyncRegistry
 from fleetpy.unit import UnitFile
+
+pytest_plugins = ["fixtures_pki"]
 
 M1 = "113f16a7" + "0" * 24
 HELLO = [{"section": "Service", "name": "ExecStart", "value": "/bin/sleep 1000"}]
@@ -74,26 +75,6 @@ async def test_deeply_nested_body_is_400(client, method, path):
 
 
 # --- serving: authentication on TCP ------------------------------------------------------------
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Path:
-    """A cluster CA, a server certificate for 127.0.0.1, a client certificate, and a stranger's."""
-    d = tmp_path_factory.mktemp("pki")
-    for ca in ("ca", "other-ca"):
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={ca}",
-                 "-keyout", f"{d}/{ca}.key", "-out", f"{d}/{ca}.pem")  # fmt: skip
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    for name, ca in (("server", "ca"), ("client", "ca"), ("stranger", "other-ca"), ("rogue", "other-ca")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-                 "-keyout", f"{d}/{name}.key", "-out", f"{d}/{name}.csr")  # fmt: skip
-        _openssl("x509", "-req", "-in", f"{d}/{name}.csr", "-CA", f"{d}/{ca}.pem", "-CAkey", f"{d}/{ca}.key",
-                 "-CAcreateserial", "-days", "2", "-extfile", f"{d}/san.ext", "-out", f"{d}/{name}.pem")  # fmt: skip
-    return d
 
 
 def _free_port() -> int:
