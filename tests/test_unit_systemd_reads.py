@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fleetpy.lab.node import Node
 from fleetpy.systemd import SystemdManager
-from fleetpy.unit import UnitFile
+from fleetpy.unit import UnitError, UnitFile
 
 pytest_plugins = ["fixtures_nodes"]
 pytestmark = pytest.mark.integration
@@ -94,3 +96,42 @@ async def test_names_systemd_accepts_run_through_the_manager_inside_its_unit_dir
         assert list(manager.unit_dir.iterdir()) == []
     finally:
         await manager.close()
+
+
+DESCRIPTIONS = st.text(
+    st.one_of(
+        st.sampled_from("\\\n\r\t \x00\x0b\x85\u2028#;[]=\"'@"),
+        st.characters(blacklist_categories=("Cs",), blacklist_characters="%"),  # % is a specifier
+    ),
+    max_size=20,
+)
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(DESCRIPTIONS, min_size=12, max_size=12))
+def test_systemd_reads_every_accepted_value_as_fleetpy_stored_it(
+    systemd_node: Node, values: list[str]
+) -> None:
+    unit_dir = systemd_node.dir / "units"
+    unit_dir.mkdir(exist_ok=True)
+    accepted: dict[str, UnitFile] = {}
+    for value in values:
+        try:
+            unit_file = UnitFile.from_options(described(value))
+        except UnitError:
+            continue
+        name = f"p-{unit_file.hash[:12]}.service"
+        (unit_dir / name).write_text(unit_file.to_text())
+        accepted[name] = unit_file
+    if not accepted:
+        return
+    systemd_node.run(
+        ["systemctl", "--user", "link", "--runtime", *(str(unit_dir / n) for n in accepted)], check=True
+    )
+    systemd_node.run(["systemctl", "--user", "daemon-reload"], check=True)
+    for name, unit_file in accepted.items():
+        assert show(systemd_node, name, "LoadState") == "loaded", unit_file.to_text()
+        # systemd shows the unit's name for an empty Description
+        expected = unit_file.values("Unit", "Description")[0] or name
+        assert show(systemd_node, name, "Description") == expected
+        assert show(systemd_node, name, "ExecStartPre") == ""
