@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleetpy.lab.node import Node
-from fleetpy.systemd import SystemdManager
+from fleetpy.systemd import DbusManager
 from fleetpy.unit import UnitError, UnitFile
 
 pytest_plugins = ["fixtures_nodes"]
@@ -46,7 +46,7 @@ def show(node: Node, name: str, prop: str) -> str:
 
 
 async def test_accepted_units_read_the_same_in_systemd(systemd_node: Node) -> None:
-    manager = await SystemdManager.connect(
+    manager = await DbusManager.connect(
         systemd_node.env["DBUS_SESSION_BUS_ADDRESS"], systemd_node.dir / "units"
     )
     try:
@@ -73,7 +73,7 @@ async def test_accepted_units_read_the_same_in_systemd(systemd_node: Node) -> No
 async def test_names_systemd_accepts_run_through_the_manager_inside_its_unit_dir(
     systemd_node: Node, name: str
 ) -> None:
-    manager = await SystemdManager.connect(
+    manager = await DbusManager.connect(
         systemd_node.env["DBUS_SESSION_BUS_ADDRESS"], systemd_node.dir / "units"
     )
     states: list[tuple[str, str]] = []
