@@ -14,6 +14,7 @@ import fcntl
 import ipaddress
 import secrets
 import subprocess
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -154,6 +155,17 @@ def release_bridge(bridge: str, lab_dir: Path | str) -> str | None:
         return f"left bridge {bridge} alone: it belongs to {owner or 'no lab'}"
     _ip("link", "delete", bridge)
     return None
+
+
+def set_link(name: str, up: bool, carrier_timeout: float = 5.0) -> None:
+    """Take link `name` down, or bring it up and return once its carrier is (it carries traffic)."""
+    _ip("link", "set", name, "up" if up else "down")
+    if not up:
+        return
+    operstate = SYS_NET / name / "operstate"
+    deadline = time.monotonic() + carrier_timeout
+    while operstate.read_text().strip() != "up" and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _ip(*args: str) -> None:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from fleetpy.conf.files import write_atomic
+from fleetpy.lab.node import Node
 
 STATE_VERSION = 1
 
@@ -74,3 +81,53 @@ class State:
             if n.name == name:
                 return n
         raise LabError(f"no node {name!r} in the lab; nodes: {', '.join(n.name for n in self.nodes)}")
+
+
+class StateFile:
+    """The lab's <dir>/state.json: the State the lab's parts read and record into.
+
+    Every part of the lab records what it is about to create here before creating it, so
+    `down` can find everything even after the process that made it crashed.
+    """
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.path = directory / "state.json"
+        self._lock = threading.Lock()  # nodes start in parallel threads, each recording
+        self.state: State | None = self._read()
+
+    def _read(self) -> State | None:
+        return State.load(self.path) if self.path.exists() else None
+
+    def save(self) -> None:
+        assert self.state is not None
+        with self._lock:
+            # A crash leaves the old state or the new one.
+            write_atomic(self.path, json.dumps(asdict(self.state), indent=1))
+
+    def require(self) -> State:
+        if self.state is None:
+            raise LabError(f"no lab in {self.dir} (no {self.path.name}); start one with `fleetpy lab up`")
+        return self.state
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """One lab command at a time per lab dir; the state is read again once it is ours."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.state = self._read()
+            yield
+
+    def node(self, ns: NodeState) -> Node:
+        """The running node `ns` records, to run commands in or to kill."""
+        return Node(
+            name=ns.name,
+            dir=self.dir / ns.name,
+            pid=ns.pid,
+            env=ns.env,
+            ip=ns.ip,
+            cgroup=ns.cgroup,
+            netns=ns.netns,
+            veth=ns.veth,
+        )
