@@ -4,6 +4,7 @@ lab node) and FakeSystemd run the same tests, so the agent's fast tests mean som
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncIterator
 
 import pytest
@@ -150,3 +151,16 @@ async def test_a_bad_unit_name_raises_before_anything_is_written(manager, name) 
     with pytest.raises(ValueError, match="unit name|unit type"):
         await manager.write_unit(name, SLEEPER)
     assert await manager.installed_units() == {}
+
+
+@pytest.mark.parametrize("implementation", [DbusManager, FakeSystemd])
+def test_each_implementation_has_every_method_of_the_protocol_with_its_parameters(implementation) -> None:
+    members = [n for n, v in vars(SystemdManager).items() if callable(v) and not n.startswith("_")]
+    assert members, "the protocol lists no methods"
+    for name in members:
+        ours = inspect.signature(getattr(implementation, name))
+        wanted = inspect.signature(getattr(SystemdManager, name))
+        assert list(ours.parameters) == list(wanted.parameters), f"{implementation.__name__}.{name}"
+        assert inspect.iscoroutinefunction(getattr(implementation, name)) == inspect.iscoroutinefunction(
+            getattr(SystemdManager, name)
+        ), f"{implementation.__name__}.{name}"
