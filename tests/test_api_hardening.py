@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from click.testing import CliRunner
 
-from fleetpy.api import SystemctlUnitInfo, create_app, serve
+from fleetpy.api import SystemctlUnitInfo, create_app, serve, serving
 from fleetpy.api.auth import Auth, peer_proof, valid_peer_proof
 from fleetpy.api.connections import LIMITS, AcceptErrorLog, Limits
 from fleetpy.api.peer import peer_tls
@@ -504,3 +504,12 @@ async def test_a_replace_past_the_deadline_still_completes(registry):
                 break
             await asyncio.sleep(0.05)
     assert registry.job("a.service").hash == UnitFile.from_options(other).hash
+
+
+def test_tcp_cap_leaves_descriptors_for_the_unix_socket_and_fleetd(monkeypatch, caplog):
+    # systemd's default soft limit is 1024: TCP gets what is left after the unix socket's share.
+    monkeypatch.setattr(serving.resource, "getrlimit", lambda _: (1024, 524288))
+    assert serving.tcp_connection_limit(Limits()) == 1024 - 128 - serving.RESERVED_FDS
+    assert "raise LimitNOFILE=" in caplog.text
+    monkeypatch.setattr(serving.resource, "getrlimit", lambda _: (65536, 524288))
+    assert serving.tcp_connection_limit(Limits()) == Limits().tcp_connections
