@@ -513,3 +513,21 @@ def test_tcp_cap_leaves_descriptors_for_the_unix_socket_and_fleetd(monkeypatch, 
     assert "raise LimitNOFILE=" in caplog.text
     monkeypatch.setattr(serving.resource, "getrlimit", lambda _: (65536, 524288))
     assert serving.tcp_connection_limit(Limits()) == Limits().tcp_connections
+
+
+@pytest.mark.parametrize("stamp", ["²", "9" * 5000, "-1", ""])
+async def test_a_malformed_peer_proof_is_401_not_500(registry, tmp_path, stamp):
+    port = _free_port()
+    runner = await serve(
+        create_app(AsyncRegistry(registry), machine_id=M1),
+        socket_path=str(tmp_path / "fleet.sock"),
+        listen=f"127.0.0.1:{port}",
+        token="t0ken",
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            proof = f"Fleetpy-Peer {stamp} {'0' * 64}".encode()
+            resp = await http.get("/fleet/v1/machines", headers={"Authorization": proof})
+            assert resp.status_code == 401
+    finally:
+        await runner.cleanup()

@@ -55,7 +55,10 @@ def peer_proof(token: str, machine_id: str, method: str, raw_path: str, now: flo
 def valid_peer_proof(auth: Auth, request: web.Request, given: str) -> bool:
     scheme, _, rest = given.partition(" ")
     stamp, _, mac = rest.partition(" ")
-    if scheme != PEER_SCHEME or not stamp.isdigit() or auth.token is None:
+    # Plain digits of a sane length only: int() refuses "²" and 5,000-digit numbers by raising.
+    if scheme != PEER_SCHEME or not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 12):
+        return False
+    if auth.token is None:
         return False
     if abs(time.time() - int(stamp)) > PEER_PROOF_TTL:
         return False
