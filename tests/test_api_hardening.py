@@ -531,3 +531,10 @@ async def test_a_malformed_peer_proof_is_401_not_500(registry, tmp_path, stamp):
             assert resp.status_code == 401
     finally:
         await runner.cleanup()
+
+
+async def test_refused_changes_are_not_logged(client, caplog):
+    # Logging every 400 would let any client fill fleetd's log.
+    resp = await client.put("/fleet/v1/units/x.service", json={"options": {"a": 1}})
+    assert resp.status == 400
+    assert "failed after its request ended" not in caplog.text

@@ -87,15 +87,18 @@ def runs_to_completion(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def shielded(self: FleetV1, request: web.Request) -> web.Response:
         task = asyncio.ensure_future(handler(self, request))
-        task.add_done_callback(_unawaited_failure)
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_unawaited_failure)
+            raise
 
     return shielded
 
 
 def _unawaited_failure(task: asyncio.Future) -> None:
-    # If the request was cancelled nobody awaits the outcome; log a failure instead of losing it.
-    if not task.cancelled() and (error := task.exception()) is not None and not isinstance(error, ApiError):
+    # The request is gone, so nobody else hears how the change ended; a failure goes to the log.
+    if not task.cancelled() and (error := task.exception()) is not None:
         log.warning("API change failed after its request ended: %s", error)
 
 
