@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import etcd
+from bench.common import etcd, table
 from fleetpy.registry import EtcdStore, Job, Registry
 from fleetpy.unit import UnitFile
 
@@ -38,6 +38,45 @@ def rss_mib(pid: int) -> float:
 def cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+# fleetd's imports in dependency order; each step's RSS growth is what that step costs.
+IMPORT_STEPS = (
+    ("python", "pass"),
+    ("stdlib: asyncio, logging, json, ssl", "import asyncio, logging, json, ssl"),
+    ("click (fleetd's flags)", "import click"),
+    ("dbus_next (systemd)", "import dbus_next.aio"),
+    ("python-etcd (urllib3, dnspython)", "import etcd"),
+    ("tenacity", "import tenacity"),
+    ("aiohttp (the API server)", "import aiohttp.web"),
+    ("fleetpy's own modules", "import fleetpy.fleetd.main"),
+)
+_STEPS_SCRIPT = """
+import sys
+def rss():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmRSS:'):
+            return int(line.split()[1]) / 1024
+for statement in sys.argv[1:]:
+    exec(statement)
+    print(round(rss(), 1))
+"""
+
+
+def import_costs() -> list[dict]:
+    """RSS after each step of fleetd's imports, in one fresh interpreter."""
+    done = subprocess.run(
+        [sys.executable, "-c", _STEPS_SCRIPT, *(code for _, code in IMPORT_STEPS)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    totals = [float(line) for line in done.stdout.split()]
+    rows, before = [], 0.0
+    for (what, _), total in zip(IMPORT_STEPS, totals, strict=True):
+        rows.append({"step": what, "rss_mib": total, "adds_mib": round(total - before, 1)})
+        before = total
+    return rows
 
 
 def wait_for(what: str, check, timeout: float) -> None:
@@ -119,7 +158,9 @@ def run(args: argparse.Namespace) -> dict:
     units = args.units or (10 if args.quick else 500)
     idle = args.idle or (2.0 if args.quick else 20.0)
     with etcd() as url, tempfile.TemporaryDirectory(prefix="fb-") as base:
-        return measure(url, Path(base), units, idle)
+        result = measure(url, Path(base), units, idle)
+    result["imports"] = import_costs()
+    return result
 
 
 def render(result: dict) -> str:
@@ -131,5 +172,7 @@ def render(result: dict) -> str:
             f"launching {launch['units']} units: all active in {launch['all_active_s']} s, "
             f"{launch['fleetd_cpu_s']} s fleetd CPU, {launch['rss_mib']} MiB RSS",
             f"idle with {busy['units']} units: {busy['rss_mib']} MiB RSS, {busy['cpu_pct']}% CPU",
+            "where an idle fleetd's memory goes (RSS after each import step, one fresh interpreter):",
+            table(result["imports"]),
         ]
     )
