@@ -14,6 +14,7 @@ from fleetpy.api.extensions import FleetpyV1
 from fleetpy.api.fleet_v1 import FleetV1
 from fleetpy.api.local import LocalUnitInfo
 from fleetpy.api.peer import Peers
+from fleetpy.api.wait import UnitWait
 from fleetpy.registry.aio import AsyncRegistry
 
 MAX_BODY = 1 << 20
@@ -36,5 +37,6 @@ def create_app(
     FleetV1(context).add_routes(app.router)
     extensions = FleetpyV1(context, local, Peers(registry, machine_id, peer_token, peer_tls))
     extensions.add_routes(app.router)
+    UnitWait(context).add_routes(app.router)
     app.on_shutdown.append(extensions.stop_followers)
     return app

@@ -66,7 +66,10 @@ class ApiContext:
         return [(job, stored.unit) for job, stored in found if stored is not None and stored.unit is not None]
 
     async def entities(self, jobs: list[Job]) -> list[dict]:
-        assignments = await self.registry.assignments()
+        # Grouped by unit once: each entity looks at its own assignments, not all of them.
+        assignments: dict[str, list] = {}
+        for assignment in await self.registry.assignments():
+            assignments.setdefault(assignment.unit, []).append(assignment)
         states = {(s.unit, s.machine_id): s for s in await self.registry.states()}
         alive = {m.id for m in await self.registry.machines()}
         result = []
@@ -77,7 +80,7 @@ class ApiContext:
                     job,
                     stored.file if stored else None,
                     stored is not None and stored.is_global,
-                    assignments,
+                    assignments.get(job.name, ()),
                     states,
                     alive,
                 )

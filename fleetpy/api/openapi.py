@@ -257,6 +257,51 @@ def _extensions() -> dict[str, Any]:
             502,
             parameters=[machine],
         ),
+        "/fleetpy/v1/wait": {
+            "get": {
+                "operationId": "wait",
+                "description": "a long poll until the units reach the state (fleetd may answer sooner "
+                "than timeout, never later than its registry deadline)",
+                "parameters": [
+                    {
+                        "name": "unit",
+                        "in": "query",
+                        "required": True,
+                        "style": "form",
+                        "explode": True,
+                        "schema": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                    },
+                    {
+                        "name": "state",
+                        "in": "query",
+                        "required": True,
+                        "schema": {"enum": list(DESIRED_STATES)},
+                    },
+                    {
+                        "name": "timeout",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "number", "minimum": 0},
+                    },
+                ],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["units", "failed", "missing", "done"],
+                            "properties": {
+                                "units": {"type": "array", "items": _ref("Unit")},
+                                "failed": {"type": "object", "additionalProperties": {"type": "string"}},
+                                "missing": {"type": "array", "items": {"type": "string"}},
+                                "done": {"type": "boolean"},
+                            },
+                        },
+                        "the units as they are when they got there, or when the time was up",
+                    ),
+                    **_errors(400),
+                },
+            }
+        },
         "/fleetpy/v1/units/{name}/journal": route(
             "journal",
             {"description": "journal lines", "content": {"text/plain": {"schema": {"type": "string"}}}},

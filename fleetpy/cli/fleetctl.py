@@ -24,6 +24,8 @@ from fleetpy.conf.values import short_machine_id
 
 DEFAULT_ENDPOINT = "unix:///var/run/fleet.sock"
 POLL_INTERVAL = 0.2
+# One long poll of a blocking command: fleetd answers sooner when the units get there.
+WAIT_SLICE = 4.0
 # fleet blocks forever by default; fleetpy gives up after 30 s unless told otherwise.
 DEFAULT_BLOCK_ATTEMPTS = 150
 TAB_WIDTH = 8
@@ -367,7 +369,7 @@ def _block_options(command: Callable) -> Callable:
         default=DEFAULT_BLOCK_ATTEMPTS,
         show_default=True,
         type=click.IntRange(min=0),
-        help=f"poll the state this many times, {POLL_INTERVAL}s apart (0 = forever)",
+        help=f"wait up to this many times {POLL_INTERVAL}s for the state, as fleet's attempts (0 = forever)",
     )(command)
 
 
@@ -587,21 +589,23 @@ def _change_state(session: _Session, names: list[str], target: str, no_block: bo
 
     failed: dict[str, str] = {}
 
-    def reached(left: list[str]) -> set[str]:
+    def reached(left: list[str], timeout: float) -> set[str]:
+        answer = client.wait_units(left, target, timeout)
         done = set()
         # A unit that failed or cannot load is done waiting: say systemd's reason, not "launched".
         if target == "launched":
-            for name, reason in _failures(client, left).items():
-                failed[name] = reason
-                done.add(name)
-        for name, unit in client.many_units([n for n in left if n not in done]).items():
-            if unit is not None and unit["currentState"] == target:
+            failed.update(answer["failed"])
+            done |= answer["failed"].keys()
+        for unit in answer["units"]:
+            if unit["name"] not in done and unit["currentState"] == target:
                 where = unit.get("machineID")
-                click.echo(f"Unit {name} {target}" + (f" on {session.legend(where, False)}" if where else ""))
-                done.add(name)
+                click.echo(
+                    f"Unit {unit['name']} {target}" + (f" on {session.legend(where, False)}" if where else "")
+                )
+                done.add(unit["name"])
         return done
 
-    late = _poll(waited, reached, attempts)
+    late = _wait(waited, reached, attempts * POLL_INTERVAL)
     problems = [f"unit {name} failed to start: {reason}" for name, reason in failed.items()]
     if late or problems:
         for name in late:
@@ -617,6 +621,19 @@ def _failures(client: Client, names: list[str]) -> dict[str, str]:
     """The reasons the agents published for those of `names` that failed or cannot load."""
     wanted = set(names)
     return {s["name"]: s["reason"] for s in client.unit_states() if s["name"] in wanted and s.get("reason")}
+
+
+def _wait(names: list[str], done: Callable[[list[str], float], set[str]], seconds: float) -> list[str]:
+    """Long-poll until every name is done or `seconds` passed (0 = forever); the rest."""
+    left = list(names)
+    until = time.monotonic() + seconds
+    while left:
+        slice_ = WAIT_SLICE if not seconds else min(WAIT_SLICE, until - time.monotonic())
+        finished = done(left, max(slice_, 0.0))
+        left = [n for n in left if n not in finished]
+        if seconds and time.monotonic() >= until:
+            break
+    return left
 
 
 def _poll(names: list[str], done: Callable[[list[str]], set[str]], attempts: int) -> list[str]:

@@ -198,7 +198,7 @@ class Client:
         return self._connection
 
     def _message(
-        self, method: str, path: str, params: dict | None, body: Any
+        self, method: str, path: str, params: dict | list | None, body: Any
     ) -> tuple[str, bytes | None, dict]:
         target = self._base + path + (f"?{urlencode(params)}" if params else "")
         headers = {**self._headers, "Host": self._host}
@@ -208,7 +208,9 @@ class Client:
             headers["Content-Type"] = "application/json"
         return target, data, headers
 
-    def _request(self, method: str, path: str, params: dict | None = None, json: Any = None) -> _Response:
+    def _request(
+        self, method: str, path: str, params: dict | list | None = None, json: Any = None
+    ) -> _Response:
         (response,) = self.pipeline([(method, path, params, json)])
         _raise_for_error(response)
         return response
@@ -307,6 +309,12 @@ class Client:
         """Set every unit's desired state, in one pipelined round trip."""
         for response in self.pipeline(("PUT", _unit_path(n), None, {"desiredState": state}) for n in names):
             _raise_for_error(response)
+
+    def wait_units(self, names: Iterable[str], state: str, timeout: float) -> dict:
+        """Wait up to `timeout` s (fleetd may cut it shorter) until the units reach `state`:
+        {"units": [...], "failed": {name: reason}, "missing": [...], "done": bool}."""
+        params = [("unit", name) for name in names] + [("state", state), ("timeout", f"{timeout:.3f}")]
+        return self._request("GET", "/fleetpy/v1/wait", params=params).json()
 
     def destroy_unit(self, name: str) -> None:
         self._request("DELETE", _unit_path(name))
