@@ -40,8 +40,10 @@ def test_start_of_a_failing_unit_exits_non_zero_with_the_exit_status(lab, tmp_pa
         "unit broken.service failed to start: exit-code: the main process exited with status 3"
         in result.output
     )
-    status = fleetctl(lab, "list-units", "--no-legend", "--fields", "unit,active,sub")
-    assert status.output == "broken.service\tfailed\tfailed\n"
+    status = fleetctl(lab, "list-units", "--no-legend", "--full", "--fields", "unit,active,sub,reason")
+    assert status.output == (
+        "broken.service\tfailed\tfailed\texit-code: the main process exited with status 3\n"
+    )
 
     # Something else changes on the same machine: the failed unit is not started again.
     Path("fine.service").write_text("[Service]\nExecStart=/bin/sleep 1000\n")
