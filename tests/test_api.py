@@ -580,7 +580,8 @@ def test_api_does_not_load_the_engine():
     code = "import sys, fleetpy.api; print(sorted(m for m in sys.modules if m.startswith('fleetpy.engine')))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == (
-        "['fleetpy.engine', 'fleetpy.engine.explain', 'fleetpy.engine.guarded', 'fleetpy.engine.scheduler']"
+        "['fleetpy.engine', 'fleetpy.engine.cordon', 'fleetpy.engine.explain', 'fleetpy.engine.guarded', "
+        "'fleetpy.engine.scheduler']"
     )
 
 
@@ -591,3 +592,14 @@ async def test_explain_reads_the_replaced_content(client, registry):
     await client.put("/fleet/v1/units/db.service", json={"desiredState": "launched", "options": pinned})
     lines = (await (await client.get("/fleetpy/v1/units/db.service/explain")).json())["lines"]
     assert lines[0].startswith("db.service -> 2c9a1b3e...")
+
+
+async def test_cordon_is_a_registry_record_shown_on_the_machine(client, registry):
+    assert (await client.put(f"/fleetpy/v1/machines/{M2}/cordon")).status == 204
+    machines = (await (await client.get("/fleet/v1/machines")).json())["machines"]
+    assert [m.get("cordoned", False) for m in machines] == [False, True]
+    assert [m.cordoned for m in registry.machines()] == [False, True]
+    assert (await client.delete(f"/fleetpy/v1/machines/{M2}/cordon")).status == 204
+    assert [m.cordoned for m in registry.machines()] == [False, False]
+    status, message = await error_of(await client.put("/fleetpy/v1/machines/nope/cordon"))
+    assert (status, message) == (404, "machine nope not found; see 'fleetctl list-machines -l'")

@@ -1,4 +1,5 @@
-"""fleetpy's /fleetpy/v1 routes: why a unit is pending or placed, its status and its journal."""
+"""fleetpy's /fleetpy/v1 routes: why a unit is pending or placed, its status and its journal,
+and draining machines."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ class FleetpyV1:
         router.add_get("/fleetpy/v1/units/{name}/explain", self.explain)
         router.add_get("/fleetpy/v1/units/{name}/status", self.status, name="status")
         router.add_get("/fleetpy/v1/units/{name}/journal", self.journal, name="journal")
+        router.add_put("/fleetpy/v1/machines/{id}/cordon", self.cordon)
+        router.add_delete("/fleetpy/v1/machines/{id}/cordon", self.uncordon)
 
     async def stop_followers(self, app: web.Application) -> None:
         for task in self.followers:
@@ -44,6 +47,21 @@ class FleetpyV1:
         machines, current = await self.registry.machines(), await self.registry.assignments()
         lines = explain_placement(name, machines, units, current, await self.registry.pending())
         return web.json_response({"name": name, "lines": lines})
+
+    async def cordon(self, request: web.Request) -> web.Response:
+        """Drain a machine: the engine keeps new units off it and moves its units away."""
+        await self.registry.set_cordon(await self._live_machine(request), True)
+        return web.Response(status=204)
+
+    async def uncordon(self, request: web.Request) -> web.Response:
+        await self.registry.set_cordon(await self._live_machine(request), False)
+        return web.Response(status=204)
+
+    async def _live_machine(self, request: web.Request) -> str:
+        machine_id = request.match_info["id"]
+        if machine_id not in {m.id for m in await self.registry.machines()}:
+            raise ApiError(404, f"machine {machine_id} not found; see 'fleetctl list-machines -l'")
+        return machine_id
 
     async def pending(self, request: web.Request) -> web.Response:
         name = unit_name(request).full

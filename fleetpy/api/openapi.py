@@ -124,6 +124,7 @@ _SCHEMAS: dict[str, Any] = {
             "id": {"type": "string"},
             "primaryIP": {"type": "string"},
             "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+            "cordoned": {"type": "boolean", "description": "fleetpy: drained, takes no new units"},
         },
     },
     "MetadataOperation": {
@@ -317,6 +318,19 @@ def _extensions() -> dict[str, Any]:
                 {"name": "follow", "in": "query", "required": False, "schema": {"type": "boolean"}},
             ],
         ),
+        "/fleetpy/v1/machines/{id}/cordon": {
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "put": {
+                "operationId": "drainMachine",
+                "description": "drain: keep new units off the machine and move its units elsewhere",
+                "responses": {"204": {"description": "done"}, **_errors(404)},
+            },
+            "delete": {
+                "operationId": "uncordonMachine",
+                "description": "let a drained machine take units again",
+                "responses": {"204": {"description": "done"}, **_errors(404)},
+            },
+        },
     }
 
 

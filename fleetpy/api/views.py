@@ -60,4 +60,7 @@ def unit_entity(
 
 
 def machine_entity(machine: Machine) -> dict:
-    return {"id": machine.id, "primaryIP": machine.public_ip, "metadata": dict(machine.metadata)}
+    entity = {"id": machine.id, "primaryIP": machine.public_ip, "metadata": dict(machine.metadata)}
+    if machine.cordoned:
+        entity["cordoned"] = True  # fleetpy's extension: `fleetctl drain` keeps units off it
+    return entity

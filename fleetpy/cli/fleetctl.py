@@ -191,12 +191,17 @@ def list_machines(session: _Session, full: bool, no_legend: bool, fields: str) -
 
     def metadata(m: dict) -> str:
         pairs = sorted(m.get("metadata", {}).items())
-        return ",".join(f"{k}={v}" for k, v in pairs) or "-"
+        text = ",".join(f"{k}={v}" for k, v in pairs)
+        # A drained machine says so where fleet's columns have room for it.
+        if m.get("cordoned"):
+            return f"{text} (drained)" if text else "(drained)"
+        return text or "-"
 
     known: dict[str, Callable[[dict], str]] = {
         "machine": lambda m: m["id"] if full else short_machine_id(m["id"]),
         "ip": lambda m: m.get("primaryIP") or "-",
         "metadata": metadata,
+        "state": lambda m: "drained" if m.get("cordoned") else "schedulable",
     }
     _print_table(fields, known, session.machines().values(), not no_legend)
 
@@ -313,6 +318,73 @@ def ssh(session: _Session, target: str, command: tuple[str, ...]) -> None:
             "no ssh client: apt-get install -y openssh-client (in a local lab: `fleetpy lab shell TARGET`)"
         )
     os.execvp("ssh", ["ssh", "-l", session.ssh_username, "--", address, *command])
+
+
+@cli.command("drain")
+@click.argument("machine")
+@click.option("--no-block", is_flag=True, help="do not wait for the units to move")
+@click.option(
+    "--block-attempts",
+    default=DEFAULT_BLOCK_ATTEMPTS,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="polls (0.2 s apart) to wait for the units to move; 0 waits forever",
+)
+@pass_session
+def drain(session: _Session, machine: str, no_block: bool, block_attempts: int) -> None:
+    """Keep new units off MACHINE (an id or unique prefix) and move its units elsewhere, each
+    new copy started before the old one stops (fleetpy extension; undo with `uncordon`)."""
+    client = session.client
+    machine_id = _machine_id(client, machine)
+    # Global units stay: they run on every machine that fits, drained or not.
+    moving = sorted(
+        u["name"] for u in client.units() if u.get("machineID") == machine_id and not u.get("global")
+    )
+    client.set_cordon(machine_id, True)
+    if not no_block:
+        late = _poll(moving, lambda left: _moved_off(session, machine_id, left), block_attempts)
+        if late:
+            raise click.ClickException(
+                f"timed out waiting for {', '.join(late)} to leave machine {short_machine_id(machine_id)}"
+            )
+    click.echo(f"Machine {session.legend(machine_id, False)} drained")
+
+
+def _moved_off(session: _Session, machine_id: str, names: list[str]) -> set[str]:
+    """Those of `names` whose copy on `machine_id` is gone, reporting where each went."""
+    on_it = {s["name"] for s in session.client.unit_states(machine_id=machine_id)}
+    done = set()
+    for name, unit in session.client.many_units([n for n in names if n not in on_it]).items():
+        if unit is None:
+            done.add(name)  # destroyed meanwhile
+            continue
+        where = unit.get("machineID")
+        if where and where != machine_id and unit["currentState"] == unit["desiredState"]:
+            click.echo(f"Unit {name} moved to {session.legend(where, False)}")
+            done.add(name)
+        elif not where:
+            reason = session.client.pending_reason(name)
+            click.echo(f"Unit {name} waiting for a machine" + (f": {reason}" if reason else ""))
+            done.add(name)
+    return done
+
+
+@cli.command("uncordon")
+@click.argument("machine")
+@pass_session
+def uncordon(session: _Session, machine: str) -> None:
+    """Let a drained MACHINE take units again (fleetpy extension). Units that moved away stay
+    where they are."""
+    machine_id = _machine_id(session.client, machine)
+    session.client.set_cordon(machine_id, False)
+    click.echo(f"Machine {session.legend(machine_id, False)} takes units again")
+
+
+def _machine_id(client: Client, target: str) -> str:
+    matches = [m["id"] for m in client.machines() if m["id"].startswith(target)]
+    if len(matches) != 1:
+        raise click.ClickException(f"{len(matches)} machines match {target!r}; give a longer id")
+    return matches[0]
 
 
 def _target_machine(client: Client, target: str) -> dict:

@@ -334,6 +334,10 @@ class Client:
         self._request("PATCH", "/fleet/v1/machines", json=[op])
 
     # fleetpy extensions
+    def set_cordon(self, machine_id: str, cordoned: bool) -> None:
+        """Drain a machine (True) or let it take units again (False)."""
+        self._request("PUT" if cordoned else "DELETE", f"/fleetpy/v1/machines/{_quoted(machine_id)}/cordon")
+
     def pending_reason(self, name: str) -> str | None:
         return self._request("GET", f"/fleetpy/v1/units/{_quoted(name)}/pending").json()["reason"]
 

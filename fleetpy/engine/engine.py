@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+from fleetpy.engine.cordon import drained, hand_over
 from fleetpy.engine.guarded import plan_guarded
 from fleetpy.engine.scheduler import Plan
 from fleetpy.registry import Assignment, HistoryLost, Job, StoreError
@@ -20,6 +21,8 @@ WATCH_TIMEOUT = 300.0
 OUTAGE_PAUSE = 1.0
 # How long a resigning leader waits for etcd to take its lease back before it stops anyway.
 RESIGN_TIMEOUT = 1.0
+# While units hand over from a drained machine, how often to look whether their new copies run.
+HANDOVER_POLL = 0.5
 
 
 class ParsedUnits:
@@ -98,6 +101,7 @@ class Engine:
         self._leading_since = -float("inf")  # by self.clock
         self._grace_left = 0.0  # seconds until held units may move; 0 when none are held
         self._quarantined: dict[str, str] = {}  # as of the last pass, to log each one once
+        self._handing_over: set[str] = set()  # units whose old copy waits for the new one
 
     async def run(self) -> None:
         while True:
@@ -130,6 +134,7 @@ class Engine:
                 self._watch("job", changed),
                 self._watch("machines", changed),
                 self._watch("machine-metadata", changed),
+                self._watch("cordon", changed),
                 self._schedule_on(changed),
             )
         ]
@@ -185,6 +190,8 @@ class Engine:
         while True:
             # While units are held for missing machines, look again when their grace ends.
             timeout = min(self.reconcile_interval, self._grace_left or self.reconcile_interval)
+            if self._handing_over:
+                timeout = min(timeout, HANDOVER_POLL)
             # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation that
             # arrives just as the event is set, and then _lead would wait for this task for ever.
             with contextlib.suppress(TimeoutError):
@@ -242,13 +249,24 @@ class Engine:
         held |= {a.unit for a in current if a.unit in failed}
         current = [a for a in current if a.unit not in held]
         reasons = {**{unit: str(reason) for unit, reason in new_plan.pending.items()}, **quarantined}
+        assignments, self._handing_over = await self._hand_over(new_plan, machines, parsed, current)
         await self.apply(
-            new_plan.assignments,
+            assignments,
             {u: r for u, r in reasons.items() if u not in held or u in quarantined},
             current,
             {u: r for u, r in pending.items() if u not in held or u in quarantined},
         )
         return new_plan
+
+    async def _hand_over(
+        self, new_plan: Plan, machines: list, parsed: list[tuple[Job, Unit]], current: list[Assignment]
+    ) -> tuple[list[Assignment], set[str]]:
+        """The plan, with the copies on drained machines kept until their new copies run."""
+        closed = {m.id for m in machines if drained(m)}
+        if not any(a.machine_id in closed for a in current):
+            return list(new_plan.assignments), set()
+        states = {(s.unit, s.machine_id): s for s in await self.registry.states()}
+        return hand_over(new_plan.assignments, current, states, machines, {j.name: u for j, u in parsed})
 
     def _log_quarantine(self, quarantined: dict[str, str], failed: dict[str, Exception]) -> None:
         """Log each quarantine once, when it starts (with the traceback of a scheduler failure)."""

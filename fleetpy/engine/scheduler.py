@@ -50,6 +50,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from fleetpy.conf.values import short_machine_id
+from fleetpy.engine.cordon import drained
 from fleetpy.registry.models import Assignment, Job, Machine
 from fleetpy.unit.glob import glob_match
 
@@ -99,6 +100,7 @@ _RENDER: dict[str, Callable[..., str]] = {
     "machine-of": lambda target: f"not the machine of {target}",
     "conflict": lambda *units: f"conflicts with {', '.join(units)}",
     "replaced-by": lambda *units: f"replaced by {', '.join(units)}",
+    "drained": lambda: "machine is drained",
     # Choices: why this machine.
     "kept": lambda: "kept where it runs",
     "replaces": lambda *units: f"replaces {', '.join(units)} there",
@@ -329,6 +331,8 @@ class Context:
         self.replacements = Replacements(units)
         self.conflicts = Conflicts(units)
         self.loads = Loads(machines)
+        # Machines that take new units: all but drained ones (globals stay on those).
+        self.open = {mid for mid, machine in machines.items() if not drained(machine)}
         # metadata key -> value -> machines with it
         self._by_metadata: dict[str, dict[str, set[str]]] = {}
         for mid, machine in machines.items():
@@ -400,12 +404,17 @@ def replaced_filter(ctx: Context, unit: Unit, machine: Machine) -> Reason | None
     return None if other is None else Reason("replaced-by", (other,))
 
 
+def cordon_filter(ctx: Context, unit: Unit, machine: Machine) -> Reason | None:
+    return None if machine.id in ctx.open else Reason("drained")
+
+
 FILTERS: tuple[Filter, ...] = (
     machine_id_filter,
     metadata_filter,
     machine_of_filter,
     conflicts_filter,
     replaced_filter,
+    cordon_filter,
 )
 # fleet refuses MachineID, MachineOf and Replaces beside Global=true.
 GLOBAL_FILTERS: tuple[Filter, ...] = (metadata_filter, conflicts_filter)
@@ -468,8 +477,10 @@ def _plan(
     was_on = _current_machines(current, units, live)
 
     for name in order:
-        machine_id = min(was_on.get(name, ()), default=None)
-        if machine_id is not None and _keepable(ctx, units[name], live[machine_id]):
+        # The first machine it may stay on (a unit handing over from a drained one has two).
+        keepable = (mid for mid in sorted(was_on.get(name, ())) if _keepable(ctx, units[name], live[mid]))
+        machine_id = next(keepable, None)
+        if machine_id is not None:
             ctx.place(name, machine_id)
             decisions[name] = Decision(name, machine_id, Reason("kept"), kept=True)
 
@@ -538,7 +549,7 @@ def _place(ctx: Context, unit: Unit) -> Decision:
     if pool is None:
         wanted = unit.fleet.machine_metadata
         key = _heap_key(ctx, name, wanted)
-        heap = ctx.loads.pool(key, lambda: ctx.with_metadata(wanted))
+        heap = ctx.loads.pool(key, lambda: ctx.with_metadata(wanted) & ctx.open)
         best = ctx.loads.lightest(heap, excluded, 2, drop_excluded=key != wanted)
     else:
         fits = pool if excluded is None else [mid for mid in pool if not excluded(mid)]
@@ -622,7 +633,7 @@ def _static_pool(ctx: Context, unit: Unit) -> set[str] | None:
     fleet = unit.fleet
     if fleet.machine_id is None and not fleet.machine_of:
         return None
-    pool = set(ctx.machines) if fleet.machine_id is None else {fleet.machine_id} & ctx.machines.keys()
+    pool = set(ctx.open) if fleet.machine_id is None else {fleet.machine_id} & ctx.open
     for target in fleet.machine_of:
         pool &= ctx.placed.get(target, set())
     return {mid for mid in pool if fleet.metadata_matches(ctx.machines[mid].metadata)}

@@ -17,6 +17,9 @@ class Machine:
     # http(s)://host:port of this machine's fleetd API, when it listens on TCP; used to reach
     # the machine that runs a unit for `fleetctl status/journal`.
     api_endpoint: str = ""
+    # Drained (`fleetctl drain`): laid over the agent's record from cordon/<id>, never written
+    # by the agent, so the scheduler keeps new units off it and moves its units away.
+    cordoned: bool = False
 
     def to_json(self) -> dict:
         return {

@@ -30,6 +30,7 @@ class Registry:
       version                      schema version                    first fleetd
       machines/<id>                Machine JSON, with the agent TTL  that machine's agent
       machine-metadata/<id>        metadata edits laid over it       API (PATCH /machines)
+      cordon/<id>                  the machine is drained            API (fleetctl drain)
       unit/<hash>                  unit file text, content-addressed API (submit)
       job/<name>                   Job JSON: hash + desired state    API
       schedule/<machine>/<name>    Assignment JSON                   engine
@@ -114,8 +115,18 @@ class Registry:
     def machines(self) -> list[Machine]:
         """Live machines, with any metadata edits laid over what their agents registered."""
         overlays = {k: json.loads(v) for k, v in self._list("machine-metadata").items()}
+        cordoned = self._list("cordon").keys()
         machines = [Machine.from_json(json.loads(v)) for _, v in sorted(self._list("machines").items())]
+        machines = [dataclasses.replace(m, cordoned=True) if m.id in cordoned else m for m in machines]
         return [_with_overlay(m, overlays[m.id]) if m.id in overlays else m for m in machines]
+
+    # Cordons (fleetctl drain/uncordon): apart from the machine's record, like metadata edits,
+    # so they outlive a fleetd restart and only the heartbeat keeps a machine alive.
+    def set_cordon(self, machine_id: str, cordoned: bool) -> None:
+        if cordoned:
+            self.store.put(self.key("cordon", machine_id), "drained")
+        else:
+            self.store.delete(self.key("cordon", machine_id))
 
     # Metadata edits (PATCH /machines): an overlay per machine, apart from the machine's record,
     # so that only the agent's heartbeat keeps a machine alive. A value of None removes the key.
