@@ -11,6 +11,19 @@ import pytest
 from fleetpy.lab.etcd import start_cluster
 from fleetpy.registry import EtcdStore, Registry
 
+# Fixtures that start real components. A test that uses one, even through another fixture,
+# or that is parametrized over a real etcd (a parameter id "etcd"), is an integration test,
+# so `pytest -m "not integration"` leaves it out.
+REAL_COMPONENTS = {"etcd_url", "node_factory", "lab_bridge"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_real_etcd = callspec is not None and "etcd" in callspec.id.split("-")
+        if on_real_etcd or REAL_COMPONENTS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
 
 @pytest.fixture(scope="session")
 def etcd_url():

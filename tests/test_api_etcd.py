@@ -20,6 +20,8 @@ from fleetpy.registry import Assignment, EtcdStore, Machine, Registry, UnitState
 from fleetpy.registry.aio import AsyncRegistry
 from fleetpy.unit import UnitFile
 
+pytestmark = pytest.mark.integration
+
 HELLO = [{"section": "Service", "name": "ExecStart", "value": "/bin/sleep 1000"}]
 M1 = "113f16a7" + "0" * 24
 

@@ -10,6 +10,8 @@ import pytest
 
 from fleetpy.cloudinit import load, validate
 
+pytestmark = pytest.mark.integration
+
 FILES = sorted((Path(__file__).resolve().parent.parent / "cloud-config").glob("*.yaml"))
 
 

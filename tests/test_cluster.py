@@ -20,6 +20,8 @@ from fleetpy.cli.fleetpy import main as fleetpy_cli
 from fleetpy.client import Client
 from fleetpy.lab.lab import Lab
 
+pytestmark = pytest.mark.integration
+
 AGENT_TTL = 3.0
 SLEEP = "[Unit]\nDescription={name}\n[Service]\nExecStart=/bin/sleep 100000\n"
 

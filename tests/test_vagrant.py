@@ -14,6 +14,8 @@ from fleetpy.cloudinit import load, validate
 from fleetpy.cloudinit.apply import apply_user_data
 from fleetpy.cloudinit.render import default_member_ips, render_cluster_user_data
 
+pytestmark = pytest.mark.integration
+
 TOP = Path(__file__).resolve().parent.parent
 NODES = 3
 KEYS = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGqbU2dTb1VvPfz2yq1Y2KiR8eHxLQeGcJ0bUzvXfKpq you@laptop"]
