@@ -14,7 +14,7 @@ from functools import cache
 
 import jinja2
 
-from fleetpy.unit import UnitError, load_unit, validate_unit_name
+from fleetpy.unit import UnitError, UnitName, load_unit, validate_unit_name
 from fleetpy.unit.quoting import escape_specifiers, quote_word
 
 RUNTIMES = {"podman": "/usr/bin/podman", "docker": "/usr/bin/docker"}
@@ -103,7 +103,7 @@ def systemd_quote(value: str, expand_dollar: bool = True) -> str:
     return quote_word(value, expand_dollar)
 
 
-def generate_unit(  # noqa: C901 - to be split (issue 12)
+def generate_unit(
     name: str,
     image: str,
     runtime: str = "podman",
@@ -128,6 +128,121 @@ def generate_unit(  # noqa: C901 - to be split (issue 12)
     Raises a ContainerUnitError subclass for a bad argument, or a UnitError
     when the [X-Fleet] options contradict each other (e.g. Global with MachineOf).
     """
+    unit_name = _check_choices(name, image, runtime, restart, network, start_timeout, stop_timeout)
+    # The container is named after the unit, so ExecStop and the cleanup find it.
+    container = "%p-%i" if unit_name.is_template or unit_name.is_instance else "%p"
+    if runtime == "podman":
+        life = _podman(container, image, stop_timeout, containers_conf, storage_conf)
+    else:
+        if containers_conf or storage_conf:
+            raise InvalidValue(
+                "--containers-conf and --storage-conf are podman settings; drop them for docker"
+            )
+        life = _docker(container, image, stop_timeout)
+    run = [*life.run]
+    if network:
+        run.append(f"--network={network}")
+    run += [a for port in ports for a in ("-p", systemd_quote(_check_port(port)))]
+    run += [a for item in env for a in ("-e", systemd_quote(_check_env(item)))]
+    run += [a for volume in volumes for a in ("-v", systemd_quote(_check_volume(volume)))]
+    run.append(systemd_quote(image))
+    run += [systemd_quote(arg) for arg in command]
+
+    rendered = _Rendered(
+        description=_description(description or f"{image} in a {runtime} container"),
+        runtime=runtime,
+        unit_deps=life.unit_deps,
+        environment=life.environment,
+        pre=life.pre,
+        start=" ".join(run),
+        stop=life.stop,
+        post=life.post,
+        unit_type=life.unit_type,
+        notify_all=life.notify_all,
+        restart=restart,
+        success_exit_status=SUCCESS_EXIT_STATUS,
+        start_timeout=start_timeout,
+        stop_timeout=stop_timeout + 5,
+        fleet=tuple(_fleet_options(conflicts, metadata, is_global, machine_of)),
+    )
+    text = _template().render(unit=rendered)
+    # The last word on [X-Fleet]: its own parser, so contradictions fail here, not at scheduling time.
+    load_unit(name, text)
+    return text
+
+
+@dataclass(frozen=True)
+class _Lifecycle:
+    """How one runtime starts, stops and cleans up a container named after its unit."""
+
+    run: tuple[str, ...]  # the start of ExecStart, up to the per-container options
+    pre: tuple[str, ...]
+    stop: str
+    post: tuple[str, ...]
+    unit_type: str
+    notify_all: bool
+    environment: tuple[str, ...] = ()
+    unit_deps: tuple[str, ...] = ()
+
+
+def _podman(
+    container: str, image: str, stop_timeout: int, containers_conf: str | None, storage_conf: str | None
+) -> _Lifecycle:
+    binary = RUNTIMES["podman"]
+    pre = [f"-{binary} rm -f --ignore {container}"]
+    if not image.startswith(LOCAL_PREFIX):
+        pre.append(f"-{binary} pull {systemd_quote(image)}")
+    environment = []
+    for var, path in (("CONTAINERS_CONF", containers_conf), ("CONTAINERS_STORAGE_CONF", storage_conf)):
+        if path is not None:
+            _check_absolute(var, path)
+            environment.append(systemd_quote(f"{var}={path}", expand_dollar=False))
+    return _Lifecycle(
+        # The pull, if any, happened in ExecStartPre; the run must never reach for the network.
+        run=(
+            binary,
+            "run",
+            "--rm",
+            f"--name={container}",
+            "--pull=never",
+            "--sdnotify=conmon",
+            *PODMAN_RUN_FLAGS,
+        ),
+        pre=tuple(pre),
+        stop=f"{binary} stop -t {stop_timeout} --ignore {container}",
+        post=(f"-{binary} rm -f --ignore {container}",),
+        unit_type="notify",
+        notify_all=True,
+        environment=tuple(environment),
+    )
+
+
+def _docker(container: str, image: str, stop_timeout: int) -> _Lifecycle:
+    binary = RUNTIMES["docker"]
+    pre = [f"-{binary} kill {container}", f"-{binary} rm {container}"]
+    if not image.startswith(LOCAL_PREFIX):
+        pre.append(f"-{binary} pull {systemd_quote(image)}")
+    return _Lifecycle(
+        run=(binary, "run", "--rm", f"--name={container}"),
+        pre=tuple(pre),
+        stop=f"{binary} stop -t {stop_timeout} {container}",
+        post=(f"-{binary} rm -f {container}",),
+        # The docker client stays in the foreground and exits with the container.
+        unit_type="simple",
+        notify_all=False,
+        unit_deps=("After=docker.service", "Requires=docker.service"),
+    )
+
+
+def _check_choices(
+    name: str,
+    image: str,
+    runtime: str,
+    restart: str,
+    network: str | None,
+    start_timeout: int,
+    stop_timeout: int,
+) -> UnitName:
     try:
         unit_name = validate_unit_name(name)
     except UnitError as err:
@@ -144,72 +259,7 @@ def generate_unit(  # noqa: C901 - to be split (issue 12)
         if not isinstance(seconds, int) or seconds <= 0:
             raise InvalidValue(f"{label} {seconds!r}: give a positive number of seconds")
     _check_image(image)
-    binary = RUNTIMES[runtime]
-    # The container is named after the unit, so ExecStop and the cleanup find it.
-    container = "%p-%i" if unit_name.is_template or unit_name.is_instance else "%p"
-    quoted_image = systemd_quote(image)
-
-    run = [binary, "run", "--rm", f"--name={container}"]
-    pre: list[str] = []
-    environment: list[str] = []
-    unit_deps: list[str] = []
-    if runtime == "podman":
-        pre.append(f"-{binary} rm -f --ignore {container}")
-        if not image.startswith(LOCAL_PREFIX):
-            pre.append(f"-{binary} pull {quoted_image}")
-        # The pull, if any, happened above; the run must never reach for the network.
-        run += ["--pull=never", "--sdnotify=conmon", *PODMAN_RUN_FLAGS]
-        stop = f"{binary} stop -t {stop_timeout} --ignore {container}"
-        post = (f"-{binary} rm -f --ignore {container}",)
-        unit_type, notify_all = "notify", True
-        for var, path in (("CONTAINERS_CONF", containers_conf), ("CONTAINERS_STORAGE_CONF", storage_conf)):
-            if path is not None:
-                _check_absolute(var, path)
-                environment.append(systemd_quote(f"{var}={path}", expand_dollar=False))
-    else:
-        unit_deps += ["After=docker.service", "Requires=docker.service"]
-        pre += [f"-{binary} kill {container}", f"-{binary} rm {container}"]
-        if not image.startswith(LOCAL_PREFIX):
-            pre.append(f"-{binary} pull {quoted_image}")
-        stop = f"{binary} stop -t {stop_timeout} {container}"
-        post = (f"-{binary} rm -f {container}",)
-        # The docker client stays in the foreground and exits with the container.
-        unit_type, notify_all = "simple", False
-        if containers_conf or storage_conf:
-            raise InvalidValue(
-                "--containers-conf and --storage-conf are podman settings; drop them for docker"
-            )
-    if network:
-        run.append(f"--network={network}")
-    run += [a for port in ports for a in ("-p", systemd_quote(_check_port(port)))]
-    run += [a for item in env for a in ("-e", systemd_quote(_check_env(item)))]
-    run += [a for volume in volumes for a in ("-v", systemd_quote(_check_volume(volume)))]
-    run.append(quoted_image)
-    run += [systemd_quote(arg) for arg in command]
-
-    if description is None:
-        description = f"{image} in a {runtime} container"
-    rendered = _Rendered(
-        description=_description(description),
-        runtime=runtime,
-        unit_deps=tuple(unit_deps),
-        environment=tuple(environment),
-        pre=tuple(pre),
-        start=" ".join(run),
-        stop=stop,
-        post=post,
-        unit_type=unit_type,
-        notify_all=notify_all,
-        restart=restart,
-        success_exit_status=SUCCESS_EXIT_STATUS,
-        start_timeout=start_timeout,
-        stop_timeout=stop_timeout + 5,
-        fleet=tuple(_fleet_options(conflicts, metadata, is_global, machine_of)),
-    )
-    text = _template().render(unit=rendered)
-    # The last word on [X-Fleet]: its own parser, so contradictions fail here, not at scheduling time.
-    load_unit(name, text)
-    return text
+    return unit_name
 
 
 @cache
