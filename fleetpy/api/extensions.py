@@ -9,11 +9,13 @@ import contextlib
 from aiohttp import web
 
 from fleetpy.api.connections import deadline
-from fleetpy.api.context import ApiContext, unit_name
+from fleetpy.api.context import ApiContext, json_body, unit_name
 from fleetpy.api.errors import ApiError
 from fleetpy.api.local import LocalUnitInfo
 from fleetpy.api.peer import Peers
 from fleetpy.engine.explain import explain_placement
+from fleetpy.registry import Job
+from fleetpy.unit import UnitFile, UnitName, load_unit
 
 
 class FleetpyV1:
@@ -33,6 +35,7 @@ class FleetpyV1:
         router.add_get("/fleetpy/v1/units/{name}/explain", self.explain)
         router.add_get("/fleetpy/v1/units/{name}/status", self.status, name="status")
         router.add_get("/fleetpy/v1/units/{name}/journal", self.journal, name="journal")
+        router.add_post("/fleetpy/v1/units/{name}/plan", self.plan)
         router.add_put("/fleetpy/v1/machines/{id}/cordon", self.cordon)
         router.add_delete("/fleetpy/v1/machines/{id}/cordon", self.uncordon)
 
@@ -62,6 +65,35 @@ class FleetpyV1:
         if machine_id not in {m.id for m in await self.registry.machines()}:
             raise ApiError(404, f"machine {machine_id} not found; see 'fleetctl list-machines -l'")
         return machine_id
+
+    async def plan(self, request: web.Request) -> web.Response:
+        """Where the unit would go if it were started now, and why; nothing is written."""
+        name = unit_name(request)
+        if name.is_template:
+            raise ApiError(
+                400, f"{name.full} is a template; plan an instance such as {name.prefix}@1.{name.suffix}"
+            )
+        body = await json_body(request) if request.can_read_body else {}
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object with the unit's options, or empty")
+        options = body.get("options")
+        unit_file = UnitFile.from_options(options) if options is not None else await self._stored_file(name)
+        unit = load_unit(name.full, unit_file)  # the same door as submitting it
+        units = [(job, u) for job, u in await self.context.all_units() if job.name != name.full]
+        units.append((Job(name.full, unit_file.hash, "launched"), unit))
+        machines, current = await self.registry.machines(), await self.registry.assignments()
+        return web.json_response(
+            {"name": name.full, "lines": explain_placement(name.full, machines, units, current)}
+        )
+
+    async def _stored_file(self, name: UnitName) -> UnitFile:
+        """The submitted unit's file, or for an instance its submitted template's."""
+        for candidate in (name.full, name.template if name.is_instance else None):
+            job = await self.registry.job(candidate) if candidate else None
+            stored = await self.context.stored(job) if job is not None else None
+            if stored is not None:
+                return stored.file
+        raise ApiError(404, f"unit {name.full} is not submitted; send its options to plan it")
 
     async def pending(self, request: web.Request) -> web.Response:
         name = unit_name(request).full

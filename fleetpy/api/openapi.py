@@ -318,6 +318,35 @@ def _extensions() -> dict[str, Any]:
                 {"name": "follow", "in": "query", "required": False, "schema": {"type": "boolean"}},
             ],
         ),
+        "/fleetpy/v1/units/{name}/plan": {
+            "parameters": [_NAME],
+            "post": {
+                "operationId": "plan",
+                "description": "where the unit would go if started now, and why; writes nothing. "
+                "Without options, the submitted unit's file (or its template's) is planned",
+                "requestBody": {
+                    "required": False,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {"options": {"type": "array", "items": _ref("UnitOption")}},
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {**named, "lines": {"type": "array", "items": {"type": "string"}}},
+                        },
+                        "the scheduler's steps for the unit",
+                    ),
+                    **_errors(400, 404, 408, 413),
+                },
+            },
+        },
         "/fleetpy/v1/machines/{id}/cordon": {
             "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "put": {

@@ -298,6 +298,21 @@ def explain(session: _Session, units: tuple[str, ...]) -> None:
         click.echo("\n".join(session.client.explain(name)))
 
 
+@cli.command("plan")
+@click.argument("units", nargs=-1, required=True)
+@pass_session
+def plan(session: _Session, units: tuple[str, ...]) -> None:
+    """Say where units would go if started now, and why, without starting them: each a local
+    unit file, an instance of a local template, or a submitted unit (fleetpy extension)."""
+    for arg in units:
+        name = _unit_name(arg)
+        parsed = fleet_unit.UnitName.parse(name)
+        options = _local_options(arg)
+        if options is None and parsed.is_instance:
+            options = _local_options(os.path.join(os.path.dirname(arg), parsed.template))
+        click.echo("\n".join(session.client.plan(name, options)))
+
+
 @cli.command("ssh", context_settings={"ignore_unknown_options": True})
 @click.argument("target")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)

@@ -341,6 +341,11 @@ class Client:
     def pending_reason(self, name: str) -> str | None:
         return self._request("GET", f"/fleetpy/v1/units/{_quoted(name)}/pending").json()["reason"]
 
+    def plan(self, name: str, options: list[dict] | None = None) -> list[str]:
+        """Where `name` would go if started now (with `options`, or its submitted file)."""
+        body = {} if options is None else {"options": options}
+        return self._request("POST", f"/fleetpy/v1/units/{_quoted(name)}/plan", json=body).json()["lines"]
+
     def explain(self, name: str) -> list[str]:
         return self._request("GET", f"/fleetpy/v1/units/{_quoted(name)}/explain").json()["lines"]
 
