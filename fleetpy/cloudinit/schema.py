@@ -105,29 +105,24 @@ def _ip_address(value: str) -> Problem | None:
     return None
 
 
-def _metadata(value: str) -> Problem | None:
-    # fleetd refuses to start with a malformed pair; better to say so before boot.
-    try:
-        parse_metadata(value)
-    except BadValue as error:
-        return "error", str(error)
-    return None
+def _as_fleet_reads(parse: Callable[[str], object]) -> Check:
+    """A check that finds in a value what fleet's own reader (fleetpy.conf.values) refuses,
+    so the validator accepts exactly what fleetd will."""
+
+    def check(value: str) -> Problem | None:
+        try:
+            parse(value)
+        except BadValue as error:
+            return "error", str(error)
+        return None
+
+    return check
 
 
-def _agent_ttl(value: str) -> Problem | None:
-    try:
-        parse_agent_ttl(value)
-    except BadValue as error:
-        return "error", str(error)
-    return None
-
-
-def _go_duration(value: str) -> Problem | None:
-    try:
-        parse_duration(value, bare_seconds=False)
-    except BadValue as error:
-        return "error", str(error)
-    return None
+_metadata = _as_fleet_reads(parse_metadata)
+_agent_ttl = _as_fleet_reads(parse_agent_ttl)
+# locksmith reads its durations with Go, which wants a unit.
+_go_duration = _as_fleet_reads(lambda value: parse_duration(value, bare_seconds=False))
 
 
 _WINDOW_START = re.compile(
