@@ -26,6 +26,8 @@ DEFAULT_ENDPOINT = "unix:///var/run/fleet.sock"
 POLL_INTERVAL = 0.2
 # One long poll of a blocking command: fleetd answers sooner when the units get there.
 WAIT_SLICE = 4.0
+# How long a started unit is watched for an immediate failure before fleetctl says "launched".
+STARTUP_GRACE = 0.5
 # fleet blocks forever by default; fleetpy gives up after 30 s unless told otherwise.
 DEFAULT_BLOCK_ATTEMPTS = 150
 TAB_WIDTH = 8
@@ -674,26 +676,9 @@ def _change_state(session: _Session, names: list[str], target: str, no_block: bo
     # As fleet does, global units are not waited for: they have no single machine to report.
     waited = [n for n, u in units.items() if not u.get("global")]
 
-    failed: dict[str, str] = {}
-
-    def reached(left: list[str], timeout: float) -> set[str]:
-        answer = client.wait_units(left, target, timeout)
-        done = set()
-        # A unit that failed or cannot load is done waiting: say systemd's reason, not "launched".
-        if target == "launched":
-            failed.update(answer["failed"])
-            done |= answer["failed"].keys()
-        for unit in answer["units"]:
-            if unit["name"] not in done and unit["currentState"] == target:
-                where = unit.get("machineID")
-                click.echo(
-                    f"Unit {unit['name']} {target}" + (f" on {session.legend(where, False)}" if where else "")
-                )
-                done.add(unit["name"])
-        return done
-
-    late = _wait(waited, reached, attempts * POLL_INTERVAL)
-    problems = [f"unit {name} failed to start: {reason}" for name, reason in failed.items()]
+    arrivals = _Arrivals(session, target)
+    late = _wait(waited, arrivals, attempts * POLL_INTERVAL)
+    problems = [f"unit {name} failed to start: {reason}" for name, reason in arrivals.failed.items()]
     if late or problems:
         for name in late:
             reason = client.pending_reason(name)
@@ -704,10 +689,39 @@ def _change_state(session: _Session, names: list[str], target: str, no_block: bo
         raise click.ClickException("; ".join(problems))
 
 
-def _failures(client: Client, names: list[str]) -> dict[str, str]:
-    """The reasons the agents published for those of `names` that failed or cannot load."""
-    wanted = set(names)
-    return {s["name"]: s["reason"] for s in client.unit_states() if s["name"] in wanted and s.get("reason")}
+class _Arrivals:
+    """Which units of a blocking command got to the target state, or failed on the way there."""
+
+    def __init__(self, session: _Session, target: str):
+        self.session = session
+        self.target = target
+        self.failed: dict[str, str] = {}
+        self._started: dict[str, float] = {}
+
+    def __call__(self, left: list[str], timeout: float) -> set[str]:
+        answer = self.session.client.wait_units(left, self.target, timeout)
+        now = time.monotonic()
+        done: set[str] = set()
+        # A unit that failed or cannot load is done waiting: say systemd's reason, not "launched".
+        if self.target == "launched":
+            self.failed.update(answer["failed"])
+            done |= answer["failed"].keys()
+        settling = []
+        for unit in answer["units"]:
+            name = unit["name"]
+            if name in done or unit["currentState"] != self.target:
+                continue
+            # A unit that fails at once is active for a moment first: watch it a little longer.
+            if self.target == "launched" and now - self._started.setdefault(name, now) < STARTUP_GRACE:
+                settling.append(self._started[name] + STARTUP_GRACE - now)
+                continue
+            where = unit.get("machineID")
+            shown = f" on {self.session.legend(where, False)}" if where else ""
+            click.echo(f"Unit {name} {self.target}{shown}")
+            done.add(name)
+        if settling and len(done) + len(settling) == len(left):
+            time.sleep(min(settling))  # fleetd would answer at once: nothing else to wait for
+        return done
 
 
 def _wait(names: list[str], done: Callable[[list[str], float], set[str]], seconds: float) -> list[str]:
