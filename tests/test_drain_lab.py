@@ -1,6 +1,7 @@
-"""`fleetctl drain`, `uncordon` and `plan` on a real lab (etcd, systemd --user managers, fleetd): the
-unit moves off the drained node with its new copy started before the old one stops, new units
-stay off it, list-machines and explain say it is drained, and uncordon lets units back."""
+"""`fleetctl drain`, `uncordon`, `plan` and `scale` on a real lab (etcd, systemd --user managers,
+fleetd): the unit moves off the drained node with its new copy started before the old one stops,
+new units stay off it, list-machines, explain and plan say it is drained, uncordon lets units
+back; scale starts and destroys template instances and says where they went."""
 
 from __future__ import annotations
 
@@ -109,3 +110,29 @@ def test_drain_moves_the_unit_new_copy_first_and_keeps_new_units_off(lab: Lab, t
     assert active_on(lab, "late.service") == [first]
     assert active_on(lab, "web.service") == [other]  # moved units stay where they went
     fleetctl(lab, "destroy", "web.service", "extra.service", "late.service")
+
+
+def test_scale_starts_instances_and_removes_the_highest_first(lab: Lab, tmp_path: Path) -> None:
+    template = tmp_path / "app@.service"
+    template.write_text("[Service]\nExecStart=/bin/sleep 1000\n")
+    assert lab.state is not None
+    ips = {n.ip for n in lab.state.nodes}
+    out = fleetctl(lab, "scale", f"{template}=3")
+    launched = sorted(line.split()[1] for line in out.splitlines() if line.startswith("Unit "))
+    assert launched == ["app@1.service", "app@2.service", "app@3.service"], out
+    assert all(line.rsplit("/", 1)[-1] in ips for line in out.splitlines() if line.startswith("Unit ")), out
+    for n in (1, 2, 3):
+        assert len(wait_for(f"app@{n} to run", lambda n=n: active_on(lab, f"app@{n}.service"))) == 1
+
+    out = fleetctl(lab, "scale", "app@.service=1")
+    assert out.splitlines()[:2] == ["Destroyed app@3.service", "Destroyed app@2.service"], out
+    assert "Unit app@1.service launched on " in out, out
+    units = fleetctl(lab, "list-unit-files", "--no-legend")
+    assert [line.split()[0] for line in units.splitlines() if line.startswith("app@")] == [
+        "app@.service",
+        "app@1.service",
+    ]
+    out = fleetctl(lab, "scale", "app@.service=2")
+    assert "Unit app@2.service launched on " in out, out
+    fleetctl(lab, "scale", "app@.service=0")
+    fleetctl(lab, "destroy", "app@.service")

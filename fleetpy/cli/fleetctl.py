@@ -520,9 +520,12 @@ def unload(session: _Session, units: tuple[str, ...], no_block: bool, block_atte
 @pass_session
 def destroy(session: _Session, units: tuple[str, ...], no_block: bool, block_attempts: int) -> None:
     """Remove units from the cluster altogether."""
-    client = session.client
+    _destroy(session.client, _expand(session.client, units), no_block, block_attempts)
+
+
+def _destroy(client: Client, names: Iterable[str], no_block: bool, block_attempts: int) -> None:
     destroyed = []
-    for name in _expand(client, units):
+    for name in names:
         try:
             client.destroy_unit(name)
         except APIError as error:
@@ -543,6 +546,53 @@ def destroy(session: _Session, units: tuple[str, ...], no_block: bool, block_att
         raise click.ClickException(
             "; ".join(f"timed out waiting for unit {n} to be removed from its machine" for n in late)
         )
+
+
+@cli.command("scale")
+@_block_options
+@click.argument("targets", nargs=-1, required=True)
+@pass_session
+def scale(session: _Session, targets: tuple[str, ...], no_block: bool, block_attempts: int) -> None:
+    """Run COUNT instances of a template, TEMPLATE=COUNT such as web@.service=5: start
+    web@1..5, creating those missing, and destroy the rest, highest numbers first; a local
+    template file is submitted first (fleetpy extension)."""
+    client = session.client
+    for target in targets:
+        arg, equals, count = target.rpartition("=")
+        if not equals or not count.isdigit():
+            raise click.ClickException(f"{target!r}: give TEMPLATE=COUNT, such as web@.service=5")
+        template = fleet_unit.UnitName.parse(_unit_name(arg))
+        if not template.is_template:
+            raise click.ClickException(f"{template.full} is not a template; scale one such as web@.service")
+        if os.path.isfile(arg):
+            _create_units(client, [arg], replace=False)
+        wanted, surplus = scale_steps(template, [u["name"] for u in client.units()], int(count))
+        _destroy(client, surplus, no_block, block_attempts)
+        if wanted:
+            _create_units(client, wanted, replace=False)  # instances take the submitted template
+            _change_state(session, wanted, "launched", no_block, block_attempts)
+
+
+def scale_steps(
+    template: fleet_unit.UnitName, names: Iterable[str], count: int
+) -> tuple[list[str], list[str]]:
+    """The instances of `template` to run for `count` (those numbered now, lowest first, then
+    the lowest free numbers) and those to destroy (the highest numbers). Instances not named
+    by a number are left alone."""
+    numbers = set()
+    for name in names:
+        parsed = fleet_unit.UnitName.parse(name)
+        if parsed.template == template.full and parsed.instance.isdigit() and parsed.instance[0] != "0":
+            numbers.add(int(parsed.instance))
+    ordered = sorted(numbers)
+    keep, surplus = ordered[:count], ordered[count:]
+    free = (n for n in range(1, count + len(ordered) + 1) if n not in numbers)
+    keep += [next(free) for _ in range(count - len(keep))]
+
+    def name(number: int) -> str:
+        return f"{template.prefix}@{number}.{template.suffix}"
+
+    return [name(n) for n in sorted(keep)], [name(n) for n in reversed(surplus)]
 
 
 def _unit_name(arg: str) -> str:
