@@ -18,8 +18,8 @@ from pathlib import Path
 
 from bench.common import etcd, table
 from fleetpy.agent.agent import Agent
-from fleetpy.registry import Assignment, EtcdStore, Machine, Registry
-from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.registry import Assignment, Machine, Registry
+from fleetpy.registry.etcd2 import EtcdV2Store
 from fleetpy.systemd import DbusManager
 from fleetpy.unit import UnitFile
 
@@ -77,7 +77,7 @@ async def raw_floor(bus: str, unit_dir: Path, names: list[str]) -> dict:
 
 
 async def agent_burst(bus: str, unit_dir: Path, url: str, names: list[str]) -> dict:
-    registry = AsyncRegistry(Registry(EtcdStore([url]), f"/bench-agent-{time.time_ns()}/"))
+    registry = Registry(EtcdV2Store([url]), f"/bench-agent-{time.time_ns()}/")
     manager = await DbusManager.connect(bus, unit_dir)
     counter = CallCounter(manager)
     agent = Agent(registry, manager, Machine("m1"), ttl=10)

@@ -33,7 +33,6 @@ from fleetpy.api import create_app, serve
 from aiohttp import web
 from fleetpy.api.auth import AUTH
 from fleetpy.registry import Machine, memory_registry
-from fleetpy.registry.aio import AsyncRegistry
 
 socket_path, port, nofile, guarded = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "on"
 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
@@ -41,8 +40,8 @@ logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %
 
 async def main():
     registry = memory_registry()
-    registry.register_machine(Machine("m1", "127.0.0.1"), ttl=3600)
-    app = create_app(AsyncRegistry(registry), machine_id="m1")
+    await registry.register_machine(Machine("m1", "127.0.0.1"), ttl=3600)
+    app = create_app(registry, machine_id="m1")
     if guarded:
         await serve(app, socket_path=socket_path, listen=f"127.0.0.1:{port}", token="bench")
     else:  # the API's serving as it was: aiohttp's own sites, no guards

@@ -41,23 +41,25 @@ def timed(argv: list[str], runs: int) -> dict:
 def run(args: argparse.Namespace) -> dict:
     from fleetpy.api import create_app, serve
     from fleetpy.registry import Job, Machine, memory_registry
-    from fleetpy.registry.aio import AsyncRegistry
     from fleetpy.unit import UnitFile
 
     runs = args.runs or (3 if args.quick else 20)
     registry = memory_registry()
-    for i in range(3):
-        registry.register_machine(Machine(f"{i:032x}", f"10.0.0.{i + 1}", {"role": "web"}), ttl=600)
-    for i in range(60):
-        unit_file = UnitFile.parse(f"[Service]\nExecStart=/bin/sleep {1000 + i}\n")
-        registry.put_unit_file(unit_file)
-        registry.create_job(Job(f"u{i}.service", unit_file.hash, "launched"))
+
+    async def fill() -> None:
+        for i in range(3):
+            await registry.register_machine(Machine(f"{i:032x}", f"10.0.0.{i + 1}", {"role": "web"}), ttl=600)
+        for i in range(60):
+            unit_file = UnitFile.parse(f"[Service]\nExecStart=/bin/sleep {1000 + i}\n")
+            await registry.submit(unit_file, Job(f"u{i}.service", unit_file.hash, "launched"))
+
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
+    asyncio.run_coroutine_threadsafe(fill(), loop).result(10)
     with tempfile.TemporaryDirectory(prefix="fleetpy-bench-cli-") as base:
         sock = str(Path(base) / "fleet.sock")
-        app = create_app(AsyncRegistry(registry), machine_id=f"{0:032x}")
+        app = create_app(registry, machine_id=f"{0:032x}")
         runner = asyncio.run_coroutine_threadsafe(serve(app, socket_path=sock), loop).result(10)
         try:
             fleetctl = [PYTHON, "-m", "fleetpy.cli.fleetctl", "--endpoint", f"unix://{sock}"]

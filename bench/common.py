@@ -56,7 +56,7 @@ def etcd() -> Iterator[str]:
     from fleetpy.lab.etcd import start_cluster
 
     with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="fleetpy-bench-") as base:
-        members = start_cluster(Path(base))
+        members = start_cluster(Path(base), enable_v2=True)  # the v2 backend needs it
         try:
             yield members[0].client_url
         finally:

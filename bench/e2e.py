@@ -19,8 +19,8 @@ from collections import Counter
 from bench.common import etcd, summary
 from fleetpy.agent.agent import Agent
 from fleetpy.engine.engine import Engine
-from fleetpy.registry import EtcdStore, Job, Machine, Registry
-from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.registry import Job, Machine, Registry
+from fleetpy.registry.etcd2 import EtcdV2Store
 from fleetpy.systemd import FakeSystemd
 from fleetpy.unit import UnitFile
 
@@ -34,26 +34,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
 
 
-class CountingStore(EtcdStore):
-    """An EtcdStore that counts its requests (a watch counts once, however long it waits)."""
+class CountingStore(EtcdV2Store):
+    """An etcd v2 store that counts its requests (a watch counts once, however long it waits)."""
 
     def __init__(self, url: str, counts: Counter, who: str):
         super().__init__([url])
         self._counts, self._who = counts, who
         self._lock = threading.Lock()
 
-    def _call(self, operation):
+    def _call_blocking(self, operation):
         with self._lock:
             self._counts[self._who] += 1
-        return super()._call(operation)
+        return super()._call_blocking(operation)
 
 
 def raw_write_rate(url: str, writes: int) -> float:
     """PUTs per second from WRITERS threads, each with its own client."""
-    stores = [EtcdStore([url]) for _ in range(WRITERS)]
+    stores = [EtcdV2Store([url]) for _ in range(WRITERS)]
 
     def put(i: int) -> None:
-        stores[i % WRITERS].put(f"/bench-raw/{i}", "x" * 64)
+        stores[i % WRITERS]._call_blocking(lambda c: c.write(f"/bench-raw/{i}", "x" * 64))
 
     with concurrent.futures.ThreadPoolExecutor(WRITERS) as pool:
         started = time.perf_counter()
@@ -75,8 +75,8 @@ async def launch_all(url: str, machines: int, units: int, timeout: float) -> dic
     asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(WRITERS))
     counts: Counter = Counter()
 
-    def registry(who: str) -> AsyncRegistry:
-        return AsyncRegistry(Registry(CountingStore(url, counts, who), PREFIX))
+    def registry(who: str) -> Registry:
+        return Registry(CountingStore(url, counts, who), PREFIX)
 
     api, observer = registry("api"), registry("observer")
     watcher = Registry(EtcdStore([url]), PREFIX)

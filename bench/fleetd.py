@@ -8,6 +8,7 @@ the same Python interpreter doing nothing: what any Python daemon pays before it
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import subprocess
 import sys
@@ -16,7 +17,8 @@ import time
 from pathlib import Path
 
 from bench.common import etcd, table
-from fleetpy.registry import EtcdStore, Job, Registry
+from fleetpy.registry import Job, Registry
+from fleetpy.registry.etcd2 import EtcdV2Store
 from fleetpy.unit import UnitFile
 
 PREFIX = "/bench-fleetd/"
@@ -91,8 +93,9 @@ def measure(url: str, base: Path, units: int, idle: float) -> dict:
     from fleetpy.lab.node import start_node
 
     node = start_node("bench-fleetd", base, journald=False)
-    registry = Registry(EtcdStore([url]), PREFIX)
-    registry.ensure_schema()
+    # This process is synchronous: each registry call runs in an event loop of its own.
+    registry = Registry(EtcdV2Store([url]), PREFIX)
+    asyncio.run(registry.ensure_schema())
     bare = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     argv = [
         sys.executable, "-m", "fleetpy.fleetd.main",
@@ -106,7 +109,7 @@ def measure(url: str, base: Path, units: int, idle: float) -> dict:
         fleetd = node.popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:
         started = time.monotonic()
-        wait_for("fleetd did not register", lambda: registry.machines(), 60)
+        wait_for("fleetd did not register", lambda: asyncio.run(registry.machines()), 60)
         result = {"start_to_registered_s": round(time.monotonic() - started, 2)}
         time.sleep(1.0)
         before = cpu_s(fleetd.pid)
@@ -120,11 +123,11 @@ def measure(url: str, base: Path, units: int, idle: float) -> dict:
         before, started = cpu_s(fleetd.pid), time.monotonic()
         for i in range(units):
             unit_file = UnitFile.parse(f"[Service]\nExecStart=/bin/sleep {100000 + i}\n")
-            registry.put_unit_file(unit_file)
-            registry.create_job(Job(f"bench{i}.service", unit_file.hash, "launched"))
+            job = Job(f"bench{i}.service", unit_file.hash, "launched")
+            asyncio.run(registry.submit(unit_file, job))
 
         def all_active() -> bool:
-            return sum(s.active_state == "active" for s in registry.states()) >= units
+            return sum(s.active_state == "active" for s in asyncio.run(registry.states())) >= units
 
         wait_for(f"{units} units were not all active", all_active, 300)
         took = time.monotonic() - started

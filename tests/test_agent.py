@@ -8,7 +8,6 @@ from fleetpy.agent.agent import Agent, supervise
 from fleetpy.agent.tasks import Desired, plan_tasks
 from fleetpy.engine.engine import Engine
 from fleetpy.registry import Assignment, Machine, UnitState, memory_registry
-from fleetpy.registry.aio import AsyncRegistry
 from fleetpy.systemd import FakeSystemd, SystemdError
 from fleetpy.unit import UnitFile
 
@@ -99,7 +98,7 @@ async def _settle(registry, unit, want, timeout=3.0):
 
 
 async def test_agent_runs_what_is_assigned_and_publishes_state():
-    registry = AsyncRegistry(memory_registry())
+    registry = memory_registry()
     systemd = FakeSystemd()
     agent = Agent(registry, systemd, Machine("m1", "10.0.0.1"), ttl=5)
     task = asyncio.create_task(agent.run())
@@ -125,7 +124,7 @@ async def test_agent_runs_what_is_assigned_and_publishes_state():
 
 
 async def test_restarted_agent_adopts_running_units_without_restarting():
-    registry = AsyncRegistry(memory_registry())
+    registry = memory_registry()
     systemd = FakeSystemd()
     digest = await registry.put_unit_file(UnitFile.parse(SLEEP))
     await registry.assign(Assignment("a.service", "m1", digest, "launched"))
@@ -141,7 +140,7 @@ async def test_restarted_agent_adopts_running_units_without_restarting():
 
 
 async def test_a_unit_systemd_refuses_does_not_hold_up_the_others():
-    registry = AsyncRegistry(memory_registry())
+    registry = memory_registry()
     systemd = FakeSystemd()
     real_start = systemd.start
 
@@ -159,7 +158,7 @@ async def test_a_unit_systemd_refuses_does_not_hold_up_the_others():
 
 
 async def test_scheduling_a_unit_wakes_only_the_agent_of_its_machine():
-    registry = AsyncRegistry(memory_registry())
+    registry = memory_registry()
     agents = {mid: Agent(registry, FakeSystemd(), Machine(mid), ttl=5) for mid in ("m1", "m2", "m3")}
     wakes = dict.fromkeys(agents, 0)
     for mid, agent in agents.items():
@@ -210,7 +209,7 @@ async def _published(registry, agent) -> dict:
 
 
 async def test_a_failed_unit_is_not_restarted_by_an_unrelated_reconcile():
-    registry = AsyncRegistry(memory_registry())
+    registry = memory_registry()
     systemd = FakeSystemd()
     agent = Agent(registry, systemd, Machine("m1"), ttl=5)
     await _assign(registry, "broken.service", FAILING)
@@ -230,7 +229,7 @@ async def test_a_failed_unit_is_not_restarted_by_an_unrelated_reconcile():
 
 
 async def test_failed_and_unloadable_units_publish_systemds_reason():
-    registry = AsyncRegistry(memory_registry())
+    registry = memory_registry()
     agent = Agent(registry, FakeSystemd(), Machine("m1"), ttl=5)
     await _assign(registry, "broken.service", FAILING)
     await _assign(registry, "typo.service", TYPO)
@@ -246,7 +245,7 @@ async def test_failed_and_unloadable_units_publish_systemds_reason():
 
 
 async def test_a_unit_the_agent_cannot_handle_is_quarantined_and_the_others_run(caplog):
-    registry = AsyncRegistry(memory_registry())
+    registry = memory_registry()
     systemd = FakeSystemd()
     real_write = systemd.write_unit
 
@@ -280,7 +279,7 @@ async def test_a_unit_the_agent_cannot_handle_is_quarantined_and_the_others_run(
 
 
 async def test_the_agent_removes_states_of_units_no_longer_assigned_to_it():
-    registry = AsyncRegistry(memory_registry())
+    registry = memory_registry()
     # Left by an earlier run of this agent; the engine no longer deletes state/ keys.
     await registry.publish_state(UnitState("old.service", "m1", "x", "loaded", "active", "running"))
     await registry.publish_state(UnitState("old.service", "m2", "x", "loaded", "active", "running"))
@@ -319,17 +318,17 @@ async def test_a_crashed_background_task_is_logged_and_started_again(caplog):
 
 async def test_the_heartbeat_survives_an_unexpected_error(monkeypatch):
     monkeypatch.setattr("fleetpy.supervise.RESTART_PAUSE", 0.01)
-    registry = AsyncRegistry(memory_registry())
-    real_refresh = registry.sync.refresh_machine
+    registry = memory_registry()
+    real_refresh = registry.refresh_machine
     calls = []
 
-    def refresh(machine_id, ttl):
+    async def refresh(machine_id, ttl):
         calls.append(machine_id)
         if len(calls) == 1:
             raise RuntimeError("a bug in the store")
-        return real_refresh(machine_id, ttl)
+        return await real_refresh(machine_id, ttl)
 
-    registry.sync.refresh_machine = refresh
+    registry.refresh_machine = refresh
     agent = Agent(registry, FakeSystemd(), Machine("m1"), ttl=0.06)
     task = asyncio.create_task(agent.run())
     try:
@@ -343,7 +342,7 @@ async def test_the_heartbeat_survives_an_unexpected_error(monkeypatch):
 
 
 async def test_only_the_agent_writes_state_keys_the_engine_leaves_them():
-    registry = AsyncRegistry(memory_registry())
+    registry = memory_registry()
     engine = Engine(registry, "m9", lease_ttl=5)
     moved = Assignment("a.service", "m1", "x", "launched")
     await registry.assign(moved)

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from fleetpy.agent.agent import Agent
-from fleetpy.registry import Assignment, Machine
-from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.registry import Assignment, Machine, Registry
 from fleetpy.systemd import DbusManager
 from fleetpy.unit import UnitFile
 
@@ -42,7 +41,7 @@ async def _until(what: str, check, timeout: float, agent: asyncio.Task | None = 
 async def test_500_launches_then_500_destroys_run_each_unit_once(node_factory, etcd_registry):
     node = node_factory("burst")
     log = node.dir / "starts.log"
-    registry = AsyncRegistry(etcd_registry)
+    registry = etcd_registry
     systemd = await DbusManager.connect(node.env["DBUS_SESSION_BUS_ADDRESS"], node.dir / "units")
     agent = Agent(registry, systemd, Machine("m1"), ttl=TTL)
     running = asyncio.create_task(agent.run())
@@ -96,5 +95,5 @@ async def test_500_launches_then_500_destroys_run_each_unit_once(node_factory, e
         await systemd.close()
 
 
-async def _registered(registry: AsyncRegistry) -> bool:
+async def _registered(registry: Registry) -> bool:
     return bool(await registry.machines())

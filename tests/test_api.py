@@ -18,7 +18,6 @@ from fleetpy.api import SystemctlUnitInfo, create_app, serve
 from fleetpy.api.fleet_v1 import PAGE_SIZE
 from fleetpy.api.views import machine_state
 from fleetpy.registry import Assignment, Job, Machine, Unavailable, UnitState, memory_registry
-from fleetpy.registry.aio import AsyncRegistry
 from fleetpy.unit import UnitFile
 
 HELLO = [{"section": "Service", "name": "ExecStart", "value": "/bin/sleep 1000"}]
@@ -45,10 +44,10 @@ class FakeLocal:
 
 
 @pytest.fixture
-def registry():
+async def registry():
     reg = memory_registry()
-    reg.register_machine(Machine(M1, "10.0.0.1", {"region": "us", "disk": "ssd"}), ttl=60)
-    reg.register_machine(Machine(M2, "10.0.0.2"), ttl=60)
+    await reg.register_machine(Machine(M1, "10.0.0.1", {"region": "us", "disk": "ssd"}), ttl=60)
+    await reg.register_machine(Machine(M2, "10.0.0.2"), ttl=60)
     return reg
 
 
@@ -59,7 +58,7 @@ def local():
 
 @pytest.fixture
 async def client(registry, local):
-    app = create_app(AsyncRegistry(registry), machine_id=M1, local=local)
+    app = create_app(registry, machine_id=M1, local=local)
     async with TestClient(TestServer(app)) as test_client:
         yield test_client
 
@@ -85,27 +84,27 @@ async def test_create_then_get_unit(client, registry):
         "currentState": "inactive",
         "global": False,
     }
-    assert registry.job("hello.service").desired_state == "launched"
+    assert (await registry.job("hello.service")).desired_state == "launched"
 
 
 async def test_current_state_follows_the_agent(client, registry):
     await client.put("/fleet/v1/units/hello.service", json={"desiredState": "launched", "options": HELLO})
-    digest = registry.job("hello.service").hash
-    registry.assign(Assignment("hello.service", M2, digest, "launched"))
+    digest = (await registry.job("hello.service")).hash
+    await registry.assign(Assignment("hello.service", M2, digest, "launched"))
     unit = await (await client.get("/fleet/v1/units/hello.service")).json()
     assert (unit["currentState"], unit["machineID"]) == ("inactive", M2)
-    registry.publish_state(UnitState("hello.service", M2, digest, "loaded", "inactive", "dead"))
+    await registry.publish_state(UnitState("hello.service", M2, digest, "loaded", "inactive", "dead"))
     assert (await (await client.get("/fleet/v1/units/hello.service")).json())["currentState"] == "loaded"
-    registry.publish_state(UnitState("hello.service", M2, digest, "loaded", "active", "running"))
+    await registry.publish_state(UnitState("hello.service", M2, digest, "loaded", "active", "running"))
     assert (await (await client.get("/fleet/v1/units/hello.service")).json())["currentState"] == "launched"
 
 
 async def test_global_unit_has_no_machine_id(client, registry):
     await client.put("/fleet/v1/units/g.service", json={"desiredState": "launched", "options": GLOBAL})
-    digest = registry.job("g.service").hash
+    digest = (await registry.job("g.service")).hash
     for machine in (M1, M2):
-        registry.assign(Assignment("g.service", machine, digest, "launched"))
-    registry.publish_state(UnitState("g.service", M1, digest, "loaded", "active", "running"))
+        await registry.assign(Assignment("g.service", machine, digest, "launched"))
+    await registry.publish_state(UnitState("g.service", M1, digest, "loaded", "active", "running"))
     unit = await (await client.get("/fleet/v1/units/g.service")).json()
     assert "machineID" not in unit
     assert unit["global"] is True
@@ -120,7 +119,7 @@ async def test_put_existing_unit_changes_desired_state(client, registry):
         "/fleet/v1/units/hello.service", json={"desiredState": "launched", "options": HELLO}
     )
     assert resp.status == 204
-    assert registry.job("hello.service").desired_state == "launched"
+    assert (await registry.job("hello.service")).desired_state == "launched"
 
 
 async def test_put_existing_unit_with_other_content_replaces_it(client, registry):
@@ -129,7 +128,7 @@ async def test_put_existing_unit_with_other_content_replaces_it(client, registry
     await client.put("/fleet/v1/units/hello.service", json={"desiredState": "launched", "options": HELLO})
     resp = await client.put("/fleet/v1/units/hello.service", json={"name": "hello.service", "options": OTHER})
     assert resp.status == 201
-    job = registry.job("hello.service")
+    job = await registry.job("hello.service")
     assert (job.hash, job.desired_state) == (UnitFile.from_options(OTHER).hash, "inactive")
     unit = await (await client.get("/fleet/v1/units/hello.service")).json()
     assert unit["options"] == OTHER
@@ -155,7 +154,7 @@ async def test_create_without_options_conflicts(client):
 async def test_invalid_unit_bodies_are_bad_requests(client, registry, body):
     resp = await client.put("/fleet/v1/units/hello.service", json=body)
     assert (await error_of(resp))[0] == 400
-    assert registry.jobs() == []
+    assert await registry.jobs() == []
 
 
 async def test_go_fleetctl_submit_sends_no_desired_state(client, registry):
@@ -165,13 +164,13 @@ async def test_go_fleetctl_submit_sends_no_desired_state(client, registry):
         "/fleet/v1/units/hello.service?alt=json", json={"name": "hello.service", "options": HELLO}
     )
     assert resp.status == 201
-    assert registry.job("hello.service").desired_state == "inactive"
+    assert (await registry.job("hello.service")).desired_state == "inactive"
     # Then it sets the target with {"desiredState", "name"} and no options: 204.
     resp = await client.put(
         "/fleet/v1/units/hello.service?alt=json", json={"desiredState": "launched", "name": "hello.service"}
     )
     assert resp.status == 204
-    assert registry.job("hello.service").desired_state == "launched"
+    assert (await registry.job("hello.service")).desired_state == "launched"
 
 
 async def test_go_fleetctl_template_is_submitted_without_desired_state(client, registry):
@@ -179,7 +178,7 @@ async def test_go_fleetctl_template_is_submitted_without_desired_state(client, r
     # from disk first) send the template with options only.
     resp = await client.put("/fleet/v1/units/web@.service", json={"name": "web@.service", "options": HELLO})
     assert resp.status == 201
-    assert registry.job("web@.service").desired_state == "inactive"
+    assert (await registry.job("web@.service")).desired_state == "inactive"
 
 
 async def test_put_existing_unit_without_desired_state_conflicts(client, registry):
@@ -191,7 +190,7 @@ async def test_put_existing_unit_without_desired_state_conflicts(client, registr
             409,
             "unit hello.service already exists; updating it needs a desiredState",
         )
-    assert registry.job("hello.service").desired_state == "loaded"
+    assert (await registry.job("hello.service")).desired_state == "loaded"
 
 
 async def test_invalid_fleet_options_are_bad_requests(client, registry):
@@ -201,7 +200,7 @@ async def test_invalid_fleet_options_are_bad_requests(client, registry):
     )
     status, message = await error_of(resp)
     assert status == 400 and "Bogus" in message
-    assert registry.jobs() == []
+    assert await registry.jobs() == []
 
 
 async def test_bad_json_is_a_bad_request(client):
@@ -215,16 +214,16 @@ async def test_bad_json_is_a_bad_request(client):
 async def test_oversized_body_is_refused(client, registry):
     resp = await client.put("/fleet/v1/units/hello.service", data=io.BytesIO(b" " * ((1 << 20) + 1)))
     assert (await error_of(resp))[0] == 413
-    assert registry.jobs() == []
+    assert await registry.jobs() == []
 
 
 @pytest.mark.parametrize("name", ["..%2Fx.service", "hello", "a%20b.service", "x.exe", "..", "%2E%2E"])
 async def test_bad_unit_names_are_refused_and_nothing_written(client, registry, name):
-    before = registry.store.index()
+    before = await registry.index()
     resp = await client.put(f"/fleet/v1/units/{name}", json={"desiredState": "launched", "options": HELLO})
     assert resp.status in (400, 404)
     await error_of(resp)
-    assert registry.store.index() == before
+    assert await registry.index() == before
     for path in (f"/fleet/v1/units/{name}", f"/fleetpy/v1/units/{name}/status"):
         assert (await client.get(path)).status in (400, 404)
 
@@ -239,7 +238,7 @@ async def test_template_instance_without_options_uses_template(client, registry)
     await client.put("/fleet/v1/units/web@.service", json={"desiredState": "inactive", "options": HELLO})
     resp = await client.put("/fleet/v1/units/web@1.service", json={"desiredState": "launched"})
     assert resp.status == 201
-    assert registry.job("web@1.service").hash == registry.job("web@.service").hash
+    assert (await registry.job("web@1.service")).hash == (await registry.job("web@.service")).hash
 
 
 async def test_template_cannot_be_started(client):
@@ -252,10 +251,10 @@ async def test_template_cannot_be_started(client):
 
 async def test_delete_unit(client, registry):
     await client.put("/fleet/v1/units/hello.service", json={"desiredState": "inactive", "options": HELLO})
-    digest = registry.job("hello.service").hash
+    digest = (await registry.job("hello.service")).hash
     assert (await client.delete("/fleet/v1/units/hello.service")).status == 204
-    assert registry.job("hello.service") is None
-    assert registry.unit_file(digest) is not None
+    assert await registry.job("hello.service") is None
+    assert await registry.unit_file(digest) is not None
     resp = await client.delete("/fleet/v1/units/hello.service")
     assert (await error_of(resp))[0] == 404
 
@@ -289,9 +288,9 @@ async def test_units_are_paged(client, registry):
 
 
 async def test_state_lists_only_live_machines_and_filters(client, registry):
-    registry.publish_state(UnitState("a.service", M1, "h", "loaded", "active", "running"))
-    registry.publish_state(UnitState("b.service", M2, "h", "loaded", "inactive", "dead"))
-    registry.publish_state(UnitState("c.service", "gone", "h", "loaded", "active", "running"))
+    await registry.publish_state(UnitState("a.service", M1, "h", "loaded", "active", "running"))
+    await registry.publish_state(UnitState("b.service", M2, "h", "loaded", "inactive", "dead"))
+    await registry.publish_state(UnitState("c.service", "gone", "h", "loaded", "active", "running"))
     states = (await (await client.get("/fleet/v1/state")).json())["states"]
     assert [s["name"] for s in states] == ["a.service", "b.service"]
     assert states[0] == {
@@ -311,8 +310,8 @@ async def test_state_lists_only_live_machines_and_filters(client, registry):
 async def test_get_state_of_one_unit(client, registry):
     # Go fleetctl start polls GET /fleet/v1/state/NAME until systemdActiveState is "active" and
     # systemdLoadState "loaded"; it dereferences the answer, so the route must exist.
-    registry.publish_state(UnitState("a.service", M2, "h", "loaded", "active", "running"))
-    registry.publish_state(UnitState("a.service", "gone", "h", "loaded", "failed", "failed"))
+    await registry.publish_state(UnitState("a.service", M2, "h", "loaded", "active", "running"))
+    await registry.publish_state(UnitState("a.service", "gone", "h", "loaded", "failed", "failed"))
     resp = await client.get("/fleet/v1/state/a.service?alt=json")
     assert resp.status == 200
     assert await resp.json() == {
@@ -344,14 +343,14 @@ async def test_patch_machine_metadata(client, registry):
         {"op": "remove", "path": f"/{M1}/metadata/disk"},
     ]
     assert (await client.patch("/fleet/v1/machines", json=ops)).status == 204
-    machines = {m.id: m.metadata for m in registry.machines()}
+    machines = {m.id: m.metadata for m in await registry.machines()}
     assert machines == {M1: {"region": "eu"}, M2: {"role": "db"}}
 
 
 async def test_patch_accepts_the_value_shape_fleets_server_reads(client, registry):
     ops = [{"op": "add", "path": f"/{M2}/metadata/role", "value": {"value": "db"}}]
     assert (await client.patch("/fleet/v1/machines", json=ops)).status == 204
-    assert {m.id: m.metadata for m in registry.machines()}[M2] == {"role": "db"}
+    assert {m.id: m.metadata for m in await registry.machines()}[M2] == {"role": "db"}
 
 
 @pytest.mark.parametrize(
@@ -365,7 +364,7 @@ async def test_patch_accepts_the_value_shape_fleets_server_reads(client, registr
 )
 async def test_bad_patches_are_bad_requests(client, registry, ops):
     assert (await error_of(await client.patch("/fleet/v1/machines", json=ops)))[0] == 400
-    assert registry.machines()[0].metadata == {"region": "us", "disk": "ssd"}
+    assert (await registry.machines())[0].metadata == {"region": "us", "disk": "ssd"}
 
 
 async def test_patch_unknown_machine_is_not_found(client):
@@ -382,7 +381,7 @@ async def test_pending_reason(client, registry):
     await client.put("/fleet/v1/units/hello.service", json={"desiredState": "launched", "options": HELLO})
     body = await (await client.get("/fleetpy/v1/units/hello.service/pending")).json()
     assert body == {"name": "hello.service", "reason": None}
-    registry.set_pending("hello.service", "no machine has region=mars")
+    await registry.set_pending("hello.service", "no machine has region=mars")
     body = await (await client.get("/fleetpy/v1/units/hello.service/pending")).json()
     assert body["reason"] == "no machine has region=mars"
     assert (await client.get("/fleetpy/v1/units/nope.service/pending")).status == 404
@@ -390,7 +389,9 @@ async def test_pending_reason(client, registry):
 
 async def test_status_and_journal_of_a_local_unit(client, registry, local):
     await client.put("/fleet/v1/units/hello.service", json={"desiredState": "launched", "options": HELLO})
-    registry.assign(Assignment("hello.service", M1, registry.job("hello.service").hash, "launched"))
+    await registry.assign(
+        Assignment("hello.service", M1, (await registry.job("hello.service")).hash, "launched")
+    )
     body = await (await client.get("/fleetpy/v1/units/hello.service/status")).json()
     assert body["status"] == "* hello.service - running\n"
     resp = await client.get(
@@ -402,14 +403,16 @@ async def test_status_and_journal_of_a_local_unit(client, registry, local):
 
 async def test_status_of_unscheduled_unit_says_why(client, registry):
     await client.put("/fleet/v1/units/hello.service", json={"desiredState": "launched", "options": HELLO})
-    registry.set_pending("hello.service", "no machine matches")
+    await registry.set_pending("hello.service", "no machine matches")
     status, message = await error_of(await client.get("/fleetpy/v1/units/hello.service/status"))
     assert status == 404 and "not scheduled on any machine: no machine matches" in message
 
 
 async def test_status_of_remote_unit_without_endpoint_explains(client, registry):
     await client.put("/fleet/v1/units/hello.service", json={"desiredState": "launched", "options": HELLO})
-    registry.assign(Assignment("hello.service", M2, registry.job("hello.service").hash, "launched"))
+    await registry.assign(
+        Assignment("hello.service", M2, (await registry.job("hello.service")).hash, "launched")
+    )
     status, message = await error_of(await client.get("/fleetpy/v1/units/hello.service/status"))
     assert status == 502
     assert message == "machine 2c9a1b3e... has no API endpoint; start its fleetd with --api-listen"
@@ -418,17 +421,21 @@ async def test_status_of_remote_unit_without_endpoint_explains(client, registry)
 async def test_status_and_journal_are_forwarded_to_the_running_machine(registry, tmp_path):
     """Two fleetds: the one asked forwards to the peer's TCP endpoint with the peer token."""
     peer_local = FakeLocal()
-    peer_app = create_app(AsyncRegistry(registry), machine_id=M2, local=peer_local)
+    peer_app = create_app(registry, machine_id=M2, local=peer_local)
     port = _free_port()
     runner = await serve(
         peer_app, socket_path=str(tmp_path / "peer.sock"), listen=f"127.0.0.1:{port}", token="peer-secret"
     )
     try:
-        registry.register_machine(Machine(M2, "10.0.0.2", api_endpoint=f"http://127.0.0.1:{port}"), ttl=60)
-        digest = registry.put_unit_file(UnitFile.from_options(HELLO))
-        registry.create_job(Job("hello.service", digest, "launched"))
-        registry.assign(Assignment("hello.service", M2, registry.job("hello.service").hash, "launched"))
-        app = create_app(AsyncRegistry(registry), machine_id=M1, local=FakeLocal(), peer_token="peer-secret")
+        await registry.register_machine(
+            Machine(M2, "10.0.0.2", api_endpoint=f"http://127.0.0.1:{port}"), ttl=60
+        )
+        digest = await registry.put_unit_file(UnitFile.from_options(HELLO))
+        await registry.create_job(Job("hello.service", digest, "launched"))
+        await registry.assign(
+            Assignment("hello.service", M2, (await registry.job("hello.service")).hash, "launched")
+        )
+        app = create_app(registry, machine_id=M1, local=FakeLocal(), peer_token="peer-secret")
         async with TestClient(TestServer(app)) as client:
             body = await (await client.get("/fleetpy/v1/units/hello.service/status")).json()
             assert body["machineID"] == M2
@@ -474,7 +481,7 @@ async def test_unix_socket_mode_and_no_token_needed(registry, tmp_path):
     stale.bind(str(path))
     stale.close()  # a socket file nobody listens on, as a crashed fleetd leaves
     runner = await serve(
-        create_app(AsyncRegistry(registry), machine_id=M1),
+        create_app(registry, machine_id=M1),
         socket_path=str(path),
         listen=f"127.0.0.1:{_free_port()}",
         token="t0ken",
@@ -489,7 +496,7 @@ async def test_unix_socket_mode_and_no_token_needed(registry, tmp_path):
 
 async def test_socket_parent_directory_is_created(registry, tmp_path):
     path = tmp_path / "new" / "fleet.sock"
-    runner = await serve(create_app(AsyncRegistry(registry), machine_id=M1), socket_path=str(path))
+    runner = await serve(create_app(registry, machine_id=M1), socket_path=str(path))
     try:
         assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o755
     finally:
@@ -499,7 +506,7 @@ async def test_socket_parent_directory_is_created(registry, tmp_path):
 async def test_tcp_without_token_or_tls_is_refused(registry, tmp_path):
     with pytest.raises(ValueError, match="without authentication"):
         await serve(
-            create_app(AsyncRegistry(registry), machine_id=M1),
+            create_app(registry, machine_id=M1),
             socket_path=str(tmp_path / "fleet.sock"),
             listen="127.0.0.1:0",
         )
@@ -508,7 +515,7 @@ async def test_tcp_without_token_or_tls_is_refused(registry, tmp_path):
 async def test_tcp_needs_the_bearer_token(registry, tmp_path):
     port = _free_port()
     runner = await serve(
-        create_app(AsyncRegistry(registry), machine_id=M1),
+        create_app(registry, machine_id=M1),
         socket_path=str(tmp_path / "fleet.sock"),
         listen=f"127.0.0.1:{port}",
         token="t0ken",
@@ -564,7 +571,7 @@ def test_failed_unit_counts_as_launched_only_while_meant_to_run():
 async def test_explain_replays_the_scheduler_for_one_unit(client, registry):
     db_only = HELLO + [{"section": "X-Fleet", "name": "MachineMetadata", "value": "region=us"}]
     await client.put("/fleet/v1/units/db.service", json={"desiredState": "launched", "options": db_only})
-    registry.assign(Assignment("db.service", M1, UnitFile.from_options(db_only).hash, "launched"))
+    await registry.assign(Assignment("db.service", M1, UnitFile.from_options(db_only).hash, "launched"))
     lines = (await (await client.get("/fleetpy/v1/units/db.service/explain")).json())["lines"]
     assert lines[0] == "db.service -> 113f16a7... : only machine that fits"
     assert "  excluded 2c9a1b3e... (metadata region=us does not match)" in lines

@@ -24,8 +24,7 @@ from fleetpy.api.peer import peer_tls
 from fleetpy.cli.fleetctl import cli as fleetctl
 from fleetpy.fleetd.config import ConfigError, build_config
 from fleetpy.fleetd.main import main as fleetd_main
-from fleetpy.registry import Assignment, Job, Machine, memory_registry
-from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.registry import Assignment, Job, Machine, Registry, memory_registry
 from fleetpy.unit import UnitFile
 
 pytest_plugins = ["fixtures_pki"]
@@ -35,15 +34,15 @@ HELLO = [{"section": "Service", "name": "ExecStart", "value": "/bin/sleep 1000"}
 
 
 @pytest.fixture
-def registry():
+async def registry():
     reg = memory_registry()
-    reg.register_machine(Machine(M1, "10.0.0.1"), ttl=60)
+    await reg.register_machine(Machine(M1, "10.0.0.1"), ttl=60)
     return reg
 
 
 @pytest.fixture
 async def client(registry):
-    app = create_app(AsyncRegistry(registry), machine_id=M1)
+    app = create_app(registry, machine_id=M1)
     async with TestClient(TestServer(app)) as test_client:
         yield test_client
 
@@ -94,7 +93,7 @@ async def test_tls_without_token_or_client_ca_is_refused(registry, tmp_path, pki
     # B5: a server certificate authenticates fleetd to clients, not clients to fleetd.
     with pytest.raises(ValueError, match="without authentication"):
         await serve(
-            create_app(AsyncRegistry(registry), machine_id=M1),
+            create_app(registry, machine_id=M1),
             socket_path=str(tmp_path / "fleet.sock"),
             listen="127.0.0.1:0",
             tls_cert=str(pki / "server.pem"),
@@ -105,7 +104,7 @@ async def test_tls_without_token_or_client_ca_is_refused(registry, tmp_path, pki
 async def test_insecure_tcp_serves_anyone_with_a_loud_warning(registry, tmp_path, caplog):
     port = _free_port()
     runner = await serve(
-        create_app(AsyncRegistry(registry), machine_id=M1),
+        create_app(registry, machine_id=M1),
         socket_path=str(tmp_path / "fleet.sock"),
         listen=f"127.0.0.1:{port}",
         insecure=True,
@@ -121,7 +120,7 @@ async def test_insecure_tcp_serves_anyone_with_a_loud_warning(registry, tmp_path
 async def test_client_certificate_signed_by_the_cluster_ca_is_let_in(registry, tmp_path, pki):
     port = _free_port()
     runner = await serve(
-        create_app(AsyncRegistry(registry), machine_id=M1),
+        create_app(registry, machine_id=M1),
         socket_path=str(tmp_path / "fleet.sock"),
         listen=f"127.0.0.1:{port}",
         tls_cert=str(pki / "server.pem"),
@@ -143,7 +142,7 @@ async def test_client_certificate_signed_by_the_cluster_ca_is_let_in(registry, t
 async def test_token_or_client_certificate_either_will_do(registry, tmp_path, pki):
     port = _free_port()
     runner = await serve(
-        create_app(AsyncRegistry(registry), machine_id=M1),
+        create_app(registry, machine_id=M1),
         socket_path=str(tmp_path / "fleet.sock"),
         listen=f"127.0.0.1:{port}",
         token="t0ken",
@@ -170,7 +169,7 @@ async def _serve_limited(registry, tmp_path, **limits) -> tuple[web.AppRunner, i
     port = _free_port()
     sock = str(tmp_path / "fleet.sock")
     runner = await serve(
-        create_app(AsyncRegistry(registry), machine_id=M1),
+        create_app(registry, machine_id=M1),
         socket_path=sock,
         listen=f"127.0.0.1:{port}",
         token="t0ken",
@@ -276,12 +275,12 @@ def _alive(pid: int) -> bool:
 
 async def _follow(registry, tmp_path) -> tuple[web.AppRunner, str, Path]:
     digest = UnitFile.from_options(HELLO).hash
-    registry.put_unit_file(UnitFile.from_options(HELLO))
-    registry.create_job(Job("a.service", digest, "launched"))
-    registry.assign(Assignment("a.service", M1, digest, "launched"))
+    await registry.put_unit_file(UnitFile.from_options(HELLO))
+    await registry.create_job(Job("a.service", digest, "launched"))
+    await registry.assign(Assignment("a.service", M1, digest, "launched"))
     pid_file = tmp_path / "follower.pid"
     sock = str(tmp_path / "fleet.sock")
-    app = create_app(AsyncRegistry(registry), machine_id=M1, local=FollowingLocal(pid_file))
+    app = create_app(registry, machine_id=M1, local=FollowingLocal(pid_file))
     return await serve(app, socket_path=sock), sock, pid_file
 
 
@@ -369,20 +368,20 @@ async def _start(app: web.Application, port: int, tls: ssl.SSLContext | None = N
     return runner
 
 
-def _unit_on_m2(registry, endpoint: str) -> None:
-    registry.register_machine(Machine(M2, "10.0.0.2", {}, endpoint), ttl=60)
+async def _unit_on_m2(registry, endpoint: str) -> None:
+    await registry.register_machine(Machine(M2, "10.0.0.2", {}, endpoint), ttl=60)
     digest = UnitFile.from_options(HELLO).hash
-    registry.put_unit_file(UnitFile.from_options(HELLO))
-    registry.create_job(Job("a.service", digest, "launched"))
-    registry.assign(Assignment("a.service", M2, digest, "launched"))
+    await registry.put_unit_file(UnitFile.from_options(HELLO))
+    await registry.create_job(Job("a.service", digest, "launched"))
+    await registry.assign(Assignment("a.service", M2, digest, "launched"))
 
 
 async def test_forwarding_never_sends_the_token_to_an_endpoint_from_etcd(registry, tmp_path):
     # B14: whoever can write etcd can point a machine's apiEndpoint at themselves.
     recorder, port = Recorder(), _free_port()
     rogue = await _start(recorder.app(), port)
-    _unit_on_m2(registry, f"http://127.0.0.1:{port}")
-    app = create_app(AsyncRegistry(registry), machine_id=M1, peer_token="s3cret-token")
+    await _unit_on_m2(registry, f"http://127.0.0.1:{port}")
+    app = create_app(registry, machine_id=M1, peer_token="s3cret-token")
     try:
         async with TestClient(TestServer(app)) as client:
             assert (await client.get("/fleetpy/v1/units/a.service/status")).status == 200
@@ -409,7 +408,7 @@ def _accepts(auth: Auth, method: str, raw_path: str, given: str) -> bool:
 
 
 async def _serve_tls_peer(registry, tmp_path, pki, port: int) -> web.AppRunner:
-    peer = create_app(AsyncRegistry(registry), machine_id=M2, local=_Status())
+    peer = create_app(registry, machine_id=M2, local=_Status())
     return await serve(
         peer,
         socket_path=str(tmp_path / "peer.sock"),
@@ -433,16 +432,20 @@ async def test_with_a_cluster_ca_peers_must_prove_who_they_are(registry, tmp_pat
     rogue_tls.load_cert_chain(str(pki / "rogue.pem"), str(pki / "rogue.key"))
     rogue = await _start(recorder.app(), rogue_port, rogue_tls)
     tls = peer_tls(str(pki / "ca.pem"), str(pki / "client.pem"), str(pki / "client.key"))
-    app = create_app(AsyncRegistry(registry), machine_id=M1, peer_tls=tls)
+    app = create_app(registry, machine_id=M1, peer_tls=tls)
     try:
         async with TestClient(TestServer(app)) as client:
-            _unit_on_m2(registry, f"https://127.0.0.1:{port}")
+            await _unit_on_m2(registry, f"https://127.0.0.1:{port}")
             body = await (await client.get("/fleetpy/v1/units/a.service/status")).json()
             assert body["status"] == "* a.service - running on the real peer\n"  # mTLS both ways
-            registry.register_machine(Machine(M2, "10.0.0.2", {}, f"https://127.0.0.1:{rogue_port}"), ttl=60)
+            await registry.register_machine(
+                Machine(M2, "10.0.0.2", {}, f"https://127.0.0.1:{rogue_port}"), ttl=60
+            )
             resp = await client.get("/fleetpy/v1/units/a.service/status")
             assert resp.status == 502 and "not who it claims" in (await resp.json())["error"]["message"]
-            registry.register_machine(Machine(M2, "10.0.0.2", {}, f"http://127.0.0.1:{rogue_port}"), ttl=60)
+            await registry.register_machine(
+                Machine(M2, "10.0.0.2", {}, f"http://127.0.0.1:{rogue_port}"), ttl=60
+            )
             resp = await client.get("/fleetpy/v1/units/a.service/journal")
             assert resp.status == 502 and "is not https" in (await resp.json())["error"]["message"]
     finally:
@@ -454,7 +457,7 @@ async def test_with_a_cluster_ca_peers_must_prove_who_they_are(registry, tmp_pat
 async def test_fleetctl_speaks_mtls(registry, tmp_path, pki):
     port = _free_port()
     runner = await serve(
-        create_app(AsyncRegistry(registry), machine_id=M1),
+        create_app(registry, machine_id=M1),
         socket_path=str(tmp_path / "fleet.sock"),
         listen=f"127.0.0.1:{port}",
         tls_cert=str(pki / "server.pem"),
@@ -473,37 +476,37 @@ async def test_fleetctl_speaks_mtls(registry, tmp_path, pki):
 
 
 class SlowCreates:
-    """A registry whose job creation takes `delay`, as etcd's does when it is struggling."""
+    """A registry whose submits take `delay`, as etcd's do when it is struggling."""
 
-    def __init__(self, inner: AsyncRegistry, delay: float):
+    def __init__(self, inner: Registry, delay: float):
         self.inner = inner
         self.delay = delay
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    async def create_job(self, job: Job) -> None:
+    async def submit(self, unit_file, job: Job, *, replace: bool = False) -> None:
         await asyncio.sleep(self.delay)
-        await self.inner.create_job(job)
+        await self.inner.submit(unit_file, job, replace=replace)
 
 
 async def test_a_replace_past_the_deadline_still_completes(registry):
     # The deadline answers 503, but the half-made replace (old job deleted) must not stay half-made.
-    app = create_app(SlowCreates(AsyncRegistry(registry), 1.0), machine_id=M1)
+    app = create_app(SlowCreates(registry, 1.0), machine_id=M1)
     app[LIMITS] = Limits(registry_deadline=0.3)
     other = [{"section": "Service", "name": "ExecStart", "value": "/bin/true"}]
     async with TestClient(TestServer(app)) as client:
-        registry.put_unit_file(UnitFile.from_options(HELLO))
-        registry.create_job(Job("a.service", UnitFile.from_options(HELLO).hash, "launched"))
+        await registry.put_unit_file(UnitFile.from_options(HELLO))
+        await registry.create_job(Job("a.service", UnitFile.from_options(HELLO).hash, "launched"))
         resp = await client.put(
             "/fleet/v1/units/a.service", json={"desiredState": "launched", "options": other}
         )
         assert resp.status == 503 and "may yet be made" in (await resp.json())["error"]["message"]
         for _ in range(100):
-            if registry.job("a.service") is not None:
+            if await registry.job("a.service") is not None:
                 break
             await asyncio.sleep(0.05)
-    assert registry.job("a.service").hash == UnitFile.from_options(other).hash
+    assert (await registry.job("a.service")).hash == UnitFile.from_options(other).hash
 
 
 def test_tcp_cap_leaves_descriptors_for_the_unix_socket_and_fleetd(monkeypatch, caplog):
@@ -519,7 +522,7 @@ def test_tcp_cap_leaves_descriptors_for_the_unix_socket_and_fleetd(monkeypatch, 
 async def test_a_malformed_peer_proof_is_401_not_500(registry, tmp_path, stamp):
     port = _free_port()
     runner = await serve(
-        create_app(AsyncRegistry(registry), machine_id=M1),
+        create_app(registry, machine_id=M1),
         socket_path=str(tmp_path / "fleet.sock"),
         listen=f"127.0.0.1:{port}",
         token="t0ken",

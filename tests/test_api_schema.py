@@ -19,7 +19,6 @@ from aiohttp import web
 from fleetpy.api import create_app, serve
 from fleetpy.api.openapi import document
 from fleetpy.registry import Machine, memory_registry
-from fleetpy.registry.aio import AsyncRegistry
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +46,7 @@ def _free_port() -> int:
 
 
 def test_document_describes_every_route():
-    app = create_app(AsyncRegistry(memory_registry()), machine_id=M1)
+    app = create_app(memory_registry(), machine_id=M1)
     served = {
         (route.method, route.resource.canonical)
         for route in app.router.routes()
@@ -65,8 +64,8 @@ def test_document_describes_every_route():
 async def test_schemathesis_finds_no_server_error(etcd_registry, tmp_path):
     st = shutil.which("st", path=str(Path(__file__).parents[1] / ".venv" / "bin")) or shutil.which("st")
     assert st, "schemathesis is missing: run scripts/setup --test (it is in the test extra)"
-    etcd_registry.register_machine(Machine(M1, "10.0.0.1", {"region": "us"}), ttl=600)
-    etcd_registry.register_machine(Machine(M2, "10.0.0.2"), ttl=600)
+    await etcd_registry.register_machine(Machine(M1, "10.0.0.1", {"region": "us"}), ttl=600)
+    await etcd_registry.register_machine(Machine(M2, "10.0.0.2"), ttl=600)
     statuses: collections.Counter[int] = collections.Counter()
 
     @web.middleware
@@ -79,7 +78,7 @@ async def test_schemathesis_finds_no_server_error(etcd_registry, tmp_path):
         statuses[response.status] += 1
         return response
 
-    app = create_app(AsyncRegistry(etcd_registry), machine_id=M1, local=FiniteLocal())
+    app = create_app(etcd_registry, machine_id=M1, local=FiniteLocal())
     app.middlewares.insert(0, count)
     port = _free_port()
     runner = await serve(

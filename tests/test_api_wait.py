@@ -9,7 +9,6 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from fleetpy.api import create_app
 from fleetpy.registry import Assignment, Job, Machine, UnitState, memory_registry
-from fleetpy.registry.aio import AsyncRegistry
 from fleetpy.unit import UnitFile
 
 M1 = "113f16a7" + "0" * 24
@@ -17,18 +16,18 @@ HELLO = UnitFile.parse("[Service]\nExecStart=/bin/sleep 1000\n")
 
 
 @pytest.fixture
-def registry():
+async def registry():
     reg = memory_registry()
-    reg.register_machine(Machine(M1, "10.0.0.1"), ttl=60)
-    reg.put_unit_file(HELLO)
-    reg.create_job(Job("hello.service", HELLO.hash, "launched"))
-    reg.assign(Assignment("hello.service", M1, HELLO.hash, "launched"))
+    await reg.register_machine(Machine(M1, "10.0.0.1"), ttl=60)
+    await reg.put_unit_file(HELLO)
+    await reg.create_job(Job("hello.service", HELLO.hash, "launched"))
+    await reg.assign(Assignment("hello.service", M1, HELLO.hash, "launched"))
     return reg
 
 
 @pytest.fixture
 async def client(registry):
-    async with TestClient(TestServer(create_app(AsyncRegistry(registry), machine_id=M1))) as test_client:
+    async with TestClient(TestServer(create_app(registry, machine_id=M1))) as test_client:
         yield test_client
 
 
@@ -44,8 +43,8 @@ async def test_wait_answers_when_the_agent_publishes_the_state(client, registry)
 
     async def agent_reports() -> None:
         await asyncio.sleep(0.3)
-        await asyncio.to_thread(
-            registry.publish_state, UnitState("hello.service", M1, HELLO.hash, "loaded", "active", "running")
+        await registry.publish_state(
+            UnitState("hello.service", M1, HELLO.hash, "loaded", "active", "running")
         )
 
     reporting = asyncio.create_task(agent_reports())
@@ -58,7 +57,7 @@ async def test_wait_answers_when_the_agent_publishes_the_state(client, registry)
 
 
 async def test_wait_reports_failures_and_missing_units(client, registry) -> None:
-    registry.publish_state(
+    await registry.publish_state(
         UnitState("hello.service", M1, HELLO.hash, "loaded", "failed", "failed", reason="exit-code")
     )
     answer = await wait(client, 0, "hello.service", "nope.service")

@@ -241,8 +241,14 @@ def test_restarted_fleetd_adopts_running_units_without_restarting_them(cluster):
     cluster.lab.stop_fleetd(node)
     # The new agent publishes states once it has reconciled; clearing them shows when it has.
     machine_id = cluster.lab.state.node(node).machine_id
-    for unit in mine:
-        cluster.lab.registry().remove_state(unit, machine_id)
+
+    async def clear_states(registry):
+        batch = registry.batch()
+        for unit in mine:
+            batch.remove_state(unit, machine_id)
+        await registry.apply(batch)
+
+    cluster.lab.read(clear_states)
     cluster.lab.start_fleetd(node)
     cluster.lab.wait_registered(names=[node])
     wait_for("the restarted agent to reconcile", lambda: mine.keys() <= cluster.placement().keys())

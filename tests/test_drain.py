@@ -12,7 +12,6 @@ from fleetpy.engine.engine import Engine
 from fleetpy.engine.explain import explain_placement
 from fleetpy.engine.scheduler import plan
 from fleetpy.registry import Assignment, Job, Machine, UnitState, memory_registry
-from fleetpy.registry.aio import AsyncRegistry
 from fleetpy.unit import UnitFile, load_unit
 
 A = "1a2b" + "0" * 28
@@ -131,7 +130,7 @@ async def _until(predicate, timeout=3.0):
 
 
 async def test_engine_hands_over_on_cordon_and_uncordon_lets_units_back() -> None:
-    registry = AsyncRegistry(memory_registry())
+    registry = memory_registry()
     for mid in (A, B):
         await registry.register_machine(Machine(id=mid), ttl=60)
     digest = await registry.put_unit_file(UnitFile.parse("[Service]\nExecStart=/bin/true\n"))

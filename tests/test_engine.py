@@ -12,22 +12,10 @@ import pytest
 from fleetpy.engine import scheduler
 from fleetpy.engine.engine import Engine
 from fleetpy.engine.explain import explain_placement
-from fleetpy.registry import Assignment, Job, Machine, MemoryStore, Registry, memory_registry
-from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.registry import Assignment, Job, Machine, ManualClock, MemoryStore, Registry, memory_registry
 from fleetpy.unit import UnitFile
 
 TRUE = "[Service]\nExecStart=/bin/true\n"
-
-
-class ManualClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 async def _until(predicate, timeout=3.0):
@@ -47,12 +35,12 @@ async def _submit(registry, name, text=TRUE, state="launched"):
 async def _submit_unparsable(registry, name):
     """A stored unit text that no longer parses, as an older fleetd or a hand edit could leave."""
     digest = "f" * 40
-    registry.sync.store.put(registry.sync.key("unit", digest), "[Service]\nExecStart=/bin/true\r[oops\n")
+    await registry.store.put(registry.key("unit", digest), "[Service]\nExecStart=/bin/true\r[oops\n")
     await registry.create_job(Job(name, digest, "launched"))
 
 
-def _manual_registry(clock: ManualClock) -> AsyncRegistry:
-    return AsyncRegistry(Registry(MemoryStore(clock)))
+def _manual_registry(clock: ManualClock) -> Registry:
+    return Registry(MemoryStore(clock))
 
 
 async def _placed(registry, expected):
@@ -76,7 +64,7 @@ def running():
 
 
 async def test_only_one_engine_leads_and_another_takes_over(running):
-    registry = AsyncRegistry(memory_registry())
+    registry = memory_registry()
     first, second = Engine(registry, "m1", lease_ttl=1), Engine(registry, "m2", lease_ttl=1)
     tasks = [running(first.run()), running(second.run())]
     await _until(lambda: _leader_is(registry, "m1", "m2"))
@@ -88,7 +76,7 @@ async def test_only_one_engine_leads_and_another_takes_over(running):
 
 async def test_a_stopped_leader_resigns_at_once(running):
     # B10: the lease is 30 s; a leader that did not resign would hold it that long.
-    registry = AsyncRegistry(memory_registry())
+    registry = memory_registry()
     engine = Engine(registry, "m1", lease_ttl=30)
     task = running(engine.run())
     await _until(lambda: _leader_is(registry, "m1"))
@@ -114,7 +102,7 @@ async def test_engine_schedules_on_submit_and_reschedules_when_a_machine_expires
 
 
 async def test_unschedulable_unit_gets_a_pending_reason():
-    registry = AsyncRegistry(memory_registry())
+    registry = memory_registry()
     await registry.register_machine(Machine("m1", metadata={"role": "web"}), ttl=30)
     engine = Engine(registry, "m1", lease_ttl=5)
     await _submit(registry, "db.service", TRUE + "[X-Fleet]\nMachineMetadata=role=db\n")
@@ -127,7 +115,7 @@ async def test_a_unit_that_no_longer_parses_is_pending_with_a_reason_and_the_res
     running, caplog
 ):
     # B2: this used to kill the leader's scheduling task, silently, while it kept the lease.
-    registry = AsyncRegistry(memory_registry())
+    registry = memory_registry()
     await registry.register_machine(Machine("m1"), ttl=30)
     engine = Engine(registry, "m1", lease_ttl=5, reconcile_interval=60)
     await _submit_unparsable(registry, "bad.service")
@@ -146,7 +134,7 @@ async def test_a_unit_that_no_longer_parses_is_pending_with_a_reason_and_the_res
 
 
 async def test_a_unit_the_scheduler_fails_on_is_quarantined_and_keeps_its_machine(monkeypatch):
-    registry = AsyncRegistry(memory_registry())
+    registry = memory_registry()
     await registry.register_machine(Machine("m1"), ttl=30)
     await registry.register_machine(Machine("m2"), ttl=30)
     digest = await _submit(registry, "boom.service")
@@ -167,7 +155,7 @@ async def test_a_unit_the_scheduler_fails_on_is_quarantined_and_keeps_its_machin
 
 
 async def test_a_leader_that_cannot_schedule_logs_why_and_gives_up_its_lease(running, monkeypatch, caplog):
-    registry = AsyncRegistry(memory_registry())
+    registry = memory_registry()
     await registry.register_machine(Machine("m1"), ttl=30)
     broken, healthy = Engine(registry, "m1", lease_ttl=30), Engine(registry, "m2", lease_ttl=30)
 
@@ -225,7 +213,7 @@ async def test_units_of_a_machine_that_does_not_come_back_move_after_the_grace(r
 
 
 async def test_a_metadata_edit_wakes_the_engine(running):
-    registry = AsyncRegistry(memory_registry())
+    registry = memory_registry()
     await registry.register_machine(Machine("m1", metadata={"role": "web"}), ttl=30)
     engine = Engine(registry, "m1", lease_ttl=5, reconcile_interval=3600)
     running(engine.run())

@@ -10,7 +10,6 @@ import pytest
 from fleetpy.agent.agent import Agent
 from fleetpy.fleetd.config import build_config
 from fleetpy.registry import Assignment, Machine, Unavailable, memory_registry
-from fleetpy.registry.aio import AsyncRegistry
 from fleetpy.systemd import FakeSystemd
 from fleetpy.unit import UnitFile
 from fleetpy.unit.errors import InvalidFleetOptions
@@ -36,7 +35,7 @@ async def _until(what, check, timeout=5.0):
 
 
 async def _fenced_cluster(fence_flag: bool):
-    registry = AsyncRegistry(memory_registry())
+    registry = memory_registry()
     systemd = FakeSystemd()
     agent = Agent(registry, systemd, Machine("m1"), ttl=TTL, fence=fence_flag)
     for name, text in (("fenced.service", SLEEP + "[X-Fleet]\nFence=true\n"), ("plain.service", SLEEP)):
@@ -56,7 +55,9 @@ async def test_a_fenced_unit_stops_before_the_ttl_runs_out_and_starts_when_the_h
     def on_change(name, load, active, sub):
         if name == "fenced.service" and active == "inactive":
             # The engine moves units only once the machine record is gone: it must still be here.
-            alive_when_stopped.append([m.id for m in registry.sync.machines()] == ["m1"])
+            # A state callback cannot await; the memory store's record is read directly.
+            registry.store._expire()
+            alive_when_stopped.append(registry.key("machines", "m1") in registry.store._entries)
 
     systemd.on_state_change(on_change)
     running = asyncio.create_task(agent.run())
@@ -65,19 +66,19 @@ async def test_a_fenced_unit_stops_before_the_ttl_runs_out_and_starts_when_the_h
             "both units to run",
             lambda: _active(systemd, "fenced.service") and _active(systemd, "plain.service"),
         )
-        real_refresh = registry.sync.refresh_machine
+        real_refresh = registry.refresh_machine
 
-        def partitioned(machine_id, ttl):
+        async def partitioned(machine_id, ttl):
             raise Unavailable("etcd is unreachable (a partition)")
 
-        registry.sync.refresh_machine = partitioned
+        registry.refresh_machine = partitioned
         await _until(
             "the fenced unit to stop", lambda: not _active(systemd, "fenced.service"), timeout=TTL * 2
         )
         assert alive_when_stopped == [True]
         assert _active(systemd, "plain.service")  # not fenced: it runs on, as fleet's units did
 
-        registry.sync.refresh_machine = real_refresh
+        registry.refresh_machine = real_refresh
         await _until(
             "the fenced unit to run again", lambda: _active(systemd, "fenced.service"), timeout=TTL * 2
         )
@@ -94,10 +95,10 @@ async def test_fleetd_fence_flag_fences_every_unit():
     try:
         await _until("both units to run", lambda: _active(systemd, "plain.service"))
 
-        def partitioned(machine_id, ttl):
+        async def partitioned(machine_id, ttl):
             raise Unavailable("etcd is unreachable (a partition)")
 
-        registry.sync.refresh_machine = partitioned
+        registry.refresh_machine = partitioned
         await _until(
             "every unit to stop",
             lambda: not _active(systemd, "plain.service") and not _active(systemd, "fenced.service"),

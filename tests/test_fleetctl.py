@@ -23,7 +23,6 @@ from fleetpy.client import APIError, Client
 from fleetpy.fleetd.config import Config
 from fleetpy.fleetd.daemon import build_fleetd
 from fleetpy.registry import Registry, memory_registry
-from fleetpy.registry.aio import AsyncRegistry
 from fleetpy.systemd import FakeSystemd
 from fleetpy.unit import UnitFile
 
@@ -50,14 +49,19 @@ class FakeLocal:
 @dataclass
 class Fleet:
     registry: Registry
+    loop: asyncio.AbstractEventLoop  # the server's, in a thread: the registry is used there only
     endpoint: str
     tcp_endpoint: str
+
+    def call(self, coroutine):
+        """A registry call, made on the server's loop."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(10)
 
     def run(self, *args: str, env: dict | None = None):
         return CliRunner().invoke(cli, ["--endpoint", self.endpoint, *args], env=env)
 
 
-async def _start_cluster(registry: AsyncRegistry) -> list[asyncio.Task]:
+async def _start_cluster(registry: Registry) -> list[asyncio.Task]:
     tasks = [asyncio.create_task(build_fleetd(c, registry, FakeSystemd()).run()) for c in MACHINES]
     while len(await registry.machines()) < len(MACHINES):
         await asyncio.sleep(0.01)
@@ -77,15 +81,15 @@ def fleet(tmp_path):
     server = threading.Thread(target=loop.run_forever, daemon=True)
     server.start()
     socket_path = tmp_path / "fleet.sock"
-    app = create_app(AsyncRegistry(registry), machine_id=M1, local=FakeLocal())
+    app = create_app(registry, machine_id=M1, local=FakeLocal())
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     serving = serve(app, socket_path=str(socket_path), listen=f"127.0.0.1:{port}", token=TOKEN)
     runner = asyncio.run_coroutine_threadsafe(serving, loop).result(10)
-    cluster = asyncio.run_coroutine_threadsafe(_start_cluster(AsyncRegistry(registry)), loop).result(10)
+    cluster = asyncio.run_coroutine_threadsafe(_start_cluster(registry), loop).result(10)
     try:
-        yield Fleet(registry, f"unix://{socket_path}", f"http://127.0.0.1:{port}")
+        yield Fleet(registry, loop, f"unix://{socket_path}", f"http://127.0.0.1:{port}")
     finally:
         asyncio.run_coroutine_threadsafe(_stop_cluster(cluster), loop).result(10)
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
@@ -137,7 +141,7 @@ def test_submit_then_list_unit_files(fleet, unit_dir):
     assert result.output == (
         f"UNIT\t\tHASH\tDSTATE\t\tSTATE\t\tTARGET\nhello.service\t{digest[:7]}\tinactive\tinactive\t-\n"
     )
-    assert fleet.registry.job("hello.service").desired_state == "inactive"
+    assert fleet.call(fleet.registry.job("hello.service")).desired_state == "inactive"
 
 
 def test_submit_warns_about_deprecated_fleet_options(fleet, unit_dir):
@@ -147,7 +151,7 @@ def test_submit_warns_about_deprecated_fleet_options(fleet, unit_dir):
     result = fleet.run("submit", "old.service")
     assert result.exit_code == 0, result.output
     assert "WARNING: old.service: [X-Fleet] X-ConditionMachineOf is deprecated" in result.output
-    assert fleet.registry.job("old.service") is not None
+    assert fleet.call(fleet.registry.job("old.service")) is not None
 
 
 def test_submit_warns_about_a_line_fleet_read_as_part_of_a_comment(fleet, unit_dir):
@@ -181,7 +185,7 @@ def test_load_stop_unload_destroy(fleet, unit_dir):
     assert fleet.run("unload", "hello.service").output == "Unit hello.service inactive\n"
     result = fleet.run("destroy", "hello.service")
     assert (result.exit_code, result.output) == (0, "Destroyed hello.service\n")
-    assert fleet.registry.job("hello.service") is None
+    assert fleet.call(fleet.registry.job("hello.service")) is None
 
 
 def test_pending_unit_times_out_with_its_reason(fleet, tmp_path, monkeypatch):
@@ -189,7 +193,7 @@ def test_pending_unit_times_out_with_its_reason(fleet, tmp_path, monkeypatch):
     (tmp_path / "stuck.service").write_text(HELLO + "[X-Fleet]\nMachineMetadata=region=mars\n")
     result = fleet.run("start", "--block-attempts", "5", "stuck.service")
     assert result.exit_code == 1
-    reason = fleet.registry.pending()["stuck.service"]
+    reason = fleet.call(fleet.registry.pending())["stuck.service"]
     assert "region=mars" in reason, reason
     assert (
         f"Error: timed out waiting for unit stuck.service to report state launched (pending: {reason})"
@@ -201,7 +205,7 @@ def test_pending_unit_times_out_with_its_reason(fleet, tmp_path, monkeypatch):
 def test_no_block_returns_at_once(fleet, unit_dir):
     result = fleet.run("start", "--no-block", "hello.service")
     assert (result.exit_code, result.output) == (0, "")
-    assert fleet.registry.job("hello.service").desired_state == "launched"
+    assert fleet.call(fleet.registry.job("hello.service")).desired_state == "launched"
 
 
 def test_instance_of_submitted_template(fleet, unit_dir):
@@ -214,14 +218,17 @@ def test_instance_of_submitted_template(fleet, unit_dir):
         "Unit web@1.service launched on 113f16a7.../10.0.0.1",
         "Unit web@2.service launched on 2c9a1b3e.../10.0.0.2",
     ]
-    assert fleet.registry.job("web@1.service").hash == fleet.registry.job("web@.service").hash
+    assert (
+        fleet.call(fleet.registry.job("web@1.service")).hash
+        == fleet.call(fleet.registry.job("web@.service")).hash
+    )
 
 
 def test_instance_of_local_template_file(fleet, unit_dir):
     result = fleet.run("start", "web@7.service")
     assert result.exit_code == 0, result.output
-    assert fleet.registry.job("web@7.service").hash == UnitFile.parse(WEB).hash
-    assert fleet.registry.job("web@.service") is None
+    assert fleet.call(fleet.registry.job("web@7.service")).hash == UnitFile.parse(WEB).hash
+    assert fleet.call(fleet.registry.job("web@.service")) is None
 
 
 def test_template_cannot_be_started(fleet, unit_dir):
@@ -234,7 +241,7 @@ def test_globs_match_submitted_units(fleet, unit_dir):
     fleet.run("start", "--no-block", "web@1.service", "web@2.service", "hello.service")
     result = fleet.run("stop", "web@*.service")
     assert result.exit_code == 0, result.output
-    assert [j.desired_state for j in fleet.registry.jobs()] == ["launched", "loaded", "loaded"]
+    assert [j.desired_state for j in fleet.call(fleet.registry.jobs())] == ["launched", "loaded", "loaded"]
     result = fleet.run("destroy", "nothing*.service")
     assert result.exit_code == 1 and "no submitted unit matches nothing*.service" in result.output
 
@@ -243,7 +250,7 @@ def test_globs_use_fleets_path_match_grammar(fleet, unit_dir):
     fleet.run("start", "--no-block", "web@1.service", "web@2.service")
     # Go's path.Match: [^1] negates; fnmatch would read [!1] as the negation instead.
     assert fleet.run("stop", "web@[^1].service").exit_code == 0
-    assert {j.name: j.desired_state for j in fleet.registry.jobs()} == {
+    assert {j.name: j.desired_state for j in fleet.call(fleet.registry.jobs())} == {
         "web@1.service": "launched",
         "web@2.service": "loaded",
     }
@@ -256,10 +263,13 @@ def test_replace_resubmits_a_changed_file(fleet, unit_dir):
     (unit_dir / "hello.service").write_text(HELLO.replace("1000", "2000"))
     result = fleet.run("start", "--no-block", "hello.service")
     assert "differs from local unit file" in result.output
-    assert fleet.registry.job("hello.service").hash == UnitFile.parse(HELLO).hash
+    assert fleet.call(fleet.registry.job("hello.service")).hash == UnitFile.parse(HELLO).hash
     result = fleet.run("start", "--replace", "hello.service")
     assert result.exit_code == 0, result.output
-    assert fleet.registry.job("hello.service").hash == UnitFile.parse(HELLO.replace("1000", "2000")).hash
+    assert (
+        fleet.call(fleet.registry.job("hello.service")).hash
+        == UnitFile.parse(HELLO.replace("1000", "2000")).hash
+    )
 
 
 def test_cat_prints_the_unit_file(fleet, unit_dir):

@@ -15,7 +15,6 @@ import pytest
 from fleetpy.fleetd.config import Config
 from fleetpy.fleetd.daemon import build_fleetd
 from fleetpy.registry import Job, MemoryStore, Registry, memory_registry
-from fleetpy.registry.aio import AsyncRegistry
 from fleetpy.supervise import supervise
 from fleetpy.systemd import FakeSystemd
 from fleetpy.unit import UnitFile
@@ -53,7 +52,7 @@ async def _is(value):
 
 
 async def test_a_crashed_engine_is_logged_and_started_again_beside_the_agent(caplog):
-    registry = AsyncRegistry(memory_registry())
+    registry = memory_registry()
     systemd = FakeSystemd()
     fleetd = build_fleetd(Config(machine_id=M1, agent_ttl=30), registry, systemd)
     fleetd.restart_pause = 0.01
@@ -111,7 +110,7 @@ class ManualClock:
 async def test_a_stopping_fleetd_leaves_its_machine_a_whole_ttl_to_come_back():
     # Restarting fleetd must not outlast what was left of the TTL since the last heartbeat.
     clock = ManualClock()
-    registry = AsyncRegistry(Registry(MemoryStore(clock)))
+    registry = Registry(MemoryStore(clock))
     fleetd = build_fleetd(Config(machine_id=M1, agent_ttl=30), registry, FakeSystemd(), clock)
     task = asyncio.create_task(fleetd.run())
     await _until(lambda: _has_machines(registry, 1))

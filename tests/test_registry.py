@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
 
 import pytest
+from aetcd import rpc
 
 from fleetpy.registry import (
     Assignment,
     Conflict,
-    EtcdStore,
     HistoryLost,
     Job,
     Machine,
@@ -18,141 +18,217 @@ from fleetpy.registry import (
     Registry,
     Unavailable,
     UnitState,
-    memory_registry,
 )
+from fleetpy.registry.etcd2 import EtcdV2Store
+from fleetpy.registry.etcd3 import EtcdV3Store
 from fleetpy.unit import UnitFile
 
 
-@pytest.fixture(params=["etcd", "memory"])
-def registry(request):
-    if request.param == "memory":
-        return memory_registry()
-    return request.getfixturevalue("etcd_registry")
+@pytest.fixture
+def registry(any_registry):
+    return any_registry
 
 
 HELLO = UnitFile.parse("[Service]\nExecStart=/bin/sleep 1000\n")
 
 
-def test_unit_files_are_stored_by_content_hash(registry):
-    digest = registry.put_unit_file(HELLO)
+async def test_unit_files_are_stored_by_content_hash(registry):
+    digest = await registry.put_unit_file(HELLO)
     assert digest == HELLO.hash
-    assert registry.put_unit_file(HELLO) == digest
-    assert registry.unit_file(digest) == HELLO
-    assert registry.unit_file("0" * 40) is None
+    assert await registry.put_unit_file(HELLO) == digest
+    assert await registry.unit_file(digest) == HELLO
+    assert await registry.unit_file("0" * 40) is None
 
 
-def test_job_lifecycle(registry):
-    registry.create_job(Job("hello.service", HELLO.hash, "inactive"))
+async def test_job_lifecycle(registry):
+    await registry.create_job(Job("hello.service", HELLO.hash, "inactive"))
     with pytest.raises(Conflict):
-        registry.create_job(Job("hello.service", HELLO.hash, "inactive"))
-    registry.set_desired_state("hello.service", "launched")
-    assert registry.job("hello.service") == Job("hello.service", HELLO.hash, "launched")
-    assert [j.name for j in registry.jobs()] == ["hello.service"]
-    registry.delete_job("hello.service")
-    assert registry.job("hello.service") is None
+        await registry.create_job(Job("hello.service", HELLO.hash, "inactive"))
+    await registry.set_desired_state("hello.service", "launched")
+    assert await registry.job("hello.service") == Job("hello.service", HELLO.hash, "launched")
+    assert [j.name for j in await registry.jobs()] == ["hello.service"]
+    await registry.delete_job("hello.service")
+    assert await registry.job("hello.service") is None
     with pytest.raises(NotFound):
-        registry.delete_job("hello.service")
+        await registry.delete_job("hello.service")
     with pytest.raises(NotFound):
-        registry.set_desired_state("hello.service", "loaded")
+        await registry.set_desired_state("hello.service", "loaded")
 
 
-def test_machines_expire_without_heartbeat(registry):
-    registry.register_machine(Machine("m1", "10.0.0.1", {"role": "web"}), ttl=1)
-    assert registry.machines() == [Machine("m1", "10.0.0.1", {"role": "web"})]
-    assert registry.refresh_machine("m1", ttl=1)
+async def test_machines_expire_without_heartbeat(registry):
+    await registry.register_machine(Machine("m1", "10.0.0.1", {"role": "web"}), ttl=1)
+    assert await registry.machines() == [Machine("m1", "10.0.0.1", {"role": "web"})]
+    assert await registry.refresh_machine("m1", ttl=1)
     deadline = time.monotonic() + 5
-    while registry.machines() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert registry.machines() == []
-    assert not registry.refresh_machine("m1", ttl=1)
+    while await registry.machines() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert await registry.machines() == []
+    assert not await registry.refresh_machine("m1", ttl=1)
 
 
-def test_metadata_edits_lie_over_the_agents_record_and_survive_its_re_registering(registry):
-    registry.register_machine(Machine("m1", "10.0.0.1", {"role": "web", "zone": "a"}), ttl=30)
-    registry.edit_machine_metadata("m1", {"role": "db", "disk": "ssd"})
-    registry.edit_machine_metadata("m1", {"zone": None})
-    assert registry.machines() == [Machine("m1", "10.0.0.1", {"role": "db", "disk": "ssd"})]
-    registry.register_machine(Machine("m1", "10.0.0.1", {"role": "web", "zone": "a"}), ttl=30)
-    assert registry.machines()[0].metadata == {"role": "db", "disk": "ssd"}
+async def test_metadata_edits_lie_over_the_agents_record_and_survive_its_re_registering(registry):
+    await registry.register_machine(Machine("m1", "10.0.0.1", {"role": "web", "zone": "a"}), ttl=30)
+    await registry.edit_machine_metadata("m1", {"role": "db", "disk": "ssd"})
+    await registry.edit_machine_metadata("m1", {"zone": None})
+    assert await registry.machines() == [Machine("m1", "10.0.0.1", {"role": "db", "disk": "ssd"})]
+    await registry.register_machine(Machine("m1", "10.0.0.1", {"role": "web", "zone": "a"}), ttl=30)
+    assert (await registry.machines())[0].metadata == {"role": "db", "disk": "ssd"}
 
 
-def test_editing_a_dead_machines_metadata_does_not_keep_it_alive(registry):
+async def test_editing_a_dead_machines_metadata_does_not_keep_it_alive(registry):
     # B7: an edit rewrote machines/<id> with a fresh TTL, so a dead machine stayed "alive".
-    registry.register_machine(Machine("m1", "10.0.0.1", {"role": "web"}), ttl=1)
-    registry.edit_machine_metadata("m1", {"role": "db"})
+    await registry.register_machine(Machine("m1", "10.0.0.1", {"role": "web"}), ttl=1)
+    await registry.edit_machine_metadata("m1", {"role": "db"})
     deadline = time.monotonic() + 5
-    while registry.machines() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert registry.machines() == []
+    while await registry.machines() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert await registry.machines() == []
 
 
-def test_schedule_is_kept_per_machine(registry):
-    registry.assign(Assignment("a.service", "m1", "h", "launched"))
-    registry.assign(Assignment("b.service", "m2", "h", "loaded"))
-    assert [a.unit for a in registry.assignments("m1")] == ["a.service"]
-    assert {a.unit for a in registry.assignments()} == {"a.service", "b.service"}
-    registry.unassign("a.service", "m1")
-    assert registry.assignments("m1") == []
+async def test_schedule_is_kept_per_machine(registry):
+    await registry.assign(Assignment("a.service", "m1", "h", "launched"))
+    await registry.assign(Assignment("b.service", "m2", "h", "loaded"))
+    assert [a.unit for a in await registry.assignments("m1")] == ["a.service"]
+    assert {a.unit for a in await registry.assignments()} == {"a.service", "b.service"}
+    await registry.unassign("a.service", "m1")
+    assert await registry.assignments("m1") == []
 
 
-def test_pending_reasons_and_states(registry):
-    registry.set_pending("web@4.service", "conflicts with web@1.service on all 3 machines")
-    assert registry.pending() == {"web@4.service": "conflicts with web@1.service on all 3 machines"}
-    registry.set_pending("web@4.service", None)
-    assert registry.pending() == {}
+async def test_pending_reasons_and_states(registry):
+    await registry.set_pending("web@4.service", "conflicts with web@1.service on all 3 machines")
+    assert await registry.pending() == {"web@4.service": "conflicts with web@1.service on all 3 machines"}
+    await registry.set_pending("web@4.service", None)
+    assert await registry.pending() == {}
     state = UnitState("a.service", "m1", "h", "loaded", "active", "running")
-    registry.publish_state(state)
-    assert registry.states() == [state]
-    registry.remove_state("a.service", "m1")
-    assert registry.states() == []
+    await registry.publish_state(state)
+    assert await registry.states() == [state]
+    await registry.remove_state("a.service", "m1")
+    assert await registry.states() == []
 
 
-def test_only_one_leader_until_it_stops_renewing(registry):
-    assert registry.acquire_leadership("m1", ttl=1)
-    assert not registry.acquire_leadership("m2", ttl=1)
-    assert registry.renew_leadership("m1", ttl=1)
-    assert not registry.renew_leadership("m2", ttl=1)
-    assert registry.leader() == "m1"
-    registry.resign("m2")
-    assert registry.leader() == "m1"
-    registry.resign("m1")
-    assert registry.acquire_leadership("m2", ttl=1)
+async def test_only_one_leader_until_it_stops_renewing(registry):
+    assert await registry.acquire_leadership("m1", ttl=1)
+    assert not await registry.acquire_leadership("m2", ttl=1)
+    assert await registry.renew_leadership("m1", ttl=1)
+    assert not await registry.renew_leadership("m2", ttl=1)
+    assert await registry.leader() == "m1"
+    await registry.resign("m2")
+    assert await registry.leader() == "m1"
+    await registry.resign("m1")
+    assert await registry.acquire_leadership("m2", ttl=1)
 
 
-def test_wait_wakes_on_change_under_directory_only(registry):
-    start = registry.index()
-    woke: list[int | None] = []
-    watcher = threading.Thread(target=lambda: woke.append(registry.wait(start, "schedule", "m1", timeout=5)))
-    watcher.start()
-    time.sleep(0.2)
-    registry.assign(Assignment("x.service", "m2", "h", "launched"))  # another machine: no wake
-    time.sleep(0.2)
-    assert woke == []
-    registry.assign(Assignment("x.service", "m1", "h", "launched"))
-    watcher.join(5)
-    assert woke and woke[0] > start
+async def test_wait_wakes_on_change_under_directory_only(registry):
+    start = await registry.index()
+    watcher = asyncio.create_task(registry.wait(start, "schedule", "m1", timeout=5))
+    await asyncio.sleep(0.2)
+    await registry.assign(Assignment("x.service", "m2", "h", "launched"))  # another machine: no wake
+    await asyncio.sleep(0.2)
+    assert not watcher.done()
+    await registry.assign(Assignment("x.service", "m1", "h", "launched"))
+    assert await asyncio.wait_for(watcher, 5) > start
 
 
-def test_wait_times_out_quietly(registry):
-    assert registry.wait(registry.index(), "job", timeout=0.3) is None
+async def test_wait_times_out_quietly(registry):
+    assert await registry.wait(await registry.index(), "job", timeout=0.3) is None
 
 
-def test_heartbeat_refresh_does_not_wake_watchers(etcd_registry):
-    etcd_registry.register_machine(Machine("m1"), ttl=10)
-    start = etcd_registry.index()
-    etcd_registry.refresh_machine("m1", ttl=10)
-    assert etcd_registry.wait(start, "machines", timeout=0.5) is None
+async def test_heartbeat_refresh_does_not_wake_watchers(etcd_registry):
+    await etcd_registry.register_machine(Machine("m1"), ttl=10)
+    start = await etcd_registry.index()
+    await etcd_registry.refresh_machine("m1", ttl=10)
+    assert await etcd_registry.wait(start, "machines", timeout=0.5) is None
 
 
-def test_old_watch_index_reports_history_lost(etcd_registry):
-    start = etcd_registry.index()
+async def test_a_batch_applies_schedule_pending_and_state_writes(registry):
+    await registry.assign(Assignment("old.service", "m1", "h", "launched"))
+    await registry.publish_state(UnitState("old.service", "m1", "h", "loaded", "active", "running"))
+    batch = registry.batch()
+    batch.unassign("old.service", "m1").remove_state("old.service", "m1")
+    batch.assign(Assignment("a.service", "m2", "h", "launched")).set_pending("b.service", "no machine fits")
+    batch.publish_state(UnitState("a.service", "m2", "h", "loaded", "active", "running"))
+    batch.set_pending("c.service", "first").set_pending("c.service", "second")  # the last one wins
+    assert len(batch) == 6
+    await registry.apply(batch)
+    assert [(a.unit, a.machine_id) for a in await registry.assignments()] == [("a.service", "m2")]
+    assert await registry.pending() == {"b.service": "no machine fits", "c.service": "second"}
+    assert [(s.unit, s.machine_id) for s in await registry.states()] == [("a.service", "m2")]
+
+
+async def test_a_batch_larger_than_a_transaction_is_applied_whole(registry):
+    batch = registry.batch()
+    for i in range(300):
+        batch.assign(Assignment(f"u{i}.service", "m1", "h", "launched"))
+    await registry.apply(batch)
+    assert len(await registry.assignments("m1")) == 300
+
+
+async def test_a_v3_batch_is_one_transaction(v3_registry):
+    """Every write of a batch (up to 128) lands in one revision: one round trip, atomically."""
+    start = await v3_registry.index()
+    batch = v3_registry.batch()
+    for i in range(100):
+        batch.assign(Assignment(f"u{i}.service", "m1", "h", "launched"))
+    await v3_registry.apply(batch)
+    assert await v3_registry.index() == start + 1
+
+
+async def test_submit_writes_the_file_and_the_job_together(registry):
+    await registry.submit(HELLO, Job("hello.service", HELLO.hash, "launched"))
+    assert await registry.job("hello.service") == Job("hello.service", HELLO.hash, "launched")
+    assert await registry.unit_file(HELLO.hash) == HELLO
+    other = UnitFile.parse("[Service]\nExecStart=/bin/true\n")
+    with pytest.raises(Conflict):
+        await registry.submit(other, Job("hello.service", other.hash, "launched"))
+    assert (await registry.job("hello.service")).hash == HELLO.hash
+    await registry.submit(other, Job("hello.service", other.hash, "inactive"), replace=True)
+    assert await registry.job("hello.service") == Job("hello.service", other.hash, "inactive")
+
+
+async def forget_history(registry: Registry) -> None:
+    """Make the store drop the events written so far: v2 and memory keep the last 1000, v3
+    keeps all until compacted."""
     for i in range(1010):
-        etcd_registry.store.put(etcd_registry.key("noise"), str(i))
+        await registry.store.put(registry.key("noise"), str(i))
+    if isinstance(registry.store, EtcdV3Store):
+        revision = await registry.index()
+        await registry.store._call(lambda c: c.kv.Compact(rpc.CompactionRequest(revision=revision)))
+
+
+async def test_old_watch_index_reports_history_lost(registry):
+    start = await registry.index()
+    await forget_history(registry)
     with pytest.raises(HistoryLost):
-        etcd_registry.wait(start, "job", timeout=1)
+        await registry.wait(start, "job", timeout=1)
 
 
-def test_unreachable_etcd_is_a_clear_error():
-    registry = Registry(EtcdStore(["http://127.0.0.1:9"], retry_for=0.5, request_timeout=0.2))
+async def test_a_watch_resumes_from_its_revision(registry):
+    """Writes made between reading the index and watching are seen, not missed."""
+    start = await registry.index()
+    await registry.assign(Assignment("x.service", "m1", "h", "launched"))
+    first = await registry.wait(start, "schedule", "m1", timeout=5)
+    assert first is not None and first > start
+    # Resuming from the revision it returned sees nothing new: no event is replayed.
+    assert await registry.wait(first, "schedule", "m1", timeout=0.3) is None
+
+
+async def test_after_history_is_lost_a_relist_and_rewatch_misses_nothing(registry):
+    """What the engine and agent do on HistoryLost: read the index, re-list, watch from there."""
+    start = await registry.index()
+    await registry.assign(Assignment("a.service", "m1", "h", "launched"))
+    await forget_history(registry)
+    with pytest.raises(HistoryLost):
+        await registry.wait(start, "schedule", timeout=1)
+    index = await registry.index()
+    assert [a.unit for a in await registry.assignments()] == ["a.service"]
+    watcher = asyncio.create_task(registry.wait(index, "schedule", timeout=5))
+    await registry.assign(Assignment("b.service", "m1", "h", "launched"))
+    assert await watcher > index
+
+
+@pytest.mark.parametrize("store", [EtcdV2Store, EtcdV3Store])
+async def test_unreachable_etcd_is_a_clear_error(store):
+    registry = Registry(store(["http://127.0.0.1:9"], retry_for=0.5, request_timeout=0.2))
     with pytest.raises(Unavailable, match="etcd is unreachable at http://127.0.0.1:9"):
-        registry.jobs()
+        await registry.jobs()
+    await registry.close()

@@ -15,7 +15,6 @@ from aiohttp.test_utils import TestClient, TestServer
 from fleetpy.agent.agent import Agent
 from fleetpy.api import create_app
 from fleetpy.registry import Assignment, Machine, memory_registry
-from fleetpy.registry.aio import AsyncRegistry
 from fleetpy.systemd import FakeSystemd
 from fleetpy.unit import load_unit
 
@@ -24,15 +23,15 @@ SLEEP = {"section": "Service", "name": "ExecStart", "value": "/bin/sleep infinit
 
 
 @pytest.fixture
-def registry():
+async def registry():
     reg = memory_registry()
-    reg.register_machine(Machine(M1, "10.0.0.1"), ttl=60)
+    await reg.register_machine(Machine(M1, "10.0.0.1"), ttl=60)
     return reg
 
 
 @pytest.fixture
 async def client(registry):
-    async with TestClient(TestServer(create_app(AsyncRegistry(registry), machine_id=M1))) as test_client:
+    async with TestClient(TestServer(create_app(registry, machine_id=M1))) as test_client:
         yield test_client
 
 
@@ -78,14 +77,14 @@ async def put(client, name: str, options: list[dict]):
 async def test_contents_that_would_change_meaning_are_refused_and_nothing_is_stored(
     client, registry, option, fragment
 ):
-    before = registry.store.index()
+    before = await registry.index()
     resp = await put(
         client, "smuggle.service", [option, {"section": "Unit", "name": "Description", "value": "x"}]
     )
     body = await resp.json()
     assert resp.status == 400, body
     assert fragment in body["error"]["message"] and "option 0" in body["error"]["message"]
-    assert registry.store.index() == before
+    assert await registry.index() == before
     listing = await client.get("/fleet/v1/units")
     assert listing.status == 200 and (await listing.json()).get("units", []) == []
 
@@ -98,7 +97,7 @@ async def test_listing_still_works_next_to_an_accepted_unit_with_a_continued_val
     assert [u["options"] for u in listing["units"]] == [
         [{"section": "Service", "name": "ExecStart", "value": "/bin/sleep    infinity"}]
     ]
-    text = registry.store.get(registry.key("unit", registry.job("ok.service").hash))
+    text = await registry.store.get(registry.key("unit", (await registry.job("ok.service")).hash))
     assert text == "[Service]\nExecStart=/bin/sleep    infinity\n"
 
 
@@ -110,11 +109,10 @@ async def test_a_name_the_api_accepts_runs_and_the_agent_survives(client, regist
         f"/fleet/v1/units/{quote(name)}", json={"desiredState": "launched", "options": [SLEEP]}
     )
     assert resp.status == 201, await resp.text()
-    aregistry = AsyncRegistry(registry)
     systemd = FakeSystemd()
-    agent = asyncio.create_task(Agent(aregistry, systemd, Machine(M1), ttl=5).run())
+    agent = asyncio.create_task(Agent(registry, systemd, Machine(M1), ttl=5).run())
     try:
-        await aregistry.assign(Assignment(name, M1, registry.job(name).hash, "launched"))
+        await registry.assign(Assignment(name, M1, (await registry.job(name)).hash, "launched"))
         for _ in range(300):
             if (await systemd.unit_state(name))[1] == "active" or agent.done():
                 break

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from fleetpy.agent.tasks import RUNNING, STARTED, Desired, Tasks, plan_tasks
-from fleetpy.registry import Assignment, HistoryLost, Machine, StoreError, UnitState
-from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.registry import Assignment, HistoryLost, Machine, Registry, StoreError, UnitState
 from fleetpy.supervise import supervise
 from fleetpy.systemd import State, SystemdError, SystemdManager
 from fleetpy.unit.fleet import parse_fleet_options
@@ -23,8 +21,6 @@ log = logging.getLogger(__name__)
 WATCH_TIMEOUT = 300.0
 # Pause after etcd stayed unreachable through the store's own retries.
 OUTAGE_PAUSE = 1.0
-# State records written at once; the rest of a burst waits its turn.
-PUBLISH_CONCURRENCY = 16
 # The state shown for a unit the agent cannot handle: it never reached systemd as it should.
 QUARANTINED = ("error", "failed", "failed")
 # A start that failed because systemd was unreachable is tried again on the next pass.
@@ -42,7 +38,7 @@ class Agent:
 
     def __init__(
         self,
-        registry: AsyncRegistry,
+        registry: Registry,
         systemd: SystemdManager,
         machine: Machine,
         ttl: float,
@@ -78,9 +74,6 @@ class Agent:
         # Held while state records are written or removed, so a late write never brings back
         # the state of a unit that was just unassigned.
         self._state_writes = asyncio.Lock()
-        # The heartbeat gets a thread of its own: a burst of API requests or state writes that
-        # fills the shared worker threads must not let the machine record expire.
-        self._heartbeat_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="heartbeat")
         systemd.on_state_change(self._on_state_change)
 
     async def run(self) -> None:
@@ -111,17 +104,14 @@ class Agent:
                 await asyncio.sleep(OUTAGE_PAUSE)
 
     async def _heartbeat(self) -> None:
-        loop = asyncio.get_running_loop()
-        registry = self.registry.sync
         while True:
             await asyncio.sleep(self.ttl / 3)
             try:
                 sent = self._clock()
-                beat = registry.refresh_machine, self.machine.id, self.ttl
-                if not await loop.run_in_executor(self._heartbeat_thread, *beat):
+                # One keepalive on etcd v3, one refresh request on v2 (in the v2 store's threads).
+                if not await self.registry.refresh_machine(self.machine.id, self.ttl):
                     log.warning("machine record had expired; registering again")
-                    register = registry.register_machine, self.machine, self.ttl
-                    await loop.run_in_executor(self._heartbeat_thread, *register)
+                    await self.registry.register_machine(self.machine, self.ttl)
                 self._renewed(sent)
             except StoreError as error:
                 # Units keep running while etcd is away; we just try again next beat.
@@ -334,13 +324,20 @@ class Agent:
             self._publish_wanted.set()
 
     async def _remove_states(self, names: set[str]) -> None:
+        if not names:
+            return
+        batch = self.registry.batch()
+        for name in sorted(names):
+            batch.remove_state(name, self.machine.id)
         async with self._state_writes:
-            for name in sorted(names):
-                try:
-                    await self.registry.remove_state(name, self.machine.id)
+            try:
+                await self.registry.apply(batch)
+                for name in names:
                     self._published.pop(name, None)
-                except StoreError as error:
-                    log.warning("cannot remove the state of %s (next pass retries): %s", name, error)
+            except StoreError as error:
+                log.warning(
+                    "cannot remove the states of %s (next pass retries): %s", ", ".join(sorted(names)), error
+                )
 
     async def _publish_states(self) -> None:
         while True:
@@ -349,10 +346,9 @@ class Agent:
             batch, self._to_publish = self._to_publish, {}
             states = await asyncio.gather(*(self._state(name, state) for name, state in batch.items()))
             changed = [s for s in states if s is not None and (self._published or {}).get(s.unit) != s]
-            slots = asyncio.Semaphore(PUBLISH_CONCURRENCY)
             async with self._state_writes:
-                results = await asyncio.gather(*(self._write_state(s, slots) for s in changed))
-            if not all(results):
+                written = await self._write_states(changed)
+            if not written:
                 await asyncio.sleep(OUTAGE_PAUSE)
 
     async def _state(self, name: str, state: State) -> UnitState | None:
@@ -369,19 +365,23 @@ class Agent:
                 reason = f"systemd did not say why: {error}"
         return UnitState(name, self.machine.id, assignment.hash, load, active, sub, reason)
 
-    async def _write_state(self, state: UnitState, slots: asyncio.Semaphore) -> bool:
-        if state.unit not in self._assigned:
-            return True  # unassigned while we read it: its state goes, not comes
-        async with slots:
-            try:
-                await self.registry.publish_state(state)
-            except StoreError as error:
-                log.warning("cannot publish state of %s: %s", state.unit, error)
+    async def _write_states(self, states: list[UnitState]) -> bool:
+        """Every state seen since the last write, in one batch: one transaction on etcd v3."""
+        # Unassigned while we read them: their states go, not come.
+        states = [s for s in states if s.unit in self._assigned]
+        batch = self.registry.batch()
+        for state in states:
+            batch.publish_state(state)
+        try:
+            await self.registry.apply(batch)
+        except StoreError as error:
+            log.warning("cannot publish the states of %s: %s", ", ".join(s.unit for s in states), error)
+            for state in states:
                 self._to_publish.setdefault(
                     state.unit, (state.load_state, state.active_state, state.sub_state)
                 )
-                self._publish_wanted.set()
-                return False
+            self._publish_wanted.set()
+            return False
         if self._published is not None:
-            self._published[state.unit] = state
+            self._published.update({s.unit: s for s in states})
         return True

@@ -15,13 +15,13 @@ from fleetpy.api.fleet_v1 import FleetV1
 from fleetpy.api.local import LocalUnitInfo
 from fleetpy.api.peer import Peers
 from fleetpy.api.wait import UnitWait
-from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.registry import Registry
 
 MAX_BODY = 1 << 20
 
 
 def create_app(
-    registry: AsyncRegistry,
+    registry: Registry,
     *,
     machine_id: str,
     local: LocalUnitInfo | None = None,

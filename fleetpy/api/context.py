@@ -13,8 +13,7 @@ from aiohttp import web
 from fleetpy.api.connections import LIMITS
 from fleetpy.api.errors import ApiError
 from fleetpy.api.views import unit_entity
-from fleetpy.registry import Job
-from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.registry import Job, Registry
 from fleetpy.unit import Unit, UnitError, UnitFile, UnitName, load_unit
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,7 @@ class StoredUnit:
 class ApiContext:
     """The registry, and the one cache of parsed units that the route handlers share."""
 
-    def __init__(self, registry: AsyncRegistry, machine_id: str):
+    def __init__(self, registry: Registry, machine_id: str):
         self.registry = registry
         self.machine_id = machine_id
         # Unit files are content-addressed, so an entry keyed by (name, hash) never goes stale.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import functools
 import json
 import logging
@@ -19,7 +18,7 @@ from fleetpy.api.context import ApiContext, json_body, unit_name
 from fleetpy.api.errors import ApiError
 from fleetpy.api.openapi import serve_document
 from fleetpy.api.views import machine_entity
-from fleetpy.registry import DESIRED_STATES, Job, NotFound
+from fleetpy.registry import DESIRED_STATES, Job
 from fleetpy.unit import UnitFile, UnitName, load_unit
 
 log = logging.getLogger(__name__)
@@ -184,11 +183,10 @@ class FleetV1:
         if unit_file is None:
             unit_file = await self.new_unit_file(name)
         load_unit(name.full, unit_file)  # validates the name with the file and its [X-Fleet]
-        digest = await self.registry.put_unit_file(unit_file)
-        if job is not None:
-            with contextlib.suppress(NotFound):  # destroyed meanwhile: create it all the same
-                await self.registry.delete_job(name.full)
-        await self.registry.create_job(Job(name.full, digest, desired or "inactive"))
+        # One transaction on etcd v3; other content replaces the job, as in fleet.
+        await self.registry.submit(
+            unit_file, Job(name.full, unit_file.hash, desired or "inactive"), replace=job is not None
+        )
         return web.Response(status=201)
 
     async def new_unit_file(self, name: UnitName) -> UnitFile:

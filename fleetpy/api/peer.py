@@ -19,7 +19,7 @@ from aiohttp import web
 from fleetpy.api.auth import peer_proof
 from fleetpy.api.errors import ApiError
 from fleetpy.conf.values import short_machine_id
-from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.registry import Registry
 
 if TYPE_CHECKING:
     import httpx
@@ -40,7 +40,7 @@ class Peers:
     """Forwards requests to other machines' APIs."""
 
     def __init__(
-        self, registry: AsyncRegistry, machine_id: str, token: str | None, tls: ssl.SSLContext | None = None
+        self, registry: Registry, machine_id: str, token: str | None, tls: ssl.SSLContext | None = None
     ):
         self.registry = registry
         self.machine_id = machine_id

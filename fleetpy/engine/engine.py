@@ -11,8 +11,7 @@ from collections.abc import Callable, Sequence
 from fleetpy.engine.cordon import drained, hand_over
 from fleetpy.engine.guarded import plan_guarded
 from fleetpy.engine.scheduler import Plan
-from fleetpy.registry import Assignment, HistoryLost, Job, StoreError
-from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.registry import Assignment, HistoryLost, Job, Registry, StoreError
 from fleetpy.unit import Unit, load_unit
 
 log = logging.getLogger(__name__)
@@ -32,7 +31,7 @@ class ParsedUnits:
     with the reason (cached like a parse), while every other job goes on.
     """
 
-    def __init__(self, registry: AsyncRegistry):
+    def __init__(self, registry: Registry):
         self.registry = registry
         self._units: dict[tuple[str, str], Unit | str] = {}  # the unit, or why there is none
 
@@ -85,7 +84,7 @@ class Engine:
 
     def __init__(
         self,
-        registry: AsyncRegistry,
+        registry: Registry,
         machine_id: str,
         lease_ttl: float,
         reconcile_interval: float = 30.0,
@@ -286,19 +285,22 @@ class Engine:
         `pending` as stored."""
         wanted = {(a.unit, a.machine_id): a for a in assignments}
         existing = {(a.unit, a.machine_id): a for a in current}
-        writes = []
-        for key in existing.keys() - wanted.keys():
-            unit, machine_id = key
+        removals = self.registry.batch()
+        for unit, machine_id in existing.keys() - wanted.keys():
             # Its state/ key is the agent's to remove (one writer per key).
-            writes.append(self.registry.unassign(unit, machine_id))
+            removals.unassign(unit, machine_id)
         # Unassign before assigning, so Conflicts/Replaces never see both copies at once.
-        await asyncio.gather(*writes)
-        await asyncio.gather(
-            *(self.registry.assign(a) for key, a in wanted.items() if existing.get(key) != a)
-        )
-        await asyncio.gather(
-            *(self.registry.set_pending(u, r) for u, r in reasons.items() if pending.get(u) != r),
-            *(self.registry.set_pending(u, None) for u in pending.keys() - reasons.keys()),
-        )
-        if changed := len(writes) + sum(existing.get(k) != a for k, a in wanted.items()):
+        # Each batch is one transaction per 128 writes on etcd v3.
+        await self.registry.apply(removals)
+        additions = self.registry.batch()
+        for key, assignment in wanted.items():
+            if existing.get(key) != assignment:
+                additions.assign(assignment)
+        for unit, reason in reasons.items():
+            if pending.get(unit) != reason:
+                additions.set_pending(unit, reason)
+        for unit in pending.keys() - reasons.keys():
+            additions.set_pending(unit, None)
+        await self.registry.apply(additions)
+        if changed := len(removals) + sum(existing.get(k) != a for k, a in wanted.items()):
             log.info("engine: %d schedule changes", changed)

@@ -26,6 +26,9 @@ class Config:
     etcd_cafile: str = ""
     etcd_certfile: str = ""
     etcd_keyfile: str = ""
+    etcd_username: str = ""
+    etcd_password_file: str = ""
+    etcd_api: str = "auto"
     etcd_request_timeout: float = 5.0
     public_ip: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
@@ -129,6 +132,12 @@ def build_config(
             raise ConfigError(f"{key}: {error}") from None
     config = Config(**values)
     _check_api_serving(config)
+    if config.etcd_api not in ("auto", "v2", "v3"):
+        raise ConfigError(f"etcd_api: bad value {config.etcd_api!r}: use auto, v2 or v3")
+    if bool(config.etcd_certfile) != bool(config.etcd_keyfile):
+        raise ConfigError("etcd_certfile and etcd_keyfile go together: give both or neither")
+    if config.etcd_password_file and not config.etcd_username:
+        raise ConfigError("etcd_password_file needs etcd_username")
     return config
 
 

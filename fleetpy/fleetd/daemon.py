@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from fleetpy.agent.agent import Agent
 from fleetpy.engine.engine import Engine
 from fleetpy.fleetd.config import Config, machine_id
-from fleetpy.registry import Machine
-from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.registry import Machine, Registry
 from fleetpy.supervise import supervise
 from fleetpy.systemd import SystemdManager
 
@@ -41,7 +40,7 @@ class Fleetd:
     """The agent and (unless disabled) the engine of one machine; the API is served beside it."""
 
     machine: Machine
-    registry: AsyncRegistry
+    registry: Registry
     agent: Agent
     engine: Engine | None
     restart_pause: float | None = None  # supervise's default
@@ -58,7 +57,7 @@ class Fleetd:
 
 def build_fleetd(
     config: Config,
-    registry: AsyncRegistry,
+    registry: Registry,
     systemd: SystemdManager,
     clock: Callable[[], float] = time.monotonic,
 ) -> Fleetd:

@@ -17,13 +17,12 @@ from fleetpy.api import SystemctlUnitInfo, create_app, serve
 from fleetpy.api.peer import peer_tls
 from fleetpy.fleetd.config import Config, ConfigError, build_config
 from fleetpy.fleetd.daemon import build_fleetd
-from fleetpy.registry import EtcdStore, Registry, StoreError
-from fleetpy.registry.aio import AsyncRegistry
+from fleetpy.registry import Credentials, EtcdOptions, Registry, StoreError, choose_api, open_store
 from fleetpy.systemd import DbusManager, SystemdError
 
 log = logging.getLogger("fleetd")
 
-# Watches hold a thread each for as long as they long-poll; API calls need threads meanwhile.
+# v2 watches hold a thread each for as long as they long-poll; API calls need threads meanwhile.
 REGISTRY_THREADS = 32
 
 T = TypeVar("T")
@@ -38,21 +37,31 @@ def local_unit_info(bus: str) -> SystemctlUnitInfo:
     return SystemctlUnitInfo("user", {"DBUS_SESSION_BUS_ADDRESS": bus, "XDG_RUNTIME_DIR": ""})
 
 
-def open_registry(config: Config) -> Registry:
-    cert = (config.etcd_certfile, config.etcd_keyfile) if config.etcd_certfile else None
-    store = EtcdStore(
-        list(config.etcd_servers),
-        request_timeout=config.etcd_request_timeout,
+def etcd_options(config: Config) -> EtcdOptions:
+    password = Path(config.etcd_password_file).read_text().strip() if config.etcd_password_file else None
+    credentials = Credentials(
         ca_cert=config.etcd_cafile or None,
-        cert=cert,
+        cert=(config.etcd_certfile, config.etcd_keyfile) if config.etcd_certfile else None,
+        username=config.etcd_username or None,
+        password=password,
     )
-    return Registry(store, config.etcd_key_prefix)
+    return EtcdOptions(
+        tuple(config.etcd_servers), config.etcd_api, credentials, request_timeout=config.etcd_request_timeout
+    )
+
+
+async def open_registry(config: Config) -> Registry:
+    """The registry on the configured etcd; with `etcd_api=auto`, waits until etcd answers."""
+    options = etcd_options(config)
+    api = await _until_ready("etcd", lambda: choose_api(options, config.etcd_key_prefix))
+    log.info("registry on etcd's %s API", api)
+    return Registry(open_store(options, api), config.etcd_key_prefix)
 
 
 async def run(config: Config) -> None:
     loop = asyncio.get_running_loop()
     loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(REGISTRY_THREADS))
-    registry = AsyncRegistry(open_registry(config))
+    registry = await open_registry(config)
     token = Path(config.api_token_file).read_text().strip() if config.api_token_file else None
     await _until_ready("etcd", registry.ensure_schema)
     systemd = await _until_ready("systemd", lambda: DbusManager.connect(config.systemd_bus, config.unit_dir))
@@ -92,6 +101,7 @@ async def run(config: Config) -> None:
     finally:
         await runner.cleanup()
         await systemd.close()
+        await registry.close()
 
 
 async def _until_ready(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
@@ -108,9 +118,12 @@ async def _until_ready(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
 @click.option("--config", "config_file", help="config file (default /etc/fleet/fleet.conf, or $FLEET_CONFIG)")
 @click.option("--etcd-servers", help="comma-separated etcd client URLs")
 @click.option("--etcd-key-prefix", help="key prefix of the registry in etcd (default /_fleetpy/)")
-@click.option("--etcd-cafile")
-@click.option("--etcd-certfile")
+@click.option("--etcd-api", help="etcd API: auto (v3 when offered), v2 or v3")
+@click.option("--etcd-cafile", help="CA certificate of etcd's TLS")
+@click.option("--etcd-certfile", help="client certificate for etcd (with --etcd-keyfile)")
 @click.option("--etcd-keyfile")
+@click.option("--etcd-username", help="etcd user (with --etcd-password-file)")
+@click.option("--etcd-password-file", help="file holding the etcd user's password")
 @click.option("--public-ip", help="IP address other machines reach this one at")
 @click.option("--metadata", help="machine metadata, e.g. role=web,zone=a")
 @click.option("--machine-id", help="machine id (default /etc/machine-id, else generated and kept)")

@@ -210,7 +210,7 @@ def _resolve_node(lab: Lab, target: str) -> str:
     if any(n.name == target for n in state.nodes):
         return target
     try:
-        assignments = [a for a in lab.registry(retry_for=2.0).assignments() if a.unit == target]
+        assignments = [a for a in lab.read(lambda r: r.assignments(), retry_for=2.0) if a.unit == target]
     except StoreError as error:
         raise LabError(f"{target} is not a node, and etcd cannot say where it runs: {error}") from None
     by_machine = {n.machine_id: n.name for n in state.nodes}

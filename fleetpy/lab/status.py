@@ -2,31 +2,50 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fleetpy.lab import node as nodes
 from fleetpy.lab.etcd import EtcdMember
 from fleetpy.lab.processes import KEY_PREFIX, cgroup_alive, pid_alive
 from fleetpy.lab.state import EtcdState, LabError, NodeState, State, StateFile
-from fleetpy.registry import EtcdStore, Registry, StoreError
+from fleetpy.registry import Registry, StoreError
+from fleetpy.registry.etcd3 import EtcdV3Store
+
+T = TypeVar("T")
 
 REGISTER_TIMEOUT = 20.0
 
 
 def registry(state: State, retry_for: float = 1.0) -> Registry:
     """The lab's registry, with short retries: the lab reports, it does not wait out outages."""
-    store = EtcdStore(state.etcd_urls, retry_for=retry_for, request_timeout=1.0)
+    store = EtcdV3Store(state.etcd_urls, retry_for=retry_for, request_timeout=1.0)
     return Registry(store, KEY_PREFIX)
+
+
+def read(state: State, call: Callable[[Registry], Awaitable[T]], retry_for: float = 1.0) -> T:
+    """`call(registry)` on a registry of its own, in an event loop of its own: the lab is
+    synchronous, and an etcd client belongs to the loop it was made in."""
+
+    async def once() -> T:
+        lab_registry = registry(state, retry_for)
+        try:
+            return await call(lab_registry)
+        finally:
+            await lab_registry.close()
+
+    return asyncio.run(once())
 
 
 def machines(state: State) -> set[str]:
     """Ids of the machines registered in etcd; empty if etcd does not answer."""
     try:
-        return {m.id for m in registry(state).machines()}
+        return {m.id for m in read(state, lambda r: r.machines())}
     except StoreError:
         return set()
 

@@ -1,23 +1,35 @@
-"""The registry: cluster state (machines, jobs, schedule, unit states) kept in etcd."""
+"""The registry: cluster state (machines, jobs, schedule, unit states) kept in etcd.
 
+The etcd stores live in `etcd2` and `etcd3`, imported only where used: each client library
+costs a fleetd start-up time and memory, and a fleetd needs one.
+"""
+
+from fleetpy.registry.connect import ETCD_APIS, EtcdOptions, choose_api, open_store
+from fleetpy.registry.memory import ManualClock, MemoryStore
 from fleetpy.registry.models import DESIRED_STATES, Assignment, Job, Machine, UnitState
 from fleetpy.registry.registry import DEFAULT_PREFIX, Conflict, NotFound, Registry, memory_registry
-from fleetpy.registry.store import EtcdStore, HistoryLost, MemoryStore, StoreError, Unavailable
+from fleetpy.registry.store import Credentials, HistoryLost, Store, StoreError, Unavailable
 
 __all__ = [
+    "ETCD_APIS",
     "DEFAULT_PREFIX",
     "DESIRED_STATES",
     "Assignment",
     "Conflict",
-    "EtcdStore",
+    "Credentials",
+    "EtcdOptions",
     "HistoryLost",
     "Job",
     "Machine",
+    "ManualClock",
     "MemoryStore",
     "NotFound",
     "Registry",
+    "Store",
     "StoreError",
     "Unavailable",
     "UnitState",
+    "choose_api",
     "memory_registry",
+    "open_store",
 ]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 
+from fleetpy.registry.memory import MemoryStore
 from fleetpy.registry.models import Assignment, Job, Machine, UnitState
-from fleetpy.registry.store import AlreadyExists, CompareFailed, MemoryStore, Store
+from fleetpy.registry.store import AlreadyExists, CompareFailed, Delete, Op, Put, Store
 from fleetpy.unit import UnitFile
 
 SCHEMA_VERSION = "1"
@@ -21,6 +23,49 @@ class NotFound(LookupError):
 
 class Conflict(Exception):
     """The record changed under us or already exists."""
+
+
+class Batch:
+    """Schedule, pending and state writes collected to go to etcd together (`Registry.apply`).
+
+    At most one write per key: a later write to a key replaces the earlier one.
+    """
+
+    def __init__(self, prefix: str):
+        self._prefix = prefix
+        self._ops: dict[str, Op] = {}
+
+    def _key(self, *parts: str) -> str:
+        return self._prefix + "/".join(parts)
+
+    def _add(self, op: Op) -> Batch:
+        self._ops.pop(op.key, None)
+        self._ops[op.key] = op
+        return self
+
+    @property
+    def ops(self) -> list[Op]:
+        return list(self._ops.values())
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    def assign(self, assignment: Assignment) -> Batch:
+        key = self._key("schedule", assignment.machine_id, assignment.unit)
+        return self._add(Put(key, json.dumps(assignment.to_json())))
+
+    def unassign(self, unit: str, machine_id: str) -> Batch:
+        return self._add(Delete(self._key("schedule", machine_id, unit)))
+
+    def set_pending(self, unit: str, reason: str | None) -> Batch:
+        key = self._key("pending", unit)
+        return self._add(Delete(key) if reason is None else Put(key, reason))
+
+    def publish_state(self, state: UnitState) -> Batch:
+        return self._add(Put(self._key("state", state.unit, state.machine_id), json.dumps(state.to_json())))
+
+    def remove_state(self, unit: str, machine_id: str) -> Batch:
+        return self._add(Delete(self._key("state", unit, machine_id)))
 
 
 class Registry:
@@ -46,50 +91,70 @@ class Registry:
     def key(self, *parts: str) -> str:
         return self.prefix + "/".join(parts)
 
-    def _list(self, *parts: str) -> dict[str, str]:
+    async def _list(self, *parts: str) -> dict[str, str]:
         """Records under a directory, by their path relative to it."""
         base = self.key(*parts) + "/"
-        return {k[len(base) :]: v for k, v in self.store.list(base).items()}
+        return {k[len(base) :]: v for k, v in (await self.store.list(base)).items()}
 
-    def ensure_schema(self) -> None:
+    async def ensure_schema(self) -> None:
         try:
-            self.store.put(self.key("version"), SCHEMA_VERSION, create_only=True)
+            await self.store.put(self.key("version"), SCHEMA_VERSION, create_only=True)
         except AlreadyExists:
-            found = self.store.get(self.key("version"))
+            found = await self.store.get(self.key("version"))
             if found != SCHEMA_VERSION:
                 raise RuntimeError(
                     f"registry at {self.prefix} has schema version {found}, this fleetd "
                     f"speaks {SCHEMA_VERSION}; use another --etcd-key-prefix or upgrade"
                 ) from None
 
-    # Unit files: immutable, so readers may cache them by hash forever.
-    def put_unit_file(self, unit_file: UnitFile) -> str:
-        digest = unit_file.hash
-        with contextlib.suppress(AlreadyExists):
-            self.store.put(self.key("unit", digest), unit_file.to_text(), create_only=True)
-        return digest
+    # Several writes at once: one transaction per 128 on v3, concurrent requests on v2.
+    def batch(self) -> Batch:
+        return Batch(self.prefix)
 
-    def unit_file(self, digest: str) -> UnitFile | None:
-        text = self.store.get(self.key("unit", digest))
-        return None if text is None else UnitFile.parse(text)
+    async def apply(self, batch: Batch) -> None:
+        if batch:
+            await self.store.apply(batch.ops)
 
-    # Jobs: what the user asked for.
-    def create_job(self, job: Job) -> None:
+    async def submit(self, unit_file: UnitFile, job: Job, *, replace: bool = False) -> None:
+        """A unit's file and its job in one transaction (v3): the file first, so no reader sees
+        the job without it. Raises Conflict if the job exists and `replace` is false."""
+        ops: list[Op] = [
+            Put(self.key("unit", unit_file.hash), unit_file.to_text()),
+            Put(self.key("job", job.name), json.dumps(job.to_json()), create_only=not replace),
+        ]
         try:
-            self.store.put(self.key("job", job.name), json.dumps(job.to_json()), create_only=True)
+            await self.store.apply(ops)
         except AlreadyExists:
             raise Conflict(f"unit {job.name} already exists") from None
 
-    def job(self, name: str) -> Job | None:
-        text = self.store.get(self.key("job", name))
+    # Unit files: immutable, so readers may cache them by hash forever.
+    async def put_unit_file(self, unit_file: UnitFile) -> str:
+        digest = unit_file.hash
+        with contextlib.suppress(AlreadyExists):
+            await self.store.put(self.key("unit", digest), unit_file.to_text(), create_only=True)
+        return digest
+
+    async def unit_file(self, digest: str) -> UnitFile | None:
+        text = await self.store.get(self.key("unit", digest))
+        return None if text is None else UnitFile.parse(text)
+
+    # Jobs: what the user asked for.
+    async def create_job(self, job: Job) -> None:
+        try:
+            await self.store.put(self.key("job", job.name), json.dumps(job.to_json()), create_only=True)
+        except AlreadyExists:
+            raise Conflict(f"unit {job.name} already exists") from None
+
+    async def job(self, name: str) -> Job | None:
+        text = await self.store.get(self.key("job", name))
         return None if text is None else Job.from_json(json.loads(text))
 
-    def jobs(self) -> list[Job]:
-        return [Job.from_json(json.loads(v)) for _, v in sorted(self._list("job").items())]
+    async def jobs(self) -> list[Job]:
+        return [Job.from_json(json.loads(v)) for _, v in sorted((await self._list("job")).items())]
 
-    def set_desired_state(self, name: str, state: str) -> None:
+    async def set_desired_state(self, name: str, state: str) -> None:
         key = self.key("job", name)
-        current = self.store.get(key)
+        current = await self.store.get(key)
         if current is None:
             raise NotFound(f"unit {name} not found")
         job = Job.from_json(json.loads(current))
@@ -97,119 +162,121 @@ class Registry:
             return
         updated = Job(job.name, job.hash, state)
         try:
-            self.store.put(key, json.dumps(updated.to_json()), prev_value=current)
+            await self.store.put(key, json.dumps(updated.to_json()), prev_value=current)
         except CompareFailed:
             raise Conflict(f"unit {name} changed while being updated; try again") from None
 
-    def delete_job(self, name: str) -> None:
-        if not self.store.delete(self.key("job", name)):
+    async def delete_job(self, name: str) -> None:
+        if not await self.store.delete(self.key("job", name)):
             raise NotFound(f"unit {name} not found")
 
     # Machines: each agent's own record, alive while its TTL is refreshed.
-    def register_machine(self, machine: Machine, ttl: float) -> None:
-        self.store.put(self.key("machines", machine.id), json.dumps(machine.to_json()), ttl=ttl)
+    async def register_machine(self, machine: Machine, ttl: float) -> None:
+        await self.store.put(self.key("machines", machine.id), json.dumps(machine.to_json()), ttl=ttl)
 
-    def refresh_machine(self, machine_id: str, ttl: float) -> bool:
-        return self.store.refresh(self.key("machines", machine_id), ttl)
+    async def refresh_machine(self, machine_id: str, ttl: float) -> bool:
+        return await self.store.refresh(self.key("machines", machine_id), ttl)
 
-    def machines(self) -> list[Machine]:
+    async def machines(self) -> list[Machine]:
         """Live machines, with any metadata edits laid over what their agents registered."""
-        overlays = {k: json.loads(v) for k, v in self._list("machine-metadata").items()}
-        cordoned = self._list("cordon").keys()
-        machines = [Machine.from_json(json.loads(v)) for _, v in sorted(self._list("machines").items())]
+        overlays = {k: json.loads(v) for k, v in (await self._list("machine-metadata")).items()}
+        cordoned = (await self._list("cordon")).keys()
+        machines = [
+            Machine.from_json(json.loads(v)) for _, v in sorted((await self._list("machines")).items())
+        ]
         machines = [dataclasses.replace(m, cordoned=True) if m.id in cordoned else m for m in machines]
         return [_with_overlay(m, overlays[m.id]) if m.id in overlays else m for m in machines]
 
     # Cordons (fleetctl drain/uncordon): apart from the machine's record, like metadata edits,
     # so they outlive a fleetd restart and only the heartbeat keeps a machine alive.
-    def set_cordon(self, machine_id: str, cordoned: bool) -> None:
+    async def set_cordon(self, machine_id: str, cordoned: bool) -> None:
         if cordoned:
-            self.store.put(self.key("cordon", machine_id), "drained")
+            await self.store.put(self.key("cordon", machine_id), "drained")
         else:
-            self.store.delete(self.key("cordon", machine_id))
+            await self.store.delete(self.key("cordon", machine_id))
 
     # Metadata edits (PATCH /machines): an overlay per machine, apart from the machine's record,
     # so that only the agent's heartbeat keeps a machine alive. A value of None removes the key.
-    def edit_machine_metadata(self, machine_id: str, changes: Mapping[str, str | None]) -> None:
+    async def edit_machine_metadata(self, machine_id: str, changes: Mapping[str, str | None]) -> None:
         key = self.key("machine-metadata", machine_id)
-        current = self.store.get(key)
+        current = await self.store.get(key)
         overlay = {**(json.loads(current) if current else {}), **changes}
         try:
             if current is None:
-                self.store.put(key, json.dumps(overlay, sort_keys=True), create_only=True)
+                await self.store.put(key, json.dumps(overlay, sort_keys=True), create_only=True)
             else:
-                self.store.put(key, json.dumps(overlay, sort_keys=True), prev_value=current)
+                await self.store.put(key, json.dumps(overlay, sort_keys=True), prev_value=current)
         except (AlreadyExists, CompareFailed):
             raise Conflict(
                 f"metadata of machine {machine_id} changed while being updated; try again"
             ) from None
 
-    def remove_machine(self, machine_id: str) -> None:
-        self.store.delete(self.key("machines", machine_id))
+    async def remove_machine(self, machine_id: str) -> None:
+        await self.store.delete(self.key("machines", machine_id))
 
     # Schedule: the engine's decisions, one directory per machine so an agent watches only its own.
-    def assign(self, assignment: Assignment) -> None:
-        self.store.put(
-            self.key("schedule", assignment.machine_id, assignment.unit), json.dumps(assignment.to_json())
-        )
+    async def assign(self, assignment: Assignment) -> None:
+        await self.apply(self.batch().assign(assignment))
 
-    def unassign(self, unit: str, machine_id: str) -> None:
-        self.store.delete(self.key("schedule", machine_id, unit))
+    async def unassign(self, unit: str, machine_id: str) -> None:
+        await self.apply(self.batch().unassign(unit, machine_id))
 
-    def assignments(self, machine_id: str | None = None) -> list[Assignment]:
+    async def assignments(self, machine_id: str | None = None) -> list[Assignment]:
         parts = ("schedule", machine_id) if machine_id else ("schedule",)
-        return [Assignment.from_json(json.loads(v)) for _, v in sorted(self._list(*parts).items())]
+        return [Assignment.from_json(json.loads(v)) for _, v in sorted((await self._list(*parts)).items())]
 
-    def set_pending(self, unit: str, reason: str | None) -> None:
-        if reason is None:
-            self.store.delete(self.key("pending", unit))
-        else:
-            self.store.put(self.key("pending", unit), reason)
+    async def set_pending(self, unit: str, reason: str | None) -> None:
+        await self.apply(self.batch().set_pending(unit, reason))
 
-    def pending(self) -> dict[str, str]:
-        return self._list("pending")
+    async def pending(self) -> dict[str, str]:
+        return await self._list("pending")
 
     # Unit states: published by the agent running the unit.
-    def publish_state(self, state: UnitState) -> None:
-        self.store.put(self.key("state", state.unit, state.machine_id), json.dumps(state.to_json()))
+    async def publish_state(self, state: UnitState) -> None:
+        await self.apply(self.batch().publish_state(state))
 
-    def remove_state(self, unit: str, machine_id: str) -> None:
-        self.store.delete(self.key("state", unit, machine_id))
+    async def remove_state(self, unit: str, machine_id: str) -> None:
+        await self.apply(self.batch().remove_state(unit, machine_id))
 
-    def states(self) -> list[UnitState]:
-        return [UnitState.from_json(json.loads(v)) for _, v in sorted(self._list("state").items())]
+    async def states(self) -> list[UnitState]:
+        return [UnitState.from_json(json.loads(v)) for _, v in sorted((await self._list("state")).items())]
 
     # Engine leadership: a TTL'd key; whoever creates it leads until it stops refreshing.
-    def acquire_leadership(self, holder: str, ttl: float) -> bool:
+    async def acquire_leadership(self, holder: str, ttl: float) -> bool:
         try:
-            self.store.put(self.key("engine", "leader"), holder, ttl=ttl, create_only=True)
+            await self.store.put(self.key("engine", "leader"), holder, ttl=ttl, create_only=True)
             return True
         except AlreadyExists:
             return False
 
-    def renew_leadership(self, holder: str, ttl: float) -> bool:
+    async def renew_leadership(self, holder: str, ttl: float) -> bool:
         key = self.key("engine", "leader")
-        if self.store.get(key) != holder:
+        if await self.store.get(key) != holder:
             return False
-        return self.store.refresh(key, ttl)
+        return await self.store.refresh(key, ttl)
 
-    def leader(self) -> str | None:
-        return self.store.get(self.key("engine", "leader"))
+    async def leader(self) -> str | None:
+        return await self.store.get(self.key("engine", "leader"))
 
-    def resign(self, holder: str) -> None:
+    async def resign(self, holder: str) -> None:
         with contextlib.suppress(CompareFailed):
-            self.store.delete(self.key("engine", "leader"), prev_value=holder)
+            await self.store.delete(self.key("engine", "leader"), prev_value=holder)
 
-    def last_failure(self) -> float:
-        """When (time.monotonic) etcd last failed a request: the end of the latest outage."""
+    async def last_failure(self) -> float:
+        """When (time.monotonic) etcd last failed a request: the end of the latest outage.
+
+        Answered locally; async like every other registry read, so callers need not know."""
         return self.store.last_failure()
 
     # Watches: block until something under a directory changes after `after_index`.
-    def index(self) -> int:
-        return self.store.index()
+    async def index(self) -> int:
+        return await self.store.index(self.prefix)
 
-    def wait(self, after_index: int, *parts: str, timeout: float = 30.0) -> int | None:
-        return self.store.wait(self.key(*parts), after_index, timeout)
+    async def close(self) -> None:
+        await self.store.close()
+
+    async def wait(self, after_index: int, *parts: str, timeout: float = 30.0) -> int | None:
+        return await self.store.wait(self.key(*parts), after_index, timeout)
 
 
 def _with_overlay(machine: Machine, overlay: Mapping[str, str | None]) -> Machine:
@@ -217,6 +284,6 @@ def _with_overlay(machine: Machine, overlay: Mapping[str, str | None]) -> Machin
     return dataclasses.replace(machine, metadata={k: v for k, v in metadata.items() if v is not None})
 
 
-def memory_registry(prefix: str = DEFAULT_PREFIX) -> Registry:
+def memory_registry(prefix: str = DEFAULT_PREFIX, clock: Callable[[], float] = time.monotonic) -> Registry:
     """A registry over the in-memory store: the fake used by fast tests."""
-    return Registry(MemoryStore(), prefix)
+    return Registry(MemoryStore(clock), prefix)

@@ -1,0 +1,255 @@
+"""etcd's v2 key space through python-etcd: blocking calls, run in worker threads.
+
+python-etcd blocks, so every call runs in a thread and keeps fleetd's event loop free for D-Bus
+signals and API requests. Watches long-poll for minutes; they get daemon threads of their own,
+so cancelling a watcher (or stopping fleetd) never waits for the poll to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import etcd
+import urllib3
+from tenacity import (
+    RetryError,
+    Retrying,
+    retry_if_exception_type,
+    retry_if_not_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from fleetpy.registry.store import (
+    NO_CREDENTIALS,
+    AlreadyExists,
+    CompareFailed,
+    Credentials,
+    HistoryLost,
+    Op,
+    Put,
+    Unavailable,
+)
+
+# Writes in flight at once in apply(): below python-etcd's pool of 10 connections.
+CONCURRENT_WRITES = 8
+
+
+@dataclass(frozen=True)
+class _Server:
+    url: str
+    client: etcd.Client
+
+
+# Errors that mean "this etcd member did not answer": worth retrying, possibly elsewhere.
+_TRANSIENT = (
+    etcd.EtcdConnectionFailed,
+    etcd.EtcdLeaderElectionInProgress,
+    urllib3.exceptions.HTTPError,
+    ConnectionError,
+)
+
+
+class EtcdV2Store:
+    """etcd's v2 API, retrying with bounded exponential backoff across the members."""
+
+    def __init__(
+        self,
+        servers: list[str],
+        *,
+        retry_for: float = 10.0,
+        request_timeout: float = 5.0,
+        credentials: Credentials = NO_CREDENTIALS,
+    ):
+        if not servers:
+            raise ValueError("no etcd servers given; pass --etcd-servers http://HOST:PORT")
+        self._servers = [_Server(url, _etcd_client(url, request_timeout, credentials)) for url in servers]
+        self._current = 0
+        # Refreshes (heartbeats) get a thread of their own: a burst of API requests or state
+        # writes that fills the shared worker threads must not let a machine record expire.
+        self._refreshes = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="etcd-refresh")
+        self._retry_for = retry_for
+        self._last_failure = -float("inf")
+
+    @property
+    def _client(self) -> etcd.Client:
+        return self._servers[self._current].client
+
+    def _call_blocking(self, operation: Callable[[etcd.Client], Any]) -> Any:
+        def attempt() -> Any:
+            try:
+                return operation(self._client)
+            except etcd.EtcdWatchTimedOut:
+                raise  # a long poll that saw no change: an answer, not a failure
+            except _TRANSIENT:
+                self._last_failure = time.monotonic()
+                # Try the next member on the next attempt; a cluster keeps serving without one.
+                self._current = (self._current + 1) % len(self._servers)
+                raise
+
+        retrying = Retrying(
+            retry=retry_if_exception_type(_TRANSIENT) & retry_if_not_exception_type(etcd.EtcdWatchTimedOut),
+            wait=wait_exponential(multiplier=0.05, max=2.0),
+            stop=stop_after_delay(self._retry_for),
+            reraise=False,
+        )
+        try:
+            return retrying(attempt)
+        except RetryError as error:
+            urls = ", ".join(s.url for s in self._servers)
+            cause = error.last_attempt.exception()
+            raise Unavailable(
+                f"etcd is unreachable at {urls} ({type(cause).__name__}); "
+                "check that etcd runs and --etcd-servers points at it"
+            ) from None
+
+    async def _call(self, operation: Callable[[etcd.Client], Any]) -> Any:
+        return await asyncio.to_thread(self._call_blocking, operation)
+
+    def last_failure(self) -> float:
+        return self._last_failure
+
+    async def close(self) -> None:
+        self._refreshes.shutdown(wait=False)
+        for server in self._servers:
+            server.client.http.clear()
+
+    async def get(self, key: str) -> str | None:
+        try:
+            return (await self._call(lambda c: c.read(key))).value
+        except etcd.EtcdKeyNotFound:
+            return None
+
+    async def list(self, prefix: str) -> dict[str, str]:
+        try:
+            result = await self._call(lambda c: c.read(prefix, recursive=True))
+        except etcd.EtcdKeyNotFound:
+            return {}
+        return {leaf.key: leaf.value for leaf in result.leaves if not leaf.dir}
+
+    async def put(
+        self,
+        key: str,
+        value: str,
+        ttl: float | None = None,
+        *,
+        create_only: bool = False,
+        prev_value: str | None = None,
+    ) -> None:
+        conditions: dict[str, object] = {}
+        if create_only:
+            conditions["prevExist"] = False
+        if prev_value is not None:
+            conditions["prevValue"] = prev_value
+        ttl_seconds = None if ttl is None else max(1, round(ttl))
+        try:
+            await self._call(lambda c: c.write(key, value, ttl=ttl_seconds, **conditions))
+        except etcd.EtcdAlreadyExist:
+            raise AlreadyExists(key) from None
+        except (etcd.EtcdCompareFailed, etcd.EtcdKeyNotFound):
+            raise CompareFailed(key) from None
+
+    async def apply(self, ops: Sequence[Op]) -> None:
+        """v2 has no transactions: concurrent requests, a few at a time (python-etcd keeps a
+        pool of 10 connections), unconditional ones first."""
+        gate = asyncio.Semaphore(CONCURRENT_WRITES)
+
+        async def one(op: Op) -> None:
+            async with gate:
+                if isinstance(op, Put):
+                    await self.put(op.key, op.value, create_only=op.create_only)
+                else:
+                    await self.delete(op.key)
+
+        plain = [op for op in ops if not (isinstance(op, Put) and op.create_only)]
+        await asyncio.gather(*(one(op) for op in plain))
+        await asyncio.gather(*(one(op) for op in ops if isinstance(op, Put) and op.create_only))
+
+    async def refresh(self, key: str, ttl: float) -> bool:
+        try:
+            # A refresh updates the TTL without waking watchers: heartbeats stay invisible.
+            refresh = functools.partial(
+                self._call_blocking, lambda c: c.refresh(key, ttl=max(1, round(ttl)), prevExist=True)
+            )
+            await asyncio.get_running_loop().run_in_executor(self._refreshes, refresh)
+            return True
+        except etcd.EtcdKeyNotFound:
+            return False
+
+    async def delete(self, key: str, *, prev_value: str | None = None, recursive: bool = False) -> bool:
+        conditions = {} if prev_value is None else {"prevValue": prev_value}
+        try:
+            await self._call(lambda c: c.delete(key, recursive=recursive or None, **conditions))
+            return True
+        except etcd.EtcdKeyNotFound:
+            return False
+        except etcd.EtcdCompareFailed:
+            raise CompareFailed(key) from None
+
+    async def index(self, prefix: str) -> int:
+        try:
+            return (await self._call(lambda c: c.read(prefix))).etcd_index
+        except etcd.EtcdKeyNotFound as missing:
+            return missing.payload["index"]
+
+    async def wait(self, prefix: str, after_index: int, timeout: float) -> int | None:
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future = loop.create_future()
+
+        def deliver(outcome: Any, failed: bool) -> None:
+            if not result.done():
+                result.set_exception(outcome) if failed else result.set_result(outcome)
+
+        def poll() -> None:
+            try:
+                outcome, failed = self._wait_blocking(prefix, after_index, timeout), False
+            except Exception as error:  # noqa: BLE001 - handed to the awaiting task, which decides
+                outcome, failed = error, True
+            # A RuntimeError means the loop is gone: nobody is waiting any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(deliver, outcome, failed)
+
+        threading.Thread(target=poll, name="registry-watch", daemon=True).start()
+        return await result
+
+    def _wait_blocking(self, prefix: str, after_index: int, timeout: float) -> int | None:
+        try:
+            result = self._call_blocking(
+                lambda c: c.read(
+                    prefix, wait=True, waitIndex=after_index + 1, recursive=True, timeout=timeout
+                )
+            )
+        except etcd.EtcdWatchTimedOut:
+            return None
+        except etcd.EtcdEventIndexCleared:
+            raise HistoryLost(prefix) from None
+        return result.modifiedIndex
+
+
+def _etcd_client(url: str, timeout: float, credentials: Credentials) -> etcd.Client:
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"bad etcd server URL {url!r}; expected http://HOST:PORT or https://HOST:PORT")
+    client = etcd.Client(
+        host=parts.hostname,
+        port=parts.port or 2379,
+        protocol=parts.scheme,
+        read_timeout=timeout,
+        allow_reconnect=False,
+        ca_cert=credentials.ca_cert,
+        cert=credentials.cert,
+        username=credentials.username,
+        password=credentials.password,
+    )
+    # One retry policy, ours: urllib3's own retries would triple every timeout before we see it.
+    client.http.connection_pool_kw["retries"] = False
+    return client

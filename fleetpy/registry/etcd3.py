@@ -1,0 +1,469 @@
+"""etcd's v3 API over gRPC (aetcd's stubs and watch multiplexer), native to fleetd's event loop.
+
+- TTLs are leases: `put(..., ttl=)` grants one and attaches the key; `refresh` is one
+  keepalive, which emits no watch event, so heartbeats wake nobody.
+- Compare-and-swap and create-only writes are transactions.
+- `wait` opens a prefix watch from a revision on the client's one gRPC watch stream and keeps
+  it open for the next waits, so events arrive as etcd applies them. A compacted revision is
+  reported as HistoryLost; the caller re-lists and continues from the new revision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import grpc
+from aetcd import exceptions as aetcd_errors
+from aetcd import rpc
+from aetcd.utils import prefix_range_end
+from aetcd.watcher import Watcher
+
+from fleetpy.registry.store import (
+    NO_CREDENTIALS,
+    AlreadyExists,
+    CompareFailed,
+    Credentials,
+    HistoryLost,
+    Op,
+    Put,
+    StoreError,
+    Unavailable,
+)
+
+T = TypeVar("T")
+
+# How long a watch stream stays open with nobody waiting on it.
+WATCH_LINGER = 60.0
+# etcd's default --max-txn-ops: the most operations one transaction may hold.
+MAX_TXN_OPS = 128
+
+# A member that did not answer, or answered "not now": worth retrying, possibly on another one.
+_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+# gRPC's own reconnect backoff grows to minutes; an etcd restart must be noticed within a second.
+_CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    # etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time).
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+)
+
+
+@dataclass
+class _Connection:
+    channel: grpc.aio.Channel
+    kv: Any
+    lease: Any
+    watcher: Watcher
+    metadata: tuple[tuple[str, str], ...] | None
+
+
+class EtcdV3Store:
+    """etcd's v3 API, retrying with bounded exponential backoff across the members."""
+
+    def __init__(
+        self,
+        servers: list[str],
+        *,
+        retry_for: float = 10.0,
+        request_timeout: float = 5.0,
+        credentials: Credentials = NO_CREDENTIALS,
+    ):
+        if not servers:
+            raise ValueError("no etcd servers given; pass --etcd-servers http://HOST:PORT")
+        self._targets = [_target(url) for url in servers]
+        self._urls = servers
+        self._current = 0
+        self._retry_for = retry_for
+        self._timeout = request_timeout
+        self._credentials = credentials
+        self._connection: _Connection | None = None
+        self._connecting = asyncio.Lock()
+        self._last_failure = -float("inf")
+        self._leases: dict[str, int] = {}  # key -> the lease this store attached to it
+        self._watches: dict[str, _PrefixWatch] = {}
+
+    # -- connection -------------------------------------------------------------------------
+    async def _connect(self) -> _Connection:
+        async with self._connecting:
+            if self._connection is not None:
+                return self._connection
+            scheme, target = self._targets[self._current]
+            creds = self._credentials
+            if scheme == "https":
+                channel_credentials = grpc.ssl_channel_credentials(
+                    root_certificates=_read(creds.ca_cert),
+                    private_key=_read(creds.cert[1]) if creds.cert else None,
+                    certificate_chain=_read(creds.cert[0]) if creds.cert else None,
+                )
+                channel = grpc.aio.secure_channel(target, channel_credentials, options=_CHANNEL_OPTIONS)
+            else:
+                channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+            metadata = None
+            try:
+                if creds.username:
+                    auth = rpc.AuthStub(channel)
+                    request = rpc.AuthenticateRequest(name=creds.username, password=creds.password or "")
+                    response = await auth.Authenticate(request, timeout=self._timeout)
+                    metadata = (("token", response.token),)
+            except BaseException:
+                await channel.close()
+                raise
+            self._connection = _Connection(
+                channel,
+                rpc.KVStub(channel),
+                rpc.LeaseStub(channel),
+                Watcher(rpc.WatchStub(channel), timeout=self._timeout, metadata=metadata),
+                metadata,
+            )
+            return self._connection
+
+    async def _drop(self, connection: _Connection, next_member: bool) -> None:
+        """Forget a connection (a failed member's, or an expired token's); the next call dials."""
+        if self._connection is not connection:
+            return
+        self._connection = None
+        if next_member:
+            self._current = (self._current + 1) % len(self._targets)
+        with contextlib.suppress(Exception):
+            await connection.watcher.shutdown()
+        with contextlib.suppress(Exception):
+            await connection.channel.close()
+
+    async def _call(self, operation: Callable[[_Connection], Awaitable[T]]) -> T:
+        deadline = time.monotonic() + self._retry_for
+        delay = 0.05
+        reauthenticated = False
+        while True:
+            connection = None
+            try:
+                connection = await self._connect()
+                return await operation(connection)
+            except aetcd_errors.RevisionCompactedError:
+                raise
+            except (grpc.aio.AioRpcError, aetcd_errors.ClientError) as error:
+                code = error.code() if isinstance(error, grpc.aio.AioRpcError) else _code_of(error)
+                if code == grpc.StatusCode.UNAUTHENTICATED and not reauthenticated and connection:
+                    # Simple tokens expire after a quiet spell; log in again once.
+                    reauthenticated = True
+                    await self._drop(connection, next_member=False)
+                    continue
+                if code not in _TRANSIENT:
+                    raise StoreError(f"etcd refused the request: {_details(error)}") from None
+                self._last_failure = time.monotonic()
+                if connection is not None and len(self._targets) > 1:
+                    await self._drop(connection, next_member=True)
+                if time.monotonic() + delay > deadline:
+                    urls = ", ".join(self._urls)
+                    raise Unavailable(
+                        f"etcd is unreachable at {urls} ({_details(error)}); "
+                        "check that etcd runs and --etcd-servers points at it"
+                    ) from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def last_failure(self) -> float:
+        return self._last_failure
+
+    async def close(self) -> None:
+        self._watches.clear()
+        if self._connection is not None:
+            await self._drop(self._connection, next_member=False)
+
+    # -- reads ------------------------------------------------------------------------------
+    async def _range(self, request: rpc.RangeRequest) -> Any:
+        return await self._call(lambda c: c.kv.Range(request, timeout=self._timeout, metadata=c.metadata))
+
+    async def get(self, key: str) -> str | None:
+        response = await self._range(rpc.RangeRequest(key=key.encode()))
+        return response.kvs[0].value.decode() if response.kvs else None
+
+    async def list(self, prefix: str) -> dict[str, str]:
+        directory = (prefix.rstrip("/") + "/").encode()
+        response = await self._range(rpc.RangeRequest(key=directory, range_end=prefix_range_end(directory)))
+        return {kv.key.decode(): kv.value.decode() for kv in response.kvs}
+
+    async def index(self, prefix: str) -> int:
+        # Any read answers with the store's revision; counting one key of ours is the cheapest
+        # (and the one a user allowed only the registry's prefix may do).
+        request = rpc.RangeRequest(key=prefix.encode(), count_only=True)
+        return (await self._range(request)).header.revision
+
+    # -- writes -----------------------------------------------------------------------------
+    async def _txn(self, request: rpc.TxnRequest) -> Any:
+        return await self._call(lambda c: c.kv.Txn(request, timeout=self._timeout, metadata=c.metadata))
+
+    async def _grant(self, ttl: float) -> int:
+        request = rpc.LeaseGrantRequest(TTL=max(1, math.ceil(ttl)))
+        response = await self._call(
+            lambda c: c.lease.LeaseGrant(request, timeout=self._timeout, metadata=c.metadata)
+        )
+        return response.ID
+
+    async def _revoke(self, lease: int) -> None:
+        request = rpc.LeaseRevokeRequest(ID=lease)
+        with contextlib.suppress(StoreError):
+            await self._call(
+                lambda c: c.lease.LeaseRevoke(request, timeout=self._timeout, metadata=c.metadata)
+            )
+
+    async def put(
+        self,
+        key: str,
+        value: str,
+        ttl: float | None = None,
+        *,
+        create_only: bool = False,
+        prev_value: str | None = None,
+    ) -> None:
+        compare = []
+        if create_only:
+            compare.append(_compare_created(key, 0))
+        if prev_value is not None:
+            compare.append(_compare_value(key, prev_value))
+        lease = await self._grant(ttl) if ttl is not None else 0
+        put = rpc.PutRequest(key=key.encode(), value=value.encode(), lease=lease)
+        response = await self._txn(rpc.TxnRequest(compare=compare, success=[rpc.RequestOp(request_put=put)]))
+        if not response.succeeded:
+            if lease:
+                await self._revoke(lease)
+            raise AlreadyExists(key) if create_only else CompareFailed(key)
+        if lease:
+            self._leases[key] = lease
+        elif ttl is None:
+            self._leases.pop(key, None)
+
+    async def apply(self, ops: Sequence[Op]) -> None:
+        plain = [op for op in ops if not (isinstance(op, Put) and op.create_only)]
+        conditional = [op for op in ops if isinstance(op, Put) and op.create_only]
+        for start in range(0, len(ops), MAX_TXN_OPS):
+            # Conditional ops go last, so the transaction holding them also holds what precedes.
+            chunk = (plain + conditional)[start : start + MAX_TXN_OPS]
+            compare = [_compare_created(op.key, 0) for op in chunk if isinstance(op, Put) and op.create_only]
+            success = [_request(op) for op in chunk]
+            response = await self._txn(rpc.TxnRequest(compare=compare, success=success))
+            if not response.succeeded:
+                raise AlreadyExists(", ".join(c.key.decode() for c in compare))
+            for op in chunk:
+                self._leases.pop(op.key, None)
+
+    async def refresh(self, key: str, ttl: float) -> bool:
+        lease = self._leases.get(key)
+        if lease is None:
+            # Someone else's key (or ours before a restart): its lease is in the record.
+            response = await self._range(rpc.RangeRequest(key=key.encode()))
+            if not response.kvs or not response.kvs[0].lease:
+                return False
+            lease = self._leases[key] = response.kvs[0].lease
+
+        async def keepalive(c: _Connection) -> Any:
+            stream = c.lease.LeaseKeepAlive(
+                iter([rpc.LeaseKeepAliveRequest(ID=lease)]), timeout=self._timeout, metadata=c.metadata
+            )
+            async for reply in stream:
+                return reply
+            return None
+
+        reply = await self._call(keepalive)
+        if reply is None or reply.TTL <= 0:
+            self._leases.pop(key, None)
+            return False
+        return True
+
+    async def delete(self, key: str, *, prev_value: str | None = None, recursive: bool = False) -> bool:
+        ops = [rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key.encode()))]
+        if recursive:
+            directory = (key.rstrip("/") + "/").encode()
+            ops.append(
+                rpc.RequestOp(
+                    request_delete_range=rpc.DeleteRangeRequest(
+                        key=directory, range_end=prefix_range_end(directory)
+                    )
+                )
+            )
+        compare = [] if prev_value is None else [_compare_value(key, prev_value)]
+        response = await self._txn(rpc.TxnRequest(compare=compare, success=ops))
+        if not response.succeeded:
+            raise CompareFailed(key)
+        self._leases.pop(key, None)
+        return sum(r.response_delete_range.deleted for r in response.responses) > 0
+
+    # -- watches ----------------------------------------------------------------------------
+    async def wait(self, prefix: str, after_index: int, timeout: float) -> int | None:
+        self._sweep_watches()
+        watch = self._watches.get(prefix)
+        if watch is None or watch.start > after_index + 1 or watch.failed:
+            # A stream that opens at a past revision waits for etcd's catch-up pass (every
+            # 100 ms); one opened at the next revision and left open delivers at once.
+            watch = await self._open_watch(prefix, after_index + 1)
+        return await watch.first_after(after_index, timeout)
+
+    async def _open_watch(self, prefix: str, start: int) -> _PrefixWatch:
+        old = self._watches.pop(prefix, None)
+        if old is not None:
+            await old.cancel()
+        directory = (prefix.rstrip("/") + "/").encode()
+        watch = _PrefixWatch(prefix, start)
+
+        async def create(c: _Connection) -> _PrefixWatch:
+            callback = await c.watcher.add_callback(
+                directory, watch.deliver, range_end=prefix_range_end(directory), start_revision=start
+            )
+            watch.attach(c, callback.watch_id, self)
+            return watch
+
+        try:
+            await self._call(create)
+        except aetcd_errors.RevisionCompactedError:
+            raise HistoryLost(prefix) from None
+        self._watches[prefix] = watch
+        return watch
+
+    def _sweep_watches(self) -> None:
+        now = time.monotonic()
+        for prefix, watch in list(self._watches.items()):
+            if watch.idle_since is not None and now - watch.idle_since > WATCH_LINGER:
+                del self._watches[prefix]
+                asyncio.get_running_loop().create_task(watch.cancel())
+
+    async def _stream_broke(self, connection: _Connection) -> None:
+        self._last_failure = time.monotonic()
+        await self._drop(connection, next_member=len(self._targets) > 1)
+
+
+class _PrefixWatch:
+    """One watch stream on a prefix, left open between waits; remembers its recent revisions."""
+
+    KEEP = 1000
+
+    def __init__(self, prefix: str, start: int):
+        self.prefix = prefix
+        self.start = start  # every event from this revision on has been (or will be) seen
+        self.failed: BaseException | None = None
+        self.idle_since: float | None = time.monotonic()
+        self._revisions: collections.deque[int] = collections.deque(maxlen=self.KEEP)
+        self._dropped_through = start - 1  # revisions at or below this are no longer listed
+        self._waiters = 0
+        self._changed = asyncio.Event()
+        self._connection: _Connection | None = None
+        self._watch_id: int | None = None
+        self._store: EtcdV3Store | None = None
+
+    def attach(self, connection: _Connection, watch_id: int, store: EtcdV3Store) -> None:
+        self._connection, self._watch_id, self._store = connection, watch_id, store
+
+    async def deliver(self, event_or_error: Any) -> None:
+        if event_or_error is None:  # the client shut its watch stream down
+            event_or_error = ConnectionError("watch stream closed")
+        if isinstance(event_or_error, BaseException):
+            self.failed = event_or_error
+            if (
+                self._store
+                and self._connection
+                and not isinstance(event_or_error, aetcd_errors.RevisionCompactedError)
+            ):
+                await self._store._stream_broke(self._connection)
+        else:
+            if len(self._revisions) == self.KEEP:
+                self._dropped_through = self._revisions[0]
+            self._revisions.append(event_or_error.kv.mod_revision)
+        self._changed.set()
+
+    def _first_after(self, index: int) -> int | None:
+        if self.failed is not None:
+            if isinstance(self.failed, aetcd_errors.RevisionCompactedError):
+                raise HistoryLost(self.prefix)
+            # The stream broke (etcd restarted, say): an outage; the caller watches again from
+            # the same revision on a new stream, so nothing is missed.
+            raise Unavailable(f"etcd watch on {self.prefix} broke: {_details(self.failed)}")
+        if index < self._dropped_through:
+            return self._dropped_through
+        return next((r for r in self._revisions if r > index), None)
+
+    async def first_after(self, index: int, timeout: float) -> int | None:
+        """The first revision after `index` that changed something under the prefix."""
+        self._waiters += 1
+        self.idle_since = None
+        try:
+            deadline = time.monotonic() + timeout
+            while (found := self._first_after(index)) is None:
+                self._changed.clear()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                with contextlib.suppress(TimeoutError):  # asyncio.timeout: see MemoryStore.wait
+                    async with asyncio.timeout(remaining):
+                        await self._changed.wait()
+            return found
+        finally:
+            self._waiters -= 1
+            if not self._waiters:
+                self.idle_since = time.monotonic()
+
+    async def cancel(self) -> None:
+        if self._connection is not None and self._watch_id is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.watcher.cancel(self._watch_id)
+
+
+def _request(op: Op) -> rpc.RequestOp:
+    if isinstance(op, Put):
+        return rpc.RequestOp(request_put=rpc.PutRequest(key=op.key.encode(), value=op.value.encode()))
+    return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=op.key.encode()))
+
+
+def _compare_created(key: str, revision: int) -> rpc.Compare:
+    return rpc.Compare(
+        key=key.encode(),
+        target=rpc.Compare.CREATE,
+        result=rpc.Compare.EQUAL,
+        create_revision=revision,
+    )
+
+
+def _compare_value(key: str, value: str) -> rpc.Compare:
+    return rpc.Compare(
+        key=key.encode(), target=rpc.Compare.VALUE, result=rpc.Compare.EQUAL, value=value.encode()
+    )
+
+
+def _target(url: str) -> tuple[str, str]:
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"bad etcd server URL {url!r}; expected http://HOST:PORT or https://HOST:PORT")
+    return parts.scheme, f"{parts.hostname}:{parts.port or 2379}"
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as file:
+        return file.read()
+
+
+def _code_of(error: aetcd_errors.ClientError) -> grpc.StatusCode | None:
+    cause = error.__cause__
+    if isinstance(cause, grpc.aio.AioRpcError):
+        return cause.code()
+    if isinstance(error, aetcd_errors.ConnectionFailedError | aetcd_errors.ConnectionTimeoutError):
+        return grpc.StatusCode.UNAVAILABLE
+    if isinstance(error, aetcd_errors.WatchTimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if isinstance(error, aetcd_errors.UnauthenticatedError):
+        return grpc.StatusCode.UNAUTHENTICATED
+    return None
+
+
+def _details(error: BaseException) -> str:
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    return f"{type(error).__name__}: {error}"
