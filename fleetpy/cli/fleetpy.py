@@ -1,4 +1,5 @@
-"""The `fleetpy` tool: everything that is not fleetctl (the local lab, cloud-config, container units).
+"""The `fleetpy` tool: everything that is not fleetctl (the local lab, cloud-config, container units,
+registry maintenance).
 
 The only command that composes the tool packages (lab, cloudinit, containers); fleetctl and
 the rest of the core never import them.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import click
 
+from fleetpy.cli.registry import group as registry_group
 from fleetpy.cloudinit.cli import apply_command, validate_command
 from fleetpy.containers.cli import new_unit_command
 from fleetpy.lab.cli import group as lab_group
@@ -27,6 +29,7 @@ cloud_config.add_command(validate_command)
 cloud_config.add_command(apply_command)
 main.add_command(lab_group)
 main.add_command(new_unit_command)
+main.add_command(registry_group)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -31,6 +34,52 @@ def etcd_binary(version: str | None = None) -> str:
     return binary
 
 
+@dataclass(frozen=True)
+class TLS:
+    """A CA, and a certificate with its key signed by it (PEM files)."""
+
+    ca: str
+    cert: str
+    key: str
+
+
+def make_pki(
+    directory: Path, clients: Sequence[str] = ("client",), host: str = "127.0.0.1"
+) -> dict[str, TLS]:
+    """A CA of its own, a server certificate for `host`, and one client certificate per name
+    (etcd takes a client certificate's CN as the user when auth is on). Returns TLS by name:
+    "server" and each client."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = directory / "ca.pem"
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-subj", "/CN=fleetpy-etcd-ca",
+            "-keyout", str(directory / "ca.key"), "-out", str(ca))  # fmt: skip
+    (directory / "san.ext").write_text(f"subjectAltName=IP:{host}\n")
+    made = {}
+    for name in ("server", *clients):
+        key, csr, cert = (directory / f"{name}.{ext}" for ext in ("key", "csr", "pem"))
+        openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            str(key),
+            "-out",
+            str(csr),
+        )
+        openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(directory / "ca.key"),
+                "-CAcreateserial", "-days", "30", "-extfile", str(directory / "san.ext"), "-out", str(cert))  # fmt: skip
+        key.chmod(0o600)
+        made[name] = TLS(str(ca), str(cert), str(key))
+    return made
+
+
 @dataclass
 class EtcdMember:
     name: str
@@ -41,6 +90,8 @@ class EtcdMember:
     # etcd's v2 API is off by default since 3.4; fleetpy's v2 backend needs it.
     enable_v2: bool = False
     version: str | None = None  # see etcd_binary
+    # Serve clients over TLS and accept only clients with a certificate from the same CA.
+    tls: TLS | None = None
 
     def argv(self, initial_cluster: str) -> list[str]:
         return [
@@ -69,7 +120,18 @@ class EtcdMember:
             "50",
             "--election-timeout",
             "500",
+            *self._tls_flags(),
         ]
+
+    def _tls_flags(self) -> list[str]:
+        if self.tls is None:
+            return []
+        return [
+            "--cert-file", self.tls.cert,
+            "--key-file", self.tls.key,
+            "--trusted-ca-file", self.tls.ca,
+            "--client-cert-auth",
+        ]  # fmt: skip
 
     def start(self, initial_cluster: str, log: Path | None = None, wrap: Sequence[str] = ()) -> None:
         """Start the member; `wrap` prefixes the argv (the lab uses it to put etcd in a cgroup).
@@ -83,9 +145,15 @@ class EtcdMember:
                 argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
 
-    def healthy(self) -> bool:
+    def healthy(self, client: TLS | None = None) -> bool:
+        """Whether the member answers /health; over TLS, `client` is the certificate to show."""
+        context = None
+        if self.tls is not None:
+            context = ssl.create_default_context(cafile=self.tls.ca)
+            if client is not None:
+                context.load_cert_chain(client.cert, client.key)
         try:
-            with urllib.request.urlopen(self.client_url + "/health", timeout=1) as response:
+            with urllib.request.urlopen(self.client_url + "/health", timeout=1, context=context) as response:
                 return b'"true"' in response.read()
         except OSError:
             return False
@@ -120,16 +188,22 @@ def start_cluster(
     *,
     enable_v2: bool = False,
     version: str | None = None,
+    tls: TLS | None = None,
+    health_client: TLS | None = None,
 ) -> list[EtcdMember]:
-    """Start `members` etcd processes on `host` and wait until every one reports healthy."""
+    """Start `members` etcd processes on `host` and wait until every one reports healthy.
+
+    With `tls`, clients speak https and must show a certificate from the same CA
+    (`health_client` is the one used for the health check)."""
     cluster = [
         EtcdMember(
             f"etcd{i}",
-            f"http://{host}:{free_port(host)}",
+            f"{'https' if tls else 'http'}://{host}:{free_port(host)}",
             f"http://{host}:{free_port(host)}",
             base_dir / f"etcd{i}",
             enable_v2=enable_v2,
             version=version,
+            tls=tls,
         )
         for i in range(members)
     ]
@@ -137,10 +211,76 @@ def start_cluster(
     for member in cluster:
         member.start(initial, log=base_dir / f"{member.name}.log", wrap=wrap(member) if wrap else ())
     deadline = time.monotonic() + timeout
-    while not all(m.healthy() for m in cluster):
+    while not all(m.healthy(health_client) for m in cluster):
         if time.monotonic() > deadline or any(m.process.poll() is not None for m in cluster):
             for member in cluster:
                 member.stop()
             raise RuntimeError(f"etcd did not become healthy; see {base_dir}/etcd*.log")
         time.sleep(0.05)
     return cluster
+
+
+def enable_auth(
+    member: EtcdMember,
+    root_password: str,
+    users: dict[str, str],
+    prefix: str,
+    client: TLS | None = None,
+    v2: bool = False,
+) -> None:
+    """Turn on etcd's authentication: `root`, and `users` (name -> password) allowed to read
+    and write under `prefix` only. v3 auth always; with `v2`, the separate v2 auth too (its
+    guest role loses its default access)."""
+    etcdctl = str(Path(etcd_binary(member.version)).with_name("etcdctl"))
+    base = [etcdctl, "--endpoints", member.client_url]
+    if member.tls is not None:
+        base += ["--cacert", member.tls.ca]
+        if client is not None:
+            base += ["--cert", client.cert, "--key", client.key]
+    steps = [
+        ["user", "add", f"root:{root_password}"],
+        ["role", "add", "fleetpy"],
+        ["role", "grant-permission", "fleetpy", "--prefix=true", "readwrite", prefix],
+    ]
+    for name, password in users.items():
+        steps += [["user", "add", f"{name}:{password}"], ["user", "grant-role", name, "fleetpy"]]
+    steps.append(["auth", "enable"])
+    for step in steps:
+        subprocess.run(
+            [*base, *step], check=True, capture_output=True, env={**os.environ, "ETCDCTL_API": "3"}
+        )
+    if v2:
+        _enable_v2_auth(member, root_password, users, prefix, client)
+
+
+def _enable_v2_auth(
+    member: EtcdMember, root_password: str, users: dict[str, str], prefix: str, client: TLS | None
+) -> None:
+    context = None
+    if member.tls is not None:
+        context = ssl.create_default_context(cafile=member.tls.ca)
+        if client is not None:
+            context.load_cert_chain(client.cert, client.key)
+    root = "Basic " + base64.b64encode(f"root:{root_password}".encode()).decode()
+
+    def put(path: str, body: dict, auth: bool) -> None:
+        request = urllib.request.Request(
+            f"{member.client_url}/v2/auth/{path}", data=json.dumps(body).encode(), method="PUT"
+        )
+        request.add_header("Content-Type", "application/json")
+        if auth:
+            request.add_header("Authorization", root)
+        with urllib.request.urlopen(request, timeout=5, context=context):
+            pass
+
+    keys = prefix.rstrip("/") + "/*"
+    put("users/root", {"user": "root", "password": root_password}, auth=False)
+    put(
+        "roles/fleetpy",
+        {"role": "fleetpy", "permissions": {"kv": {"read": [keys], "write": [keys]}}},
+        auth=False,
+    )
+    for name, password in users.items():
+        put(f"users/{name}", {"user": name, "password": password, "roles": ["fleetpy"]}, auth=False)
+    put("enable", {}, auth=False)
+    put("roles/guest", {"role": "guest", "revoke": {"kv": {"read": ["/*"], "write": ["/*"]}}}, auth=True)

@@ -37,6 +37,7 @@ from fleetpy.registry.store import (
     HistoryLost,
     Op,
     Put,
+    StoreError,
     Unavailable,
 )
 
@@ -104,6 +105,11 @@ class EtcdV2Store:
         )
         try:
             return retrying(attempt)
+        except etcd.EtcdInsufficientPermissions:
+            raise StoreError(
+                "etcd refused the request: insufficient credentials; check --etcd-username, "
+                "--etcd-password-file and the user's permissions on the registry's prefix"
+            ) from None
         except RetryError as error:
             urls = ", ".join(s.url for s in self._servers)
             cause = error.last_attempt.exception()
