@@ -1,10 +1,11 @@
-"""Benchmark: what one unit launch costs the cluster, on a real etcd.
+"""Benchmark: what one unit launch costs the cluster, on a real etcd, on each registry backend.
 
 An engine and N agents (fake systemd, so only fleetpy and etcd are measured) run in one
 process, each with its own etcd client. Units are started one at a time; for each we measure
-submit -> published "active" state, count every etcd request by who made it, and count how
-many agents woke up. The baseline, measured in the same run against the same etcd, is the
-floor any etcd-based scheduler pays: one write seen by one watcher.
+submit -> published "active" state, count every etcd round trip by who made it (an HTTP request
+on v2, an RPC on v3; a watch counts once, however long it waits), and count how many agents
+woke up. Both backends run in the same run against the same etcd 3.4 (v2 on). The baseline is
+the floor any etcd-based scheduler pays: one write seen by one watcher.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from fleetpy.agent.agent import Agent
 from fleetpy.engine.engine import Engine
 from fleetpy.registry import Job, Machine, Registry
 from fleetpy.registry.etcd2 import EtcdV2Store
+from fleetpy.registry.etcd3 import EtcdV3Store
 from fleetpy.systemd import FakeSystemd
 from fleetpy.unit import UnitFile
 
 
-class CountingStore(EtcdV2Store):
-    """An etcd v2 store that counts its requests (a watch counts once, however long it waits)."""
+class CountingV2Store(EtcdV2Store):
+    """Counts HTTP requests (made from worker threads)."""
 
     def __init__(self, url: str, counts: Counter, who: str):
         super().__init__([url])
@@ -39,6 +41,21 @@ class CountingStore(EtcdV2Store):
         return super()._call_blocking(operation)
 
 
+class CountingV3Store(EtcdV3Store):
+    """Counts RPCs."""
+
+    def __init__(self, url: str, counts: Counter, who: str):
+        super().__init__([url])
+        self._counts, self._who = counts, who
+
+    async def _call(self, operation):
+        self._counts[self._who] += 1
+        return await super()._call(operation)
+
+
+STORES = {"v2": CountingV2Store, "v3": CountingV3Store}
+
+
 def rss_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -47,8 +64,8 @@ def rss_mib() -> float:
 
 
 async def baseline(url: str, rounds: int) -> list[float]:
-    """One PUT, observed by one long-polling watcher: the floor of any launch."""
-    registry = Registry(EtcdV2Store([url]), "/bench-baseline/")
+    """One write, observed by one watcher: the floor of any launch."""
+    registry = Registry(EtcdV3Store([url]), "/bench-baseline/")
     samples = []
     for i in range(rounds):
         index = await registry.index()
@@ -58,17 +75,21 @@ async def baseline(url: str, rounds: int) -> list[float]:
         await registry.store.put(registry.key("probe", "key"), str(i))
         await watch
         samples.append(time.perf_counter() - started)
+    await registry.close()
     return samples
 
 
-async def launches(url: str, machines: int, units: int) -> dict:
+async def launches(url: str, backend: str, machines: int, units: int) -> dict:
     counts: Counter = Counter()
-    prefix = "/bench-launch/"
+    prefix = f"/bench-launch-{backend}/"
+    registries: list[Registry] = []
 
     def registry(who: str) -> Registry:
-        return Registry(CountingStore(url, counts, who), prefix)
+        registries.append(Registry(STORES[backend](url, counts, who), prefix))
+        return registries[-1]
 
     api = registry("api")
+    watcher = registry("measuring")
     await api.ensure_schema()
     rss_before = rss_mib()
     agents = [
@@ -102,30 +123,30 @@ async def launches(url: str, machines: int, units: int) -> dict:
     for i in range(units):
         name = f"bench{i}.service"
         unit_file = UnitFile.parse(f"[Service]\nExecStart=/bin/sleep {1000 + i}\n")
-        index = await api.index()
+        index = await watcher.index()
         started = time.perf_counter()
-        await api.put_unit_file(unit_file)
-        await api.create_job(Job(name, unit_file.hash, "launched"))
-        while True:  # wake on state writes for this unit only
-            if any(s.active_state == "active" for s in await api.states() if s.unit == name):
+        await api.submit(unit_file, Job(name, unit_file.hash, "launched"))
+        while True:  # wake on state writes (one watch, kept open on v3)
+            if any(s.active_state == "active" for s in await watcher.states() if s.unit == name):
                 break
-            index = await api.wait(index, "state", name, timeout=10) or index
+            index = await watcher.wait(index, "state", timeout=10) or index
         latencies.append(time.perf_counter() - started)
     ops = dict(counts)
     rss_after = rss_mib()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    for each in registries:
+        await each.close()
+    # The API's submit (fleetd's API also reads the job first: one more); the measuring
+    # loop's own requests are not counted.
+    per_launch = {who: round(ops.get(who, 0) / units, 2) for who in ("api", "engine", "agents")}
     return {
+        "backend": backend,
         "machines": machines,
         "units": units,
         "submit_to_active": summary(latencies),
-        # The API's two writes per submit; its other requests here are the measuring loop's.
-        "etcd_requests_per_launch": {
-            "api_submit": 2.0,
-            "engine": round(ops.get("engine", 0) / units, 2),
-            "agents": round(ops.get("agents", 0) / units, 2),
-        },
+        "etcd_round_trips_per_launch": {**per_launch, "total": round(sum(per_launch.values()), 2)},
         "agent_wakeups_per_launch": round(reconciles / units, 2),
         # One process hosts the engine and every agent, so these are per-component costs.
         "memory": {
@@ -143,13 +164,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def main_async(machines: int, units: int) -> dict:
     with etcd() as url:
-        floor = await baseline(url, units)
-        result = await launches(url, machines, units)
-    result["baseline_one_write_one_watcher"] = summary(floor)
-    result["launch_over_baseline"] = round(
-        result["submit_to_active"]["p50_ms"] / result["baseline_one_write_one_watcher"]["p50_ms"], 1
-    )
-    return result
+        floor = summary(await baseline(url, units))
+        runs = [await launches(url, backend, machines, units) for backend in sorted(STORES)]
+    for each in runs:
+        each["launch_over_baseline"] = round(each["submit_to_active"]["p50_ms"] / floor["p50_ms"], 1)
+    return {"baseline_one_write_one_watcher": floor, "backends": runs}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -159,18 +178,18 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def render(result: dict) -> str:
-    s, b = result["submit_to_active"], result["baseline_one_write_one_watcher"]
-    ops = result["etcd_requests_per_launch"]
-    memory = result["memory"]
-    return "\n".join(
-        [
-            f"{result['machines']} machines, {result['units']} units started one at a time",
-            f"submit -> active:          p50 {s['p50_ms']} ms  p95 {s['p95_ms']} ms",
-            f"baseline (1 PUT, 1 watch): p50 {b['p50_ms']} ms  p95 {b['p95_ms']} ms"
-            f"  -> launch = {result['launch_over_baseline']}x baseline",
-            f"etcd requests per launch:  api {ops['api_submit']}, engine {ops['engine']}, agents {ops['agents']}",
-            f"agents woken per launch:   {result['agent_wakeups_per_launch']} of {result['machines']}",
-            f"memory: process {memory['process_before_mib']} MiB before, {memory['per_agent_kib']} KiB per agent, "
-            f"{memory['per_unit_kib']} KiB per unit",
+    b = result["baseline_one_write_one_watcher"]
+    lines = [f"baseline (1 write, 1 watch): p50 {b['p50_ms']} ms  p95 {b['p95_ms']} ms"]
+    for each in result["backends"]:
+        s, ops, memory = each["submit_to_active"], each["etcd_round_trips_per_launch"], each["memory"]
+        lines += [
+            f"-- etcd {each['backend']}: {each['machines']} machines, {each['units']} units started one at a time",
+            f"submit -> active:          p50 {s['p50_ms']} ms  p95 {s['p95_ms']} ms"
+            f"  ({each['launch_over_baseline']}x baseline)",
+            f"etcd round trips / launch: {ops['total']} (api {ops['api']}, engine {ops['engine']}, "
+            f"agents {ops['agents']})",
+            f"agents woken per launch:   {each['agent_wakeups_per_launch']} of {each['machines']}",
+            f"memory: process {memory['process_before_mib']} MiB before, {memory['per_agent_kib']} KiB per "
+            f"agent, {memory['per_unit_kib']} KiB per unit",
         ]
-    )
+    return "\n".join(lines)
