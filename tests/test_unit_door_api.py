@@ -151,7 +151,7 @@ async def test_fleet_templates_with_instance_specifiers_are_accepted_and_read_pe
     name = f"web@{instance}.service"
     resp = await client.put(f"/fleet/v1/units/{name}", json={"desiredState": "launched"})
     assert resp.status == 201, await resp.text()
-    fleet = load_unit(name, registry.unit_file(registry.job(name).hash)).fleet
+    fleet = load_unit(name, await registry.unit_file((await registry.job(name)).hash)).fleet
     assert {key: getattr(fleet, key) for key in expected} == expected
 
 
@@ -169,4 +169,4 @@ async def test_global_fleet_read_as_false_is_refused_with_how_fleet_read_it(clie
     resp = await put(client, "g.service", options)
     body = await resp.json()
     assert resp.status == 400 and "fleet read it as false" in body["error"]["message"]
-    assert registry.jobs() == []
+    assert await registry.jobs() == []

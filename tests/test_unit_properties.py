@@ -7,6 +7,8 @@ broken unit files before (line ends, NUL, backslashes, comment and section start
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -103,8 +105,12 @@ def test_every_later_layer_agrees_with_the_door(name: str, options: list[dict]) 
         return
     # registry: the text stored in etcd parses back to the same file under the same hash
     registry = memory_registry()
-    digest = registry.put_unit_file(unit_file)
-    stored = registry.unit_file(digest)
+
+    async def round_trip():
+        digest = await registry.put_unit_file(unit_file)
+        return digest, await registry.unit_file(digest)
+
+    digest, stored = asyncio.run(round_trip())
     assert stored == unit_file and stored.hash == digest
     # engine: the stored unit loads, with the same [X-Fleet] reading
     assert load_unit(name, stored) == unit
