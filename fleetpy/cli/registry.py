@@ -45,8 +45,9 @@ def migrate_command(
 ) -> None:
     """Copy a live cluster's registry from one etcd API to the other.
 
-    Copies the durable records (version, unit/, job/, schedule/, pending/, state/) under the same
-    prefix, and only those the target lacks or holds differently, so it is safe to run twice.
+    Copies the durable records (version, unit/, job/, machine-metadata/, cordon/, schedule/,
+    pending/, state/) under the same prefix, and only those the target lacks or holds
+    differently, so it is safe to run twice.
     Machine records and the leader key are not copied: each fleetd writes its own when it starts
     on the target. See docs/registry.md for the rolling switch of a running cluster.
     """
