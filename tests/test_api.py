@@ -605,9 +605,9 @@ async def test_cordon_is_a_registry_record_shown_on_the_machine(client, registry
     assert (await client.put(f"/fleetpy/v1/machines/{M2}/cordon")).status == 204
     machines = (await (await client.get("/fleet/v1/machines")).json())["machines"]
     assert [m.get("cordoned", False) for m in machines] == [False, True]
-    assert [m.cordoned for m in registry.machines()] == [False, True]
+    assert [m.cordoned for m in await registry.machines()] == [False, True]
     assert (await client.delete(f"/fleetpy/v1/machines/{M2}/cordon")).status == 204
-    assert [m.cordoned for m in registry.machines()] == [False, False]
+    assert [m.cordoned for m in await registry.machines()] == [False, False]
     status, message = await error_of(await client.put("/fleetpy/v1/machines/nope/cordon"))
     assert (status, message) == (404, "machine nope not found; see 'fleetctl list-machines -l'")
 
@@ -618,12 +618,12 @@ async def test_plan_says_where_a_unit_would_go_and_writes_nothing(client, regist
     lines = (await response.json())["lines"]
     assert lines[0] == "db.service -> 113f16a7... : only machine that fits"
     assert "  excluded 2c9a1b3e... (metadata region=us does not match)" in lines
-    assert registry.jobs() == [] and registry.assignments() == []
+    assert await registry.jobs() == [] and await registry.assignments() == []
     # A submitted template's instance is planned from the template's file.
     await client.put("/fleet/v1/units/web@.service", json={"desiredState": "inactive", "options": db_only})
     lines = (await (await client.post("/fleetpy/v1/units/web@2.service/plan")).json())["lines"]
     assert lines[0] == "web@2.service -> 113f16a7... : only machine that fits"
-    assert [j.name for j in registry.jobs()] == ["web@.service"]
+    assert [j.name for j in await registry.jobs()] == ["web@.service"]
     status, message = await error_of(await client.post("/fleetpy/v1/units/web@.service/plan"))
     assert (status, message) == (400, "web@.service is a template; plan an instance such as web@1.service")
     status, message = await error_of(await client.post("/fleetpy/v1/units/nope.service/plan"))
