@@ -65,7 +65,9 @@ def observe(registry: Registry, started: float, units: int, timeout: float, runn
     """Record when each unit is first seen active, sampling every 0.25 s."""
     while len(running_at) < units and time.perf_counter() - started < timeout:
         now = time.perf_counter() - started
-        for state in registry.states():
+        # A thread of its own, so an event loop of its own for each read (the v2 store is
+        # made of threads, so it serves any loop).
+        for state in asyncio.run(registry.states()):
             if state.active_state == "active" and state.unit not in running_at:
                 running_at[state.unit] = now
         time.sleep(0.25)
@@ -79,7 +81,7 @@ async def launch_all(url: str, machines: int, units: int, timeout: float) -> dic
         return Registry(CountingStore(url, counts, who), PREFIX)
 
     api, observer = registry("api"), registry("observer")
-    watcher = Registry(EtcdStore([url]), PREFIX)
+    watcher = Registry(EtcdV2Store([url]), PREFIX)
     await api.ensure_schema()
     agents = [
         Agent(

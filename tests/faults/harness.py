@@ -10,18 +10,23 @@ The invariants, read from systemd on every node and from etcd:
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import threading
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
 from fleetpy.lab.lab import Lab, LabError
 from fleetpy.registry import Job, Registry, StoreError
 from fleetpy.unit import UnitFile
+
+T = TypeVar("T")
 
 # Long enough that a fleetd restarted on a busy CI machine is back within it.
 AGENT_TTL = 5.0
@@ -136,12 +141,13 @@ class Harness:
     def client(self, name: str) -> httpx.Client:
         return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket(name))), timeout=15)
 
-    def registry(self) -> Registry:
-        return self.lab.registry(retry_for=3.0)
+    def read(self, call: Callable[[Registry], Awaitable[T]]) -> T:
+        """`call(registry)` on the lab's etcd (the harness is synchronous)."""
+        return self.lab.read(call, retry_for=3.0)
 
     def leader(self) -> str | None:
         try:
-            return self.name_of(self.registry().leader())
+            return self.name_of(self.read(lambda r: r.leader()))
         except StoreError:
             return None
 
@@ -192,15 +198,17 @@ class Harness:
 
     def _jobs_or_empty(self) -> list[Job]:
         try:
-            return self.registry().jobs()
+            return self.read(lambda r: r.jobs())
         except StoreError:
             return []
 
     def etcd_contents(self) -> tuple[dict[str, Job], set[str]]:
-        registry = self.registry()
-        jobs = {j.name: j for j in registry.jobs()}
-        files = {h for h in {j.hash for j in jobs.values()} if registry.unit_file(h) is not None}
-        return jobs, files
+        async def contents(registry: Registry) -> tuple[dict[str, Job], set[str]]:
+            jobs = {j.name: j for j in await registry.jobs()}
+            files = {h for h in {j.hash for j in jobs.values()} if await registry.unit_file(h) is not None}
+            return jobs, files
+
+        return self.read(contents)
 
     # -- the invariants --------------------------------------------------------------------
 
@@ -210,11 +218,10 @@ class Harness:
         `machines_up` are the nodes whose fleetd is registered and reachable: global units must
         run on each of them, and nothing may run twice among them.
         """
-        registry = self.registry()
-        pending = registry.pending()
+        pending, jobs = self.read(lambda r: asyncio.gather(r.pending(), r.jobs()))
         roles = {n.name: n.metadata.get("role") for n in self.lab.state.nodes}
         problems = [f"Conflicts violated on {c}" for c in snap.conflicts()]
-        for job in registry.jobs():
+        for job in jobs:
             if job.desired_state != "launched" or "@." in job.name:
                 continue
             where = snap.nodes_of(job.name) & machines_up

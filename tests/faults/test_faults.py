@@ -272,7 +272,7 @@ def test_four_clients_churn_while_a_node_dies(harness):
     scenario.recovery_s.append(time.monotonic() - started)
     scenario.crashes = crashed(h, pids, {victim})
     h.record(scenario)
-    h.destroy(healthy[0], [j.name for j in h.registry().jobs() if j.name.startswith("churn")])
+    h.destroy(healthy[0], [j.name for j in h.read(lambda r: r.jobs()) if j.name.startswith("churn")])
     assert scenario.report()["server_errors_5xx_not_503"] == 0, (scenario.requests, errors[:3])
     assert scenario.crashes == 0 and scenario.conflict_violations == 0
     steady(h)
@@ -281,18 +281,21 @@ def test_four_clients_churn_while_a_node_dies(harness):
 def test_b2_a_stored_unit_that_no_longer_parses_is_quarantined_and_scheduling_goes_on(harness):
     h, scenario = harness, Scenario("b2_unparsable_stored_unit")
     steady(h)
-    registry = h.registry()
     leader = h.leader()
     digest = "b2" + "0" * 38
-    registry.store.put(registry.key("unit", digest), "[Service]\nExecStart=/bin/true\r[oops\n")
-    registry.create_job(Job("b2-bad.service", digest, "launched"))
+
+    async def store_a_bad_unit(registry):
+        await registry.store.put(registry.key("unit", digest), "[Service]\nExecStart=/bin/true\r[oops\n")
+        await registry.create_job(Job("b2-bad.service", digest, "launched"))
+
+    h.read(store_a_bad_unit)
     started = time.monotonic()
     h.submit("node1", {"b2-good.service": "plain@.service"})
     while not h.observe().nodes_of("b2-good.service"):
         assert time.monotonic() - started < 15, "the engine stopped scheduling"
         time.sleep(0.1)
     scenario.recovery_s.append(time.monotonic() - started)
-    reason = registry.pending().get("b2-bad.service")
+    reason = h.read(lambda r: r.pending()).get("b2-bad.service")
     with h.client("node2") as client:
         listed = client.get("http://fleet/fleetpy/v1/units/b2-bad.service/pending").json()
     h.record(scenario)
@@ -311,7 +314,7 @@ def test_b7_editing_a_dead_machines_metadata_does_not_keep_it_alive(harness):
     started = time.monotonic()
     h.lab.kill_node(victim)
     with h.client("node1") as client:
-        while machine in {m.id for m in h.registry().machines()}:
+        while machine in {m.id for m in h.read(lambda r: r.machines())}:
             client.patch(
                 "http://fleet/fleet/v1/machines",
                 json=[{"op": "add", "path": f"/{machine}/metadata/edited", "value": str(time.monotonic())}],
