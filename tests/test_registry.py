@@ -14,10 +14,12 @@ from fleetpy.registry import (
     HistoryLost,
     Job,
     Machine,
+    ManualClock,
     NotFound,
     Registry,
     Unavailable,
     UnitState,
+    memory_registry,
 )
 from fleetpy.registry.etcd2 import EtcdV2Store
 from fleetpy.registry.etcd3 import EtcdV3Store
@@ -232,3 +234,17 @@ async def test_unreachable_etcd_is_a_clear_error(store):
     with pytest.raises(Unavailable, match="etcd is unreachable at http://127.0.0.1:9"):
         await registry.jobs()
     await registry.close()
+
+
+async def test_the_memory_store_runs_ttls_and_watch_timeouts_on_its_clock():
+    """Fast tests turn the clock by hand: a 30 s TTL and a 60 s watch end without waiting."""
+    clock = ManualClock()
+    registry = memory_registry(clock=clock)
+    await registry.register_machine(Machine("m1"), ttl=30)
+    watch = asyncio.create_task(registry.wait(await registry.index(), "job", timeout=60))
+    await asyncio.sleep(0.1)
+    assert not watch.done() and await registry.machines() == [Machine("m1")]
+    clock.advance(31)
+    assert await registry.machines() == []
+    clock.advance(30)
+    assert await asyncio.wait_for(watch, 1) is None
