@@ -29,6 +29,7 @@ from fleetpy.unit.file import UnitFile
 # coreos.fleet keys are valid for CoreOS fleet but would make our fleetd refuse the file.
 FLEETD_OPTIONS = (
     "etcd_servers",
+    "etcd_api",
     "etcd_key_prefix",
     "etcd_cafile",
     "etcd_certfile",

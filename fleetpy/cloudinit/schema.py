@@ -20,6 +20,7 @@ from typing import Literal
 
 from fleetpy.cloudinit.substitute import substitute
 from fleetpy.conf.values import BadValue, parse_agent_ttl, parse_duration, parse_metadata
+from fleetpy.registry import ETCD_APIS
 from fleetpy.unit.errors import InvalidUnitName
 from fleetpy.unit.name import validate_unit_name
 
@@ -91,6 +92,12 @@ def _initial_cluster(value: str) -> Problem | None:
         name, eq, url = member.strip().partition("=")
         if not name or not eq or not _URL.fullmatch(_substituted(url)):
             return "error", f'"{member.strip()}" is not a NAME=URL cluster member'
+    return None
+
+
+def _etcd_api(value: str) -> Problem | None:
+    if value not in ETCD_APIS:
+        return ("error", f'"{value}" is not an etcd API fleetd speaks (auto, v2 or v3)')
     return None
 
 
@@ -328,6 +335,7 @@ FLEET = Spec(
         "engine_reconcile_interval": FLOAT,
         **_strings("etcd_cafile", "etcd_certfile", "etcd_keyfile", "etcd_key_prefix"),
         **_strings("etcd_username", "etcd_password"),
+        "etcd_api": Spec("str", check=_etcd_api),
         "etcd_request_timeout": FLOAT,
         "etcd_servers": Spec("str", check=_url_list),
         "metadata": Spec("str", check=_metadata),
