@@ -14,10 +14,10 @@ def _ok(result) -> str:
 
 def test_drain_moves_units_and_uncordon_takes_units_again(fleet, unit_dir):  # noqa: F811
     _ok(fleet.run("start", "hello.service"))
-    assert fleet.registry.assignments()[0].machine_id == M1
+    assert fleet.call(fleet.registry.assignments())[0].machine_id == M1
     out = _ok(fleet.run("drain", M1[:6]))
     assert out == "Unit hello.service moved to 2c9a1b3e.../10.0.0.2\nMachine 113f16a7.../10.0.0.1 drained\n"
-    assert [a.machine_id for a in fleet.registry.assignments()] == [M2]
+    assert [a.machine_id for a in fleet.call(fleet.registry.assignments())] == [M2]
     assert "10.0.0.1\tdisk=ssd,region=us (drained)\n" in _ok(fleet.run("list-machines"))
     assert _ok(fleet.run("list-machines", "--fields", "state", "--no-legend")) == "drained\nschedulable\n"
     # plan: the idle drained machine is out, so the unit would go beside hello.
@@ -48,7 +48,7 @@ def test_scale_up_and_down_reports_where_instances_went(fleet, unit_dir):  # noq
         "Destroyed web@2.service",
         "Unit web@1.service launched on 113f16a7.../10.0.0.1",
     ]
-    assert sorted(j.name for j in fleet.registry.jobs()) == ["web@.service", "web@1.service"]
+    assert sorted(j.name for j in fleet.call(fleet.registry.jobs())) == ["web@.service", "web@1.service"]
     result = fleet.run("scale", "hello.service=2")
     assert result.exit_code == 1 and "hello.service is not a template" in result.output
     result = fleet.run("scale", "web@.service")
