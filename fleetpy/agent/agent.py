@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from fleetpy.agent.tasks import RUNNING, STARTED, Desired, Tasks, plan_tasks
+from fleetpy.events import AgentEvents
 from fleetpy.registry import Assignment, HistoryLost, Machine, Registry, StoreError, UnitState
 from fleetpy.supervise import supervise
 from fleetpy.systemd import State, SystemdError, SystemdManager
@@ -44,8 +45,10 @@ class Agent:
         ttl: float,
         fence: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        events: AgentEvents | None = None,
     ):
         self.registry = registry
+        self.events = events or AgentEvents()
         self.systemd = systemd
         self.machine = machine
         self.ttl = ttl
@@ -98,6 +101,7 @@ class Agent:
                 sent = self._clock()
                 await self.registry.register_machine(self.machine, self.ttl)
                 self._renewed_at = sent
+                self.events.joined(self.machine)
                 return
             except StoreError as error:
                 log.warning("cannot register machine %s yet: %s", self.machine.id, error)
@@ -112,10 +116,13 @@ class Agent:
                 if not await self.registry.refresh_machine(self.machine.id, self.ttl):
                     log.warning("machine record had expired; registering again")
                     await self.registry.register_machine(self.machine, self.ttl)
+                    self.events.joined(self.machine, again=True)
                 self._renewed(sent)
+                self.events.etcd(None)
             except StoreError as error:
                 # Units keep running while etcd is away; we just try again next beat.
                 log.warning("heartbeat failed: %s", error)
+                self.events.etcd(error)
 
     async def _follow_schedule(self) -> None:
         index = None
@@ -269,6 +276,8 @@ class Agent:
         except Exception as error:
             self._quarantine(name, f"cannot {action.__name__} it: {error}")
             return False
+        if action == self.systemd.start:
+            self.events.start_done(name, result)
         if result != "done":
             log.warning("%s %s: %s", action.__name__, name, result)
         return False
@@ -320,6 +329,7 @@ class Agent:
 
     def _on_state_change(self, name: str, load: str, active: str, sub: str) -> None:
         if name in self._assigned and name not in self._quarantined:
+            self.events.unit_state(name, active, sub)
             self._to_publish[name] = (load, active, sub)
             self._publish_wanted.set()
 

@@ -7,9 +7,11 @@ import ssl
 from aiohttp import web
 
 from fleetpy.api.auth import AUTH, Auth, authenticate
+from fleetpy.api.changes import Changes
 from fleetpy.api.connections import GUARDS, LIMITS, Guards, Limits, bounded, clock
 from fleetpy.api.context import ApiContext
 from fleetpy.api.errors import errors
+from fleetpy.api.events import EventsV1
 from fleetpy.api.extensions import FleetpyV1
 from fleetpy.api.fleet_v1 import FleetV1
 from fleetpy.api.local import LocalUnitInfo
@@ -39,4 +41,7 @@ def create_app(
     extensions.add_routes(app.router)
     UnitWait(context).add_routes(app.router)
     app.on_shutdown.append(extensions.stop_followers)
+    changes = Changes(registry)
+    app.on_cleanup.append(changes.close)
+    EventsV1(registry, changes).add_routes(app.router)
     return app

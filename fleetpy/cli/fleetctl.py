@@ -19,6 +19,7 @@ import click
 
 import fleetpy.unit as fleet_unit
 from fleetpy import __version__
+from fleetpy.cli.events import event_lines, events_command
 from fleetpy.client import APIError, Client
 from fleetpy.conf.values import short_machine_id
 
@@ -33,6 +34,7 @@ DEFAULT_BLOCK_ATTEMPTS = 150
 TAB_WIDTH = 8
 # An argument with one of these is a glob; a backslash alone is part of an escaped unit name.
 _GLOB_CHARS = frozenset("*?[")
+STATUS_EVENTS = 10  # recent events `status` shows after systemd's status, as kubectl describe
 
 
 class _Group(click.Group):
@@ -423,12 +425,15 @@ def _target_machine(client: Client, target: str) -> dict:
 @click.argument("units", nargs=-1, required=True)
 @pass_session
 def status(session: _Session, units: tuple[str, ...]) -> None:
-    """Show systemctl status of units, from the machines running them."""
+    """Show systemctl status of units, from the machines running them, then their recent events."""
     names = _expand(session.client, units)
     for index, name in enumerate(names):
         if index:
             click.echo()
         click.echo(session.client.unit_status(name), nl=False)
+        click.echo("\nEvents:")
+        recent = session.client.events(unit=name, limit=STATUS_EVENTS)
+        click.echo("\n".join(f"  {line}" for line in event_lines(recent)) if recent else "  <none>")
 
 
 @cli.command("journal")
@@ -799,6 +804,9 @@ def _poll(names: list[str], done: Callable[[list[str]], set[str]], attempts: int
             break
         time.sleep(POLL_INTERVAL)
     return left
+
+
+cli.add_command(events_command)
 
 
 def main() -> None:

@@ -352,16 +352,34 @@ class Client:
     def unit_status(self, name: str) -> str:
         return self._request("GET", f"/fleetpy/v1/units/{_quoted(name)}/status").json()["status"]
 
+    def events(self, unit: str | None = None, machine_id: str | None = None, limit: int = 100) -> list[dict]:
+        params = {"limit": str(limit), **{k: v for k, v in (("unit", unit), ("machineID", machine_id)) if v}}
+        return self._request("GET", "/fleetpy/v1/events", params).json()["events"]
+
+    def follow_events(
+        self, unit: str | None = None, machine_id: str | None = None, limit: int = 100
+    ) -> Iterator[dict]:
+        """Recent events, then each new one as it is recorded; never ends on its own."""
+        params = {"limit": str(limit), "follow": "true"}
+        params.update({k: v for k, v in (("unit", unit), ("machineID", machine_id)) if v})
+        for line in self._stream("/fleetpy/v1/events", params, endless=True):
+            if line.strip():
+                yield json.loads(line)
+
     def unit_journal(self, name: str, lines: int = 10, follow: bool = False) -> Iterator[str]:
         params = {"lines": str(lines), "follow": "true" if follow else "false"}
-        target, _, headers = self._message("GET", f"/fleetpy/v1/units/{_quoted(name)}/journal", params, None)
-        # Its own connection: a followed journal has no end, and only connecting may time out.
+        yield from self._stream(f"/fleetpy/v1/units/{_quoted(name)}/journal", params, endless=follow)
+
+    def _stream(self, path: str, params: dict[str, str], endless: bool) -> Iterator[str]:
+        """The response's lines as they come; an endless stream may be quiet for long."""
+        target, _, headers = self._message("GET", path, params, None)
+        # Its own connection: an endless stream has no end, and only connecting may time out.
         self._check_socket()
         connection = self._connect()
         try:
             try:
                 connection.request("GET", target, headers=headers)
-                if follow and connection.sock is not None:
+                if endless and connection.sock is not None:
                     connection.sock.settimeout(None)
                 response = connection.getresponse()
                 if response.status >= 400:

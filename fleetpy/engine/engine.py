@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from fleetpy.engine.cordon import drained, hand_over
 from fleetpy.engine.guarded import plan_guarded
 from fleetpy.engine.scheduler import Plan
+from fleetpy.events import EngineEvents
 from fleetpy.registry import Assignment, HistoryLost, Job, Registry, StoreError
 from fleetpy.unit import Unit, load_unit
 
@@ -89,8 +90,10 @@ class Engine:
         lease_ttl: float,
         reconcile_interval: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        events: EngineEvents | None = None,
     ):
         self.registry = registry
+        self.events = events or EngineEvents(ttl=lease_ttl)
         self.machine_id = machine_id
         self.lease_ttl = lease_ttl
         self.reconcile_interval = reconcile_interval
@@ -107,6 +110,7 @@ class Engine:
             try:
                 if await self.registry.acquire_leadership(self.machine_id, self.lease_ttl):
                     log.info("engine: this machine leads (%s)", self.machine_id)
+                    self.events.leading(self.machine_id)
                     if not await self._lead():
                         # Let another fleetd take the lease; it may be able to schedule.
                         await asyncio.sleep(self.lease_ttl)
@@ -249,12 +253,10 @@ class Engine:
         current = [a for a in current if a.unit not in held]
         reasons = {**{unit: str(reason) for unit, reason in new_plan.pending.items()}, **quarantined}
         assignments, self._handing_over = await self._hand_over(new_plan, machines, parsed, current)
-        await self.apply(
-            assignments,
-            {u: r for u, r in reasons.items() if u not in held or u in quarantined},
-            current,
-            {u: r for u, r in pending.items() if u not in held or u in quarantined},
-        )
+        reasons = {u: r for u, r in reasons.items() if u not in held or u in quarantined}
+        pending = {u: r for u, r in pending.items() if u not in held or u in quarantined}
+        await self.apply(assignments, reasons, current, pending)
+        self.events.scheduled(machines, current, assignments, new_plan.decisions, reasons, pending)
         return new_plan
 
     async def _hand_over(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from fleetpy.agent.agent import Agent
 from fleetpy.engine.engine import Engine
+from fleetpy.events import AgentEvents, EngineEvents, Recorder
 from fleetpy.fleetd.config import Config, machine_id
 from fleetpy.registry import Machine, Registry
 from fleetpy.supervise import supervise
@@ -43,11 +44,15 @@ class Fleetd:
     registry: Registry
     agent: Agent
     engine: Engine | None
+    recorder: Recorder
     restart_pause: float | None = None  # supervise's default
 
     async def run(self) -> None:
         """Run until cancelled; each part is supervised, so none can end the others."""
-        parts = [supervise("agent", self.agent.run, self.restart_pause)]
+        parts = [
+            supervise("agent", self.agent.run, self.restart_pause),
+            supervise("event recorder", self.recorder.run, self.restart_pause),
+        ]
         if self.engine is not None:
             parts.append(supervise("engine", self.engine.run, self.restart_pause))
         async with asyncio.TaskGroup() as group:
@@ -63,10 +68,19 @@ def build_fleetd(
 ) -> Fleetd:
     """The fleetd that `config` describes, over the given registry, systemd manager and clock."""
     machine = machine_of(config)
-    agent = Agent(registry, systemd, machine, config.agent_ttl, fence=config.fence)
+    recorder = Recorder(registry, machine.id)
+    events = AgentEvents(recorder, systemd.failure_reason)
+    agent = Agent(registry, systemd, machine, config.agent_ttl, fence=config.fence, events=events)
     engine = (
         None
         if config.disable_engine
-        else Engine(registry, machine.id, config.agent_ttl, config.engine_reconcile_interval, clock=clock)
+        else Engine(
+            registry,
+            machine.id,
+            config.agent_ttl,
+            config.engine_reconcile_interval,
+            clock=clock,
+            events=EngineEvents(recorder, config.agent_ttl),
+        )
     )
-    return Fleetd(machine, registry, agent, engine)
+    return Fleetd(machine, registry, agent, engine, recorder)

@@ -98,7 +98,9 @@ async def run(config: Config) -> None:
         await main
     except asyncio.CancelledError:
         log.info("fleetd stopping; units keep running")
+        fleetd.agent.events.left(fleetd.machine.id)
     finally:
+        await fleetd.recorder.close()
         await runner.cleanup()
         await systemd.close()
         await registry.close()

@@ -120,3 +120,45 @@ class UnitState:
             sub_state=data["systemdSubState"],
             reason=data.get("reason", ""),
         )
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened in the cluster, as the fleetd that saw it recorded it.
+
+    `reporter` and `seq` identify an event: each fleetd numbers its own events from 1.
+    """
+
+    time: str  # UTC, ISO 8601 with milliseconds: "2026-12-02T07:55:01.123Z"
+    reporter: str
+    seq: int
+    kind: str  # MachineJoined, UnitStarted, ... (fleetpy.events.kinds)
+    type: str  # "Normal" or "Warning", as Kubernetes events
+    message: str
+    unit: str = ""
+    machine_id: str = ""
+
+    def to_json(self) -> dict:
+        return {
+            "time": self.time,
+            "reporter": self.reporter,
+            "seq": self.seq,
+            "kind": self.kind,
+            "type": self.type,
+            "unit": self.unit,
+            "machineID": self.machine_id,
+            "message": self.message,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Event:
+        return cls(
+            time=data["time"],
+            reporter=data["reporter"],
+            seq=int(data["seq"]),
+            kind=data["kind"],
+            type=data.get("type", "Normal"),
+            message=data.get("message", ""),
+            unit=data.get("unit", ""),
+            machine_id=data.get("machineID", ""),
+        )

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from fleetpy.registry.memory import MemoryStore
-from fleetpy.registry.models import Assignment, Job, Machine, UnitState
+from fleetpy.registry.models import Assignment, Event, Job, Machine, UnitState
 from fleetpy.registry.store import AlreadyExists, CompareFailed, Delete, Op, Put, Store
 from fleetpy.unit import UnitFile
 
@@ -82,6 +82,7 @@ class Registry:
       pending/<name>               why a unit fits nowhere           engine
       state/<name>/<machine>       UnitState JSON                    that machine's agent
       engine/leader                machine id of the engine, TTL     the elected engine
+      events/<machine>             that fleetd's recent events, JSON that machine's event recorder
     """
 
     def __init__(self, store: Store, prefix: str = DEFAULT_PREFIX):
@@ -261,6 +262,20 @@ class Registry:
     async def resign(self, holder: str) -> None:
         with contextlib.suppress(CompareFailed):
             await self.store.delete(self.key("engine", "leader"), prev_value=holder)
+
+    # Events: each fleetd's own bounded history, rewritten whole (oldest trimmed) by its recorder.
+    async def put_events(self, machine_id: str, events: list[Event]) -> None:
+        await self.store.put(self.key("events", machine_id), json.dumps([e.to_json() for e in events]))
+
+    async def events(self, machine_id: str | None = None) -> list[Event]:
+        """Recorded events, oldest first; only `machine_id`'s own record if given."""
+        if machine_id is not None:
+            text = await self.store.get(self.key("events", machine_id))
+            records = [] if text is None else [text]
+        else:
+            records = list((await self._list("events")).values())
+        found = [Event.from_json(item) for text in records for item in json.loads(text)]
+        return sorted(found, key=lambda e: (e.time, e.reporter, e.seq))
 
     async def last_failure(self) -> float:
         """When (time.monotonic) etcd last failed a request: the end of the latest outage.

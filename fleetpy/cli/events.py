@@ -1,0 +1,56 @@
+"""`fleetctl events`: the cluster's recent events, like `kubectl get events`."""
+
+from __future__ import annotations
+
+import click
+
+COLUMNS = ("TIME", "TYPE", "KIND", "MACHINE", "MESSAGE")
+# Fixed widths, so followed events line up with the ones before them ("EtcdUnreachable" is 15).
+WIDTHS = (19, 7, 15, 8)
+
+
+def event_row(event: dict) -> list[str]:
+    """TIME (UTC, to the second), TYPE, KIND, MACHINE (short id) and MESSAGE of one event."""
+    when = event["time"].replace("T", " ")[:19]
+    return [when, event["type"], event["kind"], (event.get("machineID") or "-")[:8], event["message"]]
+
+
+def event_line(row: list[str] | tuple[str, ...]) -> str:
+    return "  ".join(cell.ljust(width) for cell, width in zip(row, WIDTHS, strict=False)) + "  " + row[-1]
+
+
+def event_lines(events: list[dict], legend: bool = True) -> list[str]:
+    return ([event_line(COLUMNS)] if legend else []) + [event_line(event_row(e)) for e in events]
+
+
+@click.command("events")
+@click.option("-f", "--follow", is_flag=True, help="keep printing events as they are recorded")
+@click.option("--unit", help="only events about this unit")
+@click.option("--machine", help="only events about this machine (an id or its prefix)")
+@click.option(
+    "--limit", default=100, show_default=True, type=click.IntRange(min=0), help="most recent events shown"
+)
+@click.option("--no-legend", is_flag=True, help="do not print column headers")
+@click.pass_obj
+def events_command(
+    session, follow: bool, unit: str | None, machine: str | None, limit: int, no_legend: bool
+) -> None:
+    """Show what happened in the cluster: machines joining and lost, units scheduled, started,
+    failed, moved or pending (with why), leader changes and etcd outages (fleetpy extension)."""
+    client = session.client
+    if unit:
+        unit = _unit_name(unit)
+    if not follow:
+        for line in event_lines(client.events(unit, machine, limit), legend=not no_legend):
+            click.echo(line)
+        return
+    if not no_legend:
+        click.echo(event_line(COLUMNS))
+    for event in client.follow_events(unit, machine, limit):
+        click.echo(event_line(event_row(event)))
+
+
+def _unit_name(arg: str) -> str:
+    from fleetpy.cli.fleetctl import _unit_name as mangle
+
+    return mangle(arg)

@@ -1,0 +1,32 @@
+"""The kinds of event, with their type: Normal, or Warning for what an operator should look at."""
+
+MACHINE_JOINED = "MachineJoined"
+MACHINE_LEFT = "MachineLeft"
+MACHINE_LOST = "MachineLost"
+UNIT_SCHEDULED = "UnitScheduled"
+UNIT_MOVED = "UnitMoved"
+UNIT_PENDING = "UnitPending"
+UNIT_STARTED = "UnitStarted"
+UNIT_FAILED = "UnitFailed"
+LEADER_CHANGED = "LeaderChanged"
+ETCD_UNREACHABLE = "EtcdUnreachable"
+ETCD_REACHABLE = "EtcdReachable"
+
+WARNINGS = frozenset({MACHINE_LOST, UNIT_MOVED, UNIT_PENDING, UNIT_FAILED, ETCD_UNREACHABLE})
+ALL = (
+    MACHINE_JOINED,
+    MACHINE_LEFT,
+    MACHINE_LOST,
+    UNIT_SCHEDULED,
+    UNIT_MOVED,
+    UNIT_PENDING,
+    UNIT_STARTED,
+    UNIT_FAILED,
+    LEADER_CHANGED,
+    ETCD_UNREACHABLE,
+    ETCD_REACHABLE,
+)
+
+
+def event_type(kind: str) -> str:
+    return "Warning" if kind in WARNINGS else "Normal"

@@ -1,0 +1,162 @@
+"""Issue 14, events on a real cluster: three fleetd on real nodes, one real etcd. What fleetctl
+does and what happens to machines shows up in `fleetctl events`, `events -f` and `status`."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from labtools import wait_for
+
+from fleetpy.cli.fleetctl import cli
+from fleetpy.client import Client
+from fleetpy.lab.lab import Lab
+
+pytestmark = pytest.mark.integration
+
+AGENT_TTL = 3.0
+SLEEP = "[Unit]\nDescription={name}\n[Service]\nExecStart=/bin/sleep 100000\n"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    lab = Lab(Path(tmp_path_factory.mktemp("evlab", numbered=True)))
+    lab.up(node_count=3, network="loopback", agent_ttl=f"{AGENT_TTL:.0f}s", containers=False)
+    try:
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def fleetctl(lab: Lab, *args: str, endpoint: str | None = None) -> str:
+    result = CliRunner().invoke(cli, ["--endpoint", endpoint or lab.endpoint(), *args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def events_of(client: Client, unit: str | None = None, kind: str | None = None) -> list[dict]:
+    return [e for e in client.events(unit=unit, limit=1000) if kind is None or e["kind"] == kind]
+
+
+def node_of(lab: Lab, machine_id: str) -> str:
+    return next(n.name for n in lab.state.nodes if n.machine_id == machine_id)
+
+
+def test_the_lab_coming_up_is_recorded(lab):
+    with Client(lab.endpoint()) as client:
+        joined = wait_for("3 joins", lambda: len(e := events_of(client, kind="MachineJoined")) >= 3 and e)
+        assert {e["machineID"] for e in joined} >= {n.machine_id for n in lab.state.nodes}
+        leaders = events_of(client, kind="LeaderChanged")
+        assert leaders and leaders[-1]["machineID"] == lab.leader()
+
+
+def test_a_started_unit_is_scheduled_with_a_reason_started_and_shown_by_status(lab, workdir):
+    (workdir / "hello.service").write_text(SLEEP.format(name="hello"))
+    fleetctl(lab, "start", "hello.service")
+    with Client(lab.endpoint()) as client:
+        wait_for("UnitStarted", lambda: events_of(client, "hello.service", "UnitStarted"))
+        scheduled = events_of(client, "hello.service", "UnitScheduled")
+        assert len(scheduled) == 1
+        message = scheduled[0]["message"]
+        assert message.startswith(f"hello.service scheduled to {scheduled[0]['machineID'][:8]}: ")
+        assert "least loaded" in message or "only machine" in message
+    listing = fleetctl(lab, "events", "--unit", "hello")
+    assert listing.splitlines()[0].split() == ["TIME", "TYPE", "KIND", "MACHINE", "MESSAGE"]
+    assert "UnitScheduled" in listing and "UnitStarted" in listing
+    assert "MachineJoined" not in listing
+    status = fleetctl(lab, "status", "hello.service")
+    tail = status[status.index("\nEvents:\n") :]
+    assert "active (running)" in status[: status.index("\nEvents:\n")]
+    assert "UnitScheduled" in tail and "UnitStarted" in tail
+
+
+def test_a_failing_unit_is_recorded_with_systemds_result(lab, workdir):
+    (workdir / "crash.service").write_text("[Service]\nExecStart=/bin/sh -c 'exit 3'\n")
+    fleetctl(lab, "start", "--no-block", "crash.service")
+    with Client(lab.endpoint()) as client:
+        failed = wait_for("UnitFailed", lambda: events_of(client, "crash.service", "UnitFailed"))
+    assert failed[0]["type"] == "Warning"
+    assert failed[0]["message"] == "crash.service failed: exit-code: the main process exited with status 3"
+
+
+def test_a_unit_nothing_fits_is_recorded_as_pending_with_the_reason(lab, workdir):
+    (workdir / "picky.service").write_text(
+        SLEEP.format(name="picky") + "[X-Fleet]\nMachineMetadata=role=gpu\n"
+    )
+    fleetctl(lab, "start", "--no-block", "picky.service")
+    with Client(lab.endpoint()) as client:
+        pending = wait_for("UnitPending", lambda: events_of(client, "picky.service", "UnitPending"))
+    assert pending[0]["message"].startswith("picky.service pending: no machine fits")
+    assert "role=gpu" in pending[0]["message"]
+
+
+def test_a_killed_node_is_lost_and_its_unit_moves_seen_live_by_events_follow(lab, workdir):
+    (workdir / "mover.service").write_text(SLEEP.format(name="mover"))
+    fleetctl(lab, "start", "mover.service")
+    client = Client(lab.endpoint())
+    where = wait_for(
+        "mover placed",
+        lambda: next((s["machineID"] for s in client.unit_states(unit_name="mover.service")), None),
+    )
+    victim = node_of(lab, where)
+    survivor = next(n for n in lab.state.nodes if n.name != victim)
+    endpoint = f"unix://{lab.dir / survivor.name / 'fleet.sock'}"
+    follower, streamed = Client(endpoint), []
+
+    def follow() -> None:
+        for event in follower.follow_events(unit="mover.service", limit=0):
+            streamed.append(event)
+            if event["kind"] == "UnitMoved":
+                return
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    time.sleep(1)  # the stream is open before anything happens
+    lab.kill_node(victim)
+    try:
+        wait_for(
+            "UnitMoved streamed",
+            lambda: any(e["kind"] == "UnitMoved" for e in streamed),
+            timeout=AGENT_TTL + 15,
+        )
+        moved = next(e for e in streamed if e["kind"] == "UnitMoved")
+        assert moved["message"].startswith(f"mover.service moved from {where[:8]} (machine gone) to ")
+        assert moved["machineID"] != where
+        with Client(endpoint) as other:
+            lost = events_of(other, kind="MachineLost")
+        assert any(e["machineID"] == where and "no heartbeat within its 3s TTL" in e["message"] for e in lost)
+        listing = fleetctl(lab, "events", "--machine", where[:8], endpoint=endpoint)
+        assert "MachineLost" in listing
+    finally:
+        reader.join(timeout=5)
+        follower.close()
+        client.close()
+        lab.restart_node(victim)
+
+
+def test_etcd_going_away_and_coming_back_is_recorded_by_every_fleetd(lab):
+    lab.etcd_kill("0")
+    # The store retries for 10 s before a heartbeat gives up and calls etcd unreachable.
+    time.sleep(13)
+    lab.etcd_start("0")
+    lab.wait_registered()
+    with Client(lab.endpoint()) as client:
+
+        def reachable_everywhere() -> list[dict]:
+            back = events_of(client, kind="EtcdReachable")
+            return back if len({e["reporter"] for e in back}) == 3 else []
+
+        back = wait_for("EtcdReachable from every node", reachable_everywhere, timeout=20)
+        away = events_of(client, kind="EtcdUnreachable")
+    assert {e["reporter"] for e in away} == {n.machine_id for n in lab.state.nodes}
+    assert all(e["message"].startswith("etcd unreachable: etcd is unreachable at ") for e in away)
+    assert all(e["message"].startswith("etcd reachable again after ") for e in back)
