@@ -283,7 +283,9 @@ def test_cat_prints_the_unit_file(fleet, unit_dir):
 def test_status_and_journal(fleet, unit_dir):
     fleet.run("start", "hello.service")
     result = fleet.run("status", "hello.service")
-    assert result.output == "* hello.service\n   Active: active (running)\n\nEvents:\n  <none>\n"
+    head, events = result.output.split("\nEvents:\n")
+    assert head == "* hello.service\n   Active: active (running)\n"
+    assert "UnitStarted" in events and "hello.service started" in events
     result = fleet.run("journal", "--lines", "2", "hello.service")
     assert result.output == "hello.service line 0\nhello.service line 1\n"
 
