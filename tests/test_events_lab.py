@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from labtools import wait_for
+from prometheus_client.parser import text_string_to_metric_families
 
 from fleetpy.cli.fleetctl import cli
+from fleetpy.cli.fleetpy import main as fleetpy_cli
 from fleetpy.client import Client
 from fleetpy.lab.lab import Lab
 
@@ -79,6 +81,32 @@ def test_a_started_unit_is_scheduled_with_a_reason_started_and_shown_by_status(l
     assert "UnitScheduled" in tail and "UnitStarted" in tail
 
 
+def test_the_lab_scrapes_every_nodes_metrics_into_one_text(lab):
+    hello_on = wait_for(
+        "hello placed",
+        lambda: next(
+            (s["machineID"] for s in Client(lab.endpoint()).unit_states(unit_name="hello.service")), None
+        ),
+    )
+    result = CliRunner().invoke(fleetpy_cli, ["lab", "metrics", "--dir", str(lab.dir)])
+    assert result.exit_code == 0, result.output
+    found = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(result.output)
+        for s in family.samples
+    }
+    names = [n.name for n in lab.state.nodes]
+    assert all(found[("fleetpy_scrape_up", (("node", n),))] == 1 for n in names)
+    runs_hello = node_of(lab, hello_on)
+    assert found[("fleetpy_dbus_call_seconds_count", (("method", "StartUnit"), ("node", runs_hello)))] >= 1
+    assert all(found[("fleetpy_agent_reconcile_seconds_count", (("node", n),))] >= 1 for n in names)
+    leader = node_of(lab, lab.leader())
+    assert found[("fleetpy_leader_changes_total", (("node", leader),))] >= 1
+    assert found[("fleetpy_scheduling_decisions_total", (("node", leader), ("outcome", "scheduled")))] >= 1
+    assert found[("fleetpy_unit_states", (("active_state", "active"), ("node", leader)))] >= 1
+    assert found[("fleetpy_etcd_request_seconds_count", (("node", leader), ("operation", "list")))] >= 1
+
+
 def test_a_failing_unit_is_recorded_with_systemds_result(lab, workdir):
     (workdir / "crash.service").write_text("[Service]\nExecStart=/bin/sh -c 'exit 3'\n")
     fleetctl(lab, "start", "--no-block", "crash.service")
@@ -123,11 +151,15 @@ def test_a_killed_node_is_lost_and_its_unit_moves_seen_live_by_events_follow(lab
     time.sleep(1)  # the stream is open before anything happens
     lab.kill_node(victim)
     try:
-        wait_for(
-            "UnitMoved streamed",
-            lambda: any(e["kind"] == "UnitMoved" for e in streamed),
-            timeout=AGENT_TTL + 15,
-        )
+        try:
+            wait_for(
+                "UnitMoved streamed",
+                lambda: any(e["kind"] == "UnitMoved" for e in streamed),
+                timeout=3 * AGENT_TTL + 15,
+            )
+        except AssertionError:
+            with Client(endpoint) as other:
+                raise AssertionError(f"streamed {streamed}; recorded {events_of(other)[-12:]}") from None
         moved = next(e for e in streamed if e["kind"] == "UnitMoved")
         assert moved["message"].startswith(f"mover.service moved from {where[:8]} (machine gone) to ")
         assert moved["machineID"] != where

@@ -282,7 +282,12 @@ def test_cat_prints_the_unit_file(fleet, unit_dir):
 
 def test_status_and_journal(fleet, unit_dir):
     fleet.run("start", "hello.service")
-    result = fleet.run("status", "hello.service")
+    # Events reach etcd in batches, a moment after the start.
+    for _ in range(100):
+        result = fleet.run("status", "hello.service")
+        if "UnitStarted" in result.output:
+            break
+        time.sleep(0.05)
     head, events = result.output.split("\nEvents:\n")
     assert head == "* hello.service\n   Active: active (running)\n"
     assert "UnitStarted" in events and "hello.service started" in events

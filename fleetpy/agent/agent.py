@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from fleetpy.agent.tasks import RUNNING, STARTED, Desired, Tasks, plan_tasks
+from fleetpy.conf import metrics
 from fleetpy.events import AgentEvents
 from fleetpy.registry import Assignment, HistoryLost, Machine, Registry, StoreError, UnitState
 from fleetpy.supervise import supervise
@@ -149,7 +150,8 @@ class Agent:
         the other units go on. Only etcd or systemd being unreachable fails the whole pass.
         """
         async with self._reconciling:
-            return await self._reconcile(assignments)
+            with metrics.RECONCILE_SECONDS.time():
+                return await self._reconcile(assignments)
 
     async def _reconcile(self, assignments: list[Assignment]) -> Tasks:
         if self._published is None:

@@ -15,6 +15,7 @@ from fleetpy.api.events import EventsV1
 from fleetpy.api.extensions import FleetpyV1
 from fleetpy.api.fleet_v1 import FleetV1
 from fleetpy.api.local import LocalUnitInfo
+from fleetpy.api.metrics import MetricsRoute
 from fleetpy.api.peer import Peers
 from fleetpy.api.wait import UnitWait
 from fleetpy.registry import Registry
@@ -44,4 +45,5 @@ def create_app(
     changes = Changes(registry)
     app.on_cleanup.append(changes.close)
     EventsV1(registry, changes).add_routes(app.router)
+    MetricsRoute(registry).add_routes(app.router)
     return app

@@ -10,7 +10,6 @@ from aiohttp import web
 
 from fleetpy.registry import HistoryLost, Registry, StoreError
 
-
 log = logging.getLogger(__name__)
 
 WATCH_TIMEOUT = 60.0

@@ -10,7 +10,6 @@ from fleetpy.api.changes import Changes
 from fleetpy.api.errors import ApiError
 from fleetpy.registry import Event, Registry
 
-
 DEFAULT_LIMIT = 100
 # A followed stream says something at least this often, so a vanished client is noticed.
 KEEPALIVE = 15.0

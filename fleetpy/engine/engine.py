@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+from fleetpy.conf import metrics
 from fleetpy.engine.cordon import drained, hand_over
 from fleetpy.engine.guarded import plan_guarded
 from fleetpy.engine.scheduler import Plan
@@ -225,6 +226,7 @@ class Engine:
         assignments as they are. Those are units on machines still within their grace, and
         quarantined units (unreadable, or failing the scheduler) already assigned somewhere.
         """
+        started = time.perf_counter()
         machines, jobs, current, pending, last_failure = await asyncio.gather(
             self.registry.machines(),
             self.registry.jobs(),
@@ -257,6 +259,7 @@ class Engine:
         pending = {u: r for u, r in pending.items() if u not in held or u in quarantined}
         await self.apply(assignments, reasons, current, pending)
         self.events.scheduled(machines, current, assignments, new_plan.decisions, reasons, pending)
+        metrics.SCHEDULING_SECONDS.observe(time.perf_counter() - started)
         return new_plan
 
     async def _hand_over(

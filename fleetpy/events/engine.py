@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from fleetpy.conf import metrics
 from fleetpy.events import kinds
 from fleetpy.events.recorder import Recorder
 from fleetpy.registry import Assignment, Machine
@@ -20,6 +21,8 @@ class Decision(Protocol):
 
 
 log = logging.getLogger(__name__)
+
+OUTCOMES = {kinds.UNIT_SCHEDULED: "scheduled", kinds.UNIT_MOVED: "moved", kinds.UNIT_PENDING: "pending"}
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ class EngineEvents:
     def leading(self, machine_id: str) -> None:
         """This machine won the lease; its first pass only learns which machines exist."""
         self._seen = None
+        metrics.LEADER_CHANGES.inc()
         self.recorder.emit(
             kinds.LEADER_CHANGED, f"machine {short(machine_id)} leads the engine", machine_id=machine_id
         )
@@ -140,4 +144,6 @@ class EngineEvents:
             log.exception("engine: cannot derive events from this pass")
             return
         for change in changes:
+            if change.kind in OUTCOMES:
+                metrics.SCHEDULING_DECISIONS.inc(OUTCOMES[change.kind])
             self.recorder.emit(change.kind, change.message, unit=change.unit, machine_id=change.machine_id)

@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from fleetpy.conf import metrics
 from fleetpy.events.kinds import event_type
 from fleetpy.registry import Event, Registry, StoreError
-
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class Recorder:
             )
             if len(self.queued) == self.queued.maxlen:
                 self.dropped += 1
+                metrics.EVENTS_DROPPED.inc()
             self.queued.append(event)
             log.log(
                 logging.WARNING if event.type == "Warning" else logging.INFO, "event %s %s", kind, message

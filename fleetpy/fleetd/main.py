@@ -18,6 +18,7 @@ from fleetpy.api.peer import peer_tls
 from fleetpy.fleetd.config import Config, ConfigError, build_config
 from fleetpy.fleetd.daemon import build_fleetd
 from fleetpy.registry import Credentials, EtcdOptions, Registry, StoreError, choose_api, open_store
+from fleetpy.registry.measured import MeasuredStore
 from fleetpy.systemd import DbusManager, SystemdError
 
 log = logging.getLogger("fleetd")
@@ -55,7 +56,7 @@ async def open_registry(config: Config) -> Registry:
     options = etcd_options(config)
     api = await _until_ready("etcd", lambda: choose_api(options, config.etcd_key_prefix))
     log.info("registry on etcd's %s API", api)
-    return Registry(open_store(options, api), config.etcd_key_prefix)
+    return Registry(MeasuredStore(open_store(options, api)), config.etcd_key_prefix)
 
 
 async def run(config: Config) -> None:

@@ -136,6 +136,14 @@ def status(lab: Lab, as_json: bool) -> None:
         _print_status(info)
 
 
+@_lab_command("metrics")
+def metrics(lab: Lab) -> None:
+    """Every node's Prometheus metrics in one text, each sample labelled with its node."""
+    from fleetpy.lab.metrics import scrape
+
+    click.echo(scrape(lab), nl=False)
+
+
 @_lab_command("down")
 def down(lab: Lab) -> None:
     """Stop every process the lab started and remove its namespaces, links and cgroups."""

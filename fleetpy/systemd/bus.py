@@ -12,6 +12,8 @@ from typing import Any
 from dbus_next import BusType, Message, MessageType
 from dbus_next.aio import MessageBus
 
+from fleetpy.conf import metrics
+
 SYSTEMD_BUS_NAME = "org.freedesktop.systemd1"
 MANAGER_PATH = "/org/freedesktop/systemd1"
 MANAGER_IFACE = "org.freedesktop.systemd1.Manager"
@@ -236,13 +238,16 @@ class SystemdBus:
             if not self._bus.connected:
                 raise SystemdError("fleetpy.Disconnected", "the connection to systemd was lost")
             try:
-                reply = await self._bus.call(message)
+                with metrics.DBUS_SECONDS.time(member):
+                    reply = await self._bus.call(message)
             except Exception as error:  # the connection broke under this call
+                metrics.DBUS_ERRORS.inc(member)
                 self._fail_jobs(f"the connection to systemd broke: {error!r}")
                 raise SystemdError(
                     "fleetpy.Disconnected", f"the connection to systemd broke: {error!r}"
                 ) from error
         if reply.message_type == MessageType.ERROR:
+            metrics.DBUS_ERRORS.inc(member)
             raise SystemdError(reply.error_name, str(reply.body[0]) if reply.body else "")
         return reply.body
 

@@ -1,0 +1,36 @@
+"""A store that times every etcd request and counts the failed ones, for fleetd's /metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fleetpy.conf import metrics
+from fleetpy.registry.store import Store, StoreError
+
+# Long polls last as long as the cluster is quiet: their time says nothing about etcd.
+UNTIMED = frozenset({"wait", "last_failure", "close"})
+
+
+class MeasuredStore:
+    """Any Store, with `fleetpy_etcd_request_seconds{operation}` and `fleetpy_etcd_errors_total`."""
+
+    def __init__(self, store: Store):
+        self.inner = store
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.inner, name)
+        if name in UNTIMED or name.startswith("_") or not callable(attribute):
+            return attribute
+
+        async def measured(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return await attribute(*args, **kwargs)
+            except StoreError:
+                metrics.ETCD_ERRORS.inc(name)
+                raise
+            finally:
+                metrics.ETCD_SECONDS.observe(time.perf_counter() - started, name)
+
+        return measured
