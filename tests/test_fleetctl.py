@@ -365,3 +365,47 @@ def test_request_timeout_bounds_a_silent_fleetd(tmp_path):
 
 def test_version_flag():
     assert CliRunner().invoke(cli, ["--version"]).output.startswith("fleetctl, version ")
+
+
+def test_output_json_and_yaml_print_the_apis_records(fleet, unit_dir):
+    import json
+
+    import yaml
+
+    fleet.run("start", "hello.service")
+    units = json.loads(fleet.run("list-units", "-o", "json").output)
+    assert [(u["name"], u["machineID"] in (M1, M2), u["systemdActiveState"]) for u in units] == [
+        ("hello.service", True, "active")
+    ]
+    machines = yaml.safe_load(fleet.run("list-machines", "-o", "yaml").output)
+    assert sorted(m["id"] for m in machines) == sorted([M1, M2])
+    assert {"id", "primaryIP", "metadata"} <= set(machines[0])
+    files = json.loads(fleet.run("list-unit-files", "--output", "json").output)
+    assert [(f["name"], f["desiredState"]) for f in files] == [("hello.service", "launched")]
+    (status,) = json.loads(fleet.run("status", "-o", "json", "hello.service").output)
+    assert status["name"] == "hello.service" and "active (running)" in status["status"]
+    assert status["states"][0]["systemdActiveState"] == "active"
+    wide = fleet.run("list-units", "-o", "wide").output.splitlines()
+    assert wide[0].split() == ["UNIT", "MACHINE", "LOAD", "ACTIVE", "SUB", "HASH", "REASON"]
+    assert M1 in wide[1] or M2 in wide[1]  # machine ids unabridged
+    result = fleet.run("list-units", "-o", "xml")
+    assert result.exit_code == 2 and "'xml' is not one of" in result.output
+
+
+def test_shell_completion_offers_commands_unit_names_and_machine_ids(fleet, unit_dir):
+    fleet.run("submit", "hello.service")
+
+    def complete(words: str) -> list[str]:
+        env = {
+            "_FLEETCTL_COMPLETE": "bash_complete",
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(len(words.split()) - 1),
+        }
+        result = CliRunner().invoke(cli, [], env=env, prog_name="fleetctl")
+        assert result.exit_code == 0, result.output
+        return [line.split(",", 1)[1] for line in result.output.splitlines() if line]
+
+    assert "list-units" in complete("fleetctl list-")
+    assert complete(f"fleetctl --endpoint {fleet.endpoint} status he") == ["hello.service"]
+    assert complete(f"fleetctl --endpoint {fleet.endpoint} drain 113") == [M1]
+    assert complete("fleetctl --endpoint unix:///nonexistent.sock status he") == []

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import click
+
+from fleetpy.cli.complete import machine_ids, unit_names
+from fleetpy.cli.output import emit, output_option, structured
 
 COLUMNS = ("TIME", "TYPE", "KIND", "MACHINE", "MESSAGE")
 # Fixed widths, so followed events line up with the ones before them ("EtcdUnreachable" is 15).
@@ -25,15 +30,18 @@ def event_lines(events: list[dict], legend: bool = True) -> list[str]:
 
 @click.command("events")
 @click.option("-f", "--follow", is_flag=True, help="keep printing events as they are recorded")
-@click.option("--unit", help="only events about this unit")
-@click.option("--machine", help="only events about this machine (an id or its prefix)")
+@click.option("--unit", help="only events about this unit", shell_complete=unit_names)
+@click.option(
+    "--machine", help="only events about this machine (an id or its prefix)", shell_complete=machine_ids
+)
 @click.option(
     "--limit", default=100, show_default=True, type=click.IntRange(min=0), help="most recent events shown"
 )
 @click.option("--no-legend", is_flag=True, help="do not print column headers")
+@output_option
 @click.pass_obj
 def events_command(
-    session, follow: bool, unit: str | None, machine: str | None, limit: int, no_legend: bool
+    session, follow: bool, unit: str | None, machine: str | None, limit: int, no_legend: bool, output: str
 ) -> None:
     """Show what happened in the cluster: machines joining and lost, units scheduled, started,
     failed, moved or pending (with why), leader changes and etcd outages (fleetpy extension)."""
@@ -41,8 +49,17 @@ def events_command(
     if unit:
         unit = _unit_name(unit)
     if not follow:
-        for line in event_lines(client.events(unit, machine, limit), legend=not no_legend):
+        events = client.events(unit, machine, limit)
+        if structured(output):
+            emit(events, output)
+            return
+        for line in event_lines(events, legend=not no_legend):
             click.echo(line)
+        return
+    if structured(output):
+        # One JSON object per line as events come (YAML has no streaming form worth the name).
+        for event in client.follow_events(unit, machine, limit):
+            click.echo(json.dumps(event, sort_keys=True))
         return
     if not no_legend:
         click.echo(event_line(COLUMNS))

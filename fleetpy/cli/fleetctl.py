@@ -19,7 +19,9 @@ import click
 
 import fleetpy.unit as fleet_unit
 from fleetpy import __version__
+from fleetpy.cli.complete import machine_ids, unit_names
 from fleetpy.cli.events import event_lines, events_command
+from fleetpy.cli.output import Progress, emit, output_option, structured
 from fleetpy.client import APIError, Client
 from fleetpy.conf.values import short_machine_id
 
@@ -189,9 +191,15 @@ def _fields_option(default: str) -> Callable:
 @click.option("-l", "--full", is_flag=True, help="do not ellipsize machine IDs")
 @click.option("--no-legend", is_flag=True, help="do not print column headers")
 @_fields_option("machine,ip,metadata")
+@output_option
 @pass_session
-def list_machines(session: _Session, full: bool, no_legend: bool, fields: str) -> None:
+def list_machines(session: _Session, full: bool, no_legend: bool, fields: str, output: str) -> None:
     """List the machines in the cluster."""
+    if structured(output):
+        emit(list(session.machines().values()), output)
+        return
+    if output == "wide":
+        full, fields = True, "machine,ip,metadata,state"
 
     def metadata(m: dict) -> str:
         pairs = sorted(m.get("metadata", {}).items())
@@ -214,14 +222,17 @@ def list_machines(session: _Session, full: bool, no_legend: bool, fields: str) -
 @click.option("-l", "--full", is_flag=True, help="do not ellipsize fields")
 @click.option("--no-legend", is_flag=True, help="do not print column headers")
 @_fields_option("unit,machine,active,sub")
+@output_option
 @pass_session
-def list_units(session: _Session, full: bool, no_legend: bool, fields: str) -> None:
+def list_units(session: _Session, full: bool, no_legend: bool, fields: str, output: str) -> None:
     """List the state of units loaded onto machines, and units waiting for one.
 
     A unit that should run but reports no state shows "-"; the fleetpy field `reason` says
     why it is waiting (e.g. --fields unit,machine,active,reason).
     """
     client = session.client
+    if output != "table":
+        full, fields = True, "unit,machine,load,active,sub,hash,reason"
     states = client.unit_states()
     reported = {s["name"] for s in states}
     rows: list[dict] = [dict(s) for s in states]
@@ -230,6 +241,9 @@ def list_units(session: _Session, full: bool, no_legend: bool, fields: str) -> N
             reason = client.pending_reason(unit["name"]) if "reason" in fields.split(",") else None
             rows.append({"name": unit["name"], "reason": reason})
     rows.sort(key=lambda r: (r["name"], r.get("machineID", "")))
+    if structured(output):
+        emit(rows, output)
+        return
 
     def state(key: str) -> Callable[[dict], str]:
         return lambda r: r.get(key) or "-"
@@ -250,9 +264,15 @@ def list_units(session: _Session, full: bool, no_legend: bool, fields: str) -> N
 @click.option("-l", "--full", is_flag=True, help="do not ellipsize fields")
 @click.option("--no-legend", is_flag=True, help="do not print column headers")
 @_fields_option("unit,hash,dstate,state,target")
+@output_option
 @pass_session
-def list_unit_files(session: _Session, full: bool, no_legend: bool, fields: str) -> None:
+def list_unit_files(session: _Session, full: bool, no_legend: bool, fields: str, output: str) -> None:
     """List the units submitted to the cluster, whether or not they run anywhere."""
+    if structured(output):
+        emit(session.client.units(), output)
+        return
+    if output == "wide":
+        full, fields = True, "unit,hash,dstate,state,target,global,desc"
 
     def target(u: dict) -> str:
         if u.get("global"):
@@ -282,7 +302,7 @@ def list_unit_files(session: _Session, full: bool, no_legend: bool, fields: str)
 
 # Reading units
 @cli.command("cat")
-@click.argument("unit")
+@click.argument("unit", shell_complete=unit_names)
 @pass_session
 def cat(session: _Session, unit: str) -> None:
     """Print the unit file of a submitted unit."""
@@ -294,7 +314,7 @@ def cat(session: _Session, unit: str) -> None:
 
 
 @cli.command("explain")
-@click.argument("units", nargs=-1, required=True)
+@click.argument("units", nargs=-1, required=True, shell_complete=unit_names)
 @pass_session
 def explain(session: _Session, units: tuple[str, ...]) -> None:
     """Say why units run where they do, or why they run nowhere (fleetpy extension)."""
@@ -303,7 +323,7 @@ def explain(session: _Session, units: tuple[str, ...]) -> None:
 
 
 @cli.command("plan")
-@click.argument("units", nargs=-1, required=True)
+@click.argument("units", nargs=-1, required=True, shell_complete=unit_names)
 @pass_session
 def plan(session: _Session, units: tuple[str, ...]) -> None:
     """Say where units would go if started now, and why, without starting them: each a local
@@ -340,7 +360,7 @@ def ssh(session: _Session, target: str, command: tuple[str, ...]) -> None:
 
 
 @cli.command("drain")
-@click.argument("machine")
+@click.argument("machine", shell_complete=machine_ids)
 @click.option("--no-block", is_flag=True, help="do not wait for the units to move")
 @click.option(
     "--block-attempts",
@@ -389,7 +409,7 @@ def _moved_off(session: _Session, machine_id: str, names: list[str]) -> set[str]
 
 
 @cli.command("uncordon")
-@click.argument("machine")
+@click.argument("machine", shell_complete=machine_ids)
 @pass_session
 def uncordon(session: _Session, machine: str) -> None:
     """Let a drained MACHINE take units again (fleetpy extension). Units that moved away stay
@@ -422,18 +442,27 @@ def _target_machine(client: Client, target: str) -> dict:
 
 
 @cli.command("status")
-@click.argument("units", nargs=-1, required=True)
+@click.argument("units", nargs=-1, required=True, shell_complete=unit_names)
+@output_option
 @pass_session
-def status(session: _Session, units: tuple[str, ...]) -> None:
+def status(session: _Session, units: tuple[str, ...], output: str) -> None:
     """Show systemctl status of units, from the machines running them, then their recent events."""
     names = _expand(session.client, units)
+    records = []
     for index, name in enumerate(names):
+        text = session.client.unit_status(name)
+        recent = session.client.events(unit=name, limit=STATUS_EVENTS)
+        if structured(output):
+            states = session.client.unit_states(unit_name=name)
+            records.append({"name": name, "states": states, "status": text, "events": recent})
+            continue
         if index:
             click.echo()
-        click.echo(session.client.unit_status(name), nl=False)
+        click.echo(text, nl=False)
         click.echo("\nEvents:")
-        recent = session.client.events(unit=name, limit=STATUS_EVENTS)
         click.echo("\n".join(f"  {line}" for line in event_lines(recent)) if recent else "  <none>")
+    if structured(output):
+        emit(records, output)
 
 
 @cli.command("journal")
@@ -445,7 +474,7 @@ def status(session: _Session, units: tuple[str, ...]) -> None:
     help="number of recent journal lines",
 )
 @click.option("-f", "--follow", is_flag=True, help="keep printing new lines as they arrive")
-@click.argument("unit")
+@click.argument("unit", shell_complete=unit_names)
 @pass_session
 def journal(session: _Session, lines: int, follow: bool, unit: str) -> None:
     """Print the journal of a unit, from the machine running it."""
@@ -478,7 +507,7 @@ def submit(session: _Session, unit_files: tuple[str, ...]) -> None:
 @cli.command("load")
 @click.option("--replace", is_flag=True, help="replace units whose local file differs")
 @_block_options
-@click.argument("units", nargs=-1, required=True)
+@click.argument("units", nargs=-1, required=True, shell_complete=unit_names)
 @pass_session
 def load(
     session: _Session, units: tuple[str, ...], replace: bool, no_block: bool, block_attempts: int
@@ -491,7 +520,7 @@ def load(
 @cli.command("start")
 @click.option("--replace", is_flag=True, help="replace units whose local file differs")
 @_block_options
-@click.argument("units", nargs=-1, required=True)
+@click.argument("units", nargs=-1, required=True, shell_complete=unit_names)
 @pass_session
 def start(
     session: _Session, units: tuple[str, ...], replace: bool, no_block: bool, block_attempts: int
@@ -503,7 +532,7 @@ def start(
 
 @cli.command("stop")
 @_block_options
-@click.argument("units", nargs=-1, required=True)
+@click.argument("units", nargs=-1, required=True, shell_complete=unit_names)
 @pass_session
 def stop(session: _Session, units: tuple[str, ...], no_block: bool, block_attempts: int) -> None:
     """Stop units; they stay loaded on their machines."""
@@ -512,7 +541,7 @@ def stop(session: _Session, units: tuple[str, ...], no_block: bool, block_attemp
 
 @cli.command("unload")
 @_block_options
-@click.argument("units", nargs=-1, required=True)
+@click.argument("units", nargs=-1, required=True, shell_complete=unit_names)
 @pass_session
 def unload(session: _Session, units: tuple[str, ...], no_block: bool, block_attempts: int) -> None:
     """Unload units from their machines; they stay submitted."""
@@ -521,7 +550,7 @@ def unload(session: _Session, units: tuple[str, ...], no_block: bool, block_atte
 
 @cli.command("destroy")
 @_block_options
-@click.argument("units", nargs=-1, required=True)
+@click.argument("units", nargs=-1, required=True, shell_complete=unit_names)
 @pass_session
 def destroy(session: _Session, units: tuple[str, ...], no_block: bool, block_attempts: int) -> None:
     """Remove units from the cluster altogether."""
@@ -783,12 +812,16 @@ def _wait(names: list[str], done: Callable[[list[str], float], set[str]], second
     """Long-poll until every name is done or `seconds` passed (0 = forever); the rest."""
     left = list(names)
     until = time.monotonic() + seconds
+    progress = Progress(len(names), "done")
     while left:
         slice_ = WAIT_SLICE if not seconds else min(WAIT_SLICE, until - time.monotonic())
+        progress.clear()
         finished = done(left, max(slice_, 0.0))
         left = [n for n in left if n not in finished]
+        progress.update(len(left))
         if seconds and time.monotonic() >= until:
             break
+    progress.clear()
     return left
 
 
@@ -796,13 +829,17 @@ def _poll(names: list[str], done: Callable[[list[str]], set[str]], attempts: int
     """Ask which names are done until all are or attempts run out (0 = forever); the rest."""
     left = list(names)
     attempt = 0
+    progress = Progress(len(names), "done")
     while left:
+        progress.clear()
         finished = done(left)
         left = [n for n in left if n not in finished]
+        progress.update(len(left))
         attempt += 1
         if not left or (attempts and attempt >= attempts):
             break
         time.sleep(POLL_INTERVAL)
+    progress.clear()
     return left
 
 
