@@ -10,6 +10,7 @@ from fleetpy.api.auth import AUTH, Auth, authenticate
 from fleetpy.api.changes import Changes
 from fleetpy.api.connections import GUARDS, LIMITS, Guards, Limits, bounded, clock
 from fleetpy.api.context import ApiContext
+from fleetpy.api.dashboard import Dashboard
 from fleetpy.api.errors import errors
 from fleetpy.api.events import EventsV1
 from fleetpy.api.extensions import FleetpyV1
@@ -46,4 +47,5 @@ def create_app(
     app.on_cleanup.append(changes.close)
     EventsV1(registry, changes).add_routes(app.router)
     MetricsRoute(registry).add_routes(app.router)
+    Dashboard(context, changes).add_routes(app.router)
     return app

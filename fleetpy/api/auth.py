@@ -37,6 +37,11 @@ class Auth:
 
 AUTH = web.AppKey("auth", Auth)
 
+# The dashboard's browsers cannot send a bearer header: they log in once at LOGIN_PATH, which
+# sets the token as an HttpOnly, SameSite=Strict cookie that counts as the header.
+TOKEN_COOKIE = "fleetpy_token"
+LOGIN_PATH = "/ui/login"
+
 PEER_SCHEME = "Fleetpy-Peer"
 PEER_PROOF_TTL = 30.0
 
@@ -79,12 +84,14 @@ def _verified_client_cert(request: web.Request) -> bool:
 @web.middleware
 async def authenticate(request: web.Request, handler: Any) -> web.StreamResponse:
     auth = request.app[AUTH]
-    if not auth.required or _over_unix(request):
+    if not auth.required or _over_unix(request) or request.path == LOGIN_PATH:
         return await handler(request)
     if auth.client_certs and _verified_client_cert(request):
         return await handler(request)
     if auth.token is not None:
         given = request.headers.get("Authorization", "")
+        if not given and TOKEN_COOKIE in request.cookies:
+            given = f"Bearer {request.cookies[TOKEN_COOKIE]}"
         if hmac.compare_digest(given.encode(), f"Bearer {auth.token}".encode()):
             return await handler(request)
         if valid_peer_proof(auth, request, given):

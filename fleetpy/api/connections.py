@@ -155,7 +155,7 @@ async def clock(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 # Routes that stream or ask another machine; they bound their own registry part (see `deadline`).
-UNBOUNDED_ROUTES = frozenset({"status", "journal"})
+UNBOUNDED_ROUTES = frozenset({"status", "journal", "events", "dashboard-stream"})
 
 
 @web.middleware

@@ -30,7 +30,7 @@ class EventsV1:
         self.changes = changes
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
-        router.add_get("/fleetpy/v1/events", self.events)
+        router.add_get("/fleetpy/v1/events", self.events, name="events")
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """?unit=NAME&machineID=PREFIX&limit=N (newest N, default 100)&follow=true (NDJSON)."""
