@@ -630,3 +630,21 @@ async def test_plan_says_where_a_unit_would_go_and_writes_nothing(client, regist
     assert (status, message) == (404, "unit nope.service is not submitted; send its options to plan it")
     bad = [{"section": "X-Fleet", "name": "MachineOf", "value": "a b"}]
     assert (await client.post("/fleetpy/v1/units/x.service/plan", json={"options": bad})).status == 400
+
+
+async def test_a_stored_unit_that_no_longer_parses_leaves_every_listing_working(client, registry):
+    # B2: a unit text written by an older fleetd or by hand made GET /fleet/v1/units answer 400.
+    digest = "f" * 40
+    await registry.store.put(registry.key("unit", digest), "[Service]\nExecStart=/bin/true\r[oops\n")
+    await registry.create_job(Job("bad.service", digest, "launched"))
+    resp = await client.put(
+        "/fleet/v1/units/good.service", json={"desiredState": "launched", "options": HELLO}
+    )
+    assert resp.status == 201
+    resp = await client.get("/fleet/v1/units")
+    assert resp.status == 200
+    units = {u["name"]: u for u in (await resp.json())["units"]}
+    assert units.keys() == {"bad.service", "good.service"}
+    assert units["bad.service"]["options"] == [] and units["good.service"]["options"]
+    resp = await client.get("/fleet/v1/units/bad.service")
+    assert resp.status == 200

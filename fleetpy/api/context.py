@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class StoredUnit:
-    """A job's unit file and its parse; `unit` is None if the stored file no longer loads."""
+    """A job's unit file and its parse; None where the stored text no longer parses or loads."""
 
-    file: UnitFile
+    file: UnitFile | None
     unit: Unit | None
 
     @property
@@ -44,15 +44,17 @@ class ApiContext:
         """The job's unit, or None if its file is missing from the registry."""
         key = (job.name, job.hash)
         if key not in self._units:
-            unit_file = await self.registry.unit_file(job.hash)
-            if unit_file is None:
-                return None
+            unit_file = unit = None
             try:
+                unit_file = await self.registry.unit_file(job.hash)
+                if unit_file is None:
+                    return None
                 unit = load_unit(job.name, unit_file)
             except UnitError as error:
-                # The API validates on submit; this only guards against hand-edited keys.
+                # The API validates on submit; this guards against older or hand-edited records,
+                # which the engine shows as pending with the reason. One bad record must not
+                # make every listing fail.
                 log.error("api: stored unit %s does not load: %s", job.name, error)
-                unit = None
             self._units[key] = StoredUnit(unit_file, unit)
         return self._units[key]
 

@@ -91,7 +91,7 @@ class FleetpyV1:
         for candidate in (name.full, name.template if name.is_instance else None):
             job = await self.registry.job(candidate) if candidate else None
             stored = await self.context.stored(job) if job is not None else None
-            if stored is not None:
+            if stored is not None and stored.file is not None:
                 return stored.file
         raise ApiError(404, f"unit {name.full} is not submitted; send its options to plan it")
 

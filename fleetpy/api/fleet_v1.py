@@ -195,7 +195,7 @@ class FleetV1:
             # As fleetctl does: an instance without options takes its template's file.
             template = await self.registry.job(name.template)
             stored = await self.context.stored(template) if template is not None else None
-            if stored is not None:
+            if stored is not None and stored.file is not None:
                 return stored.file
             raise ApiError(
                 409,
