@@ -5,6 +5,7 @@ the store (TTLs) and the engine (grace), so no test waits out a TTL."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import pytest
@@ -225,3 +226,31 @@ async def test_a_metadata_edit_wakes_the_engine(running):
 
 async def _is_pending(registry, unit):
     return unit in await registry.pending()
+
+
+async def test_unreadable_job_and_machine_records_are_quarantined_and_the_rest_goes_on(caplog):
+    # A job or machine record that is not valid JSON (an older fleetd, a hand edit) made every
+    # engine give up its lease in turn; now it is skipped with a reason and its unit stays put.
+    registry = memory_registry()
+    await registry.register_machine(Machine("m1"), ttl=30)
+    await registry.store.put(registry.key("machines", "m2"), "{not json")
+    digest = await _submit(registry, "kept.service")
+    await registry.assign(Assignment("kept.service", "m1", digest, "launched"))
+    await registry.store.put(registry.key("job", "kept.service"), '{"name": "kept.service"}')
+    engine = Engine(registry, "m1", lease_ttl=5)
+    await _submit(registry, "good.service")
+    await engine.reconcile()
+    assert [m.id for m in await registry.machines()] == ["m1"]
+    assert await _placed(registry, {"kept.service": "m1", "good.service": "m1"})
+    reason = (await registry.pending())["kept.service"]
+    assert "job/kept.service cannot be read" in reason and "KeyError" in reason, reason
+    await engine.reconcile()
+    assert (
+        sum("skipping" in r.getMessage() and "job/kept.service" in r.getMessage() for r in caplog.records)
+        == 1
+    )
+    await registry.store.put(
+        registry.key("job", "kept.service"), json.dumps(Job("kept.service", digest).to_json())
+    )
+    await engine.reconcile()
+    assert "kept.service" not in await registry.pending()

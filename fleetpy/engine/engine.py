@@ -235,6 +235,10 @@ class Engine:
             self.registry.last_failure(),
         )
         parsed, quarantined = await self.units.split(jobs)
+        # A job record that cannot be read at all is quarantined the same way, under its key.
+        quarantined |= {
+            p.removeprefix("job/"): r for p, r in self.registry.unreadable.items() if p.startswith("job/")
+        }
         held = {a.unit for a in current if a.unit in quarantined}
         missing = {a.machine_id for a in current} - {m.id for m in machines}
         self._grace_left = self._grace(last_failure) if missing else 0.0

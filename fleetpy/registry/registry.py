@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 from fleetpy.registry.memory import MemoryStore
 from fleetpy.registry.models import Assignment, Event, Job, Machine, UnitState
@@ -15,6 +17,9 @@ from fleetpy.unit import UnitFile
 
 SCHEMA_VERSION = "1"
 DEFAULT_PREFIX = "/_fleetpy/"
+
+log = logging.getLogger(__name__)
+_Record = TypeVar("_Record")
 
 
 class NotFound(LookupError):
@@ -88,6 +93,27 @@ class Registry:
     def __init__(self, store: Store, prefix: str = DEFAULT_PREFIX):
         self.store = store
         self.prefix = "/" + prefix.strip("/") + "/"
+        # Records a listing could not read, by their path under the prefix, with why: kept out of
+        # every listing (one bad record must not stop a reader) and shown by whoever owns them.
+        self.unreadable: dict[str, str] = {}
+
+    async def _records(self, directory: str, parse: Callable[[dict], _Record]) -> list[_Record]:
+        """The records under `directory` that parse, in key order; the others go to `unreadable`."""
+        texts = await self._list(directory)
+        before = {p: r for p, r in self.unreadable.items() if p.startswith(directory + "/")}
+        for path in before:
+            del self.unreadable[path]
+        records = []
+        for key, text in sorted(texts.items()):
+            path = f"{directory}/{key}"
+            try:
+                records.append(parse(json.loads(text)))
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                reason = f"its record {self.prefix}{path} cannot be read ({type(error).__name__}: {error})"
+                if before.get(path) != reason:
+                    log.error("registry: skipping %s", reason)
+                self.unreadable[path] = reason
+        return records
 
     def key(self, *parts: str) -> str:
         return self.prefix + "/".join(parts)
@@ -151,7 +177,7 @@ class Registry:
         return None if text is None else Job.from_json(json.loads(text))
 
     async def jobs(self) -> list[Job]:
-        return [Job.from_json(json.loads(v)) for _, v in sorted((await self._list("job")).items())]
+        return await self._records("job", Job.from_json)
 
     async def set_desired_state(self, name: str, state: str) -> None:
         key = self.key("job", name)
@@ -180,11 +206,14 @@ class Registry:
 
     async def machines(self) -> list[Machine]:
         """Live machines, with any metadata edits laid over what their agents registered."""
-        overlays = {k: json.loads(v) for k, v in (await self._list("machine-metadata")).items()}
+        overlays = {}
+        for machine_id, text in (await self._list("machine-metadata")).items():
+            with contextlib.suppress(ValueError):
+                overlay = json.loads(text)
+                if isinstance(overlay, dict):  # anything else is not an edit the API wrote: ignored
+                    overlays[machine_id] = overlay
         cordoned = (await self._list("cordon")).keys()
-        machines = [
-            Machine.from_json(json.loads(v)) for _, v in sorted((await self._list("machines")).items())
-        ]
+        machines = await self._records("machines", Machine.from_json)
         machines = [dataclasses.replace(m, cordoned=True) if m.id in cordoned else m for m in machines]
         return [_with_overlay(m, overlays[m.id]) if m.id in overlays else m for m in machines]
 
@@ -223,8 +252,8 @@ class Registry:
         await self.apply(self.batch().unassign(unit, machine_id))
 
     async def assignments(self, machine_id: str | None = None) -> list[Assignment]:
-        parts = ("schedule", machine_id) if machine_id else ("schedule",)
-        return [Assignment.from_json(json.loads(v)) for _, v in sorted((await self._list(*parts)).items())]
+        directory = f"schedule/{machine_id}" if machine_id else "schedule"
+        return await self._records(directory, Assignment.from_json)
 
     async def set_pending(self, unit: str, reason: str | None) -> None:
         await self.apply(self.batch().set_pending(unit, reason))
@@ -240,7 +269,7 @@ class Registry:
         await self.apply(self.batch().remove_state(unit, machine_id))
 
     async def states(self) -> list[UnitState]:
-        return [UnitState.from_json(json.loads(v)) for _, v in sorted((await self._list("state")).items())]
+        return await self._records("state", UnitState.from_json)
 
     # Engine leadership: a TTL'd key; whoever creates it leads until it stops refreshing.
     async def acquire_leadership(self, holder: str, ttl: float) -> bool:
