@@ -39,15 +39,16 @@ def running_etcd(**options) -> Iterator[EtcdMember]:
 
 
 # Fixtures that start real components. A test that uses one, even through another fixture,
-# or that is parametrized over a real etcd (a parameter id "etcd"), is an integration test,
-# so `pytest -m "not integration"` leaves it out.
-REAL_COMPONENTS = {"etcd_url", "node_factory", "lab_bridge"}
+# or that is parametrized over a real etcd backend, is an integration test, so
+# `pytest -m "not integration"` leaves it out.
+REAL_COMPONENTS = {"etcd_url", "etcd_v3_url", "etcd35_url", "node_factory", "lab_bridge"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         callspec = getattr(item, "callspec", None)
-        on_real_etcd = callspec is not None and "etcd" in callspec.id.split("-")
+        params = callspec.params.values() if callspec is not None else ()
+        on_real_etcd = any(isinstance(p, str) and p in ETCD_BACKENDS for p in params)
         if on_real_etcd or REAL_COMPONENTS & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
 
