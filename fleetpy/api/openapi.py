@@ -236,6 +236,33 @@ def _extensions() -> dict[str, Any]:
     named = {"name": {"type": "string"}}
     machine = {"name": "machineID", "in": "query", "required": False, "schema": {"type": "string"}}
     return {
+        # `follow=true` turns the answer into an endless stream of JSON lines, so it is left out
+        # of the document (and of fuzzing); see README "Events".
+        "/fleetpy/v1/events": {
+            "get": {
+                "operationId": "events",
+                "parameters": [
+                    {"name": "unit", "in": "query", "required": False, "schema": {"type": "string"}},
+                    machine,
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 0},
+                    },
+                ],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {"events": {"type": "array", "items": {"type": "object"}}},
+                        },
+                        "recent events, oldest first",
+                    ),
+                    **_errors(400),
+                },
+            }
+        },
         "/fleetpy/v1/units/{name}/pending": route(
             "pending",
             _json({"type": "object", "properties": {**named, "reason": {"type": ["string", "null"]}}}, "why"),
