@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import threading
 import time
 from collections import Counter
 
 from bench.common import etcd, summary
+from bench.launch import CountingV2Store
 from fleetpy.agent.agent import Agent
 from fleetpy.engine.engine import Engine
 from fleetpy.registry import Job, Machine, Registry
@@ -32,20 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--machines", type=int, help="simulated agents (default 1000; --quick 10)")
     parser.add_argument("--units", type=int, help="units submitted at once (default 10000; --quick 100)")
     parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
-
-
-class CountingStore(EtcdV2Store):
-    """An etcd v2 store that counts its requests (a watch counts once, however long it waits)."""
-
-    def __init__(self, url: str, counts: Counter, who: str):
-        super().__init__([url])
-        self._counts, self._who = counts, who
-        self._lock = threading.Lock()
-
-    def _call_blocking(self, operation):
-        with self._lock:
-            self._counts[self._who] += 1
-        return super()._call_blocking(operation)
 
 
 def raw_write_rate(url: str, writes: int) -> float:
@@ -78,7 +64,7 @@ async def launch_all(url: str, machines: int, units: int, timeout: float) -> dic
     counts: Counter = Counter()
 
     def registry(who: str) -> Registry:
-        return Registry(CountingStore(url, counts, who), PREFIX)
+        return Registry(CountingV2Store(url, counts, who), PREFIX)
 
     api, observer = registry("api"), registry("observer")
     watcher = Registry(EtcdV2Store([url]), PREFIX)
