@@ -3,11 +3,11 @@ lab node) and FakeSystemd run the same tests, so the agent's fast tests mean som
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import AsyncIterator
 
 import pytest
+from statelog import StateLog, install
 
 from fleetpy.systemd import UNKNOWN_STATE, DbusManager, FakeSystemd, SystemdError, SystemdManager
 
@@ -30,29 +30,6 @@ async def manager(request, node_factory) -> AsyncIterator[SystemdManager]:
         m = await FakeSystemd.connect()
     yield m
     await m.close()
-
-
-class StateLog:
-    """Collects on_state_change callbacks and lets a test wait for one, without polling."""
-
-    def __init__(self, manager: SystemdManager) -> None:
-        self.events: list[tuple[str, str, str, str]] = []
-        self._changed = asyncio.Condition()
-        manager.on_state_change(self._record)
-
-    async def _record(self, name: str, load: str, active: str, sub: str) -> None:
-        async with self._changed:
-            self.events.append((name, load, active, sub))
-            self._changed.notify_all()
-
-    async def wait_for(self, event: tuple[str, str, str, str], timeout: float = 5.0) -> None:
-        async with self._changed:
-            await asyncio.wait_for(self._changed.wait_for(lambda: event in self.events), timeout)
-
-
-async def install(manager: SystemdManager, name: str, text: str) -> None:
-    assert await manager.write_unit(name, text)
-    await manager.link([name])
 
 
 async def test_start_and_stop_report_each_state_once(manager) -> None:

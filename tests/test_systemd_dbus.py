@@ -10,6 +10,7 @@ import signal
 from collections.abc import AsyncIterator
 
 import pytest
+from statelog import StateLog, install
 
 from fleetpy.lab.node import Node
 from fleetpy.systemd import DbusManager, SystemdError
@@ -26,29 +27,6 @@ async def manager(systemd_node: Node) -> AsyncIterator[DbusManager]:
     m = await DbusManager.connect(systemd_node.env["DBUS_SESSION_BUS_ADDRESS"], systemd_node.dir / "units")
     yield m
     await m.close()
-
-
-class StateLog:
-    """Collects on_state_change callbacks and lets a test wait for one, without polling systemd."""
-
-    def __init__(self, manager: DbusManager) -> None:
-        self.events: list[tuple[str, str, str, str]] = []
-        self._changed = asyncio.Condition()
-        manager.on_state_change(self._record)
-
-    async def _record(self, name: str, load: str, active: str, sub: str) -> None:
-        async with self._changed:
-            self.events.append((name, load, active, sub))
-            self._changed.notify_all()
-
-    async def wait_for(self, event: tuple[str, str, str, str], timeout: float = 5.0) -> None:
-        async with self._changed:
-            await asyncio.wait_for(self._changed.wait_for(lambda: event in self.events), timeout)
-
-
-async def install(manager: DbusManager, name: str, text: str) -> None:
-    assert await manager.write_unit(name, text)
-    await manager.link([name])
 
 
 async def test_sleep_service_reports_running_then_dead_through_callbacks(manager, systemd_node) -> None:
