@@ -206,3 +206,22 @@ async def test_agent_records_join_start_failure_with_result_and_etcd_outage():
     messages = [e.message for e in await registry.events()]
     assert messages[0] == "machine m1 joined (10.0.0.1, role=web)"
     assert messages[2] == "bad.service failed: exit-code: the main process exited with status 1"
+
+
+async def test_a_new_leader_records_the_old_leaders_lost_machine_once():
+    registry = memory_registry()
+    for mid in ("m1", "m2"):
+        await registry.register_machine(Machine(mid), 60)
+    await _submit(registry, "web.service", "[Service]\nExecStart=/bin/true\n[X-Fleet]\nMachineID=m2\n")
+    old_leader = Engine(registry, "m2", lease_ttl=5, events=EngineEvents(Recorder(), ttl=5))
+    old_leader.events.leading("m2")
+    await old_leader.reconcile()
+    await registry.remove_machine("m2")  # the leader's own node died with its lease
+    recorder = Recorder(registry, "m1", clock=Clock())
+    new_leader = Engine(registry, "m1", lease_ttl=5, events=EngineEvents(recorder, ttl=5))
+    new_leader.events.leading("m1")
+    for _ in range(3):
+        await new_leader.reconcile()
+    await recorder.flush()
+    lost = [(e.machine_id, e.message) for e in await registry.events() if e.kind == kinds.MACHINE_LOST]
+    assert lost == [("m2", "machine m2 lost: no heartbeat within its 5s TTL")]

@@ -39,10 +39,10 @@ def short(machine_id: str) -> str:
     return machine_id[:8]
 
 
-def machine_changes(seen: set[str] | None, machines: Iterable[Machine], ttl: float) -> list[Change]:
-    """Machines that vanished since the last pass (None: first pass of this leader)."""
-    if seen is None:
-        return []
+def machine_changes(
+    known: Iterable[str], machines: Iterable[Machine], reported: set[str], ttl: float
+) -> list[Change]:
+    """Known machines without a heartbeat that were not yet reported lost."""
     alive = {m.id for m in machines}
     return [
         Change(
@@ -50,7 +50,7 @@ def machine_changes(seen: set[str] | None, machines: Iterable[Machine], ttl: flo
             f"machine {short(mid)} lost: no heartbeat within its {ttl:g}s TTL",
             machine_id=mid,
         )
-        for mid in sorted(seen - alive)
+        for mid in sorted(set(known) - alive - reported)
     ]
 
 
@@ -115,11 +115,12 @@ class EngineEvents:
     def __init__(self, recorder: Recorder | None = None, ttl: float = 10.0):
         self.recorder = recorder or Recorder()
         self.ttl = ttl
-        self._seen: set[str] | None = None
+        self._seen: set[str] = set()
+        self._lost: set[str] = set()
 
     def leading(self, machine_id: str) -> None:
-        """This machine won the lease; its first pass only learns which machines exist."""
-        self._seen = None
+        """This machine won the lease: machines are known again from its own passes."""
+        self._seen, self._lost = set(), set()
         metrics.LEADER_CHANGES.inc()
         self.recorder.emit(
             kinds.LEADER_CHANGED, f"machine {short(machine_id)} leads the engine", machine_id=machine_id
@@ -137,8 +138,12 @@ class EngineEvents:
         """Record what one pass changed: call it after the pass's writes succeeded."""
         try:
             alive = {m.id for m in machines}
-            changes = machine_changes(self._seen, machines, self.ttl)
+            # A new leader has seen no pass before, yet when the old leader's own node died, that
+            # node's units still name it: machines holding units are known too.
+            known = self._seen | {a.machine_id for a in before}
+            changes = machine_changes(known, machines, self._lost, self.ttl)
             changes += schedule_changes(before, after, decisions, alive, reasons, stored_reasons)
+            self._lost = (self._lost | known) - alive
             self._seen = alive
         except Exception:  # noqa: BLE001 - events must never stop scheduling
             log.exception("engine: cannot derive events from this pass")
