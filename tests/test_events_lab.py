@@ -104,7 +104,26 @@ def test_the_lab_scrapes_every_nodes_metrics_into_one_text(lab):
     assert found[("fleetpy_leader_changes_total", (("node", leader),))] >= 1
     assert found[("fleetpy_scheduling_decisions_total", (("node", leader), ("outcome", "scheduled")))] >= 1
     assert found[("fleetpy_unit_states", (("active_state", "active"), ("node", leader)))] >= 1
-    assert found[("fleetpy_etcd_request_seconds_count", (("node", leader), ("operation", "list")))] >= 1
+    # etcd's time by fleetd activity: every node's heartbeat, the leader's scheduling writes.
+    assert all(
+        found[
+            (
+                "fleetpy_etcd_request_seconds_count",
+                (("call", "refresh_machine"), ("node", n), ("operation", "refresh")),
+            )
+        ]
+        >= 1
+        for n in names
+    )
+    assert (
+        found[
+            (
+                "fleetpy_etcd_request_seconds_count",
+                (("call", "write_schedule"), ("node", leader), ("operation", "apply")),
+            )
+        ]
+        >= 1
+    )
 
 
 def test_a_failing_unit_is_recorded_with_systemds_result(lab, workdir):

@@ -74,8 +74,17 @@ async def test_metrics_over_tcp_need_the_token_and_count_units_etcd_and_scheduli
     assert found[("fleetpy_machines", ())] == 2
     assert found[("fleetpy_scheduling_decisions_total", (("outcome", "scheduled"),))] >= before + 2
     assert found[("fleetpy_scheduling_pass_seconds_count", ())] >= 1
-    assert found[("fleetpy_etcd_request_seconds_count", (("operation", "list"),))] >= 1
-    assert ("fleetpy_etcd_request_seconds_bucket", (("le", "+Inf"), ("operation", "list"))) in found
+    # Each etcd request by the registry call it served: here the engine's pass.
+    assert found[("fleetpy_etcd_request_seconds_count", (("call", "jobs"), ("operation", "list")))] >= 1
+    assert (
+        found[("fleetpy_etcd_request_seconds_count", (("call", "write_schedule"), ("operation", "apply")))]
+        >= 1
+    )
+    bucket = (
+        "fleetpy_etcd_request_seconds_bucket",
+        (("call", "jobs"), ("le", "+Inf"), ("operation", "list")),
+    )
+    assert bucket in found
 
 
 def test_fleetd_does_not_import_prometheus_client_until_scraped():

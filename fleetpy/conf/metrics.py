@@ -11,6 +11,7 @@ import bisect
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 # Seconds: from a fast etcd read (1 ms) to a slow systemd start or an etcd outage (10 s).
@@ -61,10 +62,32 @@ class Histogram:
             self.observe(time.perf_counter() - started, *label_values)
 
 
+# The registry call (Registry's method, or what a batch writes) that the current etcd requests
+# serve: set by the registry, read by the measured store, so etcd's time is told per fleetd
+# activity. Its values are the registry's method names: a bounded set.
+REGISTRY_CALL: ContextVar[str] = ContextVar("fleetpy_registry_call", default="")
+OTHER_CALL = "other"  # a store used outside the registry
+
+
+@contextmanager
+def registry_call(name: str) -> Iterator[None]:
+    token = REGISTRY_CALL.set(name)
+    try:
+        yield
+    finally:
+        REGISTRY_CALL.reset(token)
+
+
 ETCD_SECONDS = Histogram(
-    "fleetpy_etcd_request_seconds", "etcd requests by registry operation", ("operation",)
+    "fleetpy_etcd_request_seconds",
+    "etcd requests by registry call and store operation",
+    ("call", "operation"),
 )
-ETCD_ERRORS = Counter("fleetpy_etcd_errors_total", "etcd requests that failed after retrying", ("operation",))
+ETCD_ERRORS = Counter(
+    "fleetpy_etcd_errors_total",
+    "etcd requests that failed after retrying, by registry call and store operation",
+    ("call", "operation"),
+)
 DBUS_SECONDS = Histogram("fleetpy_dbus_call_seconds", "D-Bus calls to systemd by method", ("method",))
 DBUS_ERRORS = Counter("fleetpy_dbus_errors_total", "D-Bus calls to systemd that failed", ("method",))
 SCHEDULING_SECONDS = Histogram("fleetpy_scheduling_pass_seconds", "the engine's scheduling passes")

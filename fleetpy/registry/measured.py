@@ -13,7 +13,10 @@ UNTIMED = frozenset({"wait", "last_failure", "close"})
 
 
 class MeasuredStore:
-    """Any Store, with `fleetpy_etcd_request_seconds{operation}` and `fleetpy_etcd_errors_total`."""
+    """Any Store, with `fleetpy_etcd_request_seconds{call,operation}` and `fleetpy_etcd_errors_total`.
+
+    `operation` is the store's method; `call` the registry call it serves (metrics.REGISTRY_CALL).
+    """
 
     def __init__(self, store: Store):
         self.inner = store
@@ -24,13 +27,14 @@ class MeasuredStore:
             return attribute
 
         async def measured(*args: Any, **kwargs: Any) -> Any:
+            call = metrics.REGISTRY_CALL.get() or metrics.OTHER_CALL
             started = time.perf_counter()
             try:
                 return await attribute(*args, **kwargs)
             except StoreError:
-                metrics.ETCD_ERRORS.inc(name)
+                metrics.ETCD_ERRORS.inc(call, name)
                 raise
             finally:
-                metrics.ETCD_SECONDS.observe(time.perf_counter() - started, name)
+                metrics.ETCD_SECONDS.observe(time.perf_counter() - started, call, name)
 
         return measured

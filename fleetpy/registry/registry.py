@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
+from fleetpy.conf import metrics
 from fleetpy.registry.memory import MemoryStore
 from fleetpy.registry.models import Assignment, Event, Job, Machine, UnitState
 from fleetpy.registry.store import AlreadyExists, CompareFailed, Delete, Op, Put, Store
@@ -20,6 +23,10 @@ DEFAULT_PREFIX = "/_fleetpy/"
 
 log = logging.getLogger(__name__)
 _Record = TypeVar("_Record")
+_Class = TypeVar("_Class", bound=type)
+# The metrics' `call` label of batch writes (Registry.apply), by what they write.
+WRITE_SCHEDULE = "write_schedule"  # the engine's schedule and pending reasons
+WRITE_STATES = "write_states"  # an agent's unit states
 
 
 class NotFound(LookupError):
@@ -39,14 +46,21 @@ class Batch:
     def __init__(self, prefix: str):
         self._prefix = prefix
         self._ops: dict[str, Op] = {}
+        self._writes: set[str] = set()  # what it writes, for the metrics' `call` label
 
     def _key(self, *parts: str) -> str:
         return self._prefix + "/".join(parts)
 
-    def _add(self, op: Op) -> Batch:
+    def _add(self, op: Op, writes: str) -> Batch:
         self._ops.pop(op.key, None)
         self._ops[op.key] = op
+        self._writes.add(writes)
         return self
+
+    @property
+    def call(self) -> str:
+        """What the batch writes, as the metrics name it: write_schedule, write_states or both."""
+        return "+".join(sorted(self._writes))
 
     @property
     def ops(self) -> list[Op]:
@@ -57,22 +71,45 @@ class Batch:
 
     def assign(self, assignment: Assignment) -> Batch:
         key = self._key("schedule", assignment.machine_id, assignment.unit)
-        return self._add(Put(key, json.dumps(assignment.to_json())))
+        return self._add(Put(key, json.dumps(assignment.to_json())), WRITE_SCHEDULE)
 
     def unassign(self, unit: str, machine_id: str) -> Batch:
-        return self._add(Delete(self._key("schedule", machine_id, unit)))
+        return self._add(Delete(self._key("schedule", machine_id, unit)), WRITE_SCHEDULE)
 
     def set_pending(self, unit: str, reason: str | None) -> Batch:
         key = self._key("pending", unit)
-        return self._add(Delete(key) if reason is None else Put(key, reason))
+        return self._add(Delete(key) if reason is None else Put(key, reason), WRITE_SCHEDULE)
 
     def publish_state(self, state: UnitState) -> Batch:
-        return self._add(Put(self._key("state", state.unit, state.machine_id), json.dumps(state.to_json())))
+        key = self._key("state", state.unit, state.machine_id)
+        return self._add(Put(key, json.dumps(state.to_json())), WRITE_STATES)
 
     def remove_state(self, unit: str, machine_id: str) -> Batch:
-        return self._add(Delete(self._key("state", unit, machine_id)))
+        return self._add(Delete(self._key("state", unit, machine_id)), WRITE_STATES)
 
 
+def _named_call(name: str, method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(method)
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        if metrics.REGISTRY_CALL.get():  # part of an outer registry call, which names it
+            return await method(*args, **kwargs)
+        with metrics.registry_call(name):
+            return await method(*args, **kwargs)
+
+    return call
+
+
+def _calls_named(cls: _Class) -> _Class:
+    """Every public coroutine method names the etcd requests it makes after itself (the `call`
+    label of fleetpy_etcd_request_seconds), so etcd's time shows per fleetd activity; `apply`
+    names them after what its batch writes."""
+    for name, method in list(vars(cls).items()):
+        if not name.startswith("_") and name != "apply" and inspect.iscoroutinefunction(method):
+            setattr(cls, name, _named_call(name, method))
+    return cls
+
+
+@_calls_named
 class Registry:
     """Everything fleetd and the API read and write in etcd, and nothing else.
 
@@ -140,7 +177,8 @@ class Registry:
 
     async def apply(self, batch: Batch) -> None:
         if batch:
-            await self.store.apply(batch.ops)
+            with metrics.registry_call(batch.call):
+                await self.store.apply(batch.ops)
 
     async def submit(self, unit_file: UnitFile, job: Job, *, replace: bool = False) -> None:
         """A unit's file and its job in one transaction (v3): the file first, so no reader sees
