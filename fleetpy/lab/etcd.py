@@ -92,6 +92,8 @@ class EtcdMember:
     version: str | None = None  # see etcd_binary
     # Serve clients over TLS and accept only clients with a certificate from the same CA.
     tls: TLS | None = None
+    # More etcd flags, e.g. ("--auth-token-ttl", "2") to make auth tokens expire fast.
+    extra_args: tuple[str, ...] = ()
 
     def argv(self, initial_cluster: str) -> list[str]:
         return [
@@ -121,6 +123,7 @@ class EtcdMember:
             "--election-timeout",
             "500",
             *self._tls_flags(),
+            *self.extra_args,
         ]
 
     def _tls_flags(self) -> list[str]:
@@ -190,6 +193,7 @@ def start_cluster(
     version: str | None = None,
     tls: TLS | None = None,
     health_client: TLS | None = None,
+    extra_args: Sequence[str] = (),
 ) -> list[EtcdMember]:
     """Start `members` etcd processes on `host` and wait until every one reports healthy.
 
@@ -204,6 +208,7 @@ def start_cluster(
             enable_v2=enable_v2,
             version=version,
             tls=tls,
+            extra_args=tuple(extra_args),
         )
         for i in range(members)
     ]

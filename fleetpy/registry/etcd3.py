@@ -58,6 +58,26 @@ _CHANNEL_OPTIONS = (
 )
 
 
+class _Watcher(Watcher):
+    """aetcd's watch multiplexer, plus one case it ignores: etcd refusing a watch at creation.
+
+    etcd checks a new watch against the token the stream was opened with; once that token has
+    expired it answers "created, canceled: permission denied", which aetcd would take as a live
+    watch that never delivers. It becomes UnauthenticatedError, so the store logs in again."""
+
+    async def _handle_response(self, response: Any) -> None:
+        if response.created and response.canceled and self._new_callback is not None:
+            async with self._lock:
+                self._new_callback.error = aetcd_errors.UnauthenticatedError(response.cancel_reason)
+                self._new_callback_ready.notify_all()
+            return
+        await super()._handle_response(response)
+
+
+class _LoggedInAgain(Exception):
+    """The watch stream was closed by the store itself, to log in again: not an outage."""
+
+
 @dataclass
 class _Connection:
     channel: grpc.aio.Channel
@@ -122,18 +142,21 @@ class EtcdV3Store:
                 channel,
                 rpc.KVStub(channel),
                 rpc.LeaseStub(channel),
-                Watcher(rpc.WatchStub(channel), timeout=self._timeout, metadata=metadata),
+                _Watcher(rpc.WatchStub(channel), timeout=self._timeout, metadata=metadata),
                 metadata,
             )
             return self._connection
 
-    async def _drop(self, connection: _Connection, next_member: bool) -> None:
+    async def _drop(self, connection: _Connection, next_member: bool, relogin: bool = False) -> None:
         """Forget a connection (a failed member's, or an expired token's); the next call dials."""
         if self._connection is not connection:
             return
         self._connection = None
         if next_member:
             self._current = (self._current + 1) % len(self._targets)
+        if relogin:
+            for watch in self._watches.values():
+                watch.closed_by_us(connection)
         with contextlib.suppress(Exception):
             await connection.watcher.shutdown()
         with contextlib.suppress(Exception):
@@ -155,7 +178,7 @@ class EtcdV3Store:
                 if code == grpc.StatusCode.UNAUTHENTICATED and not reauthenticated and connection:
                     # Simple tokens expire after a quiet spell; log in again once.
                     reauthenticated = True
-                    await self._drop(connection, next_member=False)
+                    await self._drop(connection, next_member=False, relogin=True)
                     continue
                 if code not in _TRANSIENT:
                     raise StoreError(f"etcd refused the request: {_details(error)}") from None
@@ -300,12 +323,17 @@ class EtcdV3Store:
     # -- watches ----------------------------------------------------------------------------
     async def wait(self, prefix: str, after_index: int, timeout: float) -> int | None:
         self._sweep_watches()
-        watch = self._watches.get(prefix)
-        if watch is None or watch.start > after_index + 1 or watch.failed:
-            # A stream that opens at a past revision waits for etcd's catch-up pass (every
-            # 100 ms); one opened at the next revision and left open delivers at once.
-            watch = await self._open_watch(prefix, after_index + 1)
-        return await watch.first_after(after_index, timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            watch = self._watches.get(prefix)
+            if watch is None or watch.start > after_index + 1 or watch.failed:
+                # A stream that opens at a past revision waits for etcd's catch-up pass (every
+                # 100 ms); one opened at the next revision and left open delivers at once.
+                watch = await self._open_watch(prefix, after_index + 1)
+            try:
+                return await watch.first_after(after_index, max(0.0, deadline - time.monotonic()))
+            except _LoggedInAgain:
+                continue  # on the new stream, from the same revision: nothing missed
 
     async def _open_watch(self, prefix: str, start: int) -> _PrefixWatch:
         old = self._watches.pop(prefix, None)
@@ -361,7 +389,15 @@ class _PrefixWatch:
     def attach(self, connection: _Connection, watch_id: int, store: EtcdV3Store) -> None:
         self._connection, self._watch_id, self._store = connection, watch_id, store
 
+    def closed_by_us(self, connection: _Connection) -> None:
+        """Its stream is about to be closed for a new login: waiters resume on a new stream."""
+        if self._connection is connection and self.failed is None:
+            self.failed = _LoggedInAgain()
+            self._changed.set()
+
     async def deliver(self, event_or_error: Any) -> None:
+        if isinstance(self.failed, _LoggedInAgain):
+            return  # the store closed this stream on purpose; what comes now is its ending
         if event_or_error is None:  # the client shut its watch stream down
             event_or_error = ConnectionError("watch stream closed")
         if isinstance(event_or_error, BaseException):
@@ -382,6 +418,8 @@ class _PrefixWatch:
         if self.failed is not None:
             if isinstance(self.failed, aetcd_errors.RevisionCompactedError):
                 raise HistoryLost(self.prefix)
+            if isinstance(self.failed, _LoggedInAgain):
+                raise _LoggedInAgain()
             # The stream broke (etcd restarted, say): an outage; the caller watches again from
             # the same revision on a new stream, so nothing is missed.
             raise Unavailable(f"etcd watch on {self.prefix} broke: {_details(self.failed)}")
