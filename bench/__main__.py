@@ -18,6 +18,8 @@ from bench.common import RESULTS, write
 
 # In the order `python -m bench` runs them; the last two need root (they start lab nodes).
 BENCHES = ("placement", "cli", "launch", "e2e", "fleetd")
+# Run only by name: they need programs built outside this repository (Go fleet).
+BY_NAME_ONLY = ("gofleet",)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--quick", action="store_true", help="a short run of every benchmark")
     top.add_argument("--out", type=Path, default=RESULTS)
     sub = top.add_subparsers(dest="name")
-    for name in BENCHES:
+    for name in (*BENCHES, *BY_NAME_ONLY):
         module = importlib.import_module(f"bench.{name}")
         bench = sub.add_parser(name, parents=[common], help=module.__doc__.splitlines()[0])
         module.add_arguments(bench)
