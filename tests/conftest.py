@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from fleetpy.lab.etcd import EtcdMember, start_cluster
 from fleetpy.registry import Registry, memory_registry
@@ -42,6 +43,25 @@ def running_etcd(**options) -> Iterator[EtcdMember]:
 # or that is parametrized over a real etcd backend, is an integration test, so
 # `pytest -m "not integration"` leaves it out.
 REAL_COMPONENTS = {"etcd_url", "etcd_v3_url", "etcd35_url", "node_factory", "lab_bridge"}
+
+
+# How many random cases a property (and a seeded sweep, through `random_cases`) tries. The fast
+# subset (`-m "not integration"`) runs few, to stay within seconds; a run that includes the
+# integration tests, as CI's does, runs the full number. `--hypothesis-profile` overrides both.
+settings.register_profile("full", max_examples=400, deadline=None)
+settings.register_profile("fast", max_examples=20, deadline=None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.getoption("hypothesis_profile"):
+        fast = "not integration" in (config.getoption("markexpr") or "")
+        settings.load_profile("fast" if fast else "full")
+
+
+@pytest.fixture
+def random_cases() -> int:
+    """How many seeded random cases a sweep tries: as many as a property's examples."""
+    return settings.default.max_examples
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

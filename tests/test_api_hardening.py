@@ -82,6 +82,33 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.fixture
+async def start_api(registry, tmp_path):
+    """Serves `registry`'s API on tmp_path/fleet.sock and a free loopback TCP port with serve()'s
+    `options`, and gives back the port; what it started stops after the test."""
+    runners: list[web.AppRunner] = []
+
+    async def start(**options) -> int:
+        port = _free_port()
+        app = create_app(registry, machine_id=M1)
+        sock = str(tmp_path / "fleet.sock")
+        runners.append(await serve(app, socket_path=sock, listen=f"127.0.0.1:{port}", **options))
+        return port
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def _server_tls(pki: Path) -> dict[str, str]:
+    """serve()'s options for HTTPS with the cluster CA's server certificate, clients checked by it."""
+    return {
+        "tls_cert": str(pki / "server.pem"),
+        "tls_key": str(pki / "server.key"),
+        "client_ca": str(pki / "ca.pem"),
+    }
+
+
 def _client_tls(pki: Path, cert: str | None) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
     if cert:
@@ -89,93 +116,40 @@ def _client_tls(pki: Path, cert: str | None) -> ssl.SSLContext:
     return context
 
 
-async def test_tls_without_token_or_client_ca_is_refused(registry, tmp_path, pki):
+async def test_tls_without_token_or_client_ca_is_refused(start_api, pki):
     # B5: a server certificate authenticates fleetd to clients, not clients to fleetd.
     with pytest.raises(ValueError, match="without authentication"):
-        await serve(
-            create_app(registry, machine_id=M1),
-            socket_path=str(tmp_path / "fleet.sock"),
-            listen="127.0.0.1:0",
-            tls_cert=str(pki / "server.pem"),
-            tls_key=str(pki / "server.key"),
-        )
+        await start_api(tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"))
 
 
-async def test_insecure_tcp_serves_anyone_with_a_loud_warning(registry, tmp_path, caplog):
-    port = _free_port()
-    runner = await serve(
-        create_app(registry, machine_id=M1),
-        socket_path=str(tmp_path / "fleet.sock"),
-        listen=f"127.0.0.1:{port}",
-        insecure=True,
-    )
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-            assert (await http.get("/fleet/v1/machines")).status_code == 200
-    finally:
-        await runner.cleanup()
+async def test_insecure_tcp_serves_anyone_with_a_loud_warning(start_api, caplog):
+    port = await start_api(insecure=True)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        assert (await http.get("/fleet/v1/machines")).status_code == 200
     assert "WITHOUT AUTHENTICATION" in caplog.text
 
 
-async def test_client_certificate_signed_by_the_cluster_ca_is_let_in(registry, tmp_path, pki):
-    port = _free_port()
-    runner = await serve(
-        create_app(registry, machine_id=M1),
-        socket_path=str(tmp_path / "fleet.sock"),
-        listen=f"127.0.0.1:{port}",
-        tls_cert=str(pki / "server.pem"),
-        tls_key=str(pki / "server.key"),
-        client_ca=str(pki / "ca.pem"),
-    )
-    url = f"https://127.0.0.1:{port}/fleet/v1/machines"
-    try:
-        async with httpx.AsyncClient(verify=_client_tls(pki, "client")) as http:
-            assert (await http.get(url)).status_code == 200
-        for cert in (None, "stranger"):
-            async with httpx.AsyncClient(verify=_client_tls(pki, cert)) as http:
-                with pytest.raises(httpx.HTTPError):
-                    await http.get(url)
-    finally:
-        await runner.cleanup()
+async def test_client_certificate_signed_by_the_cluster_ca_is_let_in(start_api, pki):
+    url = f"https://127.0.0.1:{await start_api(**_server_tls(pki))}/fleet/v1/machines"
+    async with httpx.AsyncClient(verify=_client_tls(pki, "client")) as http:
+        assert (await http.get(url)).status_code == 200
+    for cert in (None, "stranger"):
+        async with httpx.AsyncClient(verify=_client_tls(pki, cert)) as http:
+            with pytest.raises(httpx.HTTPError):
+                await http.get(url)
 
 
-async def test_token_or_client_certificate_either_will_do(registry, tmp_path, pki):
-    port = _free_port()
-    runner = await serve(
-        create_app(registry, machine_id=M1),
-        socket_path=str(tmp_path / "fleet.sock"),
-        listen=f"127.0.0.1:{port}",
-        token="t0ken",
-        tls_cert=str(pki / "server.pem"),
-        tls_key=str(pki / "server.key"),
-        client_ca=str(pki / "ca.pem"),
-    )
-    url = f"https://127.0.0.1:{port}/fleet/v1/machines"
-    try:
-        async with httpx.AsyncClient(verify=_client_tls(pki, None)) as http:
-            refused = await http.get(url)
-            assert refused.status_code == 401 and "client certificate" in refused.json()["error"]["message"]
-            assert (await http.get(url, headers={"Authorization": "Bearer t0ken"})).status_code == 200
-        async with httpx.AsyncClient(verify=_client_tls(pki, "client")) as http:
-            assert (await http.get(url)).status_code == 200
-    finally:
-        await runner.cleanup()
+async def test_token_or_client_certificate_either_will_do(start_api, pki):
+    url = f"https://127.0.0.1:{await start_api(token='t0ken', **_server_tls(pki))}/fleet/v1/machines"
+    async with httpx.AsyncClient(verify=_client_tls(pki, None)) as http:
+        refused = await http.get(url)
+        assert refused.status_code == 401 and "client certificate" in refused.json()["error"]["message"]
+        assert (await http.get(url, headers={"Authorization": "Bearer t0ken"})).status_code == 200
+    async with httpx.AsyncClient(verify=_client_tls(pki, "client")) as http:
+        assert (await http.get(url)).status_code == 200
 
 
 # --- serving: slow and numerous clients -------------------------------------------------------
-
-
-async def _serve_limited(registry, tmp_path, **limits) -> tuple[web.AppRunner, int, str]:
-    port = _free_port()
-    sock = str(tmp_path / "fleet.sock")
-    runner = await serve(
-        create_app(registry, machine_id=M1),
-        socket_path=sock,
-        listen=f"127.0.0.1:{port}",
-        token="t0ken",
-        limits=Limits(**limits),
-    )
-    return runner, port, sock
 
 
 async def _closed_by_server(reader: asyncio.StreamReader, within: float) -> bool:
@@ -185,53 +159,47 @@ async def _closed_by_server(reader: asyncio.StreamReader, within: float) -> bool
         return False
 
 
-async def test_client_slow_to_send_its_request_head_is_cut_off(registry, tmp_path):
-    runner, port, _ = await _serve_limited(registry, tmp_path, header_timeout=0.5)
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /fleet/v1/machines HTTP/1.1\r\nHost: x\r\n")  # never finishes the head
-        assert await _closed_by_server(reader, within=10)
-        writer.close()
-        # A prompt client on a kept-alive connection is not cut off while it is being answered.
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-            for _ in range(3):
-                resp = await http.get("/fleet/v1/machines", headers={"Authorization": "Bearer t0ken"})
-                assert resp.status_code == 200
-    finally:
-        await runner.cleanup()
+async def test_client_slow_to_send_its_request_head_is_cut_off(start_api):
+    port = await start_api(token="t0ken", limits=Limits(header_timeout=0.5))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /fleet/v1/machines HTTP/1.1\r\nHost: x\r\n")  # never finishes the head
+    assert await _closed_by_server(reader, within=10)
+    writer.close()
+    # A prompt client on a kept-alive connection is not cut off while it is being answered.
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        for _ in range(3):
+            resp = await http.get("/fleet/v1/machines", headers={"Authorization": "Bearer t0ken"})
+            assert resp.status_code == 200
 
 
-async def test_client_slow_to_send_its_body_gets_408(registry, tmp_path):
-    runner, port, _ = await _serve_limited(registry, tmp_path, body_timeout=0.5)
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(
-            b"PUT /fleet/v1/units/a.service HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0ken\r\n"
-            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
-        )
-        head = await asyncio.wait_for(reader.readline(), 10)
-        assert head.startswith(b"HTTP/1.1 408")
-        writer.close()
-    finally:
-        await runner.cleanup()
+async def test_client_slow_to_send_its_body_gets_408(start_api):
+    # However short the timeout, the body stays unfinished: the test need not wait for long.
+    port = await start_api(token="t0ken", limits=Limits(body_timeout=0.05))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"PUT /fleet/v1/units/a.service HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t0ken\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+    )
+    head = await asyncio.wait_for(reader.readline(), 10)
+    assert head.startswith(b"HTTP/1.1 408")
+    writer.close()
 
 
-async def test_tcp_connection_cap_keeps_the_unix_socket_answering(registry, tmp_path):
+async def test_tcp_connection_cap_keeps_the_unix_socket_answering(start_api, tmp_path):
     # B6: idle TCP clients beyond the cap are closed at once; the unix socket has its own share.
-    runner, port, sock = await _serve_limited(registry, tmp_path, tcp_connections=5, header_timeout=60)
+    port = await start_api(token="t0ken", limits=Limits(tcp_connections=5, header_timeout=60))
     idle = []
     try:
         for _ in range(20):
             idle.append(await asyncio.open_connection("127.0.0.1", port))
         closed = [await _closed_by_server(reader, within=2) for reader, _ in idle[5:]]
         assert all(closed)
-        transport = httpx.AsyncHTTPTransport(uds=sock)
+        transport = httpx.AsyncHTTPTransport(uds=str(tmp_path / "fleet.sock"))
         async with httpx.AsyncClient(transport=transport, base_url="http://fleetd") as http:
             assert (await http.get("/fleet/v1/machines")).status_code == 200
     finally:
         for _, writer in idle:
             writer.close()
-        await runner.cleanup()
 
 
 def test_accept_errors_are_logged_at_most_once_per_interval(caplog):
@@ -409,14 +377,8 @@ def _accepts(auth: Auth, method: str, raw_path: str, given: str) -> bool:
 
 async def _serve_tls_peer(registry, tmp_path, pki, port: int) -> web.AppRunner:
     peer = create_app(registry, machine_id=M2, local=_Status())
-    return await serve(
-        peer,
-        socket_path=str(tmp_path / "peer.sock"),
-        listen=f"127.0.0.1:{port}",
-        tls_cert=str(pki / "server.pem"),
-        tls_key=str(pki / "server.key"),
-        client_ca=str(pki / "ca.pem"),
-    )
+    sock = str(tmp_path / "peer.sock")
+    return await serve(peer, socket_path=sock, listen=f"127.0.0.1:{port}", **_server_tls(pki))
 
 
 class _Status:
@@ -454,45 +416,36 @@ async def test_with_a_cluster_ca_peers_must_prove_who_they_are(registry, tmp_pat
     assert recorder.headers == []
 
 
-async def test_fleetctl_speaks_mtls(registry, tmp_path, pki):
-    port = _free_port()
-    runner = await serve(
-        create_app(registry, machine_id=M1),
-        socket_path=str(tmp_path / "fleet.sock"),
-        listen=f"127.0.0.1:{port}",
-        tls_cert=str(pki / "server.pem"),
-        tls_key=str(pki / "server.key"),
-        client_ca=str(pki / "ca.pem"),
-    )
+async def test_fleetctl_speaks_mtls(start_api, pki):
+    port = await start_api(**_server_tls(pki))
     base = ["--endpoint", f"https://127.0.0.1:{port}", "--ca-file", str(pki / "ca.pem")]
     cert = ["--cert-file", str(pki / "client.pem"), "--key-file", str(pki / "client.key")]
-    try:
-        admitted = await asyncio.to_thread(CliRunner().invoke, fleetctl, [*base, *cert, "list-machines"])
-        refused = await asyncio.to_thread(CliRunner().invoke, fleetctl, [*base, "list-machines"])
-    finally:
-        await runner.cleanup()
+    admitted = await asyncio.to_thread(CliRunner().invoke, fleetctl, [*base, *cert, "list-machines"])
+    refused = await asyncio.to_thread(CliRunner().invoke, fleetctl, [*base, "list-machines"])
     assert admitted.exit_code == 0 and "113f16a7..." in admitted.output, admitted.output
     assert refused.exit_code == 1 and "TLS failed: check --ca-file" in refused.output, refused.output
 
 
-class SlowCreates:
-    """A registry whose submits take `delay`, as etcd's do when it is struggling."""
+class HeldSubmits:
+    """A registry whose submits wait until the test lets them through, as etcd's do when it is
+    struggling."""
 
-    def __init__(self, inner: Registry, delay: float):
+    def __init__(self, inner: Registry):
         self.inner = inner
-        self.delay = delay
+        self.released = asyncio.Event()
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
     async def submit(self, unit_file, job: Job, *, replace: bool = False) -> None:
-        await asyncio.sleep(self.delay)
+        await self.released.wait()
         await self.inner.submit(unit_file, job, replace=replace)
 
 
 async def test_a_replace_past_the_deadline_still_completes(registry):
     # The deadline answers 503, but the replace goes on and completes.
-    app = create_app(SlowCreates(registry, 1.0), machine_id=M1)
+    held = HeldSubmits(registry)
+    app = create_app(held, machine_id=M1)
     app[LIMITS] = Limits(registry_deadline=0.3)
     other = [{"section": "Service", "name": "ExecStart", "value": "/bin/true"}]
     async with TestClient(TestServer(app)) as client:
@@ -502,6 +455,7 @@ async def test_a_replace_past_the_deadline_still_completes(registry):
             "/fleet/v1/units/a.service", json={"desiredState": "launched", "options": other}
         )
         assert resp.status == 503 and "may yet be made" in (await resp.json())["error"]["message"]
+        held.released.set()
         for _ in range(100):
             if (await registry.job("a.service")).hash == UnitFile.from_options(other).hash:
                 break
@@ -519,21 +473,12 @@ def test_tcp_cap_leaves_descriptors_for_the_unix_socket_and_fleetd(monkeypatch, 
 
 
 @pytest.mark.parametrize("stamp", ["²", "9" * 5000, "-1", ""])
-async def test_a_malformed_peer_proof_is_401_not_500(registry, tmp_path, stamp):
-    port = _free_port()
-    runner = await serve(
-        create_app(registry, machine_id=M1),
-        socket_path=str(tmp_path / "fleet.sock"),
-        listen=f"127.0.0.1:{port}",
-        token="t0ken",
-    )
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-            proof = f"Fleetpy-Peer {stamp} {'0' * 64}".encode()
-            resp = await http.get("/fleet/v1/machines", headers={"Authorization": proof})
-            assert resp.status_code == 401
-    finally:
-        await runner.cleanup()
+async def test_a_malformed_peer_proof_is_401_not_500(start_api, stamp):
+    port = await start_api(token="t0ken")
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        proof = f"Fleetpy-Peer {stamp} {'0' * 64}".encode()
+        resp = await http.get("/fleet/v1/machines", headers={"Authorization": proof})
+        assert resp.status_code == 401
 
 
 async def test_refused_changes_are_not_logged(client, caplog):

@@ -301,9 +301,11 @@ def random_cluster(seed: int) -> tuple[list[Machine], list[tuple[Job, Unit]], li
 
 
 @pytest.mark.parametrize("class_heap", [1, scheduler.CLASS_HEAP])
-def test_indexed_plan_matches_the_scan_scheduler_on_random_clusters(monkeypatch, class_heap) -> None:
+def test_indexed_plan_matches_the_scan_scheduler_on_random_clusters(
+    monkeypatch, class_heap, random_cases
+) -> None:
     monkeypatch.setattr(scheduler, "CLASS_HEAP", class_heap)
-    for seed in range(400):
+    for seed in range(random_cases):
         machines, jobs, current = random_cluster(seed)
         names = {job.name for job, _ in jobs}
         old = scheduler_oracle.plan(machines, jobs, current)
@@ -319,8 +321,8 @@ def test_indexed_plan_matches_the_scan_scheduler_on_random_clusters(monkeypatch,
             assert explain(detailed.decisions[name]) == scheduler_oracle.explain(was), (seed, name)
 
 
-def test_indexed_plan_matches_the_scan_scheduler_in_steady_state() -> None:
-    for seed in range(100):
+def test_indexed_plan_matches_the_scan_scheduler_in_steady_state(random_cases) -> None:
+    for seed in range(random_cases // 4):
         machines, jobs, _ = random_cluster(seed)
         first = plan(machines, jobs, [])
         survivors = machines[: len(machines) // 2 + 1]

@@ -70,7 +70,8 @@ UNIT_NAMES = st.one_of(
     st.sampled_from(["a.service", "web@.service", "web@1.service", "a..service", "foo\\x2dbar.service"]),
     TEXT.map(lambda s: s + ".service"),
 )
-PROPERTIES = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# How many examples: the profile loaded in conftest (a few in the fast subset, 400 in the full run).
+PROPERTIES = settings(suppress_health_check=[HealthCheck.too_slow])
 
 
 def door(name: str, options: list[dict]):
