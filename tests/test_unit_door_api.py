@@ -170,3 +170,25 @@ async def test_global_fleet_read_as_false_is_refused_with_how_fleet_read_it(clie
     body = await resp.json()
     assert resp.status == 400 and "fleet read it as false" in body["error"]["message"]
     assert await registry.jobs() == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"),
+    [
+        ("MemoryRequest", "lots", "bad size 'lots'"),
+        ("MemoryRequest", "0", "must be more than 0"),
+        ("CPURequest", "two", "bad CPU amount 'two'"),
+        ("MachineConstraint", "load1", "is not KEY OP VALUE"),
+        ("MachineConstraint", "os>linux", "compares numbers"),
+        ("MachineConstraint", "os==/(/", "bad regular expression"),
+        ("MachineConstraint", "zone=={}", "a set is written {a,b,c}"),
+        ("Strategy", "random", "use spread"),
+    ],
+)
+async def test_bad_resource_options_are_refused_at_the_door_with_what_to_write(
+    client, registry, name, value, fragment
+):
+    resp = await put(client, "r.service", [SLEEP, {"section": "X-Fleet", "name": name, "value": value}])
+    body = await resp.json()
+    assert resp.status == 400 and fragment in body["error"]["message"], body
+    assert await registry.jobs() == []

@@ -301,3 +301,42 @@ def test_template_keeps_its_instance_specifier_for_each_instance() -> None:
 def test_load_unit_reports_the_first_problem(name: str, text: str, error: type) -> None:
     with pytest.raises(error):
         load_unit(name, text)
+
+
+def _fleet(text: str, name: str = "r.service"):
+    return parse_fleet_options(name, UnitFile.parse("[Service]\nExecStart=/bin/true\n" + text))
+
+
+def test_requests_come_from_x_fleet_first_then_from_systemds_own_limits() -> None:
+    assert (
+        _fleet("MemoryMax=512M\nCPUQuota=50%\n").memory_request,
+        _fleet("CPUQuota=50%\n").cpu_request,
+    ) == (
+        512 * 1024**2,
+        0.5,
+    )
+    fleet = _fleet("MemoryMax=512M\n[X-Fleet]\nMemoryRequest=1.5G\nCPURequest=2\n")
+    assert (fleet.memory_request, fleet.cpu_request) == (int(1.5 * 1024**3), 2.0)
+    # systemd's last assignment wins, an empty one resets, infinity is no limit.
+    assert _fleet("MemoryMax=1G\nMemoryMax=\n").memory_request == 0
+    assert _fleet("MemoryMax=infinity\n").memory_request == 0
+    assert _fleet("MemoryLimit=2K\n").memory_request == 2048
+    # A relative limit reserves nothing, and says so.
+    fleet = _fleet("MemoryMax=50%\n")
+    assert fleet.memory_request == 0 and "MemoryRequest=" in fleet.warnings[0]
+    assert _fleet("").requests is False
+
+
+def test_machine_constraints_compare_text_sets_regexes_numbers_and_versions() -> None:
+    fleet = _fleet('[X-Fleet]\nMachineConstraint="zone!={b,c}" os==/^lin/ "memory>=2G" "kernel>5.9"\n')
+    good = {"zone": "a", "os": "linux", "memory": 4 * 1024**3, "kernel": "5.10.0-26-amd64"}
+    assert fleet.failed_constraint(good) is None
+    assert str(fleet.failed_constraint({**good, "zone": "b"})) == "zone!={b,c}"
+    assert str(fleet.failed_constraint({**good, "os": "freebsd"})) == "os==/^lin/"
+    assert str(fleet.failed_constraint({**good, "memory": 1024**3})) == "memory>=2G"
+    assert str(fleet.failed_constraint({**good, "kernel": "5.9"})) == "kernel>5.9"
+    # A missing key passes only !=; text that is neither number nor version never compares.
+    assert str(fleet.failed_constraint({k: v for k, v in good.items() if k != "os"})) == "os==/^lin/"
+    assert fleet.failed_constraint({k: v for k, v in good.items() if k != "zone"}) is None
+    assert str(fleet.failed_constraint({**good, "kernel": "unknown"})) == "kernel>5.9"
+    assert _fleet("[X-Fleet]\nMachineConstraint=cpus==2\n").failed_constraint({"cpus": 2.0}) is None

@@ -125,6 +125,16 @@ _SCHEMAS: dict[str, Any] = {
             "primaryIP": {"type": "string"},
             "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
             "cordoned": {"type": "boolean", "description": "fleetpy: drained, takes no new units"},
+            "capacity": {
+                "type": "object",
+                "description": "fleetpy: what units may reserve: cpus, memory (bytes)",
+                "additionalProperties": {"type": "number"},
+            },
+            "facts": {
+                "type": "object",
+                "description": "fleetpy: live facts (os, kernel, load1, memory_free, facts.d output...)",
+                "additionalProperties": {"type": ["string", "number"]},
+            },
         },
     },
     "MetadataOperation": {

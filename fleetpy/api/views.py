@@ -63,4 +63,9 @@ def machine_entity(machine: Machine) -> dict:
     entity = {"id": machine.id, "primaryIP": machine.public_ip, "metadata": dict(machine.metadata)}
     if machine.cordoned:
         entity["cordoned"] = True  # fleetpy's extension: `fleetctl drain` keeps units off it
+    # fleetpy's extensions: what units may reserve there, and its live facts.
+    if machine.capacity:
+        entity["capacity"] = dict(machine.capacity)
+    if machine.facts:
+        entity["facts"] = dict(machine.facts)
     return entity

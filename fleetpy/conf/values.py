@@ -74,3 +74,49 @@ def format_metadata(metadata: dict[str, str]) -> str:
 def short_machine_id(machine_id: str) -> str:
     """A machine id as fleetctl shows it: its first 8 characters and "..." (the whole if that short)."""
     return machine_id if len(machine_id) <= SHORT_ID else f"{machine_id[:SHORT_ID]}..."
+
+
+# Sizes as systemd reads MemoryMax= (base 1024; a fraction such as 1.5G is allowed), so a
+# unit's MemoryMax=, its MemoryRequest= and a machine's configured capacity read alike.
+_SIZE_FACTOR = {
+    "": 1,
+    "B": 1,
+    "K": 1024,
+    "M": 1024**2,
+    "G": 1024**3,
+    "T": 1024**4,
+    "P": 1024**5,
+    "E": 1024**6,
+}
+_SIZE = re.compile(rf"({_NUMBER})\s*([KMGTPE]?)(?:i?B)?", re.IGNORECASE)
+_CPUS = re.compile(rf"({_NUMBER})(%?)")
+
+
+def parse_bytes(value: str) -> int:
+    """Bytes in a size written as systemd writes one: 512M, 1.5G, 2048 (bytes)."""
+    match = _SIZE.fullmatch(value.strip())
+    if match is None:
+        raise BadValue(f"bad size {value!r}: use bytes (1073741824) or K, M, G or T (512M, 1.5G)")
+    number, unit = match.groups()
+    return int(float(number) * _SIZE_FACTOR[unit.upper()])
+
+
+def format_bytes(size: float) -> str:
+    """A size for people: 2 GiB, 1.2 GiB, 512 MiB."""
+    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(size) >= factor:
+            return f"{size / factor:.1f}".removesuffix(".0") + f" {unit}"
+    return f"{size:.0f} B"
+
+
+def parse_cpus(value: str) -> float:
+    """CPUs as a number (1.5) or as systemd's CPUQuota= writes them (150% is 1.5 CPUs)."""
+    match = _CPUS.fullmatch(value.strip())
+    if match is None:
+        raise BadValue(f"bad CPU amount {value!r}: use CPUs (1.5) or a percentage of one CPU (150%)")
+    number, percent = match.groups()
+    return float(number) / 100 if percent else float(number)
+
+
+def format_cpus(cpus: float) -> str:
+    return f"{cpus:.2f}".rstrip("0").rstrip(".") + (" CPU" if cpus == 1 else " CPUs")

@@ -36,6 +36,17 @@ Semantics, following fleet (Documentation/unit-files-and-scheduling.md and its e
 - Replaces=X: the unit prefers X's machine and X may no longer run beside it, so X is moved
   elsewhere in the same plan. If X is not placed the unit is placed like any other. Two units
   replacing each other cancel out, as in fleet.
+
+fleetpy's own rules (issue 13; neutral for units that use none of them):
+
+- MemoryRequest/CPURequest (or the unit's MemoryMax=/CPUQuota=): a machine takes a unit only
+  while the requests of the units placed there fit in its advertised capacity, so nothing is
+  overcommitted; a machine that advertises no capacity takes no unit that requests some.
+- MachineConstraint: every constraint must hold on the machine's facts and metadata when the
+  unit is placed; a placed unit is not moved when a fact changes afterwards (a unit raising its
+  machine's load must not push itself away).
+- Strategy=spread (the default) ranks by fleet's least-loaded; binpack ranks by how full the
+  machine would be with the unit (its requested resources, else its unit count).
 """
 
 from __future__ import annotations
@@ -49,7 +60,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from fleetpy.conf.values import short_machine_id
+from fleetpy.conf.values import format_bytes, format_cpus, short_machine_id
 from fleetpy.engine.cordon import drained
 from fleetpy.registry.models import Assignment, Job, Machine
 from fleetpy.unit.glob import glob_match
@@ -93,6 +104,33 @@ def _load_text(load: int) -> str:
     return f"least loaded ({load} unit{'' if load == 1 else 's'})"
 
 
+def _amount(resource: str, amount: float) -> str:
+    return format_bytes(amount) if resource == "memory" else format_cpus(amount)
+
+
+def _short_text(*short: tuple[str, float, float]) -> str:
+    return "; ".join(
+        f"not enough {r} (needs {_amount(r, need)}, {_amount(r, free)} free)" for r, need, free in short
+    )
+
+
+def _best_free_text(*short: tuple[str, float, float]) -> str:
+    return "; ".join(
+        f"not enough {r} (needs {_amount(r, need)}, the best has {_amount(r, free)} free)"
+        for r, need, free in short
+    )
+
+
+def _constraint_text(text: str, key: str = "", actual: object = None) -> str:
+    if not key:
+        return f"{text} does not hold"
+    return (
+        f"{text} does not hold ({key} is {actual})"
+        if actual is not None
+        else f"{text} does not hold (no {key})"
+    )
+
+
 _RENDER: dict[str, Callable[..., str]] = {
     # Filters: why one machine is out.
     "machine-id": lambda wanted: f"MachineID is {short_machine_id(wanted)}",
@@ -101,17 +139,24 @@ _RENDER: dict[str, Callable[..., str]] = {
     "conflict": lambda *units: f"conflicts with {', '.join(units)}",
     "replaced-by": lambda *units: f"replaced by {', '.join(units)}",
     "drained": lambda: "machine is drained",
+    "resources": _short_text,
+    "no-capacity": lambda resource: f"advertises no {resource} capacity",
+    "constraint": _constraint_text,
     # Choices: why this machine.
     "kept": lambda: "kept where it runs",
     "replaces": lambda *units: f"replaces {', '.join(units)} there",
     "only-fit": lambda: "only machine that fits",
     "least-loaded": _load_text,
+    "binpack": lambda percent: f"fullest that fits ({percent}% used with it)",
+    "most-loaded": lambda load: f"most loaded ({load} unit{'' if load == 1 else 's'})",
     "global": lambda chosen, total: f"global: on {chosen} of {total} machines",
     # Pending: why no machine.
     "no-machines": lambda: "no machines registered",
     "cycle": lambda *path: "MachineOf cycle: " + " -> ".join(path),
     "waiting": lambda target: f"waiting for {target} to be scheduled",
     "no-fit": _no_fit_text,
+    # A pending summary's: every machine short of resources, with the most any had free.
+    "best-free": _best_free_text,
 }
 # Reasons that name other units: a pending summary lists those names together.
 _NAMING = frozenset({"conflict", "replaced-by"})
@@ -338,18 +383,62 @@ class Context:
         for mid, machine in machines.items():
             for key, value in machine.metadata.items():
                 self._by_metadata.setdefault(key, {}).setdefault(value, set()).add(mid)
+        # What the units placed on each machine reserve: {"cpus": ..., "memory": ...}.
+        self.used: dict[str, dict[str, float]] = {mid: {"cpus": 0.0, "memory": 0.0} for mid in machines}
+        self._attributes: dict[str, dict[str, str | float]] = {}
+        self._constrained: dict[tuple, set[str]] = {}
 
     def place(self, name: str, machine_id: str) -> None:
         self.on_machine[machine_id].add(name)
         self.placed.setdefault(name, set()).add(machine_id)
         self.conflicts.place(name, machine_id)
+        self._reserve(name, machine_id, 1)
         self.loads.change(machine_id, 1)
 
     def remove(self, name: str) -> None:
         for machine_id in self.placed.pop(name, ()):
             self.on_machine[machine_id].discard(name)
             self.conflicts.remove(name, machine_id)
+            self._reserve(name, machine_id, -1)
             self.loads.change(machine_id, -1)
+
+    def _reserve(self, name: str, machine_id: str, sign: int) -> None:
+        fleet = self.units[name].fleet
+        if fleet.memory_request or fleet.cpu_request:
+            used = self.used[machine_id]
+            used["memory"] += sign * fleet.memory_request
+            used["cpus"] += sign * fleet.cpu_request
+
+    def free(self, machine_id: str, resource: str) -> float | None:
+        """What is left of `resource` on the machine, or None when it advertises none."""
+        capacity = self.machines[machine_id].capacity.get(resource)
+        return None if capacity is None else capacity - self.used[machine_id][resource]
+
+    def fits(self, unit: Unit, machine_id: str) -> bool:
+        fleet = unit.fleet
+        for resource, need in (("memory", fleet.memory_request), ("cpus", fleet.cpu_request)):
+            if need:
+                free = self.free(machine_id, resource)
+                if free is None or need > free + _SLACK:
+                    return False
+        return True
+
+    def attributes(self, machine_id: str) -> dict[str, str | float]:
+        if machine_id not in self._attributes:
+            self._attributes[machine_id] = self.machines[machine_id].attributes()
+        return self._attributes[machine_id]
+
+    def with_constraints(self, constraints: tuple) -> set[str]:
+        """Machines whose facts and metadata satisfy every constraint (all machines for none)."""
+        if not constraints:
+            return set(self.machines)
+        if constraints not in self._constrained:
+            self._constrained[constraints] = {
+                mid
+                for mid in self.machines
+                if all(c.holds(self.attributes(mid).get(c.key)) for c in constraints)
+            }
+        return self._constrained[constraints]
 
     def load(self, machine_id: str) -> int:
         return self.loads.load[machine_id]
@@ -363,6 +452,9 @@ class Context:
             matching = some if matching is None else matching & some
         return set(self.machines) if matching is None else matching
 
+
+# Requests are sums of floats: a unit asking exactly what is left must fit.
+_SLACK = 1e-9
 
 Filter = Callable[[Context, "Unit", Machine], "Reason | None"]
 Ranker = Callable[[Context, "Unit", Machine], float]
@@ -408,6 +500,29 @@ def cordon_filter(ctx: Context, unit: Unit, machine: Machine) -> Reason | None:
     return None if machine.id in ctx.open else Reason("drained")
 
 
+def constraint_filter(ctx: Context, unit: Unit, machine: Machine) -> Reason | None:
+    if not unit.fleet.constraints:
+        return None
+    attributes = ctx.attributes(machine.id)
+    broken = unit.fleet.failed_constraint(attributes)
+    if broken is None:
+        return None
+    return Reason("constraint", (str(broken), broken.key, attributes.get(broken.key)))
+
+
+def resources_filter(ctx: Context, unit: Unit, machine: Machine) -> Reason | None:
+    fleet = unit.fleet
+    short = []
+    for resource, need in (("memory", fleet.memory_request), ("cpus", fleet.cpu_request)):
+        if need:
+            free = ctx.free(machine.id, resource)
+            if free is None:
+                return Reason("no-capacity", (resource,))
+            if need > free + _SLACK:
+                short.append((resource, need, free))
+    return Reason("resources", tuple(short)) if short else None
+
+
 FILTERS: tuple[Filter, ...] = (
     machine_id_filter,
     metadata_filter,
@@ -415,16 +530,38 @@ FILTERS: tuple[Filter, ...] = (
     conflicts_filter,
     replaced_filter,
     cordon_filter,
+    constraint_filter,
+    resources_filter,
 )
+# A unit stays where it runs while these pass: constraints are checked only when it is placed.
+KEEP_FILTERS: tuple[Filter, ...] = tuple(f for f in FILTERS if f is not constraint_filter)
 # fleet refuses MachineID, MachineOf and Replaces beside Global=true.
-GLOBAL_FILTERS: tuple[Filter, ...] = (metadata_filter, conflicts_filter)
+GLOBAL_FILTERS: tuple[Filter, ...] = (metadata_filter, conflicts_filter, constraint_filter, resources_filter)
 
 
 # --- rankers: higher is better, each in [0, 1] -----------------------------------------------
 
 
-def least_loaded_ranker(ctx: Context, unit: Unit, machine: Machine) -> float:
+def strategy_ranker(ctx: Context, unit: Unit, machine: Machine) -> float:
+    """spread: fleet's least loaded; binpack: the fullest machine with the unit on it."""
+    if unit.fleet.strategy == "binpack":
+        return _fullness(ctx, unit, machine.id)
     return 1.0 / (1 + ctx.load(machine.id))
+
+
+def _fullness(ctx: Context, unit: Unit, machine_id: str) -> float:
+    """How full the machine would be with the unit, in [0, 1): the mean share of each resource
+    the unit requests, or by unit count when it requests none."""
+    fleet = unit.fleet
+    shares = [
+        (ctx.used[machine_id][resource] + need) / capacity
+        for resource, need in (("memory", fleet.memory_request), ("cpus", fleet.cpu_request))
+        if need and (capacity := ctx.machines[machine_id].capacity.get(resource))
+    ]
+    if shares:
+        return min(sum(shares) / len(shares), 1.0)
+    load = ctx.load(machine_id)
+    return load / (1 + load)
 
 
 def replaces_ranker(ctx: Context, unit: Unit, machine: Machine) -> float:
@@ -432,7 +569,7 @@ def replaces_ranker(ctx: Context, unit: Unit, machine: Machine) -> float:
 
 
 # Weights: the replaced unit's machine beats any difference in load.
-RANKERS: tuple[tuple[Ranker, float], ...] = ((least_loaded_ranker, 1.0), (replaces_ranker, 2.0))
+RANKERS: tuple[tuple[Ranker, float], ...] = ((strategy_ranker, 1.0), (replaces_ranker, 2.0))
 
 
 # --- the plan --------------------------------------------------------------------------------
@@ -524,7 +661,7 @@ def _current_machines(
 
 
 def _keepable(ctx: Context, unit: Unit, machine: Machine) -> bool:
-    return _blocked(ctx, unit) is None and all(f(ctx, unit, machine) is None for f in FILTERS)
+    return _blocked(ctx, unit) is None and all(f(ctx, unit, machine) is None for f in KEEP_FILTERS)
 
 
 def _blocked(ctx: Context, unit: Unit) -> Reason | None:
@@ -545,20 +682,27 @@ def _place(ctx: Context, unit: Unit) -> Decision:
     if blocked is not None:
         return Decision(name, None, blocked)
     excluded = _Exclusions(ctx, name) if ctx.conflicts.involves(name) or ctx.replacements.by(name) else None
+    if unit.fleet.requests:
+        excluded = _and_not_fitting(ctx, unit, excluded)
     pool = _static_pool(ctx, unit)
-    if pool is None:
-        wanted = unit.fleet.machine_metadata
-        key = _heap_key(ctx, name, wanted)
-        heap = ctx.loads.pool(key, lambda: ctx.with_metadata(wanted) & ctx.open)
-        best = ctx.loads.lightest(heap, excluded, 2, drop_excluded=key != wanted)
+    fleet = unit.fleet
+    if pool is None and fleet.strategy == "spread":
+        wanted = fleet.machine_metadata
+        key, drop = _heap_key(ctx, name, unit)
+        heap = ctx.loads.pool(
+            key, lambda: ctx.with_metadata(wanted) & ctx.open & ctx.with_constraints(fleet.constraints)
+        )
+        best = ctx.loads.lightest(heap, excluded, 2, drop_excluded=drop)
     else:
+        if pool is None:
+            pool = _open_pool(ctx, unit)
         fits = pool if excluded is None else [mid for mid in pool if not excluded(mid)]
-        best = sorted(fits, key=lambda mid: (ctx.load(mid), mid))[:2]
+        best = heapq.nsmallest(2, fits, key=_rank_key(ctx, unit))
     if not best:
         return Decision(name, None, _no_fit(_filter(ctx, unit, FILTERS), len(ctx.machines)))
     if ctx.replacements.of(name):
         best = _replaced_machine(ctx, unit, pool, excluded) or best
-    reason = _choice_reason(ctx, name, best[0], len(best))
+    reason = _choice_reason(ctx, unit, best[0], len(best))
     ctx.place(name, best[0])
     return Decision(name, best[0], reason)
 
@@ -568,15 +712,42 @@ def _place(ctx: Context, unit: Unit) -> Decision:
 CLASS_HEAP = 8
 
 
-def _heap_key(ctx: Context, name: str, wanted: tuple) -> object:
+def _heap_key(ctx: Context, name: str, unit: Unit) -> tuple[object, bool]:
+    """The heap of machines `unit` picks from, and whether that heap may drop the machines the
+    unit cannot use for good (when every unit using it is excluded from the same machines)."""
+    fleet = unit.fleet
+    pool = fleet.machine_metadata if not fleet.constraints else (fleet.machine_metadata, fleet.constraints)
     conflict_class = ctx.conflicts.class_of.get(name)
     if (
         conflict_class is None
         or ctx.replacements.by(name)
         or ctx.conflicts.class_size[conflict_class] < CLASS_HEAP
     ):
-        return wanted
-    return (wanted, conflict_class)
+        return pool, False
+    if fleet.requests:
+        # Only a unit leaving a machine frees room on it, and that pushes a fresh entry.
+        return (pool, conflict_class, fleet.memory_request, fleet.cpu_request), True
+    return (pool, conflict_class), True
+
+
+def _and_not_fitting(
+    ctx: Context, unit: Unit, excluded: Callable[[str], bool] | None
+) -> Callable[[str], bool]:
+    if excluded is None:
+        return lambda mid: not ctx.fits(unit, mid)
+    return lambda mid: excluded(mid) or not ctx.fits(unit, mid)
+
+
+def _open_pool(ctx: Context, unit: Unit) -> set[str]:
+    fleet = unit.fleet
+    return ctx.with_metadata(fleet.machine_metadata) & ctx.open & ctx.with_constraints(fleet.constraints)
+
+
+def _rank_key(ctx: Context, unit: Unit) -> Callable[[str], tuple]:
+    """Best machine first, as the strategy ranker orders them, ties by id."""
+    if unit.fleet.strategy == "binpack":
+        return lambda mid: (-_fullness(ctx, unit, mid), mid)
+    return lambda mid: (ctx.load(mid), mid)
 
 
 class _Exclusions:
@@ -621,10 +792,10 @@ def _replaced_machine(
     feasible = [
         mid
         for mid in holding
-        if (mid in pool if pool is not None else unit.fleet.metadata_matches(ctx.machines[mid].metadata))
+        if (mid in pool if pool is not None else mid in _open_pool(ctx, unit))
         and (excluded is None or not excluded(mid))
     ]
-    return [min(feasible, key=lambda mid: (ctx.load(mid), mid))] if feasible else []
+    return [min(feasible, key=_rank_key(ctx, unit))] if feasible else []
 
 
 def _static_pool(ctx: Context, unit: Unit) -> set[str] | None:
@@ -636,7 +807,9 @@ def _static_pool(ctx: Context, unit: Unit) -> set[str] | None:
     pool = set(ctx.open) if fleet.machine_id is None else {fleet.machine_id} & ctx.open
     for target in fleet.machine_of:
         pool &= ctx.placed.get(target, set())
-    return {mid for mid in pool if fleet.metadata_matches(ctx.machines[mid].metadata)}
+    return {mid for mid in pool if fleet.metadata_matches(ctx.machines[mid].metadata)} & ctx.with_constraints(
+        fleet.constraints
+    )
 
 
 def _place_detailed(ctx: Context, unit: Unit) -> Decision:
@@ -651,16 +824,20 @@ def _place_detailed(ctx: Context, unit: Unit) -> Decision:
         return Decision(name, None, _no_fit(filtered, len(ctx.machines)), filtered=filtered)
     scores = {m.id: sum(weight * rank(ctx, unit, m) for rank, weight in RANKERS) for m in survivors}
     best = min(scores, key=lambda mid: (-scores[mid], mid))
-    reason = _choice_reason(ctx, name, best, len(survivors))
+    reason = _choice_reason(ctx, unit, best, len(survivors))
     ctx.place(name, best)
     return Decision(name, best, reason, filtered=filtered, scores=scores)
 
 
 def _place_global(ctx: Context, unit: Unit, was_on: set[str], detailed: bool) -> Decision:
     name = unit.name.full
-    matching = ctx.with_metadata(unit.fleet.machine_metadata)
+    fleet = unit.fleet
+    # Constraints are checked where the unit is not yet, as for any unit.
+    matching = ctx.with_metadata(fleet.machine_metadata) & (ctx.with_constraints(fleet.constraints) | was_on)
     conflicted = ctx.conflicts.hosts(name)
-    chosen = sorted(mid for mid in matching if mid not in conflicted)
+    chosen = sorted(
+        mid for mid in matching if mid not in conflicted and (not fleet.requests or ctx.fits(unit, mid))
+    )
     filtered = _filter(ctx, unit, GLOBAL_FILTERS) if detailed or not chosen else {}
     if not chosen:
         return Decision(
@@ -686,12 +863,16 @@ def _filter(ctx: Context, unit: Unit, filters: Sequence[Filter]) -> dict[str, Re
     return filtered
 
 
-def _choice_reason(ctx: Context, name: str, machine_id: str, candidates: int) -> Reason:
-    replaced = sorted(ctx.replacements.of(name) & ctx.on_machine[machine_id])
+def _choice_reason(ctx: Context, unit: Unit, machine_id: str, candidates: int) -> Reason:
+    replaced = sorted(ctx.replacements.of(unit.name.full) & ctx.on_machine[machine_id])
     if replaced:
         return Reason("replaces", tuple(replaced))
     if candidates == 1:
         return Reason("only-fit")
+    if unit.fleet.strategy == "binpack":
+        if unit.fleet.requests:
+            return Reason("binpack", (round(100 * _fullness(ctx, unit, machine_id)),))
+        return Reason("most-loaded", (ctx.load(machine_id),))
     return Reason("least-loaded", (ctx.load(machine_id),))
 
 
@@ -719,12 +900,24 @@ def _no_fit(filtered: Mapping[str, Reason], machine_count: int) -> Reason:
     if machine_count == 0:
         return Reason("no-machines")
     named: dict[str, set[str]] = {}
+    best_free: dict[str, tuple[float, float]] = {}  # resource -> (need, most free anywhere)
     counts: Counter[Reason] = Counter()
     for reason in filtered.values():
         if reason.code in _NAMING:
             named.setdefault(reason.code, set()).update(reason.args)
             reason = Reason(reason.code)
+        elif reason.code == "resources":
+            for resource, need, free in reason.args:
+                best_free[resource] = (need, max(free, best_free.get(resource, (0, free))[1]))
+            reason = Reason("best-free")
+        elif reason.code == "constraint":
+            reason = Reason("constraint", reason.args[:1])
         counts[reason] += 1
+    if best_free:
+        short = tuple((r, *best_free[r]) for r in sorted(best_free))
+        counts = Counter(
+            {(Reason("best-free", short) if r.code == "best-free" else r): n for r, n in counts.items()}
+        )
     groups = sorted(
         (
             (Reason(r.code, tuple(sorted(named[r.code]))) if r.code in _NAMING else r, n, str(r))

@@ -20,14 +20,24 @@ class Machine:
     # Drained (`fleetctl drain`): laid over the agent's record from cordon/<id>, never written
     # by the agent, so the scheduler keeps new units off it and moves its units away.
     cordoned: bool = False
+    # What units may reserve here: "cpus" and "memory" (bytes), read from the host and its
+    # cgroup or set in fleetd's config; empty from a fleetd that predates them.
+    capacity: dict[str, float] = field(default_factory=dict, hash=False)
+    # Live facts (os, kernel, load1, memory_free, facts.d output, ...), refreshed by the agent.
+    facts: dict[str, str | float] = field(default_factory=dict, hash=False)
 
     def to_json(self) -> dict:
-        return {
+        record = {
             "id": self.id,
             "primaryIP": self.public_ip,
             "metadata": dict(self.metadata),
             "apiEndpoint": self.api_endpoint,
         }
+        if self.capacity:
+            record["capacity"] = dict(self.capacity)
+        if self.facts:
+            record["facts"] = dict(self.facts)
+        return record
 
     @classmethod
     def from_json(cls, data: dict) -> Machine:
@@ -36,7 +46,13 @@ class Machine:
             public_ip=data.get("primaryIP", ""),
             metadata=dict(data.get("metadata") or {}),
             api_endpoint=data.get("apiEndpoint", ""),
+            capacity={k: float(v) for k, v in (data.get("capacity") or {}).items()},
+            facts=dict(data.get("facts") or {}),
         )
+
+    def attributes(self) -> dict[str, str | float]:
+        """What MachineConstraint keys name: capacity, facts, then metadata (set by people) over them."""
+        return {**self.capacity, **self.facts, **self.metadata}
 
 
 @dataclass(frozen=True)

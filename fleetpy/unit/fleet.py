@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from fleetpy.conf.values import BadValue, parse_bytes, parse_cpus
 from fleetpy.unit.errors import InvalidFleetOptions, UnitError
 from fleetpy.unit.file import UnitFile
 from fleetpy.unit.glob import BadPattern, check_pattern, glob_match
@@ -30,7 +31,14 @@ OPTIONS = (
     # fleetpy's own: the agent stops the unit when it cannot renew its heartbeat, before its
     # TTL runs out and the engine moves the unit, so it never runs on two machines at once.
     "Fence",
+    # fleetpy's own (issue 13): resources a unit reserves on its machine, richer constraints on
+    # machine facts and metadata than MachineMetadata's equality, and how to pick among machines.
+    "MemoryRequest",
+    "CPURequest",
+    "MachineConstraint",
+    "Strategy",
 )
+STRATEGIES = ("spread", "binpack")
 
 # Names fleet accepted before v0.8.0; still honoured so old unit files keep working.
 DEPRECATED = {
@@ -72,10 +80,23 @@ class FleetOptions:
     is_global: bool = False
     replaces: tuple[str, ...] = ()
     fence: bool = False
+    # What the unit reserves on its machine: bytes of memory and CPUs (0 when it asks nothing).
+    memory_request: int = 0
+    cpu_request: float = 0.0
+    constraints: tuple[Constraint, ...] = ()
+    strategy: str = "spread"
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def metadata_matches(self, metadata: Mapping[str, str]) -> bool:
         return all(metadata.get(key) in allowed for key, allowed in self.machine_metadata)
+
+    def failed_constraint(self, attributes: Mapping[str, object]) -> Constraint | None:
+        """The first constraint a machine with these facts and metadata breaks, if any."""
+        return next((c for c in self.constraints if not c.holds(attributes.get(c.key))), None)
+
+    @property
+    def requests(self) -> bool:
+        return bool(self.memory_request or self.cpu_request)
 
     def conflicts_with(self, other_name: str) -> bool:
         """Whether one of this unit's Conflicts globs matches `other_name`."""
@@ -177,6 +198,12 @@ def parse_fleet_options(unit_name: str, unit: UnitFile) -> FleetOptions:
         is_global=_global(unit_name, values["Global"]),
         replaces=_patterns(unit_name, "Replaces", values["Replaces"], warnings),
         fence=_boolean(unit_name, "Fence", values["Fence"]),
+        memory_request=_memory_request(unit_name, values["MemoryRequest"], unit, warnings),
+        cpu_request=_cpu_request(unit_name, values["CPURequest"], unit, warnings),
+        constraints=tuple(
+            _constraint(unit_name, word) for words in values["MachineConstraint"] for word in words
+        ),
+        strategy=_strategy(unit_name, values["Strategy"]),
         warnings=tuple(warnings),
     )
     _check_combinations(unit_name, options)
@@ -313,3 +340,193 @@ def _metadata(unit_name: str, values: list[list[str]]) -> tuple[tuple[str, froze
                 )
             allowed.setdefault(key, set()).add(wanted)
     return tuple((key, frozenset(vals)) for key, vals in allowed.items())
+
+
+# --- resources -------------------------------------------------------------------------------
+
+
+def _systemd_value(unit: UnitFile, names: tuple[str, ...]) -> tuple[str, str] | None:
+    """The last [Service] assignment of any of `names` (systemd's rule), or None when unset
+    or reset by an empty assignment."""
+    found = None
+    for option in unit.options:
+        if option.section == "Service" and option.name in names:
+            found = (option.name, option.value.strip())
+    return found if found and found[1] else None
+
+
+def _memory_request(unit_name: str, values: list[list[str]], unit: UnitFile, warnings: list[str]) -> int:
+    """MemoryRequest= if given, else the unit's own MemoryMax= (or the older MemoryLimit=).
+
+    systemd's value is only read: a limit it cannot parse is systemd's to report, and a
+    percentage depends on the machine, so it reserves nothing.
+    """
+    word = _last_word(unit_name, "MemoryRequest", values)
+    if word is not None:
+        try:
+            size = parse_bytes(word)
+        except BadValue as error:
+            raise InvalidFleetOptions(f"{unit_name}: MemoryRequest={word}: {error}") from None
+        if size <= 0:
+            raise InvalidFleetOptions(f"{unit_name}: MemoryRequest={word} must be more than 0")
+        return size
+    limit = _systemd_value(unit, ("MemoryMax", "MemoryLimit"))
+    if limit is None or limit[1] == "infinity":
+        return 0
+    try:
+        return parse_bytes(limit[1])
+    except BadValue:
+        warnings.append(
+            f"{unit_name}: {limit[0]}={limit[1]} reserves no memory for scheduling (only an absolute "
+            "size does); add [X-Fleet] MemoryRequest= to reserve some"
+        )
+        return 0
+
+
+def _cpu_request(unit_name: str, values: list[list[str]], unit: UnitFile, warnings: list[str]) -> float:
+    """CPURequest= if given (1.5 or 150%), else the unit's own CPUQuota=."""
+    word = _last_word(unit_name, "CPURequest", values)
+    if word is not None:
+        try:
+            cpus = parse_cpus(word)
+        except BadValue as error:
+            raise InvalidFleetOptions(f"{unit_name}: CPURequest={word}: {error}") from None
+        if cpus <= 0:
+            raise InvalidFleetOptions(f"{unit_name}: CPURequest={word} must be more than 0")
+        return cpus
+    quota = _systemd_value(unit, ("CPUQuota",))
+    if quota is None:
+        return 0.0
+    if not quota[1].endswith("%"):
+        warnings.append(f"{unit_name}: CPUQuota={quota[1]} is not a percentage; it reserves no CPU")
+        return 0.0
+    try:
+        return parse_cpus(quota[1])
+    except BadValue:
+        warnings.append(f"{unit_name}: CPUQuota={quota[1]} is not a percentage; it reserves no CPU")
+        return 0.0
+
+
+def _strategy(unit_name: str, values: list[list[str]]) -> str:
+    word = _last_word(unit_name, "Strategy", values)
+    if word is None:
+        return "spread"
+    if word not in STRATEGIES:
+        raise InvalidFleetOptions(
+            f"{unit_name}: Strategy={word} is unknown; use spread (the least loaded machine, as "
+            "fleet does) or binpack (the fullest machine the unit fits on)"
+        )
+    return word
+
+
+# --- constraints -----------------------------------------------------------------------------
+
+_CONSTRAINT = re.compile(r"([A-Za-z0-9_.:/-]+)(==|!=|<=|>=|<|>)(.+)")
+_ORDERED = ("<", "<=", ">", ">=")
+# A version: numbers joined by dots, with anything after (6.1.0-13-amd64 is 6.1.0).
+_VERSION = re.compile(r"(\d+(?:\.\d+)*)(?:[-+~_].*)?")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """One MachineConstraint word: KEY OP VALUE on a machine's facts and metadata.
+
+    `==` and `!=` compare text, `/regex/` as the value matches a regular expression (as in
+    Swarm's constraints) and `{a,b}` is a set; `<`, `<=`, `>`, `>=` compare numbers (sizes such
+    as 8G too) or versions (5.10). A machine without the key passes only `!=`.
+    """
+
+    key: str
+    op: str
+    value: str
+
+    def __str__(self) -> str:
+        return f"{self.key}{self.op}{self.value}"
+
+    def holds(self, actual: object) -> bool:
+        if actual is None:
+            return self.op == "!="
+        text = _text(actual)
+        if self.op in ("==", "!="):
+            return self._equal(text) == (self.op == "==")
+        order = _compare(text, self.value)
+        if order is None:
+            return False
+        return {"<": order < 0, "<=": order <= 0, ">": order > 0, ">=": order >= 0}[self.op]
+
+    def _equal(self, text: str) -> bool:
+        if len(self.value) >= 2 and self.value.startswith("/") and self.value.endswith("/"):
+            return _regex(self.value[1:-1]).search(text) is not None
+        if self.value.startswith("{") and self.value.endswith("}"):
+            return text in _members(self.value)
+        return text == self.value
+
+
+def _text(value: object) -> str:
+    # Facts arrive from JSON: 2.0 CPUs compare equal to "2".
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _members(value: str) -> frozenset[str]:
+    return frozenset(v.strip() for v in value[1:-1].split(",") if v.strip())
+
+
+_REGEX_CACHE: dict[str, re.Pattern[str]] = {}
+
+
+def _regex(pattern: str) -> re.Pattern[str]:
+    if pattern not in _REGEX_CACHE:
+        _REGEX_CACHE[pattern] = re.compile(pattern)
+    return _REGEX_CACHE[pattern]
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(parse_bytes(text)) if text[-1:].isalpha() else float(text)
+    except (BadValue, ValueError):
+        return None
+
+
+def _compare(actual: str, wanted: str) -> int | None:
+    """-1, 0 or 1 as `actual` is below, at or above `wanted`; None when they do not compare."""
+    a, b = _number(actual), _number(wanted)
+    if a is not None and b is not None:
+        return (a > b) - (a < b)
+    va, vb = _VERSION.fullmatch(actual), _VERSION.fullmatch(wanted)
+    if va is None or vb is None:
+        return None
+    ta, tb = (tuple(int(p) for p in m.group(1).split(".")) for m in (va, vb))
+    return (ta > tb) - (ta < tb)
+
+
+def _constraint(unit_name: str, word: str) -> Constraint:
+    """Parse and check one MachineConstraint word: the one reader of the syntax."""
+    match = _CONSTRAINT.fullmatch(word)
+    if match is None:
+        raise InvalidFleetOptions(
+            f"{unit_name}: MachineConstraint {word!r} is not KEY OP VALUE; write e.g. "
+            '"load1<2" "kernel>=5.10" "zone!=a" "zone=={a,b}" "os==/^linux$/" (OP is one of '
+            "== != < <= > >=)"
+        )
+    key, op, value = match.groups()
+    constraint = Constraint(key, op, value)
+    if op in _ORDERED:
+        if _number(value) is None and _VERSION.fullmatch(value) is None:
+            raise InvalidFleetOptions(
+                f"{unit_name}: MachineConstraint {word!r}: {op} compares numbers (2, 0.5, 8G) or "
+                "versions (5.10); use == or != for text"
+            )
+    elif value.startswith("/") and value.endswith("/") and len(value) >= 2:
+        try:
+            _regex(value[1:-1])
+        except re.error as error:
+            raise InvalidFleetOptions(
+                f"{unit_name}: MachineConstraint {word!r}: bad regular expression: {error}"
+            ) from None
+    elif value.startswith("{") and (not value.endswith("}") or not _members(value)):
+        raise InvalidFleetOptions(
+            f"{unit_name}: MachineConstraint {word!r}: a set is written {{a,b,c}} with at least one member"
+        )
+    return constraint
