@@ -178,9 +178,11 @@ def random_resource_cluster(seed: int):
 
 
 @pytest.mark.parametrize("class_heap", [1, scheduler.CLASS_HEAP])
-def test_the_indexed_plan_matches_the_full_pipeline_with_requests(monkeypatch, class_heap) -> None:
+def test_the_indexed_plan_matches_the_full_pipeline_with_requests(
+    monkeypatch, class_heap, random_cases
+) -> None:
     monkeypatch.setattr(scheduler, "CLASS_HEAP", class_heap)
-    for seed in range(120):
+    for seed in range(random_cases):
         machines, jobs = random_resource_cluster(seed)
         names = {job.name for job, _ in jobs}
         fast = plan(machines, jobs, [])

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from fleetpy.agent.facts import Facts, FactSource, changed_enough
 from fleetpy.agent.tasks import RUNNING, STARTED, Desired, Tasks, plan_tasks
 from fleetpy.conf import metrics
 from fleetpy.events import AgentEvents
@@ -47,8 +49,15 @@ class Agent:
         fence: bool = False,
         clock: Callable[[], float] = time.monotonic,
         events: AgentEvents | None = None,
+        facts: FactSource | None = None,
+        facts_interval: float = 0.0,
     ):
         self.registry = registry
+        # Live facts: read every `facts_interval` (0: only at start), written with a heartbeat
+        # when they changed enough (see facts.changed_enough).
+        self.facts = facts
+        self.facts_interval = facts_interval
+        self._fresh_facts: Facts | None = None
         self.events = events or AgentEvents()
         self.systemd = systemd
         self.machine = machine
@@ -81,9 +90,15 @@ class Agent:
         systemd.on_state_change(self._on_state_change)
 
     async def run(self) -> None:
+        if self.facts is not None:
+            await self._read_facts()
+            if self._fresh_facts is not None:
+                self.machine = dataclasses.replace(self.machine, facts=self._fresh_facts)
         await self._until_registered()
+        tasks = [supervise("agent: facts", self._refresh_facts)] if self.facts and self.facts_interval else []
         try:
             await asyncio.gather(
+                *tasks,
                 supervise("agent: heartbeat", self._heartbeat),
                 supervise("agent: schedule follower", self._follow_schedule),
                 supervise("agent: state publisher", self._publish_states),
@@ -108,13 +123,37 @@ class Agent:
                 log.warning("cannot register machine %s yet: %s", self.machine.id, error)
                 await asyncio.sleep(OUTAGE_PAUSE)
 
+    async def _read_facts(self) -> None:
+        assert self.facts is not None
+        try:
+            self._fresh_facts = await self.facts.read()
+        except Exception as error:  # noqa: BLE001 - a fact that cannot be read must not stop the agent
+            log.warning("agent: cannot read this machine's facts: %s", error)
+
+    async def _refresh_facts(self) -> None:
+        while True:
+            await asyncio.sleep(self.facts_interval)
+            await self._read_facts()
+
+    def _facts_to_publish(self) -> Facts | None:
+        fresh = self._fresh_facts
+        if fresh is None or not changed_enough(self.machine.facts, fresh):
+            return None
+        return fresh
+
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.ttl / 3)
             try:
                 sent = self._clock()
+                facts = self._facts_to_publish()
+                if facts is not None:
+                    # Facts that changed enough ride on this beat: one write instead of a keepalive.
+                    machine = dataclasses.replace(self.machine, facts=facts)
+                    await self.registry.register_machine(machine, self.ttl)
+                    self.machine = machine
                 # One keepalive on etcd v3, one refresh request on v2 (in the v2 store's threads).
-                if not await self.registry.refresh_machine(self.machine.id, self.ttl):
+                elif not await self.registry.refresh_machine(self.machine.id, self.ttl):
                     log.warning("machine record had expired; registering again")
                     await self.registry.register_machine(self.machine, self.ttl)
                     self.events.joined(self.machine, again=True)

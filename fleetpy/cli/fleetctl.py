@@ -23,7 +23,7 @@ from fleetpy.cli.complete import machine_ids, unit_names
 from fleetpy.cli.events import event_lines, events_command
 from fleetpy.cli.output import Progress, emit, output_option, structured
 from fleetpy.client import APIError, Client
-from fleetpy.conf.values import short_machine_id
+from fleetpy.conf.values import format_bytes, short_machine_id
 
 DEFAULT_ENDPOINT = "unix:///var/run/fleet.sock"
 POLL_INTERVAL = 0.2
@@ -199,7 +199,7 @@ def list_machines(session: _Session, full: bool, no_legend: bool, fields: str, o
         emit(list(session.machines().values()), output)
         return
     if output == "wide":
-        full, fields = True, "machine,ip,metadata,state"
+        full, fields = True, "machine,ip,metadata,state,cpus,memory,free,load"
 
     def metadata(m: dict) -> str:
         pairs = sorted(m.get("metadata", {}).items())
@@ -214,8 +214,18 @@ def list_machines(session: _Session, full: bool, no_legend: bool, fields: str, o
         "ip": lambda m: m.get("primaryIP") or "-",
         "metadata": metadata,
         "state": lambda m: "drained" if m.get("cordoned") else "schedulable",
+        # fleetpy's: capacity and live facts (docs/resources.md); "-" from an older fleetd.
+        "cpus": lambda m: _fact(m.get("capacity", {}).get("cpus"), lambda v: f"{v:g}"),
+        "memory": lambda m: _fact(m.get("capacity", {}).get("memory"), format_bytes),
+        "free": lambda m: _fact(m.get("facts", {}).get("memory_free"), format_bytes),
+        "load": lambda m: _fact(m.get("facts", {}).get("load1"), lambda v: f"{v:.2f}"),
+        "facts": lambda m: ",".join(f"{k}={v}" for k, v in sorted(m.get("facts", {}).items())) or "-",
     }
     _print_table(fields, known, session.machines().values(), not no_legend)
+
+
+def _fact(value: object, show: Callable[[float], str]) -> str:
+    return show(float(value)) if isinstance(value, int | float) else "-"
 
 
 @cli.command("list-units")

@@ -19,7 +19,7 @@ from itertools import pairwise
 from typing import Literal
 
 from fleetpy.cloudinit.substitute import substitute
-from fleetpy.conf.values import BadValue, parse_agent_ttl, parse_duration, parse_metadata
+from fleetpy.conf.values import BadValue, parse_agent_ttl, parse_capacity, parse_duration, parse_metadata
 from fleetpy.registry import ETCD_APIS
 from fleetpy.unit.errors import InvalidUnitName
 from fleetpy.unit.name import validate_unit_name
@@ -127,6 +127,7 @@ def _as_fleet_reads(parse: Callable[[str], object]) -> Check:
 
 
 _metadata = _as_fleet_reads(parse_metadata)
+_capacity = _as_fleet_reads(parse_capacity)
 _agent_ttl = _as_fleet_reads(parse_agent_ttl)
 # locksmith reads its durations with Go, which wants a unit.
 _go_duration = _as_fleet_reads(lambda value: parse_duration(value, bare_seconds=False))
@@ -339,6 +340,10 @@ FLEET = Spec(
         "etcd_request_timeout": FLOAT,
         "etcd_servers": Spec("str", check=_url_list),
         "metadata": Spec("str", check=_metadata),
+        # fleetpy's own (docs/resources.md): what units may reserve, and the facts directory.
+        "capacity": Spec("str", check=_capacity),
+        "facts_dir": STR,
+        "facts_interval": Spec("str", check=_as_fleet_reads(parse_duration)),
         "public_ip": Spec("str", check=_ip_address),
         "token_limit": INT,
         "verbosity": INT,

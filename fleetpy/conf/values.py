@@ -120,3 +120,17 @@ def parse_cpus(value: str) -> float:
 
 def format_cpus(cpus: float) -> str:
     return f"{cpus:.2f}".rstrip("0").rstrip(".") + (" CPU" if cpus == 1 else " CPUs")
+
+
+CAPACITY_KEYS = ("cpus", "memory", "disk")
+
+
+def parse_capacity(value: str) -> dict[str, float]:
+    """`cpus=2,memory=4G,disk=100G` -> {"cpus": 2.0, "memory": 4294967296.0, ...}: what a machine
+    offers units, where it should not be read from the host."""
+    capacity = {}
+    for key, amount in parse_metadata(value).items():
+        if key not in CAPACITY_KEYS:
+            raise BadValue(f"bad capacity {key!r}: use {', '.join(CAPACITY_KEYS)}, e.g. cpus=2,memory=4G")
+        capacity[key] = parse_cpus(amount) if key == "cpus" else float(parse_bytes(amount))
+    return capacity

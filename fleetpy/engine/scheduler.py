@@ -122,6 +122,8 @@ def _best_free_text(*short: tuple[str, float, float]) -> str:
 
 
 def _constraint_text(text: str, key: str = "", actual: object = None) -> str:
+    if isinstance(actual, float) and actual.is_integer():
+        actual = int(actual)
     if not key:
         return f"{text} does not hold"
     return (

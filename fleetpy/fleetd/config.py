@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from fleetpy.conf.values import parse_agent_ttl, parse_duration, parse_metadata
+from fleetpy.conf.values import parse_agent_ttl, parse_capacity, parse_duration, parse_metadata
 
 DEFAULT_CONFIG_FILE = "/etc/fleet/fleet.conf"
 SYSTEM_MACHINE_ID = "/etc/machine-id"
@@ -32,6 +32,12 @@ class Config:
     etcd_request_timeout: float = 5.0
     public_ip: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
+    # What units may reserve here (cpus, memory, disk); what is not given is read from the host.
+    capacity: dict[str, float] = field(default_factory=dict)
+    # Executables printing key=value facts (Facter's external facts), and how often live facts
+    # are read again (0: only at start).
+    facts_dir: str = "/etc/fleetpy/facts.d"
+    facts_interval: float = 10.0
     machine_id: str = ""
     machine_id_file: str = "/var/lib/fleetpy/machine-id"
     unit_dir: str = "/run/fleetpy/units"
@@ -73,6 +79,8 @@ def _bool(value: str) -> bool:
 _CONVERT = {
     "etcd_servers": _list,
     "metadata": parse_metadata,
+    "capacity": parse_capacity,
+    "facts_interval": parse_duration,
     "agent_ttl": parse_agent_ttl,
     "engine_reconcile_interval": parse_duration,
     "etcd_request_timeout": parse_duration,

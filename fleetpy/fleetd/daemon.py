@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fleetpy.agent.agent import Agent
+from fleetpy.agent.facts import HostFacts, detect_capacity
 from fleetpy.engine.engine import Engine
 from fleetpy.events import AgentEvents, EngineEvents, Recorder
 from fleetpy.fleetd.config import Config, machine_id
@@ -21,8 +22,12 @@ from fleetpy.systemd import SystemdManager
 
 
 def machine_of(config: Config) -> Machine:
-    """This machine as its agent registers it."""
-    return Machine(machine_id(config), config.public_ip, dict(config.metadata), api_endpoint(config))
+    """This machine as its agent registers it: what its config says, and the capacity its host
+    offers where the config does not say."""
+    capacity = {**detect_capacity(config.unit_dir), **config.capacity}
+    return Machine(
+        machine_id(config), config.public_ip, dict(config.metadata), api_endpoint(config), capacity=capacity
+    )
 
 
 def api_endpoint(config: Config) -> str:
@@ -70,7 +75,17 @@ def build_fleetd(
     machine = machine_of(config)
     recorder = Recorder(registry, machine.id)
     events = AgentEvents(recorder, systemd.failure_reason)
-    agent = Agent(registry, systemd, machine, config.agent_ttl, fence=config.fence, events=events)
+    facts = HostFacts(machine.capacity, config.unit_dir, config.facts_dir)
+    agent = Agent(
+        registry,
+        systemd,
+        machine,
+        config.agent_ttl,
+        fence=config.fence,
+        events=events,
+        facts=facts,
+        facts_interval=config.facts_interval,
+    )
     engine = (
         None
         if config.disable_engine

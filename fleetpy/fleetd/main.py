@@ -129,6 +129,11 @@ async def _until_ready(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
 @click.option("--etcd-password-file", help="file holding the etcd user's password")
 @click.option("--public-ip", help="IP address other machines reach this one at")
 @click.option("--metadata", help="machine metadata, e.g. role=web,zone=a")
+@click.option(
+    "--capacity", help="what units may reserve, e.g. cpus=2,memory=4G (default: read from the host)"
+)
+@click.option("--facts-dir", help="executables printing key=value facts (default /etc/fleetpy/facts.d)")
+@click.option("--facts-interval", help="how often live facts are read, e.g. 10s (0: only at start)")
 @click.option("--machine-id", help="machine id (default /etc/machine-id, else generated and kept)")
 @click.option("--unit-dir", help="where unit files are written (default /run/fleetpy/units)")
 @click.option("--api-socket", help="unix socket of the API (default /var/run/fleet.sock)")

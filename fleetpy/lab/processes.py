@@ -103,6 +103,9 @@ def fleetd_argv(book: StateFile, ns: NodeState) -> list[str]:
         "--api-token-file", state.token_file,
         "--systemd-bus", "user",
         "--agent-ttl", state.agent_ttl,
+        # Each node its own facts directory, read every second, so a lab shows fact changes soon.
+        "--facts-dir", str(node_dir / "facts.d"),
+        "--facts-interval", "1s",
     ]  # fmt: skip
     if ns.metadata:
         argv += ["--metadata", format_metadata(ns.metadata)]
