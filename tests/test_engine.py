@@ -11,7 +11,7 @@ import logging
 import pytest
 
 from fleetpy.engine import scheduler
-from fleetpy.engine.engine import Engine
+from fleetpy.engine.engine import LEASE_MARGIN, Engine
 from fleetpy.engine.explain import explain_placement
 from fleetpy.registry import Assignment, Job, Machine, ManualClock, MemoryStore, Registry, memory_registry
 from fleetpy.unit import UnitFile
@@ -97,8 +97,11 @@ async def test_engine_schedules_on_submit_and_reschedules_when_a_machine_expires
     await _submit(registry, "b.service")
     await _until(lambda: _placed(registry, {"a.service": "m1", "b.service": "m2"}))
     # m2 stops heartbeating: once its record expires its unit moves to m1, without waiting for
-    # the periodic pass (an hour away).
-    clock.advance(6)
+    # the periodic pass (an hour away). The lease is renewed meanwhile, as the engine's own
+    # renewals (on real time) would: a leader whose lease expired writes nothing.
+    clock.advance(4)
+    assert await registry.renew_leadership("m1", 5)
+    clock.advance(2)
     await _until(lambda: _placed(registry, {"a.service": "m1", "b.service": "m1"}))
 
 
@@ -160,7 +163,7 @@ async def test_a_leader_that_cannot_schedule_logs_why_and_gives_up_its_lease(run
     await registry.register_machine(Machine("m1"), ttl=30)
     broken, healthy = Engine(registry, "m1", lease_ttl=30), Engine(registry, "m2", lease_ttl=30)
 
-    async def crash():
+    async def crash(**_):
         raise RuntimeError("engine bug")
 
     monkeypatch.setattr(broken, "reconcile", crash)
@@ -208,9 +211,85 @@ async def test_units_of_a_machine_that_does_not_come_back_move_after_the_grace(r
     await _until(lambda: _flag(engine.leading))
     await _submit(registry, "new.service")
     await _until(lambda: _placed(registry, {"moves.service": "m2", "new.service": "m1"}))
-    clock.advance(10)
+    clock.advance(9)
+    assert await registry.renew_leadership("m1", 10)  # as the engine's renewals would
+    clock.advance(1)
     await registry.register_machine(Machine("m3"), ttl=300)  # any event wakes the engine
     await _until(lambda: _placed(registry, {"moves.service": "m3", "new.service": "m1"}))
+
+
+async def _leading_with(registry, clock, own_ttl):
+    """m1 leads (lease 30 s) and runs a.service; its record lives `own_ttl`, m2's for ever."""
+    await registry.register_machine(Machine("m1"), ttl=own_ttl)
+    await registry.register_machine(Machine("m2"), ttl=3600)
+    digest = await _submit(registry, "a.service")
+    await registry.assign(Assignment("a.service", "m1", digest, "launched"))
+    engine = Engine(registry, "m1", lease_ttl=30, reconcile_interval=3600, clock=clock)
+    return engine
+
+
+async def test_a_leader_that_stalled_past_its_lease_writes_nothing_after_it(running, caplog):
+    # B7 in CI: the leader's fleetd stalled under load; its lease and its own machine record
+    # lapsed together and another engine took over. On waking, the old leader scheduled on what
+    # it read (its own machine gone, its grace long over) before it noticed the lost lease.
+    clock = ManualClock()
+    registry = _manual_registry(clock)
+    engine = await _leading_with(registry, clock, own_ttl=20)
+    running(engine.run())
+    await _until(lambda: _flag(engine.leading))
+    await _submit(registry, "first.service")
+    await _until(lambda: _placed(registry, {"a.service": "m1", "first.service": "m2"}))
+    clock.advance(31)  # the stall: the lease and m1's record expire in the store meanwhile
+    assert await registry.acquire_leadership("m2", 30)  # another engine leads now
+    await _submit(registry, "b.service")  # wakes the stale leader
+    await _until(lambda: _not_leading(engine))
+    # It renewed before writing, found the lease gone, and wrote nothing.
+    assert await _placed(registry, {"a.service": "m1", "first.service": "m2"})
+    assert any("renewing before writing" in r.getMessage() for r in caplog.records)
+    # When the lease is free again it leads as a new leader: m1's agent (running) gets one TTL
+    # to register again, so a.service stays.
+    await registry.resign("m2")
+    await _until(lambda: _placed(registry, {"a.service": "m1", "first.service": "m2", "b.service": "m2"}))
+
+
+async def _not_leading(engine):
+    return not engine.leading.is_set()
+
+
+async def test_a_leader_keeps_its_own_units_for_one_ttl_when_its_own_record_lapsed(running):
+    # The lease was renewed in time but the machine record was not (its heartbeat fell due
+    # during the stall): this fleetd runs, so its agent is registering it again.
+    clock = ManualClock()
+    registry = _manual_registry(clock)
+    engine = await _leading_with(registry, clock, own_ttl=30)
+    running(engine.run())
+    await _until(lambda: _flag(engine.leading))
+    # Past the lease's margin the leader renews it before writing.
+    clock.advance(30 * (1 - LEASE_MARGIN) + 1)
+    await _submit(registry, "first.service")
+    await _until(lambda: _placed(registry, {"a.service": "m1", "first.service": "m2"}))
+    clock.advance(10)  # m1's record lapsed; the lease is still sure, the new-leader grace over
+    await _submit(registry, "b.service")
+    await _until(lambda: _has(registry, "b.service"))
+    assert await _placed(registry, {"a.service": "m1", "first.service": "m2", "b.service": "m2"})
+    # Its grace is one TTL: a record that never comes back lets the units move after it.
+    clock.advance(10)
+    await registry.renew_leadership("m1", 30)
+    await _submit(registry, "c.service")
+    await _until(lambda: _has(registry, "c.service"))
+    assert (await _assigned(registry))["a.service"] == "m1"
+    clock.advance(21)
+    await registry.renew_leadership("m1", 30)
+    await _submit(registry, "d.service")
+    await _until(lambda: _placed_on(registry, "a.service", "m2"))
+
+
+async def _assigned(registry):
+    return {a.unit: a.machine_id for a in await registry.assignments()}
+
+
+async def _placed_on(registry, unit, machine_id):
+    return (await _assigned(registry)).get(unit) == machine_id
 
 
 async def test_a_metadata_edit_wakes_the_engine(running):

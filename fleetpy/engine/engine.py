@@ -24,6 +24,14 @@ OUTAGE_PAUSE = 1.0
 RESIGN_TIMEOUT = 1.0
 # While units hand over from a drained machine, how often to look whether their new copies run.
 HANDOVER_POLL = 0.5
+# A leader writes the schedule only while at least this share of its lease is surely left (counted
+# from when it sent its last renewal). Less means its renewals are late: its process stalled, or
+# etcd is slow, and a write could land after the lease expired and another engine took over.
+LEASE_MARGIN = 1 / 3
+
+
+class LeaseUncertain(Exception):
+    """The leader cannot be sure it still holds the lease: it must not write."""
 
 
 class ParsedUnits:
@@ -81,7 +89,12 @@ class Engine:
 
     A new leader, and any leader right after etcd was away, gives machines one TTL to register
     again before it moves their units: their records may have expired while their agents (and
-    units) were fine, as when every fleetd restarts.
+    units) were fine, as when every fleetd restarts. Its own machine gets the same TTL whenever
+    its record is missing: this fleetd runs, so its agent is registering it again (the record
+    lapsed while the process stalled).
+
+    A leader that stalled past its lease renewals writes nothing before it has renewed the
+    lease, so an engine that lost its lease without noticing never undoes the new leader's work.
     """
 
     def __init__(
@@ -102,6 +115,8 @@ class Engine:
         self.leading = asyncio.Event()
         self.units = ParsedUnits(registry)
         self._leading_since = -float("inf")  # by self.clock
+        self._lease_until = -float("inf")  # by self.clock: until then the lease is surely ours
+        self._own_missing_since: float | None = None  # by self.clock: when our record was missed
         self._grace_left = 0.0  # seconds until held units may move; 0 when none are held
         self._quarantined: dict[str, str] = {}  # as of the last pass, to log each one once
         self._handing_over: set[str] = set()  # units whose old copy waits for the new one
@@ -109,7 +124,9 @@ class Engine:
     async def run(self) -> None:
         while True:
             try:
+                sent = self.clock()
                 if await self.registry.acquire_leadership(self.machine_id, self.lease_ttl):
+                    self._lease_until = sent + self.lease_ttl
                     log.info("engine: this machine leads (%s)", self.machine_id)
                     self.events.leading(self.machine_id)
                     if not await self._lead():
@@ -166,13 +183,25 @@ class Engine:
     async def _keep_lease(self) -> None:
         while True:
             await asyncio.sleep(self.lease_ttl / 3)
-            try:
-                if not await self.registry.renew_leadership(self.machine_id, self.lease_ttl):
-                    log.warning("engine: lost the leader lease")
-                    return
-            except StoreError as error:
-                log.warning("engine: cannot renew lease: %s", error)
+            if not await self._renew():
                 return
+
+    async def _renew(self) -> bool:
+        """Renew the leader lease; False when it is lost or etcd cannot say."""
+        sent = self.clock()
+        try:
+            if not await self.registry.renew_leadership(self.machine_id, self.lease_ttl):
+                log.warning("engine: lost the leader lease")
+                return False
+        except StoreError as error:
+            log.warning("engine: cannot renew lease: %s", error)
+            return False
+        # etcd counts the TTL from when it takes the renewal, which is after we sent it.
+        self._lease_until = max(self._lease_until, sent + self.lease_ttl)
+        return True
+
+    def _lease_is_sure(self) -> bool:
+        return self.clock() + self.lease_ttl * LEASE_MARGIN < self._lease_until
 
     async def _watch(self, directory: str, changed: asyncio.Event) -> None:
         index = None
@@ -203,7 +232,16 @@ class Engine:
                     await changed.wait()
             changed.clear()
             try:
-                await self.reconcile()
+                await self.reconcile(check_lease=True)
+            except LeaseUncertain:
+                log.warning(
+                    "engine: lease renewal overdue (%.1fs of %.0fs left); renewing before writing",
+                    max(self._lease_until - self.clock(), 0.0),
+                    self.lease_ttl,
+                )
+                if not await self._renew():
+                    return  # the lease is gone: _lead resigns, and another engine schedules
+                changed.set()  # read again: what this pass read may be stale
             except StoreError as error:
                 await self._outage("reconcile", error)
                 changed.set()
@@ -219,12 +257,23 @@ class Engine:
         since_outage = last_failure + self.lease_ttl - time.monotonic()
         return max(since_leading, since_outage, 0.0)
 
-    async def reconcile(self) -> Plan:
+    def _own_grace(self, missing: set[str]) -> float:
+        """Seconds left in which this machine's own lapsed record may still come back."""
+        if self.machine_id not in missing:
+            self._own_missing_since = None
+            return 0.0
+        if self._own_missing_since is None:
+            self._own_missing_since = self.clock()
+        return max(self._own_missing_since + self.lease_ttl - self.clock(), 0.0)
+
+    async def reconcile(self, *, check_lease: bool = False) -> Plan:
         """Read the cluster, compute the plan, and write only the difference.
 
         Units the engine must not touch now are held: left where they are, with their
         assignments as they are. Those are units on machines still within their grace, and
         quarantined units (unreadable, or failing the scheduler) already assigned somewhere.
+        With `check_lease` (the leader's loop), raises LeaseUncertain instead of writing when
+        the lease may have expired.
         """
         started = time.perf_counter()
         machines, jobs, current, pending, last_failure = await asyncio.gather(
@@ -241,15 +290,23 @@ class Engine:
         }
         held = {a.unit for a in current if a.unit in quarantined}
         missing = {a.machine_id for a in current} - {m.id for m in machines}
-        self._grace_left = self._grace(last_failure) if missing else 0.0
-        if self._grace_left:
+        grace = self._grace(last_failure) if missing else 0.0
+        own_grace = self._own_grace(missing)
+        self._grace_left = max(grace, own_grace)
+        if grace:
             log.info(
                 "engine: %d machine(s) missing just after a leader change or etcd outage; "
                 "their units stay for %.1fs",
                 len(missing),
-                self._grace_left,
+                grace,
             )
             held |= {a.unit for a in current if a.machine_id in missing}
+        elif own_grace:
+            log.info(
+                "engine: this machine's own record lapsed (a stall?); its units stay for %.1fs",
+                own_grace,
+            )
+            held |= {a.unit for a in current if a.machine_id == self.machine_id}
         current = [a for a in current if a.unit not in held]
         new_plan, failed = plan_guarded(machines, [(j, u) for j, u in parsed if j.name not in held], current)
         for name, error in failed.items():
@@ -261,6 +318,8 @@ class Engine:
         assignments, self._handing_over = await self._hand_over(new_plan, machines, parsed, current)
         reasons = {u: r for u, r in reasons.items() if u not in held or u in quarantined}
         pending = {u: r for u, r in pending.items() if u not in held or u in quarantined}
+        if check_lease and not self._lease_is_sure():
+            raise LeaseUncertain()
         await self.apply(assignments, reasons, current, pending)
         self.events.scheduled(machines, current, assignments, new_plan.decisions, reasons, pending)
         metrics.SCHEDULING_SECONDS.observe(time.perf_counter() - started)
