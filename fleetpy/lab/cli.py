@@ -97,6 +97,19 @@ def _parse_metadata(values: tuple[str, ...]) -> dict[str, dict[str, str]]:
     default=None,
     help="make nodes ready for podman units (default: when podman is installed)",
 )
+@click.option(
+    "--metrics",
+    "serve_metrics",
+    is_flag=True,
+    help="serve every node's metrics, labelled by node, on 127.0.0.1 for Prometheus (behind the lab's token)",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="port of --metrics on 127.0.0.1; 0: a free one (kept across `up`s of this lab)",
+)
 def up(
     lab: Lab,
     node_count: int,
@@ -106,6 +119,8 @@ def up(
     network: str,
     agent_ttl: str,
     containers: bool | None,
+    serve_metrics: bool,
+    metrics_port: int,
 ) -> None:
     """Start etcd and the nodes, wait until every machine is registered; idempotent."""
     started = time.monotonic()
@@ -118,6 +133,8 @@ def up(
         user_data=user_data,
         containers=containers,
     )
+    if serve_metrics or (lab.state and lab.state.metrics_url):  # asked for now, or before: repaired
+        lab.serve_metrics(metrics_port)
     for note in notes:
         click.echo(f"note: {note}")
     _print_status(lab.status())
@@ -141,7 +158,7 @@ def metrics(lab: Lab) -> None:
     """Every node's Prometheus metrics in one text, each sample labelled with its node."""
     from fleetpy.lab.metrics import scrape
 
-    click.echo(scrape(lab), nl=False)
+    click.echo(scrape(lab.book), nl=False)
 
 
 @_lab_command("down")
@@ -239,6 +256,8 @@ def _print_status(info: dict[str, Any]) -> None:
         + (f" (bridge {info['bridge']})" if info["bridge"] else "")
         + f"  containers: {'podman' if info['containers'] else 'off'}"
     )
+    if info["metrics"]:
+        click.echo(f"  metrics  {info['metrics']}  (Authorization: Bearer $(cat {info['dir']}/token))")
     for member in info["etcd"]:
         health = "healthy" if member["healthy"] else ("running, unhealthy" if member["running"] else "DOWN")
         click.echo(f"  {member['name']:<8} {member['url']:<28} {health}")

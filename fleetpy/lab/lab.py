@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fleetpy.lab import faults, processes, provisioning
+from fleetpy.lab import metrics as lab_metrics
 from fleetpy.lab import network as labnet
 from fleetpy.lab import node as nodes
 from fleetpy.lab import status as lab_status
@@ -330,6 +331,10 @@ class Lab:
         """Wait until every (named) node's fleetd is registered in etcd and serves its API."""
         lab_status.wait_registered(self.book, timeout, names)
 
+    def serve_metrics(self, port: int = 0) -> str:
+        """Serve every node's metrics on 127.0.0.1 for Prometheus (lab/metrics.py); returns the URL."""
+        return lab_metrics.start_server(self.book, port)
+
     def registry(self, retry_for: float = 1.0) -> Registry:
         """The lab's registry, with short retries: the lab reports, it does not wait out outages."""
         return lab_status.registry(self.book.require(), retry_for)
@@ -389,6 +394,10 @@ class Lab:
         if state.containers:
             # The containers died with their nodes; forget them too, so podman lists none.
             errors += provisioning.forget_containers(self.book)
+        try:
+            lab_metrics.stop_server(state)
+        except (NodeError, OSError) as error:
+            errors.append(f"metrics server: {error}")
         for member in state.etcd:
             try:
                 nodes.kill_cgroup(member.cgroup, what=member.name)

@@ -62,6 +62,9 @@ class State:
     user_data_sets_agent_ttl: bool = False
     # The bridge's /24 ("10.251.3.0/24"), chosen free on this host; "" on loopback.
     subnet: str = ""
+    # `up --metrics`: where the lab serves its nodes' metrics, and the server's cgroup.
+    metrics_url: str = ""
+    metrics_cgroup: str = ""
 
     @classmethod
     def load(cls, path: Path) -> State:

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from fleetpy.lab import node as nodes
 from fleetpy.lab.etcd import EtcdMember
+from fleetpy.lab.metrics import server_alive
 from fleetpy.lab.processes import KEY_PREFIX, cgroup_alive, pid_alive
 from fleetpy.lab.state import EtcdState, LabError, NodeState, State, StateFile
 from fleetpy.registry import Registry, StoreError
@@ -107,6 +108,8 @@ def status(book: StateFile) -> dict[str, Any]:
         "bridge": state.bridge,
         "user_data": state.user_data,
         "endpoint": endpoint(book),
+        # `up --metrics`: every node's metrics for Prometheus, behind the lab's token
+        "metrics": state.metrics_url if server_alive(state) else "",
         "etcd": [_etcd_row(member) for member in state.etcd],
         "nodes": [_node_row(state, ns, registered) for ns in state.nodes],
     }
