@@ -11,8 +11,18 @@ from fleetpy.agent.agent import Agent
 from fleetpy.engine.engine import Engine
 from fleetpy.engine.scheduler import Decision
 from fleetpy.events import AgentEvents, EngineEvents, Recorder, kinds
-from fleetpy.events.engine import schedule_changes
-from fleetpy.registry import Assignment, Job, Machine, StoreError, Unavailable, memory_registry
+from fleetpy.events.engine import expired_histories, schedule_changes
+from fleetpy.registry import (
+    Assignment,
+    Job,
+    Machine,
+    ManualClock,
+    MemoryStore,
+    Registry,
+    StoreError,
+    Unavailable,
+    memory_registry,
+)
 from fleetpy.systemd.fake import FakeSystemd
 from fleetpy.unit import UnitFile
 
@@ -225,3 +235,103 @@ async def test_a_new_leader_records_the_old_leaders_lost_machine_once():
     await recorder.flush()
     lost = [(e.machine_id, e.message) for e in await registry.events() if e.kind == kinds.MACHINE_LOST]
     assert lost == [("m2", "machine m2 lost: no heartbeat within its 5s TTL")]
+
+
+async def _histories_of(registry, *machine_ids: str) -> None:
+    for mid in machine_ids:
+        recorder = Recorder(registry, mid, clock=Clock())
+        recorder.emit(kinds.MACHINE_JOINED, f"machine {mid} joined", machine_id=mid)
+        await recorder.flush()
+
+
+def _leader(registry, clock, retention: float = 3600) -> tuple[Engine, Recorder]:
+    recorder = Recorder(registry, "m1", clock=Clock())
+    events = EngineEvents(recorder, ttl=5, retention=retention, clock=clock)
+    engine = Engine(registry, "m1", lease_ttl=5, clock=clock, events=events)
+    events.leading("m1")
+    return engine, recorder
+
+
+def test_histories_expire_after_the_retention_counted_from_when_the_machine_was_first_missing():
+    expired, since = expired_histories(["m1", "m2", "m3"], {"m1"}, {"m2": 100.0}, now=150.0, retention=50)
+    assert (expired, since) == (["m2"], {"m2": 100.0, "m3": 150.0})
+    expired, since = expired_histories(["m1", "m3"], {"m1", "m3"}, since, now=500.0, retention=50)
+    assert (expired, since) == ([], {})  # m3 came back: its time gone starts again next time
+
+
+async def test_the_leader_removes_the_history_of_a_machine_gone_longer_than_the_retention(any_registry):
+    registry, clock = any_registry, ManualClock()
+    for mid in ("m1", "m2", "m3"):
+        await registry.register_machine(Machine(mid), 600)
+    await _histories_of(registry, "m2", "m3")
+    engine, recorder = _leader(registry, clock, retention=3600)
+    await engine.reconcile()
+    await registry.remove_machine("m2")  # lost for good
+    await engine.reconcile()
+    clock.advance(3599)
+    await engine.reconcile()
+    await recorder.flush()
+    assert await registry.event_reporters() == ["m1", "m2", "m3"]
+    clock.advance(1)
+    await engine.reconcile()
+    assert await registry.event_reporters() == ["m1", "m3"]
+    events = await registry.events()
+    assert "m2" not in {e.reporter for e in events}
+    # What happened to m2 stays visible, in the leader's own history.
+    lost = [(e.reporter, e.machine_id) for e in events if e.kind == kinds.MACHINE_LOST]
+    assert lost == [("m1", "m2")]
+
+
+async def test_a_machine_back_before_the_retention_keeps_its_history_and_its_time_gone_starts_again():
+    registry, clock = memory_registry(clock=ManualClock()), ManualClock()
+    for mid in ("m1", "m2"):
+        await registry.register_machine(Machine(mid), 10**9)
+    await _histories_of(registry, "m2")
+    engine, _ = _leader(registry, clock, retention=3600)
+    await registry.remove_machine("m2")
+    await engine.reconcile()
+    clock.advance(3000)
+    await registry.register_machine(Machine("m2"), 10**9)
+    await engine.reconcile()
+    await registry.remove_machine("m2")
+    await engine.reconcile()
+    clock.advance(3000)
+    await engine.reconcile()
+    assert "m2" in await registry.event_reporters()
+    clock.advance(600)
+    await engine.reconcile()
+    assert "m2" not in await registry.event_reporters()
+
+
+async def test_a_retention_of_zero_keeps_histories_for_ever():
+    registry, clock = memory_registry(clock=ManualClock()), ManualClock()
+    await registry.register_machine(Machine("m1"), 10**9)
+    await _histories_of(registry, "m2")
+    engine, _ = _leader(registry, clock, retention=0)
+    await engine.reconcile()
+    clock.advance(10 * 365 * 86400)
+    await engine.reconcile()
+    assert await registry.event_reporters() == ["m2"]
+
+
+async def test_failing_to_remove_a_history_never_fails_the_pass_and_is_tried_again():
+    class Flaky(Registry):
+        failures = 1
+
+        async def delete_events(self, machine_id: str) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise Unavailable("etcd is unreachable (test)")
+            await super().delete_events(machine_id)
+
+    clock = ManualClock()
+    registry = Flaky(MemoryStore(clock))
+    await registry.register_machine(Machine("m1"), 10**9)
+    await _histories_of(registry, "m2")
+    engine, _ = _leader(registry, clock, retention=60)
+    await engine.reconcile()
+    clock.advance(60)
+    await engine.reconcile()  # the removal fails: the pass goes on
+    assert await registry.event_reporters() == ["m2"]
+    await engine.reconcile()
+    assert await registry.event_reporters() == []

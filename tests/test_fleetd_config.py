@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 
 from fleetpy.fleetd.config import ConfigError, build_config, machine_id, parse_duration
+from fleetpy.fleetd.daemon import build_fleetd
+from fleetpy.registry import memory_registry
+from fleetpy.systemd.fake import FakeSystemd
 
 
 def test_flags_beat_environment_which_beats_the_file(tmp_path):
@@ -44,6 +47,7 @@ def test_go_style_durations(text, seconds):
         ({"metadata": "role"}, "expected key=value"),
         ({"disable_engine": "maybe"}, "bad boolean"),
         ({"agent_ttl": "0.5s"}, "at least 1s"),
+        ({"events_retention": "-1h"}, "cannot be negative"),
     ],
 )
 def test_bad_values_say_what_to_write(flags, message, tmp_path):
@@ -65,3 +69,12 @@ def test_machine_id_is_generated_once_and_kept(tmp_path, monkeypatch):
     monkeypatch.setattr("fleetpy.fleetd.config.SYSTEM_MACHINE_ID", str(tmp_path / "no-such-file"))
     first = machine_id(config)
     assert len(first) == 32 and machine_id(config) == first
+
+
+def test_events_retention_defaults_to_a_day_and_reaches_the_engine(tmp_path):
+    absent = {"FLEET_CONFIG": str(tmp_path / "absent.conf")}
+    assert build_config({}, absent).events_retention == 86400
+    config = build_config({"machine_id": "m1"}, {**absent, "FLEET_EVENTS_RETENTION": "2h"})
+    assert config.events_retention == 7200
+    engine = build_fleetd(config, memory_registry(), FakeSystemd()).engine
+    assert engine is not None and engine.events.retention == 7200

@@ -323,6 +323,7 @@ class Engine:
         await self.apply(assignments, reasons, current, pending)
         self.events.scheduled(machines, current, assignments, new_plan.decisions, reasons, pending)
         metrics.SCHEDULING_SECONDS.observe(time.perf_counter() - started)
+        await self.events.expire_histories({m.id for m in machines})
         return new_plan
 
     async def _hand_over(

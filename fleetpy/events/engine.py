@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from fleetpy.conf import metrics
 from fleetpy.events import kinds
 from fleetpy.events.recorder import Recorder
-from fleetpy.registry import Assignment, Machine
+from fleetpy.registry import Assignment, Machine, StoreError
 
 
 class Decision(Protocol):
@@ -23,6 +24,12 @@ class Decision(Protocol):
 log = logging.getLogger(__name__)
 
 OUTCOMES = {kinds.UNIT_SCHEDULED: "scheduled", kinds.UNIT_MOVED: "moved", kinds.UNIT_PENDING: "pending"}
+# How long the event history of a machine gone (lost, or left) stays in etcd; its MachineLost
+# stays longer, in the history of the leader that recorded it.
+RETENTION = 24 * 3600.0
+# The leader lists which machines have a history at most this often (a fraction of the
+# retention): the listing reads every history, while each pass already knows who is alive.
+MAX_LISTING_INTERVAL = 3600.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,19 @@ def machine_changes(
         )
         for mid in sorted(set(known) - alive - reported)
     ]
+
+
+def expired_histories(
+    reporters: Iterable[str],
+    alive: set[str],
+    missing_since: Mapping[str, float],
+    now: float,
+    retention: float,
+) -> tuple[list[str], dict[str, float]]:
+    """The histories to remove, of machines missing for `retention` or longer, and when each
+    machine missing was first seen so (`missing_since`, updated: a machine back is forgotten)."""
+    since = {r: missing_since.get(r, now) for r in reporters if r not in alive}
+    return sorted(r for r, first in since.items() if now - first >= retention), since
 
 
 def schedule_changes(
@@ -110,17 +130,34 @@ def _why_left(machine_id: str, alive: set[str], decision: Decision | None) -> st
 
 
 class EngineEvents:
-    """The engine's events; without a recorder given, they are only kept in memory."""
+    """The engine's events; without a recorder given, they are only kept in memory.
 
-    def __init__(self, recorder: Recorder | None = None, ttl: float = 10.0):
+    The leader also removes the histories of machines gone for `retention` seconds (by `clock`;
+    0 keeps them for ever), so etcd does not keep one per machine that ever existed.
+    """
+
+    def __init__(
+        self,
+        recorder: Recorder | None = None,
+        ttl: float = 10.0,
+        retention: float = RETENTION,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.recorder = recorder or Recorder()
         self.ttl = ttl
+        self.retention = retention
+        self.clock = clock
         self._seen: set[str] = set()
         self._lost: set[str] = set()
+        self._reporters: set[str] | None = None  # machines with a history, as last listed
+        self._listed_at = 0.0
+        self._missing_since: dict[str, float] = {}
 
     def leading(self, machine_id: str) -> None:
         """This machine won the lease: machines are known again from its own passes."""
         self._seen, self._lost = set(), set()
+        # Times are this leader's own: a machine's time gone starts again with each leader.
+        self._reporters, self._missing_since = None, {}
         metrics.LEADER_CHANGES.inc()
         self.recorder.emit(
             kinds.LEADER_CHANGED, f"machine {short(machine_id)} leads the engine", machine_id=machine_id
@@ -152,3 +189,31 @@ class EngineEvents:
             if change.kind in OUTCOMES:
                 metrics.SCHEDULING_DECISIONS.inc(OUTCOMES[change.kind])
             self.recorder.emit(change.kind, change.message, unit=change.unit, machine_id=change.machine_id)
+
+    async def expire_histories(self, alive: set[str]) -> None:
+        """Remove the histories of machines missing for the retention period; call it on every
+        pass of the leader with the machines alive. Never raises: what fails is tried next pass."""
+        registry = self.recorder.registry
+        if not self.retention or registry is None:
+            return
+        try:
+            now = self.clock()
+            if self._reporters is None or now - self._listed_at >= min(
+                self.retention / 4, MAX_LISTING_INTERVAL
+            ):
+                self._reporters, self._listed_at = set(await registry.event_reporters()), now
+            expired, self._missing_since = expired_histories(
+                self._reporters, alive, self._missing_since, now, self.retention
+            )
+            for machine_id in expired:
+                await registry.delete_events(machine_id)
+                self._reporters.discard(machine_id)
+                log.info(
+                    "engine: removed the event history of machine %s, gone for %gs or more",
+                    machine_id,
+                    self.retention,
+                )
+        except StoreError as error:
+            log.warning("engine: cannot remove old event histories now: %s", error)
+        except Exception:  # noqa: BLE001 - housekeeping must never stop scheduling
+            log.exception("engine: cannot remove old event histories")

@@ -57,6 +57,8 @@ class Config:
     # [X-Fleet] Fence=true does for one unit).
     fence: bool = False
     engine_reconcile_interval: float = 30.0
+    # How long the leader keeps the event history of a machine that is gone (0: for ever).
+    events_retention: float = 24 * 3600.0
     disable_engine: bool = False
     verbosity: int = 0
 
@@ -83,6 +85,7 @@ _CONVERT = {
     "facts_interval": parse_duration,
     "agent_ttl": parse_agent_ttl,
     "engine_reconcile_interval": parse_duration,
+    "events_retention": parse_duration,
     "etcd_request_timeout": parse_duration,
     "disable_engine": _bool,
     "fence": _bool,

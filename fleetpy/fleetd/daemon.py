@@ -95,7 +95,7 @@ def build_fleetd(
             config.agent_ttl,
             config.engine_reconcile_interval,
             clock=clock,
-            events=EngineEvents(recorder, config.agent_ttl),
+            events=EngineEvents(recorder, config.agent_ttl, config.events_retention, clock),
         )
     )
     return Fleetd(machine, registry, agent, engine, recorder)

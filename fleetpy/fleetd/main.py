@@ -154,6 +154,10 @@ async def _until_ready(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
 @click.option("--systemd-bus", help="system, user or a D-Bus address (default system)")
 @click.option("--agent-ttl", help="machine heartbeat TTL, e.g. 10s")
 @click.option("--engine-reconcile-interval", help="full scheduling pass interval, e.g. 30s")
+@click.option(
+    "--events-retention",
+    help="how long the event history of a machine gone stays in etcd, e.g. 24h; 0: for ever",
+)
 @click.option("--disable-engine", is_flag=True, default=None, flag_value="true")
 @click.option(
     "--fence",

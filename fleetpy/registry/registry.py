@@ -125,6 +125,7 @@ class Registry:
       state/<name>/<machine>       UnitState JSON                    that machine's agent
       engine/leader                machine id of the engine, TTL     the elected engine
       events/<machine>             that fleetd's recent events, JSON that machine's event recorder
+                                   (the leader removes it once the machine is gone for long)
     """
 
     def __init__(self, store: Store, prefix: str = DEFAULT_PREFIX):
@@ -333,6 +334,13 @@ class Registry:
     # Events: each fleetd's own bounded history, rewritten whole (oldest trimmed) by its recorder.
     async def put_events(self, machine_id: str, events: list[Event]) -> None:
         await self.store.put(self.key("events", machine_id), json.dumps([e.to_json() for e in events]))
+
+    async def event_reporters(self) -> list[str]:
+        """Machines with an event history."""
+        return sorted(await self._list("events"))
+
+    async def delete_events(self, machine_id: str) -> None:
+        await self.store.delete(self.key("events", machine_id))
 
     async def events(self, machine_id: str | None = None) -> list[Event]:
         """Recorded events, oldest first; only `machine_id`'s own record if given."""
