@@ -7,10 +7,8 @@ loads its parsers on first use), so `fleetctl list-machines` pays for click and 
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -355,6 +353,9 @@ def ssh(session: _Session, target: str, command: tuple[str, ...]) -> None:
     """Open a shell (or run COMMAND) on machine TARGET (an id or unique prefix) or on the
     machine running unit TARGET, with `ssh USER@IP` like fleet (--ssh-username, default core).
     In a local lab, `fleetpy lab shell TARGET` enters a node instead."""
+    import ipaddress  # only here: every command pays for fleetctl's top-level imports
+    import shutil
+
     machine = _target_machine(session.client, target)
     try:
         address = str(ipaddress.ip_address(machine.get("primaryIP", "")))
