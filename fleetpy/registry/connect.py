@@ -64,6 +64,10 @@ async def choose_api(options: EtcdOptions, prefix: str) -> str:
         with contextlib.suppress(Exception):
             found[api] = await store.get(version_key) is not None
         await store.close()
+        if found.get("v3"):
+            # A registry on v3 is used whatever v2 holds, so v2's client is not even imported:
+            # it would stay in fleetd's memory for nothing (python-etcd and urllib3: 7 MB).
+            break
     if found.get("v3") or ("v3" in found and not found.get("v2")):
         return "v3"
     if "v2" in found:
