@@ -4,7 +4,8 @@ Three real systemd --user nodes and one etcd (v2 on, since Go fleet knows no oth
 both clusters in turn: first fleetpy's fleetds (v3 registry), then Go fleetd v1.0 run as fleet
 ran on CoreOS, a user service with a socket unit (`systemd_user`, its API on the socket). Each
 cluster is driven by its own fleetctl and timed against systemd itself: a unit counts as started
-when its node's manager reports it active, not when a fleetctl says so.
+when its node's manager reports it active, not when a fleetctl says so. The floor under both,
+in the same run on the same nodes: a raw StartUnit over D-Bus until the unit is active.
 
 Go fleetd and fleetctl are built from fleet's source (docs/fleetctl-go.md); give their paths with
 --go-fleetd/--go-fleetctl or FLEETD_GO/FLEETCTL_GO. Needs root (it starts nodes).
@@ -241,6 +242,38 @@ def measure(cluster: Cluster, systemd: Systemd, units: int, singles: int, idle: 
         cluster.stop()
 
 
+RAW_TEMPLATE = "rawstart@.service"
+
+
+async def raw_starts(bus: str, count: int) -> list[float]:
+    """The floor under any scheduler: StartUnit of an installed unit over D-Bus until its job is
+    done (the unit is active), through the D-Bus class fleetd's agent uses; a new instance each time."""
+    from fleetpy.systemd import SystemdBus
+
+    manager = await SystemdBus.connect(bus)
+    samples = []
+    try:
+        for i in range(count):
+            started = time.monotonic()
+            result = await manager.run_job("StartUnit", RAW_TEMPLATE.replace("@", f"@{i}"))
+            samples.append(time.monotonic() - started)
+            if result != "done":
+                raise RuntimeError(f"raw StartUnit: job {result}")
+        for i in range(count):
+            await manager.run_job("StopUnit", RAW_TEMPLATE.replace("@", f"@{i}"))
+    finally:
+        await manager.close()
+    return samples
+
+
+def raw_baseline(node, count: int) -> dict:
+    units = Path(node.env["XDG_RUNTIME_DIR"]) / "systemd" / "user"
+    units.mkdir(parents=True, exist_ok=True)
+    (units / RAW_TEMPLATE).write_text(UNIT.format(name=RAW_TEMPLATE))
+    node.run(["systemctl", "--user", "daemon-reload"], check=True)
+    return summary(asyncio.run(raw_starts(node.env["DBUS_SESSION_BUS_ADDRESS"], count)))
+
+
 def run(args: argparse.Namespace) -> dict:
     from fleetpy.lab.node import start_node
 
@@ -272,12 +305,19 @@ def run(args: argparse.Namespace) -> dict:
             rows = [
                 measure(c, systemd, units, singles, idle, tag) for c, tag in ((go, "go"), (fleetpy, "py"))
             ]
+            raw = raw_baseline(nodes[0], singles)
         finally:
             for node in nodes:
                 node.kill()
             shutil.rmtree(base, ignore_errors=True)
     version = subprocess.run([args.go_fleetd, "--version"], capture_output=True, text=True).stdout.strip()
-    return {"nodes": len(NODES), "units": units, "go_fleetd": version, "results": rows}
+    return {
+        "nodes": len(NODES),
+        "units": units,
+        "go_fleetd": version,
+        "results": rows,
+        "baseline_raw_start_unit": raw,
+    }
 
 
 def render(result: dict) -> str:
@@ -295,4 +335,12 @@ def render(result: dict) -> str:
                 "idle CPU %": r["idle_cpu_pct"],
             }
         )
+    raw = result["baseline_raw_start_unit"]
+    rows.append(
+        {
+            "scheduler": "systemd alone (raw StartUnit)",
+            "single p50 ms": raw["p50_ms"],
+            "single p95 ms": raw["p95_ms"],
+        }
+    )
     return table(rows)
