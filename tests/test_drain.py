@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+from fleetpy.engine import engine as engine_module
 from fleetpy.engine.cordon import hand_over
 from fleetpy.engine.engine import Engine
 from fleetpy.engine.explain import explain_placement
@@ -129,7 +130,9 @@ async def _until(predicate, timeout=3.0):
     await asyncio.wait_for(check(), timeout)
 
 
-async def test_engine_hands_over_on_cordon_and_uncordon_lets_units_back() -> None:
+async def test_engine_hands_over_on_cordon_and_uncordon_lets_units_back(monkeypatch) -> None:
+    # The engine looks this often whether a new copy runs yet: a few looks fit in a short wait.
+    monkeypatch.setattr(engine_module, "HANDOVER_POLL", 0.05)
     registry = memory_registry()
     for mid in (A, B):
         await registry.register_machine(Machine(id=mid), ttl=60)
@@ -150,7 +153,7 @@ async def test_engine_hands_over_on_cordon_and_uncordon_lets_units_back() -> Non
         assert [m.cordoned for m in await registry.machines()] == [True, False]
         # The new copy is assigned beside the old one until it reports active.
         await _until(lambda: _eq(placed, {"a.service": {A, B}}))
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(4 * engine_module.HANDOVER_POLL)
         assert await placed() == {"a.service": {A, B}}
         await registry.publish_state(UnitState("a.service", B, digest, "loaded", "active", "running"))
         await _until(lambda: _eq(placed, {"a.service": {B}}))

@@ -11,6 +11,7 @@ from fleetpy.agent.agent import Agent
 from fleetpy.engine.engine import Engine
 from fleetpy.engine.scheduler import Decision
 from fleetpy.events import AgentEvents, EngineEvents, Recorder, kinds
+from fleetpy.events import recorder as recorder_module
 from fleetpy.events.engine import expired_histories, schedule_changes
 from fleetpy.registry import (
     Assignment,
@@ -44,12 +45,14 @@ class Outage:
     def __init__(self, registry):
         self.registry = registry
         self.up = False
+        self.refused = 0
 
     async def events(self, machine_id=None):
         return await self.registry.events(machine_id)
 
     async def put_events(self, machine_id, events):
         if not self.up:
+            self.refused += 1
             raise Unavailable("etcd is unreachable (test)")
         await self.registry.put_events(machine_id, events)
 
@@ -90,14 +93,18 @@ async def test_emit_survives_a_bad_argument():
     assert recorder.queued[-1].message == "fine"
 
 
-async def test_run_writes_in_the_background_after_an_outage():
+async def test_run_writes_in_the_background_after_an_outage(monkeypatch):
+    monkeypatch.setattr(recorder_module, "RETRY_PAUSE", 0.01)  # that it retries is tested, not how slowly
     store = Outage(memory_registry())
     recorder = Recorder(store, "m1", clock=Clock())
     task = asyncio.create_task(recorder.run())
     try:
         recorder.emit(kinds.ETCD_UNREACHABLE, "etcd unreachable")
-        await asyncio.sleep(0.3)
-        assert await store.events() == []
+        for _ in range(100):
+            if store.refused >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert store.refused >= 2 and await store.events() == []
         store.up = True
         for _ in range(100):
             if await store.events():

@@ -9,14 +9,19 @@ import pytest
 
 from fleetpy.agent.agent import Agent
 from fleetpy.fleetd.config import build_config
-from fleetpy.registry import Assignment, Machine, Unavailable, memory_registry
+from fleetpy.registry import Assignment, Machine, ManualClock, Unavailable, memory_registry
 from fleetpy.systemd import FakeSystemd
 from fleetpy.unit import UnitFile
 from fleetpy.unit.errors import InvalidFleetOptions
 from fleetpy.unit.fleet import parse_fleet_options
 
 SLEEP = "[Service]\nExecStart=/bin/sleep 1000\n"
-TTL = 2.0
+# The agent and the memory store read one manual clock, which the tests move: the heartbeat is
+# lost, and the record expires, only when a test says so, however loaded the machine. Real time
+# only paces the agent's loops (a beat every TTL/3, a fence check every TTL/20).
+TTL = 0.6
+# Past the share of the TTL after which the agent fences (FENCE_AFTER), and short of the TTL.
+FENCED_BY = 0.75 * TTL
 
 
 def test_the_fence_option_is_a_boolean_of_x_fleet():
@@ -35,13 +40,14 @@ async def _until(what, check, timeout=5.0):
 
 
 async def _fenced_cluster(fence_flag: bool):
-    registry = memory_registry()
+    clock = ManualClock()
+    registry = memory_registry(clock=clock)
     systemd = FakeSystemd()
-    agent = Agent(registry, systemd, Machine("m1"), ttl=TTL, fence=fence_flag)
+    agent = Agent(registry, systemd, Machine("m1"), ttl=TTL, fence=fence_flag, clock=clock)
     for name, text in (("fenced.service", SLEEP + "[X-Fleet]\nFence=true\n"), ("plain.service", SLEEP)):
         digest = await registry.put_unit_file(UnitFile.parse(text))
         await registry.assign(Assignment(name, "m1", digest, "launched"))
-    return registry, systemd, agent
+    return registry, systemd, agent, clock
 
 
 def _active(systemd: FakeSystemd, name: str) -> bool:
@@ -49,7 +55,7 @@ def _active(systemd: FakeSystemd, name: str) -> bool:
 
 
 async def test_a_fenced_unit_stops_before_the_ttl_runs_out_and_starts_when_the_heartbeat_is_back():
-    registry, systemd, agent = await _fenced_cluster(fence_flag=False)
+    registry, systemd, agent, clock = await _fenced_cluster(fence_flag=False)
     alive_when_stopped = []
 
     def on_change(name, load, active, sub):
@@ -72,16 +78,13 @@ async def test_a_fenced_unit_stops_before_the_ttl_runs_out_and_starts_when_the_h
             raise Unavailable("etcd is unreachable (a partition)")
 
         registry.refresh_machine = partitioned
-        await _until(
-            "the fenced unit to stop", lambda: not _active(systemd, "fenced.service"), timeout=TTL * 2
-        )
+        clock.advance(FENCED_BY)
+        await _until("the fenced unit to stop", lambda: not _active(systemd, "fenced.service"))
         assert alive_when_stopped == [True]
         assert _active(systemd, "plain.service")  # not fenced: it runs on, as fleet's units did
 
         registry.refresh_machine = real_refresh
-        await _until(
-            "the fenced unit to run again", lambda: _active(systemd, "fenced.service"), timeout=TTL * 2
-        )
+        await _until("the fenced unit to run again", lambda: _active(systemd, "fenced.service"))
         assert systemd.jobs.count(("start", "fenced.service")) == 2
         assert systemd.jobs.count(("start", "plain.service")) == 1
     finally:
@@ -90,7 +93,7 @@ async def test_a_fenced_unit_stops_before_the_ttl_runs_out_and_starts_when_the_h
 
 
 async def test_fleetd_fence_flag_fences_every_unit():
-    registry, systemd, agent = await _fenced_cluster(fence_flag=True)
+    registry, systemd, agent, clock = await _fenced_cluster(fence_flag=True)
     running = asyncio.create_task(agent.run())
     try:
         await _until("both units to run", lambda: _active(systemd, "plain.service"))
@@ -99,10 +102,10 @@ async def test_fleetd_fence_flag_fences_every_unit():
             raise Unavailable("etcd is unreachable (a partition)")
 
         registry.refresh_machine = partitioned
+        clock.advance(FENCED_BY)
         await _until(
             "every unit to stop",
             lambda: not _active(systemd, "plain.service") and not _active(systemd, "fenced.service"),
-            timeout=TTL * 2,
         )
     finally:
         running.cancel()

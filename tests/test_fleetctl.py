@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from fleetpy.api import create_app, serve
+from fleetpy.cli import fleetctl
 from fleetpy.cli.fleetctl import cli, tabulate
 from fleetpy.client import APIError, Client
 from fleetpy.fleetd.config import Config
@@ -75,7 +76,11 @@ async def _stop_cluster(tasks: list[asyncio.Task]) -> None:
 
 
 @pytest.fixture
-def fleet(tmp_path):
+def fleet(tmp_path, monkeypatch):
+    # fleetctl's pauses in real time, made short: what it prints and when it returns are tested,
+    # not how long it watches a started unit (FakeSystemd's never fail later) or waits per attempt.
+    monkeypatch.setattr(fleetctl, "STARTUP_GRACE", 0.01)
+    monkeypatch.setattr(fleetctl, "POLL_INTERVAL", 0.02)
     registry = memory_registry()
     loop = asyncio.new_event_loop()
     server = threading.Thread(target=loop.run_forever, daemon=True)

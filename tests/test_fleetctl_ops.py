@@ -6,13 +6,17 @@ from __future__ import annotations
 
 from test_fleetctl import M1, M2, fleet, unit_dir  # noqa: F401 - fixtures
 
+from fleetpy.engine import engine
+
 
 def _ok(result) -> str:
     assert result.exit_code == 0, result.output
     return result.output
 
 
-def test_drain_moves_units_and_uncordon_takes_units_again(fleet, unit_dir):  # noqa: F811
+def test_drain_moves_units_and_uncordon_takes_units_again(fleet, unit_dir, monkeypatch):  # noqa: F811
+    # How often the engine looks whether a moved unit's new copy runs: not what is tested here.
+    monkeypatch.setattr(engine, "HANDOVER_POLL", 0.05)
     _ok(fleet.run("start", "hello.service"))
     assert fleet.call(fleet.registry.assignments())[0].machine_id == M1
     out = _ok(fleet.run("drain", M1[:6]))

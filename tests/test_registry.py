@@ -57,13 +57,13 @@ async def test_job_lifecycle(registry):
         await registry.set_desired_state("hello.service", "loaded")
 
 
-async def test_machines_expire_without_heartbeat(registry):
+async def test_machines_expire_without_heartbeat(registry, elapse):
     await registry.register_machine(Machine("m1", "10.0.0.1", {"role": "web"}), ttl=1)
     assert await registry.machines() == [Machine("m1", "10.0.0.1", {"role": "web"})]
     assert await registry.refresh_machine("m1", ttl=1)
     deadline = time.monotonic() + 5
     while await registry.machines() and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
+        await elapse(0.25)
     assert await registry.machines() == []
     assert not await registry.refresh_machine("m1", ttl=1)
 
@@ -77,13 +77,13 @@ async def test_metadata_edits_lie_over_the_agents_record_and_survive_its_re_regi
     assert (await registry.machines())[0].metadata == {"role": "db", "disk": "ssd"}
 
 
-async def test_editing_a_dead_machines_metadata_does_not_keep_it_alive(registry):
+async def test_editing_a_dead_machines_metadata_does_not_keep_it_alive(registry, elapse):
     # B7: an edit rewrote machines/<id> with a fresh TTL, so a dead machine stayed "alive".
     await registry.register_machine(Machine("m1", "10.0.0.1", {"role": "web"}), ttl=1)
     await registry.edit_machine_metadata("m1", {"role": "db"})
     deadline = time.monotonic() + 5
     while await registry.machines() and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
+        await elapse(0.25)
     assert await registry.machines() == []
 
 
@@ -120,19 +120,21 @@ async def test_only_one_leader_until_it_stops_renewing(registry):
     assert await registry.acquire_leadership("m2", ttl=1)
 
 
-async def test_wait_wakes_on_change_under_directory_only(registry):
+async def test_wait_wakes_on_change_under_directory_only(registry, elapse):
     start = await registry.index()
     watcher = asyncio.create_task(registry.wait(start, "schedule", "m1", timeout=5))
-    await asyncio.sleep(0.2)
+    await elapse(0.2)
     await registry.assign(Assignment("x.service", "m2", "h", "launched"))  # another machine: no wake
-    await asyncio.sleep(0.2)
+    await elapse(0.2)
     assert not watcher.done()
     await registry.assign(Assignment("x.service", "m1", "h", "launched"))
     assert await asyncio.wait_for(watcher, 5) > start
 
 
-async def test_wait_times_out_quietly(registry):
-    assert await registry.wait(await registry.index(), "job", timeout=0.3) is None
+async def test_wait_times_out_quietly(registry, elapse):
+    watch = asyncio.create_task(registry.wait(await registry.index(), "job", timeout=0.3))
+    await elapse(0.3)
+    assert await asyncio.wait_for(watch, 5) is None
 
 
 async def test_heartbeat_refresh_does_not_wake_watchers(etcd_registry):
@@ -204,14 +206,16 @@ async def test_old_watch_index_reports_history_lost(registry):
         await registry.wait(start, "job", timeout=1)
 
 
-async def test_a_watch_resumes_from_its_revision(registry):
+async def test_a_watch_resumes_from_its_revision(registry, elapse):
     """Writes made between reading the index and watching are seen, not missed."""
     start = await registry.index()
     await registry.assign(Assignment("x.service", "m1", "h", "launched"))
     first = await registry.wait(start, "schedule", "m1", timeout=5)
     assert first is not None and first > start
     # Resuming from the revision it returned sees nothing new: no event is replayed.
-    assert await registry.wait(first, "schedule", "m1", timeout=0.3) is None
+    resumed = asyncio.create_task(registry.wait(first, "schedule", "m1", timeout=0.3))
+    await elapse(0.3)
+    assert await asyncio.wait_for(resumed, 5) is None
 
 
 async def test_after_history_is_lost_a_relist_and_rewatch_misses_nothing(registry):
@@ -230,7 +234,7 @@ async def test_after_history_is_lost_a_relist_and_rewatch_misses_nothing(registr
 
 @pytest.mark.parametrize("store", [EtcdV2Store, EtcdV3Store])
 async def test_unreachable_etcd_is_a_clear_error(store):
-    registry = Registry(store(["http://127.0.0.1:9"], retry_for=0.5, request_timeout=0.2))
+    registry = Registry(store(["http://127.0.0.1:9"], retry_for=0.1, request_timeout=0.2))
     with pytest.raises(Unavailable, match="etcd is unreachable at http://127.0.0.1:9"):
         await registry.jobs()
     await registry.close()

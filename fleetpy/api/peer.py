@@ -46,6 +46,9 @@ class Peers:
         self.machine_id = machine_id
         self.token = token
         self.tls = tls
+        # Without a cluster CA, httpx's default context; made once, not for every forwarded
+        # request (loading the CA bundle costs more than the request).
+        self._default_tls: ssl.SSLContext | None = None
 
     async def endpoint(self, request: web.Request, machine_id: str) -> str:
         """The API endpoint of another machine, after checking the request may go there."""
@@ -74,7 +77,11 @@ class Peers:
     def client(self, timeout: httpx.Timeout | float) -> httpx.AsyncClient:
         import httpx
 
-        return httpx.AsyncClient(timeout=timeout, verify=self.tls if self.tls is not None else True)
+        if self.tls is not None:
+            return httpx.AsyncClient(timeout=timeout, verify=self.tls)
+        if self._default_tls is None:
+            self._default_tls = httpx.create_ssl_context()
+        return httpx.AsyncClient(timeout=timeout, verify=self._default_tls)
 
     def request(self, client: httpx.AsyncClient, url: str, machine_id: str, params: dict) -> httpx.Request:
         request = client.build_request("GET", url, params=params, headers={FORWARDED_HEADER: self.machine_id})
