@@ -197,14 +197,28 @@ async def _assign(registry, name: str, text: str, state: str = "launched", machi
 
 async def _published(registry, agent) -> dict:
     """Let the agent's publisher write what the last reconcile queued, then read the states."""
+    # Done when a write has finished and nothing is queued: an empty queue alone only says the
+    # publisher took the batch, and a loaded machine may see that before the write lands.
+    writes = 0
+    write_states = agent._write_states
+
+    async def counted(states):
+        nonlocal writes
+        try:
+            return await write_states(states)
+        finally:
+            writes += 1
+
+    agent._write_states = counted
     publisher = asyncio.create_task(agent._publish_states())
     try:
-        for _ in range(100):
+        for _ in range(500):
             await asyncio.sleep(0.01)
-            if not agent._to_publish and not agent._publish_wanted.is_set():
+            if writes and not agent._to_publish and not agent._publish_wanted.is_set():
                 break
     finally:
         publisher.cancel()
+        agent._write_states = write_states
     return {s.unit: s for s in await registry.states()}
 
 
