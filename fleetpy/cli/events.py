@@ -8,6 +8,7 @@ import click
 
 from fleetpy.cli.complete import machine_ids, unit_names
 from fleetpy.cli.output import emit, output_option, structured
+from fleetpy.conf.values import machine_id_prefix
 
 COLUMNS = ("TIME", "TYPE", "KIND", "MACHINE", "MESSAGE")
 # Fixed widths, so followed events line up with the ones before them ("EtcdUnreachable" is 15).
@@ -17,7 +18,13 @@ WIDTHS = (19, 7, 15, 8)
 def event_row(event: dict) -> list[str]:
     """TIME (UTC, to the second), TYPE, KIND, MACHINE (short id) and MESSAGE of one event."""
     when = event["time"].replace("T", " ")[:19]
-    return [when, event["type"], event["kind"], (event.get("machineID") or "-")[:8], event["message"]]
+    return [
+        when,
+        event["type"],
+        event["kind"],
+        machine_id_prefix(event.get("machineID") or "-"),
+        event["message"],
+    ]
 
 
 def event_line(row: list[str] | tuple[str, ...]) -> str:

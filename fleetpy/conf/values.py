@@ -76,6 +76,11 @@ def short_machine_id(machine_id: str) -> str:
     return machine_id if len(machine_id) <= SHORT_ID else f"{machine_id[:SHORT_ID]}..."
 
 
+def machine_id_prefix(machine_id: str) -> str:
+    """A machine id as events name it, in messages and columns: its first 8 characters."""
+    return machine_id[:SHORT_ID]
+
+
 # Sizes as systemd reads MemoryMax= (base 1024; a fraction such as 1.5G is allowed), so a
 # unit's MemoryMax=, its MemoryRequest= and a machine's configured capacity read alike.
 _SIZE_FACTOR = {

@@ -7,6 +7,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from fleetpy.conf.values import machine_id_prefix
 from fleetpy.events import kinds
 from fleetpy.events.recorder import Recorder
 from fleetpy.registry import Machine
@@ -31,13 +32,14 @@ class AgentEvents:
         how = "registered again after its record expired" if again else "joined"
         self.recorder.emit(
             kinds.MACHINE_JOINED,
-            f"machine {machine.id[:8]} {how} ({machine.public_ip or 'no IP'}, {metadata})",
+            f"machine {machine_id_prefix(machine.id)} {how} ({machine.public_ip or 'no IP'}, {metadata})",
             machine_id=machine.id,
         )
 
     def left(self, machine_id: str) -> None:
         self.recorder.emit(
-            kinds.MACHINE_LEFT, f"machine {machine_id[:8]} left: fleetd stopped; its units keep running"
+            kinds.MACHINE_LEFT,
+            f"machine {machine_id_prefix(machine_id)} left: fleetd stopped; its units keep running",
         )
 
     def start_done(self, name: str, result: str) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from fleetpy.conf import metrics
+from fleetpy.conf.values import machine_id_prefix
 from fleetpy.events import kinds
 from fleetpy.events.recorder import Recorder
 from fleetpy.registry import Assignment, Machine, StoreError
@@ -42,10 +43,6 @@ class Change:
     machine_id: str = ""
 
 
-def short(machine_id: str) -> str:
-    return machine_id[:8]
-
-
 def machine_changes(
     known: Iterable[str], machines: Iterable[Machine], reported: set[str], ttl: float
 ) -> list[Change]:
@@ -54,7 +51,7 @@ def machine_changes(
     return [
         Change(
             kinds.MACHINE_LOST,
-            f"machine {short(mid)} lost: no heartbeat within its {ttl:g}s TTL",
+            f"machine {machine_id_prefix(mid)} lost: no heartbeat within its {ttl:g}s TTL",
             machine_id=mid,
         )
         for mid in sorted(set(known) - alive - reported)
@@ -100,8 +97,8 @@ def schedule_changes(
                 changes.append(
                     Change(
                         kinds.UNIT_MOVED,
-                        f"{unit} moved from {short(source)} ({_why_left(source, alive, decision)}) "
-                        f"to {short(target)}" + (f": {why}" if why else ""),
+                        f"{unit} moved from {machine_id_prefix(source)} ({_why_left(source, alive, decision)}) "
+                        f"to {machine_id_prefix(target)}" + (f": {why}" if why else ""),
                         unit,
                         target,
                     )
@@ -110,7 +107,7 @@ def schedule_changes(
                 changes.append(
                     Change(
                         kinds.UNIT_SCHEDULED,
-                        f"{unit} scheduled to {short(target)}" + (f": {why}" if why else ""),
+                        f"{unit} scheduled to {machine_id_prefix(target)}" + (f": {why}" if why else ""),
                         unit,
                         target,
                     )
@@ -160,7 +157,9 @@ class EngineEvents:
         self._reporters, self._missing_since = None, {}
         metrics.LEADER_CHANGES.inc()
         self.recorder.emit(
-            kinds.LEADER_CHANGED, f"machine {short(machine_id)} leads the engine", machine_id=machine_id
+            kinds.LEADER_CHANGED,
+            f"machine {machine_id_prefix(machine_id)} leads the engine",
+            machine_id=machine_id,
         )
 
     def scheduled(

@@ -21,24 +21,27 @@ class Migration:
 async def migrate(source: Registry, target: Registry) -> Migration:
     """Copy every durable record that `target` lacks or holds differently. Safe to run again:
     a second run copies only what changed since."""
-    wanted: dict[str, str] = {}
-    for part in COPIED:
-        if part == "version":
-            version = await source.store.get(source.key("version"))
-            if version is not None:
-                wanted[target.key("version")] = version
-            continue
-        for key, value in (await source.store.list(source.key(part))).items():
-            wanted[target.prefix + key[len(source.prefix) :]] = value
-    present: dict[str, str] = {}
-    for part in COPIED:
-        if part == "version":
-            found = await target.store.get(target.key("version"))
-            if found is not None:
-                present[target.key("version")] = found
-            continue
-        present.update(await target.store.list(target.key(part)))
-    changed = [Put(key, value) for key, value in sorted(wanted.items()) if present.get(key) != value]
+    wanted = await _durable_records(source)
+    present = await _durable_records(target)
+    changed = [
+        Put(target.prefix + path, value)
+        for path, value in sorted(wanted.items())
+        if present.get(path) != value
+    ]
     if changed:
         await target.store.apply(changed)
     return Migration(copied=len(changed), unchanged=len(wanted) - len(changed))
+
+
+async def _durable_records(registry: Registry) -> dict[str, str]:
+    """`registry`'s durable records, by their path under its prefix."""
+    found: dict[str, str] = {}
+    for part in COPIED:
+        if part == "version":
+            version = await registry.store.get(registry.key("version"))
+            if version is not None:
+                found["version"] = version
+            continue
+        for key, value in (await registry.store.list(registry.key(part))).items():
+            found[key[len(registry.prefix) :]] = value
+    return found
