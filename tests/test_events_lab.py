@@ -3,11 +3,13 @@ does and what happens to machines shows up in `fleetctl events`, `events -f` and
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from labtools import wait_for
 from prometheus_client.parser import text_string_to_metric_families
@@ -16,6 +18,7 @@ from fleetpy.cli.fleetctl import cli
 from fleetpy.cli.fleetpy import main as fleetpy_cli
 from fleetpy.client import Client
 from fleetpy.lab.lab import Lab
+from fleetpy.lab.metrics import scrape
 
 pytestmark = pytest.mark.integration
 
@@ -126,6 +129,57 @@ def test_the_lab_scrapes_every_nodes_metrics_into_one_text(lab):
     )
 
 
+def test_json_yaml_and_wide_output_give_the_documented_fields_on_a_real_cluster(lab):
+    """The field names README's "Output for scripts" promises, read from real fleetds."""
+    wait_for("hello running", lambda: "active" in fleetctl(lab, "list-units", "--no-legend"))
+    units = json.loads(fleetctl(lab, "list-units", "-o", "json"))
+    (hello,) = [u for u in units if u["name"] == "hello.service"]
+    assert {
+        "name",
+        "machineID",
+        "hash",
+        "systemdLoadState",
+        "systemdActiveState",
+        "systemdSubState",
+    } <= hello.keys()
+    assert (hello["systemdActiveState"], hello["systemdSubState"]) == ("active", "running")
+    machines = yaml.safe_load(fleetctl(lab, "list-machines", "-o", "yaml"))
+    assert {m["id"] for m in machines} == {n.machine_id for n in lab.state.nodes}
+    assert all({"id", "primaryIP", "metadata"} <= m.keys() for m in machines)
+    files = json.loads(fleetctl(lab, "list-unit-files", "-o", "json"))
+    (hello_file,) = [f for f in files if f["name"] == "hello.service"]
+    assert {"desiredState", "currentState", "machineID", "options", "global"} <= hello_file.keys()
+    assert (hello_file["desiredState"], hello_file["machineID"]) == ("launched", hello["machineID"])
+    (status,) = json.loads(fleetctl(lab, "status", "-o", "json", "hello.service"))
+    assert status["name"] == "hello.service" and status["states"][0]["machineID"] == hello["machineID"]
+    assert "active (running)" in status["status"]
+    assert {"UnitScheduled", "UnitStarted"} <= {e["kind"] for e in status["events"]}
+    events = json.loads(fleetctl(lab, "events", "--unit", "hello.service", "-o", "json"))
+    fields = {"time", "reporter", "seq", "kind", "type", "unit", "machineID", "message"}
+    assert events and all(fields <= e.keys() for e in events)
+    wide = fleetctl(lab, "list-units", "-o", "wide").splitlines()
+    assert wide[0].split()[:3] == ["UNIT", "MACHINE", "LOAD"]
+    assert any(line.startswith("hello.service") and hello["machineID"] in line for line in wide[1:])
+
+
+def test_fleetpy_completes_the_labs_nodes_members_and_units(lab):
+    def complete(words: str) -> list[str]:
+        env = {
+            "_FLEETPY_COMPLETE": "bash_complete",
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(len(words.split()) - 1),
+        }
+        result = CliRunner().invoke(fleetpy_cli, [], env=env, prog_name="fleetpy")
+        assert result.exit_code == 0, result.output
+        return [line.split(",", 1)[1] for line in result.output.splitlines() if line]
+
+    where = f"--dir {lab.dir}"
+    assert complete(f"fleetpy lab kill-node {where} no") == ["node1", "node2", "node3"]
+    assert complete(f"fleetpy lab shell {where} hel") == ["hello.service"]
+    assert complete(f"fleetpy lab etcd-kill {where} e") == ["etcd0"]
+    assert complete("fleetpy lab kill-node --dir /nonexistent no") == []
+
+
 def test_a_failing_unit_is_recorded_with_systemds_result(lab, workdir):
     (workdir / "crash.service").write_text("[Service]\nExecStart=/bin/sh -c 'exit 3'\n")
     fleetctl(lab, "start", "--no-block", "crash.service")
@@ -211,3 +265,30 @@ def test_etcd_going_away_and_coming_back_is_recorded_by_every_fleetd(lab):
     assert {e["reporter"] for e in away} == {n.machine_id for n in lab.state.nodes}
     assert all(e["message"].startswith("etcd unreachable: etcd is unreachable at ") for e in away)
     assert all(e["message"].startswith("etcd reachable again after ") for e in back)
+    # Every fleetd counted the requests etcd failed, by the activity that made them.
+    failed: dict[str, float] = {}
+    for family in text_string_to_metric_families(scrape(lab.book)):
+        for s in family.samples:
+            if s.name == "fleetpy_etcd_errors_total":
+                failed[s.labels["node"]] = failed.get(s.labels["node"], 0) + s.value
+    assert all(failed.get(n.name, 0) >= 1 for n in lab.state.nodes), failed
+
+
+def test_a_fleetd_stopped_records_that_its_machine_left(lab):
+    node = lab.state.nodes[-1]  # not node1, whose API the test reads
+    lab.stop_fleetd(node.name)
+    try:
+        with Client(lab.endpoint()) as client:
+            left = wait_for(
+                "MachineLeft",
+                lambda: [
+                    e for e in events_of(client, kind="MachineLeft") if e["reporter"] == node.machine_id
+                ],
+            )
+        assert (
+            left[-1]["message"]
+            == f"machine {node.machine_id[:8]} left: fleetd stopped; its units keep running"
+        )
+    finally:
+        lab.start_fleetd(node.name)
+        lab.wait_registered()

@@ -15,7 +15,7 @@ from fleetpy.conf import metrics
 from fleetpy.engine.engine import Engine
 from fleetpy.registry import Job, Machine, Registry
 from fleetpy.registry.measured import MeasuredStore
-from fleetpy.systemd import DbusManager
+from fleetpy.systemd import DbusManager, SystemdError
 from fleetpy.unit import UnitFile
 
 pytestmark = pytest.mark.integration
@@ -96,14 +96,18 @@ def test_fleetd_does_not_import_prometheus_client_until_scraped():
     assert out.strip() == "False"
 
 
-async def test_dbus_calls_are_timed_by_method(systemd_node):
+async def test_dbus_calls_are_timed_by_method_and_refusals_counted(systemd_node):
     before = metrics.DBUS_SECONDS.values.get(("ListUnitsByNames",))
     before_count = before.count if before else 0
+    refused_before = metrics.DBUS_ERRORS.values.get(("StartUnit",), 0)
     manager = await DbusManager.connect(
         systemd_node.env["DBUS_SESSION_BUS_ADDRESS"], systemd_node.dir / "units"
     )
     try:
         await manager.unit_state("nothing-here.service")
+        with pytest.raises(SystemdError):
+            await manager.start("nothing-here.service")  # systemd: no such unit file
     finally:
         await manager.close()
     assert metrics.DBUS_SECONDS.values[("ListUnitsByNames",)].count > before_count
+    assert metrics.DBUS_ERRORS.values[("StartUnit",)] == refused_before + 1

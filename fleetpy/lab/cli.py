@@ -170,7 +170,7 @@ def down(lab: Lab) -> None:
 
 
 @_lab_command("shell", context_settings={"ignore_unknown_options": True})
-@click.argument("target")
+@click.argument("target", shell_complete=lambda ctx, _param, word: _complete_nodes(ctx, word, units=True))
 @click.argument("command", nargs=-1)
 def shell(lab: Lab, target: str, command: tuple[str, ...]) -> None:
     """A shell (or COMMAND) inside node TARGET, or inside the node running unit TARGET."""
@@ -182,7 +182,7 @@ def shell(lab: Lab, target: str, command: tuple[str, ...]) -> None:
 
 
 @_lab_command("kill-node")
-@click.argument("node")
+@click.argument("node", shell_complete=lambda ctx, _param, word: _complete_nodes(ctx, word))
 def kill_node(lab: Lab, node: str) -> None:
     """Kill every process of NODE at once (systemd, fleetd, units), like a power cut."""
     lab.kill_node(node)
@@ -190,7 +190,7 @@ def kill_node(lab: Lab, node: str) -> None:
 
 
 @_lab_command("restart-node")
-@click.argument("node")
+@click.argument("node", shell_complete=lambda ctx, _param, word: _complete_nodes(ctx, word))
 def restart_node(lab: Lab, node: str) -> None:
     """Kill NODE if it runs, start it again (same machine-id) and wait until it registers."""
     lab.restart_node(node)
@@ -198,7 +198,7 @@ def restart_node(lab: Lab, node: str) -> None:
 
 
 @_lab_command("partition")
-@click.argument("node")
+@click.argument("node", shell_complete=lambda ctx, _param, word: _complete_nodes(ctx, word))
 def partition(lab: Lab, node: str) -> None:
     """Cut NODE off the lab network (its veth goes down): no etcd, no peers."""
     lab.partition(node)
@@ -206,7 +206,7 @@ def partition(lab: Lab, node: str) -> None:
 
 
 @_lab_command("heal")
-@click.argument("node")
+@click.argument("node", shell_complete=lambda ctx, _param, word: _complete_nodes(ctx, word))
 def heal(lab: Lab, node: str) -> None:
     """Reconnect a partitioned NODE."""
     lab.heal(node)
@@ -214,17 +214,48 @@ def heal(lab: Lab, node: str) -> None:
 
 
 @_lab_command("etcd-kill")
-@click.argument("member")
+@click.argument("member", shell_complete=lambda ctx, _param, word: _complete_members(ctx, word))
 def etcd_kill(lab: Lab, member: str) -> None:
     """SIGKILL etcd MEMBER, given by index (0, 1, 2) or name (etcd0, ...)."""
     click.echo(f"{lab.etcd_kill(member)} killed")
 
 
 @_lab_command("etcd-start")
-@click.argument("member")
+@click.argument("member", shell_complete=lambda ctx, _param, word: _complete_members(ctx, word))
 def etcd_start(lab: Lab, member: str) -> None:
     """Start a killed etcd MEMBER again on its data dir."""
     click.echo(f"{lab.etcd_start(member)} running")
+
+
+def _completing_lab(ctx: click.Context) -> Lab | None:
+    try:
+        lab = Lab(ctx.params.get("directory") or os.environ.get("FLEETPY_LAB_DIR") or DEFAULT_DIR)
+        return lab if lab.state is not None else None
+    except Exception:  # noqa: BLE001 - completion must never print a traceback into a shell
+        return None
+
+
+def _complete_nodes(ctx: click.Context, word: str, units: bool = False) -> list[str]:
+    """Shell completion: the lab's nodes (from its state file) and, with `units`, its units (fleetd)."""
+    lab = _completing_lab(ctx)
+    if lab is None or lab.state is None:
+        return []
+    names = [n.name for n in lab.state.nodes]
+    if units:
+        from fleetpy.client import Client
+
+        try:
+            with Client(lab.endpoint(), timeout=2.0) as client:
+                names += [u["name"] for u in client.units()]
+        except Exception:  # noqa: BLE001 - fleetd away: offer the nodes alone
+            pass
+    return [name for name in names if name.startswith(word)]
+
+
+def _complete_members(ctx: click.Context, word: str) -> list[str]:
+    lab = _completing_lab(ctx)
+    members = [m.name for m in lab.state.etcd] if lab and lab.state else []
+    return [name for name in members if name.startswith(word)]
 
 
 def _resolve_node(lab: Lab, target: str) -> str:
