@@ -4,6 +4,11 @@
 kept) is what a busy cluster pays per event; placing everything from scratch is the baseline,
 measured in the same run on the same inputs. A tenth of the units are template instances that
 conflict with each other and a tenth are pinned by metadata, so the filters do real work.
+
+The same clusters run again with resources (issue 13): machines with capacity and a load fact,
+every unit but the conflicting instances requesting memory and CPU, one in a hundred
+constrained on load; once with the default spread strategy and once binpacked. The `requests_*` and `binpack_*`
+fields compare with the plain run of the same size, in the same run.
 """
 
 from __future__ import annotations
@@ -25,9 +30,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, help="best of N runs per size (default 3; --quick 1)")
 
 
-def cluster(machines: int, units: int):
+GIB = 1024**3
+
+
+def cluster(machines: int, units: int, strategy: str = ""):
+    """The benchmark's cluster; with a `strategy`, machines have capacity and facts and every
+    unit requests resources."""
+    sized = {"capacity": {"cpus": 16.0, "memory": 64.0 * GIB}} if strategy else {}
     nodes = [
-        Machine(f"{i:032x}", f"10.0.{i // 250}.{i % 250}", {"role": "db" if i % 10 == 0 else "web"})
+        Machine(
+            f"{i:032x}",
+            f"10.0.{i // 250}.{i % 250}",
+            {"role": "db" if i % 10 == 0 else "web"},
+            facts={"load1": float(i % 8)} if strategy else {},
+            **sized,
+        )
         for i in range(machines)
     ]
     texts = {
@@ -37,7 +54,14 @@ def cluster(machines: int, units: int):
     jobs = []
     for i in range(units):
         name = {0: f"web@{i}.service", 1: f"db{i}.service"}.get(i % 10, f"app{i}.service")
-        unit = load_unit(name, texts.get(i % 10, "[Service]\nExecStart=/bin/true\n"))
+        text = texts.get(i % 10, "[Service]\nExecStart=/bin/true\n[X-Fleet]\n")
+        # The instances that conflict with each other (one per machine) request nothing: beside
+        # packed units they would run out of machines with room.
+        if strategy and i % 10:
+            text += f"Strategy={strategy}\nMemoryRequest={('256M', '512M', '1G')[i % 3]}\nCPURequest=0.5\n"
+            if i % 100 == 2:
+                text += "MachineConstraint=load1<6\n"
+        unit = load_unit(name, text)
         jobs.append((Job(name, unit.hash, "launched"), unit))
     return nodes, jobs
 
@@ -62,18 +86,25 @@ def run(args: argparse.Namespace) -> dict:
         fresh = plan(nodes, jobs, [])
         fresh_s = timed(repeat, nodes, jobs, [])
         steady_s = timed(repeat, nodes, jobs, fresh.assignments)
-        rows.append(
-            {
-                "machines": machines,
-                "units": units,
-                "placed": len(fresh.assignments),
-                "pending": len(fresh.pending),
-                "fresh_ms": round(fresh_s * 1000, 1),
-                "steady_ms": round(steady_s * 1000, 1),
-                "steady_over_fresh": round(steady_s / fresh_s, 2),
-                "fresh_us_per_unit": round(fresh_s * 1e6 / units, 1),
-            }
-        )
+        row = {
+            "machines": machines,
+            "units": units,
+            "placed": len(fresh.assignments),
+            "pending": len(fresh.pending),
+            "fresh_ms": round(fresh_s * 1000, 1),
+            "steady_ms": round(steady_s * 1000, 1),
+            "steady_over_fresh": round(steady_s / fresh_s, 2),
+            "fresh_us_per_unit": round(fresh_s * 1e6 / units, 1),
+        }
+        for strategy, label in (("spread", "requests"), ("binpack", "binpack")):
+            nodes, jobs = cluster(machines, units, strategy)
+            with_requests = plan(nodes, jobs, [])
+            requests_s = timed(repeat, nodes, jobs, [])
+            row[f"{label}_pending"] = len(with_requests.pending)
+            row[f"{label}_fresh_ms"] = round(requests_s * 1000, 1)
+            row[f"{label}_steady_ms"] = round(timed(repeat, nodes, jobs, with_requests.assignments) * 1000, 1)
+            row[f"{label}_over_plain"] = round(requests_s / fresh_s, 2)
+        rows.append(row)
     return {"rows": rows}
 
 

@@ -59,6 +59,11 @@ def test_plan_explains_a_constraint_and_binpack(sized, tmp_path):
         f"  excluded {M2[:8]}... (memory>3G does not hold (memory is {2 * GIB}))",
     ]
     (tmp_path / "packed.service").write_text(HELLO + "[X-Fleet]\nStrategy=binpack\nMemoryRequest=1G\n")
-    assert _ok(sized.run("plan", "packed.service")).splitlines()[0] == (
-        f"packed.service -> {M2[:8]}... : fullest that fits (50% used with it)"
-    )
+    (tmp_path / "first.service").write_text(HELLO + "[X-Fleet]\nMemoryRequest=1G\nMachineID=" + M2 + "\n")
+    _ok(sized.run("start", "first.service"))
+    # binpack: the machine that is fullest already, though it is the smaller one.
+    assert _ok(sized.run("plan", "packed.service")).splitlines()[:3] == [
+        f"packed.service -> {M2[:8]}... : fullest that fits (50% used)",
+        f"  candidate {M2[:8]}... score 0.50",
+        f"  candidate {M1[:8]}... score 0.00",
+    ]

@@ -82,8 +82,8 @@ def test_binpack_fills_the_fullest_machine_first_so_all_three_fit() -> None:
     assert where(p) == {"a1.service": A, "a2.service": A, "a3.service": B}
     assert pending(p) == {}
     lines = explain(p.decisions["a2.service"])
-    assert lines[0] == "a2.service -> 1a2b0000... : fullest that fits (100% used with it)"
-    assert lines[1:] == ["  candidate 1a2b0000... score 1.00", "  candidate 2b3c0000... score 0.50"]
+    assert lines[0] == "a2.service -> 1a2b0000... : fullest that fits (50% used)"
+    assert lines[1:] == ["  candidate 1a2b0000... score 0.50", "  candidate 2b3c0000... score 0.00"]
 
 
 def test_binpack_without_requests_goes_to_the_most_loaded_machine() -> None:

@@ -31,6 +31,11 @@ def test_scheduling_options() -> None:
     assert _fleet("logger.service").is_global
     assert _fleet("db.service").metadata_matches({"role": "db"})
     assert not _fleet("db.service").metadata_matches({"role": "web"})
+    batch = _fleet("batch@.service", "batch@1.service")
+    assert (batch.memory_request, batch.cpu_request, batch.strategy) == (1024**3, 0.5, "binpack")
+    facts = {"load1": 0.5, "kernel": "6.1.0-13-amd64", "zone": "a"}
+    assert batch.failed_constraint(facts) is None
+    assert str(batch.failed_constraint({**facts, "load1": 4.5})) == "load1<4"
 
 
 def test_dependencies() -> None:

@@ -46,7 +46,7 @@ fleetpy's own rules (issue 13; neutral for units that use none of them):
   unit is placed; a placed unit is not moved when a fact changes afterwards (a unit raising its
   machine's load must not push itself away).
 - Strategy=spread (the default) ranks by fleet's least-loaded; binpack ranks by how full the
-  machine would be with the unit (its requested resources, else its unit count).
+  machine is: the mean share in use of the resources the unit requests, else its unit count.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ _RENDER: dict[str, Callable[..., str]] = {
     "replaces": lambda *units: f"replaces {', '.join(units)} there",
     "only-fit": lambda: "only machine that fits",
     "least-loaded": _load_text,
-    "binpack": lambda percent: f"fullest that fits ({percent}% used with it)",
+    "binpack": lambda percent: f"fullest that fits ({percent}% used)",
     "most-loaded": lambda load: f"most loaded ({load} unit{'' if load == 1 else 's'})",
     "global": lambda chosen, total: f"global: on {chosen} of {total} machines",
     # Pending: why no machine.
@@ -366,6 +366,103 @@ class Loads:
         return found
 
 
+class Fullness:
+    """Machines ordered fullest first within each candidate pool, for binpack, as lazy heaps.
+
+    Like `Loads`, but a heap's order is the share in use of a set of resources (the ones its
+    units request), or the unit count for units that request none. A machine left with less of
+    a resource than any of the heap's units requests is dropped from it until a unit leaves it.
+    """
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self._heaps: dict[object, list[tuple[float, str]]] = {}
+        self._heaps_of: dict[str, list[tuple[tuple[str, ...], list[tuple[float, str]]]]] = {
+            mid: [] for mid in ctx.machines
+        }
+        self._least: dict[tuple[str, ...], dict[str, float]] = {}
+
+    def pool(
+        self, key: object, resources: tuple[str, ...], members: Callable[[], Iterable[str]]
+    ) -> list[tuple[float, str]]:
+        heap = self._heaps.get(key)
+        if heap is None:
+            heap = [(-_share(self.ctx, resources, mid), mid) for mid in members()]
+            heapq.heapify(heap)
+            self._heaps[key] = heap
+            for _, mid in heap:
+                self._heaps_of[mid].append((resources, heap))
+        return heap
+
+    def change(self, machine_id: str) -> None:
+        for resources, heap in self._heaps_of[machine_id]:
+            heapq.heappush(heap, (-_share(self.ctx, resources, machine_id), machine_id))
+
+    def fullest(
+        self,
+        heap: list[tuple[float, str]],
+        resources: tuple[str, ...],
+        excluded: Callable[[str], bool] | None,
+    ) -> list[str]:
+        """Up to two machines of the pool, fullest first, skipping `excluded` ones."""
+        found: list[str] = []
+        popped: list[tuple[float, str]] = []
+        seen: set[str] = set()
+        while heap and len(found) < 2:
+            entry = heapq.heappop(heap)
+            share, mid = entry
+            if share != -_share(self.ctx, resources, mid) or mid in seen:
+                continue
+            seen.add(mid)
+            if excluded is None or not excluded(mid):
+                found.append(mid)
+            elif self._full(resources, mid):
+                continue
+            popped.append(entry)
+        for entry in popped:
+            heapq.heappush(heap, entry)
+        return found
+
+    def _full(self, resources: tuple[str, ...], machine_id: str) -> bool:
+        """Whether no binpacked unit requesting `resources` could fit on the machine now."""
+        if resources not in self._least:
+            least: dict[str, float] = {}
+            for unit in self.ctx.units.values():
+                if unit.fleet.strategy == "binpack" and _requested(unit) == resources:
+                    for resource in resources:
+                        need = _request(unit, resource)
+                        least[resource] = min(need, least.get(resource, need))
+            self._least[resources] = least
+        for resource, need in self._least[resources].items():
+            free = self.ctx.free(machine_id, resource)
+            if free is None or need > free + _SLACK:
+                return True
+        return False
+
+
+def _requested(unit: Unit) -> tuple[str, ...]:
+    """The resources a unit requests, in a fixed order."""
+    fleet = unit.fleet
+    return tuple(r for r, need in (("cpus", fleet.cpu_request), ("memory", fleet.memory_request)) if need)
+
+
+def _request(unit: Unit, resource: str) -> float:
+    return unit.fleet.cpu_request if resource == "cpus" else unit.fleet.memory_request
+
+
+def _share(ctx: Context, resources: tuple[str, ...], machine_id: str) -> float:
+    """How full a machine is, in [0, 1]: the mean share in use of `resources`, or by unit count
+    when there are none. A machine that does not advertise one counts as full of it."""
+    if not resources:
+        load = ctx.load(machine_id)
+        return load / (1 + load)
+    total = 0.0
+    for resource in resources:
+        capacity = ctx.machines[machine_id].capacity.get(resource)
+        total += min(ctx.used[machine_id][resource] / capacity, 1.0) if capacity else 1.0
+    return total / len(resources)
+
+
 class Context:
     """The schedule as it is being built; filters and rankers read it, `plan` writes it."""
 
@@ -389,6 +486,7 @@ class Context:
         self.used: dict[str, dict[str, float]] = {mid: {"cpus": 0.0, "memory": 0.0} for mid in machines}
         self._attributes: dict[str, dict[str, str | float]] = {}
         self._constrained: dict[tuple, set[str]] = {}
+        self.fullness = Fullness(self)
 
     def place(self, name: str, machine_id: str) -> None:
         self.on_machine[machine_id].add(name)
@@ -396,6 +494,7 @@ class Context:
         self.conflicts.place(name, machine_id)
         self._reserve(name, machine_id, 1)
         self.loads.change(machine_id, 1)
+        self.fullness.change(machine_id)
 
     def remove(self, name: str) -> None:
         for machine_id in self.placed.pop(name, ()):
@@ -403,6 +502,7 @@ class Context:
             self.conflicts.remove(name, machine_id)
             self._reserve(name, machine_id, -1)
             self.loads.change(machine_id, -1)
+            self.fullness.change(machine_id)
 
     def _reserve(self, name: str, machine_id: str, sign: int) -> None:
         fleet = self.units[name].fleet
@@ -545,25 +645,10 @@ GLOBAL_FILTERS: tuple[Filter, ...] = (metadata_filter, conflicts_filter, constra
 
 
 def strategy_ranker(ctx: Context, unit: Unit, machine: Machine) -> float:
-    """spread: fleet's least loaded; binpack: the fullest machine with the unit on it."""
+    """spread: fleet's least loaded; binpack: the fullest machine (see _share)."""
     if unit.fleet.strategy == "binpack":
-        return _fullness(ctx, unit, machine.id)
+        return _share(ctx, _requested(unit), machine.id)
     return 1.0 / (1 + ctx.load(machine.id))
-
-
-def _fullness(ctx: Context, unit: Unit, machine_id: str) -> float:
-    """How full the machine would be with the unit, in [0, 1): the mean share of each resource
-    the unit requests, or by unit count when it requests none."""
-    fleet = unit.fleet
-    shares = [
-        (ctx.used[machine_id][resource] + need) / capacity
-        for resource, need in (("memory", fleet.memory_request), ("cpus", fleet.cpu_request))
-        if need and (capacity := ctx.machines[machine_id].capacity.get(resource))
-    ]
-    if shares:
-        return min(sum(shares) / len(shares), 1.0)
-    load = ctx.load(machine_id)
-    return load / (1 + load)
 
 
 def replaces_ranker(ctx: Context, unit: Unit, machine: Machine) -> float:
@@ -689,15 +774,16 @@ def _place(ctx: Context, unit: Unit) -> Decision:
     pool = _static_pool(ctx, unit)
     fleet = unit.fleet
     if pool is None and fleet.strategy == "spread":
-        wanted = fleet.machine_metadata
         key, drop = _heap_key(ctx, name, unit)
-        heap = ctx.loads.pool(
-            key, lambda: ctx.with_metadata(wanted) & ctx.open & ctx.with_constraints(fleet.constraints)
-        )
+        heap = ctx.loads.pool(key, lambda: _open_pool(ctx, unit))
         best = ctx.loads.lightest(heap, excluded, 2, drop_excluded=drop)
+    elif pool is None:
+        resources = _requested(unit)
+        heap = ctx.fullness.pool(
+            (resources, fleet.machine_metadata, fleet.constraints), resources, lambda: _open_pool(ctx, unit)
+        )
+        best = ctx.fullness.fullest(heap, resources, excluded)
     else:
-        if pool is None:
-            pool = _open_pool(ctx, unit)
         fits = pool if excluded is None else [mid for mid in pool if not excluded(mid)]
         best = heapq.nsmallest(2, fits, key=_rank_key(ctx, unit))
     if not best:
@@ -748,7 +834,8 @@ def _open_pool(ctx: Context, unit: Unit) -> set[str]:
 def _rank_key(ctx: Context, unit: Unit) -> Callable[[str], tuple]:
     """Best machine first, as the strategy ranker orders them, ties by id."""
     if unit.fleet.strategy == "binpack":
-        return lambda mid: (-_fullness(ctx, unit, mid), mid)
+        resources = _requested(unit)
+        return lambda mid: (-_share(ctx, resources, mid), mid)
     return lambda mid: (ctx.load(mid), mid)
 
 
@@ -873,7 +960,7 @@ def _choice_reason(ctx: Context, unit: Unit, machine_id: str, candidates: int) -
         return Reason("only-fit")
     if unit.fleet.strategy == "binpack":
         if unit.fleet.requests:
-            return Reason("binpack", (round(100 * _fullness(ctx, unit, machine_id)),))
+            return Reason("binpack", (round(100 * _share(ctx, _requested(unit), machine_id)),))
         return Reason("most-loaded", (ctx.load(machine_id),))
     return Reason("least-loaded", (ctx.load(machine_id),))
 
