@@ -15,7 +15,7 @@ from fleetpy.unit import (
     UnitName,
     validate_unit_name,
 )
-from fleetpy.unit.name import is_unit_name
+from fleetpy.unit.name import is_unit_name, mangle_unit_name
 
 
 def test_plain_name_splits_into_prefix_and_suffix() -> None:
@@ -187,3 +187,10 @@ def test_is_unit_name_agrees_with_parse(name: str) -> None:
         assert not is_unit_name(name)
     else:
         assert is_unit_name(name)
+
+
+def test_fleetctl_arguments_name_units_as_fleet_mangles_them() -> None:
+    assert mangle_unit_name("units/hello") == "hello.service"
+    assert mangle_unit_name("./web@1.service") == "web@1.service"
+    assert mangle_unit_name("/srv/db.socket") == "db.socket"
+    assert mangle_unit_name("app.v2") == "app.v2.service"  # not a unit type

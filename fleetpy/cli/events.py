@@ -6,6 +6,7 @@ import json
 
 import click
 
+import fleetpy.unit as fleet_unit
 from fleetpy.cli.complete import machine_ids, unit_names
 from fleetpy.cli.output import emit, output_option, structured
 from fleetpy.conf.values import machine_id_prefix
@@ -54,7 +55,7 @@ def events_command(
     failed, moved or pending (with why), leader changes and etcd outages (fleetpy extension)."""
     client = session.client
     if unit:
-        unit = _unit_name(unit)
+        unit = fleet_unit.mangle_unit_name(unit)
     if not follow:
         events = client.events(unit, machine, limit)
         if structured(output):
@@ -72,9 +73,3 @@ def events_command(
         click.echo(event_line(COLUMNS))
     for event in client.follow_events(unit, machine, limit):
         click.echo(event_line(event_row(event)))
-
-
-def _unit_name(arg: str) -> str:
-    from fleetpy.cli.fleetctl import _unit_name as mangle
-
-    return mangle(arg)

@@ -314,7 +314,7 @@ def list_unit_files(session: _Session, full: bool, no_legend: bool, fields: str,
 @pass_session
 def cat(session: _Session, unit: str) -> None:
     """Print the unit file of a submitted unit."""
-    name = _unit_name(unit)
+    name = fleet_unit.mangle_unit_name(unit)
     found = session.client.unit(name)
     if found is None:
         raise click.ClickException(f"Unit {name} not found")
@@ -337,7 +337,7 @@ def plan(session: _Session, units: tuple[str, ...]) -> None:
     """Say where units would go if started now, and why, without starting them: each a local
     unit file, an instance of a local template, or a submitted unit (fleetpy extension)."""
     for arg in units:
-        name = _unit_name(arg)
+        name = fleet_unit.mangle_unit_name(arg)
         parsed = fleet_unit.UnitName.parse(name)
         options = _local_options(arg)
         if options is None and parsed.is_instance:
@@ -440,7 +440,7 @@ def _machine_id(client: Client, target: str) -> str:
 def _target_machine(client: Client, target: str) -> dict:
     machines = client.machines()
     if "." in target:  # machine ids are hex; unit names always have a type suffix
-        unit = client.unit(_unit_name(target))
+        unit = client.unit(fleet_unit.mangle_unit_name(target))
         if unit is None or not unit.get("machineID"):
             raise click.ClickException(f"unit {target} is not running on any machine")
         target = unit["machineID"]
@@ -489,7 +489,7 @@ def status(session: _Session, units: tuple[str, ...], output: str) -> None:
 @pass_session
 def journal(session: _Session, lines: int, follow: bool, unit: str) -> None:
     """Print the journal of a unit, from the machine running it."""
-    for line in session.client.unit_journal(_unit_name(unit), lines, follow):
+    for line in session.client.unit_journal(fleet_unit.mangle_unit_name(unit), lines, follow):
         click.echo(line)
 
 
@@ -606,7 +606,7 @@ def scale(session: _Session, targets: tuple[str, ...], no_block: bool, block_att
         arg, equals, count = target.rpartition("=")
         if not equals or not count.isdigit():
             raise click.ClickException(f"{target!r}: give TEMPLATE=COUNT, such as web@.service=5")
-        template = fleet_unit.UnitName.parse(_unit_name(arg))
+        template = fleet_unit.UnitName.parse(fleet_unit.mangle_unit_name(arg))
         if not template.is_template:
             raise click.ClickException(f"{template.full} is not a template; scale one such as web@.service")
         if os.path.isfile(arg):
@@ -640,13 +640,6 @@ def scale_steps(
     return [name(n) for n in sorted(keep)], [name(n) for n in reversed(surplus)]
 
 
-def _unit_name(arg: str) -> str:
-    """fleet's name mangling: a path's base name, with .service added if it has no type."""
-    base = os.path.basename(arg)
-    _, dot, suffix = base.rpartition(".")
-    return base if dot and suffix in fleet_unit.SUFFIXES else f"{base}.service"
-
-
 def _expand(client: Client, args: Iterable[str]) -> list[str]:
     """Unit names for the arguments; glob patterns match units already submitted."""
     names: list[str] = []
@@ -665,7 +658,7 @@ def _expand(client: Client, args: Iterable[str]) -> list[str]:
                 raise click.ClickException(f"no submitted unit matches {arg}")
             names.extend(matched)
         else:
-            names.append(_unit_name(arg))
+            names.append(fleet_unit.mangle_unit_name(arg))
     return list(dict.fromkeys(names))
 
 
@@ -709,7 +702,7 @@ def _create_units(client: Client, args: Iterable[str], replace: bool) -> list[st
         if _GLOB_CHARS & set(arg):
             names.extend(_expand(client, [arg]))
             continue
-        name = _unit_name(arg)
+        name = fleet_unit.mangle_unit_name(arg)
         fleet_unit.UnitName.parse(name)
         names.append(name)
         given.setdefault(name, arg)

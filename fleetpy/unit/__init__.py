@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from fleetpy.unit.errors import InvalidFleetOptions, InvalidUnitFile, InvalidUnitName, UnitError
     from fleetpy.unit.file import UnitFile, UnitOption
     from fleetpy.unit.fleet import FleetOptions, expand_specifiers, parse_fleet_options
-    from fleetpy.unit.name import SUFFIXES, TEMPLATE_SUFFIXES, UnitName, validate_unit_name
+    from fleetpy.unit.name import SUFFIXES, TEMPLATE_SUFFIXES, UnitName, mangle_unit_name, validate_unit_name
     from fleetpy.unit.unit import Unit, load_unit
 
 _HOMES = {
@@ -29,6 +29,7 @@ _HOMES = {
     "SUFFIXES": "name",
     "TEMPLATE_SUFFIXES": "name",
     "UnitName": "name",
+    "mangle_unit_name": "name",
     "validate_unit_name": "name",
     "Unit": "unit",
     "load_unit": "unit",
@@ -48,6 +49,7 @@ __all__ = [
     "UnitOption",
     "expand_specifiers",
     "load_unit",
+    "mangle_unit_name",
     "parse_fleet_options",
     "validate_unit_name",
 ]

@@ -9,6 +9,7 @@ ends the prefix and the rest up to the type is the instance ("a@b@c.service" is 
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -126,6 +127,14 @@ class UnitName:
 def validate_unit_name(name: str) -> UnitName:
     """Parse `name`, raising InvalidUnitName with a readable reason if it is not usable."""
     return UnitName.parse(name)
+
+
+def mangle_unit_name(arg: str) -> str:
+    """A fleetctl argument as the unit it names, as fleet mangles it: a path's base name, with
+    ".service" added when it has no unit type."""
+    base = os.path.basename(arg)
+    _, dot, suffix = base.rpartition(".")
+    return base if dot and suffix in SUFFIXES else f"{base}.service"
 
 
 def is_unit_name(name: str) -> bool:
