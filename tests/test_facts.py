@@ -20,10 +20,13 @@ from fleetpy.agent.facts import (
     parse_meminfo,
 )
 from fleetpy.conf.values import BadValue, parse_capacity
+from fleetpy.engine.engine import Engine
 from fleetpy.fleetd.config import build_config
 from fleetpy.fleetd.daemon import machine_of
-from fleetpy.registry import Machine, memory_registry
+from fleetpy.registry import Job, Machine, memory_registry
 from fleetpy.systemd import FakeSystemd
+from fleetpy.unit import UnitFile
+from fleetpy.unit.fleet import parse_constraint
 
 GIB = 1024**3
 
@@ -148,6 +151,44 @@ async def test_the_agent_publishes_facts_with_a_heartbeat_only_when_they_changed
             while (await registry.machines())[0].facts.get("gpu") != "tesla":
                 await asyncio.sleep(0.005)
             assert writes[-1] == {"load1": 0.3, "gpu": "tesla"} and len(writes) == 2
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def test_a_change_under_the_step_matters_when_it_crosses_what_a_pending_unit_asks() -> None:
+    base = {"load1": 1.8, "memory_free": 5.0 * GIB, "memory": 10.0 * GIB}
+    asked = [parse_constraint("load1<2"), parse_constraint("memory_free>=5.2G")]
+    assert not changed_enough(base, {**base, "load1": 1.9}, asked)
+    assert changed_enough(base, {**base, "load1": 2.1}, asked)
+    assert not changed_enough(base, {**base, "load1": 2.1})
+    assert changed_enough(base, {**base, "memory_free": 5.3 * GIB}, asked)
+
+
+async def test_the_engine_names_what_pending_units_ask_and_the_agent_publishes_a_crossing() -> None:
+    registry = memory_registry()
+    await registry.register_machine(Machine("m0", capacity={"memory": GIB}, facts={"load1": 2.2}), ttl=30)
+    for name, text in (("busy.service", "load1<2"), ("placed.service", "load1<9")):
+        unit = UnitFile.parse(f"[Service]\nExecStart=/bin/true\n[X-Fleet]\nMachineConstraint={text}\n")
+        await registry.create_job(Job(name, await registry.put_unit_file(unit), "launched"))
+    engine = Engine(registry, "m0", lease_ttl=5)
+    await engine.reconcile()
+    # Only what pending units ask: placed units are not moved by facts.
+    assert await registry.asked_facts() == ["load1<2"]
+
+    source = FakeFacts({"load1": 2.2})
+    agent = Agent(registry, FakeSystemd(), Machine("m1"), ttl=0.06, facts=source, facts_interval=0.005)
+    task = asyncio.create_task(agent.run())
+    try:
+        async with asyncio.timeout(5):
+            while len(await registry.machines()) < 2:
+                await asyncio.sleep(0.005)
+            source.facts["load1"] = 1.95  # under the 0.5 step, but busy.service waits for it
+            while {m.id: m for m in await registry.machines()}["m1"].facts.get("load1") != 1.95:
+                await asyncio.sleep(0.005)
+        await engine.reconcile()
+        assert [a.machine_id for a in await registry.assignments() if a.unit == "busy.service"] == ["m1"]
+        assert await registry.asked_facts() == []
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

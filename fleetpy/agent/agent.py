@@ -16,7 +16,7 @@ from fleetpy.events import AgentEvents
 from fleetpy.registry import Assignment, HistoryLost, Machine, Registry, StoreError, UnitState
 from fleetpy.supervise import supervise
 from fleetpy.systemd import State, SystemdError, SystemdManager
-from fleetpy.unit.fleet import parse_fleet_options
+from fleetpy.unit.fleet import Constraint, parse_constraint, parse_fleet_options
 from fleetpy.unit.name import validate_unit_name
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class Agent:
         self.facts = facts
         self.facts_interval = facts_interval
         self._fresh_facts: Facts | None = None
+        self._asked: list[Constraint] = []  # constraints of pending units, as the engine wrote them
         self.events = events or AgentEvents()
         self.systemd = systemd
         self.machine = machine
@@ -95,7 +96,14 @@ class Agent:
             if self._fresh_facts is not None:
                 self.machine = dataclasses.replace(self.machine, facts=self._fresh_facts)
         await self._until_registered()
-        tasks = [supervise("agent: facts", self._refresh_facts)] if self.facts and self.facts_interval else []
+        tasks = (
+            [
+                supervise("agent: facts", self._refresh_facts),
+                supervise("agent: asked facts", self._follow_asked),
+            ]
+            if self.facts and self.facts_interval
+            else []
+        )
         try:
             await asyncio.gather(
                 *tasks,
@@ -135,9 +143,26 @@ class Agent:
             await asyncio.sleep(self.facts_interval)
             await self._read_facts()
 
+    async def _follow_asked(self) -> None:
+        """Keep `_asked` as the engine last wrote it (one long-poll while nothing changes)."""
+        index = None
+        while True:
+            try:
+                if index is None:
+                    index = await self.registry.index()
+                    self._asked = _constraints(await self.registry.asked_facts())
+                if await self.registry.wait(index, "asked-facts", timeout=WATCH_TIMEOUT) is not None:
+                    index = None
+            except HistoryLost:
+                index = None
+            except StoreError as error:
+                log.warning("agent: cannot read the facts units ask about: %s", error)
+                index = None
+                await asyncio.sleep(OUTAGE_PAUSE)
+
     def _facts_to_publish(self) -> Facts | None:
         fresh = self._fresh_facts
-        if fresh is None or not changed_enough(self.machine.facts, fresh):
+        if fresh is None or not changed_enough(self.machine.facts, fresh, self._asked):
             return None
         return fresh
 
@@ -436,3 +461,14 @@ class Agent:
         if self._published is not None:
             self._published.update({s.unit: s for s in states})
         return True
+
+
+def _constraints(words: list[str]) -> list[Constraint]:
+    """The engine's list, each word read as a unit's; one that cannot be read is left out."""
+    constraints = []
+    for word in words:
+        try:
+            constraints.append(parse_constraint(word))
+        except ValueError as error:
+            log.warning("agent: ignoring asked fact %r: %s", word, error)
+    return constraints

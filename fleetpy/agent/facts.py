@@ -12,9 +12,11 @@ import os
 import platform
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
+
+from fleetpy.unit.fleet import Constraint
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +123,15 @@ def _cgroup_paths(proc_cgroup: str) -> list[tuple[str, str]]:
     return paths
 
 
-def changed_enough(published: Mapping[str, object], fresh: Mapping[str, object]) -> bool:
+def changed_enough(
+    published: Mapping[str, object], fresh: Mapping[str, object], asked: Iterable[Constraint] = ()
+) -> bool:
     """Whether `fresh` facts are worth a write over `published`: any fact other than load and
-    free space on any change, those only past their step."""
+    free space on any change, those past their step or when they make a constraint some pending
+    unit states (`asked`) hold or stop holding."""
     if published.keys() != fresh.keys():
+        return True
+    if any(c.holds(published.get(c.key)) != c.holds(fresh.get(c.key)) for c in asked):
         return True
     for key, value in fresh.items():
         old = published[key]

@@ -120,6 +120,7 @@ class Engine:
         self._grace_left = 0.0  # seconds until held units may move; 0 when none are held
         self._quarantined: dict[str, str] = {}  # as of the last pass, to log each one once
         self._handing_over: set[str] = set()  # units whose old copy waits for the new one
+        self._asked_facts: list[str] | None = None  # as last written by this leader
 
     async def run(self) -> None:
         while True:
@@ -321,10 +322,20 @@ class Engine:
         if check_lease and not self._lease_is_sure():
             raise LeaseUncertain()
         await self.apply(assignments, reasons, current, pending)
+        await self._ask_facts(new_plan, parsed)
         self.events.scheduled(machines, current, assignments, new_plan.decisions, reasons, pending)
         metrics.SCHEDULING_SECONDS.observe(time.perf_counter() - started)
         await self.events.expire_histories({m.id for m in machines})
         return new_plan
+
+    async def _ask_facts(self, new_plan: Plan, parsed: list[tuple[Job, Unit]]) -> None:
+        """Tell the agents which facts pending units wait on (written only when that changes)."""
+        asked = sorted(
+            {str(c) for job, unit in parsed if job.name in new_plan.pending for c in unit.fleet.constraints}
+        )
+        if asked != self._asked_facts:
+            await self.registry.set_asked_facts(asked)
+            self._asked_facts = asked
 
     async def _hand_over(
         self, new_plan: Plan, machines: list, parsed: list[tuple[Job, Unit]], current: list[Assignment]

@@ -122,6 +122,8 @@ class Registry:
       job/<name>                   Job JSON: hash + desired state    API
       schedule/<machine>/<name>    Assignment JSON                   engine
       pending/<name>               why a unit fits nowhere           engine
+      asked-facts                  the MachineConstraints of pending engine (agents watch it to
+                                   units, JSON list of words         publish a fact that crosses one)
       state/<name>/<machine>       UnitState JSON                    that machine's agent
       engine/leader                machine id of the engine, TTL     the elected engine
       events/<machine>             that fleetd's recent events, JSON that machine's event recorder
@@ -299,6 +301,15 @@ class Registry:
 
     async def pending(self) -> dict[str, str]:
         return await self._list("pending")
+
+    # What pending units ask of machines' facts: an agent publishes a fact change that makes one
+    # of these hold, or stop holding, at once, however small the change.
+    async def set_asked_facts(self, constraints: list[str]) -> None:
+        await self.store.put(self.key("asked-facts"), json.dumps(constraints))
+
+    async def asked_facts(self) -> list[str]:
+        text = await self.store.get(self.key("asked-facts"))
+        return json.loads(text) if text else []
 
     # Unit states: published by the agent running the unit.
     async def publish_state(self, state: UnitState) -> None:

@@ -501,6 +501,11 @@ def _compare(actual: str, wanted: str) -> int | None:
     return (ta > tb) - (ta < tb)
 
 
+def parse_constraint(word: str) -> Constraint:
+    """One MachineConstraint word, as a unit states it (InvalidFleetOptions if it cannot be read)."""
+    return _constraint("MachineConstraint", word)
+
+
 def _constraint(unit_name: str, word: str) -> Constraint:
     """Parse and check one MachineConstraint word: the one reader of the syntax."""
     match = _CONSTRAINT.fullmatch(word)
