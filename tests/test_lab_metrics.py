@@ -8,6 +8,7 @@ import json
 
 import httpx
 import pytest
+import yaml
 from click.testing import CliRunner
 from labtools import short_lab_dir
 from prometheus_client.parser import text_string_to_metric_families
@@ -40,6 +41,10 @@ def test_lab_up_metrics_serves_every_nodes_metrics_behind_the_token_until_down()
         url = json.loads(lab_cli("status", *where, "--json"))["metrics"]
         assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics")
         assert f"metrics  {url}" in out and f"metrics  {url}" in lab_cli("status", *where)
+        # lab status speaks -o as fleetctl does: yaml, and wide with the machine ids unabridged
+        assert yaml.safe_load(lab_cli("status", *where, "-o", "yaml"))["metrics"] == url
+        wide = lab_cli("status", *where, "-o", "wide")
+        assert all(n.machine_id in wide for n in Lab(directory).state.nodes)
         token = (directory / "token").read_text().strip()
         auth = {"Authorization": f"Bearer {token}"}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -12,6 +11,7 @@ from typing import Any
 
 import click
 
+from fleetpy.cli.output import emit, output_option, structured
 from fleetpy.conf.values import BadValue, parse_metadata, short_machine_id
 from fleetpy.lab.lab import DEFAULT_DIR, Lab, LabError
 from fleetpy.lab.node import NodeError
@@ -143,14 +143,15 @@ def up(
 
 
 @_lab_command("status")
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def status(lab: Lab, as_json: bool) -> None:
+@output_option
+@click.option("--json", "as_json", is_flag=True, help="the same as -o json")
+def status(lab: Lab, output: str, as_json: bool) -> None:
     """Nodes, processes, health, memory."""
     info = lab.status()
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
+    if as_json or structured(output):
+        emit(info, "json" if as_json else output)
     else:
-        _print_status(info)
+        _print_status(info, wide=output == "wide")
 
 
 @_lab_command("metrics")
@@ -278,7 +279,7 @@ def _resolve_node(lab: Lab, target: str) -> str:
     )
 
 
-def _print_status(info: dict[str, Any]) -> None:
+def _print_status(info: dict[str, Any], wide: bool = False) -> None:
     def yes(flag: bool) -> str:
         return "up" if flag else "DOWN"
 
@@ -300,8 +301,9 @@ def _print_status(info: dict[str, Any]) -> None:
     for n in info["nodes"]:
         ip = n["ip"] + (" (cut)" if n["partitioned"] else "")
         metadata = ",".join(f"{k}={v}" for k, v in n["metadata"].items()) or "-"
+        machine = n["machine_id"] if wide else short_machine_id(n["machine_id"])
         click.echo(
-            f"  {n['name']:<8} {ip:<13} {short_machine_id(n['machine_id']):<12} {yes(n['systemd']):<8} {yes(n['fleetd']):<7} "
+            f"  {n['name']:<8} {ip:<13} {machine:<12} {yes(n['systemd']):<8} {yes(n['fleetd']):<7} "
             f"{'yes' if n['registered'] else 'no':<11} {n['processes']:>5} "
             f"{n['rss_kib'] // 1024:>5}MB {n['pss_kib'] // 1024:>5}MB  {metadata}"
         )
