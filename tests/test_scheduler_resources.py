@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
-from test_scheduler import A, B, C, explain, filtered, pending, unit, where
+import scheduler_oracle
+from test_scheduler import A, B, C, explain, filtered, pending, random_cluster, unit, where
 
 from fleetpy.engine import scheduler
 from fleetpy.engine.scheduler import plan
@@ -194,3 +196,24 @@ def test_the_indexed_plan_matches_the_full_pipeline_with_requests(
         for m in machines:
             used = sum(u.fleet.memory_request for j, u in jobs if where(fast).get(j.name) == m.id)
             assert used <= m.capacity["memory"], seed
+
+
+def test_capacity_and_facts_change_nothing_for_units_that_do_not_ask(random_cases) -> None:
+    """The frozen scan scheduler (no resources, no facts) still agrees once machines advertise them."""
+    for seed in range(random_cases):
+        machines, jobs, current = random_cluster(seed)
+        rng = random.Random(seed)
+        sized_machines = [
+            dataclasses.replace(
+                m,
+                capacity={"cpus": rng.choice([1.0, 8.0]), "memory": rng.choice([0.5, 64]) * GIB},
+                facts={"load1": rng.random() * 4, "os": "linux"},
+            )
+            for m in machines
+        ]
+        old = scheduler_oracle.plan(machines, jobs, current)
+        new = plan(sized_machines, jobs, current, detail={job.name for job, _ in jobs})
+        assert new.assignments == old.assignments, seed
+        assert pending(new) == dict(old.pending), seed
+        for name, was in old.decisions.items():
+            assert explain(new.decisions[name]) == scheduler_oracle.explain(was), (seed, name)
