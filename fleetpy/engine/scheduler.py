@@ -531,9 +531,10 @@ class Context:
         return self._attributes[machine_id]
 
     def with_constraints(self, constraints: tuple) -> set[str]:
-        """Machines whose facts and metadata satisfy every constraint (all machines for none)."""
-        if not constraints:
-            return set(self.machines)
+        """Machines whose facts and metadata satisfy every constraint (all machines for none).
+
+        Cached: callers combine it into new sets and never change it.
+        """
         if constraints not in self._constrained:
             self._constrained[constraints] = {
                 mid
