@@ -56,8 +56,8 @@ def test_lab_up_metrics_serves_every_nodes_metrics_behind_the_token_until_down()
         for node in ("node1", "node2"):
             assert found[("fleetpy_scrape_up", (("node", node),))] == 1
             assert found[("fleetpy_machines", (("node", node),))] == 2
-            heartbeat = (("call", "refresh_machine"), ("node", node), ("operation", "refresh"))
-            assert found[("fleetpy_etcd_request_seconds_count", heartbeat)] >= 1
+            joined = (("call", "register_machine"), ("node", node), ("operation", "put"))
+            assert found[("fleetpy_etcd_request_seconds_count", joined)] >= 1
 
         # A dead node is reported down; the other goes on being scraped.
         lab_cli("kill-node", *where, "node2")
