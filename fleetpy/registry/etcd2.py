@@ -32,6 +32,7 @@ from tenacity import (
 from fleetpy.registry.store import (
     NO_CREDENTIALS,
     AlreadyExists,
+    Change,
     CompareFailed,
     Credentials,
     HistoryLost,
@@ -43,6 +44,10 @@ from fleetpy.registry.store import (
 
 # Writes in flight at once in apply(): below python-etcd's pool of 10 connections.
 CONCURRENT_WRITES = 8
+# v2 hands out one change per request: a reader further behind than this lists again instead.
+CATCH_UP_LIMIT = 500
+# Actions whose node holds no value any more.
+_GONE = frozenset({"delete", "compareAndDelete", "expire"})
 
 
 @dataclass(frozen=True)
@@ -150,7 +155,18 @@ class EtcdV2Store:
         *,
         create_only: bool = False,
         prev_value: str | None = None,
-    ) -> None:
+    ) -> int:
+        return await self._write(key, value, ttl, create_only=create_only, prev_value=prev_value)
+
+    async def _write(
+        self,
+        key: str,
+        value: str,
+        ttl: float | None = None,
+        *,
+        create_only: bool = False,
+        prev_value: str | None = None,
+    ) -> int:
         conditions: dict[str, object] = {}
         if create_only:
             conditions["prevExist"] = False
@@ -158,27 +174,28 @@ class EtcdV2Store:
             conditions["prevValue"] = prev_value
         ttl_seconds = None if ttl is None else max(1, round(ttl))
         try:
-            await self._call(lambda c: c.write(key, value, ttl=ttl_seconds, **conditions))
+            result = await self._call(lambda c: c.write(key, value, ttl=ttl_seconds, **conditions))
         except etcd.EtcdAlreadyExist:
             raise AlreadyExists(key) from None
         except (etcd.EtcdCompareFailed, etcd.EtcdKeyNotFound):
             raise CompareFailed(key) from None
+        return result.modifiedIndex
 
-    async def apply(self, ops: Sequence[Op]) -> None:
+    async def apply(self, ops: Sequence[Op]) -> int:
         """v2 has no transactions: concurrent requests, a few at a time (python-etcd keeps a
         pool of 10 connections), unconditional ones first."""
         gate = asyncio.Semaphore(CONCURRENT_WRITES)
 
-        async def one(op: Op) -> None:
+        async def one(op: Op) -> int:
             async with gate:
                 if isinstance(op, Put):
-                    await self.put(op.key, op.value, create_only=op.create_only)
-                else:
-                    await self.delete(op.key)
+                    return await self._write(op.key, op.value, create_only=op.create_only)
+                return await self._delete(op.key)
 
         plain = [op for op in ops if not (isinstance(op, Put) and op.create_only)]
-        await asyncio.gather(*(one(op) for op in plain))
-        await asyncio.gather(*(one(op) for op in ops if isinstance(op, Put) and op.create_only))
+        indexes = await asyncio.gather(*(one(op) for op in plain))
+        indexes += await asyncio.gather(*(one(op) for op in ops if isinstance(op, Put) and op.create_only))
+        return max(indexes, default=0)
 
     async def refresh(self, key: str, ttl: float) -> bool:
         try:
@@ -192,12 +209,16 @@ class EtcdV2Store:
             return False
 
     async def delete(self, key: str, *, prev_value: str | None = None, recursive: bool = False) -> bool:
+        return await self._delete(key, prev_value=prev_value, recursive=recursive) > 0
+
+    async def _delete(self, key: str, *, prev_value: str | None = None, recursive: bool = False) -> int:
+        """The index of the deletion; 0 when there was nothing to delete."""
         conditions = {} if prev_value is None else {"prevValue": prev_value}
         try:
-            await self._call(lambda c: c.delete(key, recursive=recursive or None, **conditions))
-            return True
+            result = await self._call(lambda c: c.delete(key, recursive=recursive or None, **conditions))
+            return result.modifiedIndex
         except etcd.EtcdKeyNotFound:
-            return False
+            return 0
         except etcd.EtcdCompareFailed:
             raise CompareFailed(key) from None
 
@@ -208,6 +229,20 @@ class EtcdV2Store:
             return missing.payload["index"]
 
     async def wait(self, prefix: str, after_index: int, timeout: float) -> int | None:
+        found = await self._long_poll(prefix, after_index, timeout)
+        return None if found is None else found.modifiedIndex
+
+    async def changes(self, prefix: str, after_index: int, timeout: float) -> list[Change]:
+        found = await self._long_poll(prefix, after_index, timeout)
+        if found is None:
+            return []
+        if found.dir or found.etcd_index - found.modifiedIndex > CATCH_UP_LIMIT:
+            # A whole directory went (or the reader is far behind): one listing says it all.
+            raise HistoryLost(prefix)
+        value = None if found.action in _GONE else found.value
+        return [Change(found.modifiedIndex, found.key, value)]
+
+    async def _long_poll(self, prefix: str, after_index: int, timeout: float) -> etcd.EtcdResult | None:
         loop = asyncio.get_running_loop()
         result: asyncio.Future = loop.create_future()
 
@@ -227,9 +262,9 @@ class EtcdV2Store:
         threading.Thread(target=poll, name="registry-watch", daemon=True).start()
         return await result
 
-    def _wait_blocking(self, prefix: str, after_index: int, timeout: float) -> int | None:
+    def _wait_blocking(self, prefix: str, after_index: int, timeout: float) -> etcd.EtcdResult | None:
         try:
-            result = self._call_blocking(
+            return self._call_blocking(
                 lambda c: c.read(
                     prefix, wait=True, waitIndex=after_index + 1, recursive=True, timeout=timeout
                 )
@@ -238,7 +273,6 @@ class EtcdV2Store:
             return None
         except etcd.EtcdEventIndexCleared:
             raise HistoryLost(prefix) from None
-        return result.modifiedIndex
 
 
 def _etcd_client(url: str, timeout: float, credentials: Credentials) -> etcd.Client:

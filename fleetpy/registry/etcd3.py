@@ -29,6 +29,7 @@ from aetcd.watcher import Watcher
 from fleetpy.registry.store import (
     NO_CREDENTIALS,
     AlreadyExists,
+    Change,
     CompareFailed,
     Credentials,
     HistoryLost,
@@ -247,7 +248,7 @@ class EtcdV3Store:
         *,
         create_only: bool = False,
         prev_value: str | None = None,
-    ) -> None:
+    ) -> int:
         compare = []
         if create_only:
             compare.append(_compare_created(key, 0))
@@ -264,8 +265,10 @@ class EtcdV3Store:
             self._leases[key] = lease
         elif ttl is None:
             self._leases.pop(key, None)
+        return response.header.revision
 
-    async def apply(self, ops: Sequence[Op]) -> None:
+    async def apply(self, ops: Sequence[Op]) -> int:
+        revision = 0
         plain = [op for op in ops if not (isinstance(op, Put) and op.create_only)]
         conditional = [op for op in ops if isinstance(op, Put) and op.create_only]
         for start in range(0, len(ops), MAX_TXN_OPS):
@@ -278,6 +281,9 @@ class EtcdV3Store:
                 raise AlreadyExists(", ".join(c.key.decode() for c in compare))
             for op in chunk:
                 self._leases.pop(op.key, None)
+            if _changed_anything(chunk, response):
+                revision = response.header.revision
+        return revision
 
     async def refresh(self, key: str, ttl: float) -> bool:
         lease = self._leases.get(key)
@@ -322,6 +328,15 @@ class EtcdV3Store:
 
     # -- watches ----------------------------------------------------------------------------
     async def wait(self, prefix: str, after_index: int, timeout: float) -> int | None:
+        return (await self._watch(prefix, after_index, timeout))[0]
+
+    async def changes(self, prefix: str, after_index: int, timeout: float) -> list[Change]:
+        first, watch = await self._watch(prefix, after_index, timeout)
+        return [] if first is None else watch.changes_after(after_index)
+
+    async def _watch(self, prefix: str, after_index: int, timeout: float) -> tuple[int | None, _PrefixWatch]:
+        """The first revision after `after_index` that changed something under `prefix` (None
+        after `timeout`), and the watch stream that saw it."""
         self._sweep_watches()
         deadline = time.monotonic() + timeout
         while True:
@@ -331,7 +346,7 @@ class EtcdV3Store:
                 # 100 ms); one opened at the next revision and left open delivers at once.
                 watch = await self._open_watch(prefix, after_index + 1)
             try:
-                return await watch.first_after(after_index, max(0.0, deadline - time.monotonic()))
+                return await watch.first_after(after_index, max(0.0, deadline - time.monotonic())), watch
             except _LoggedInAgain:
                 continue  # on the new stream, from the same revision: nothing missed
 
@@ -369,16 +384,19 @@ class EtcdV3Store:
 
 
 class _PrefixWatch:
-    """One watch stream on a prefix, left open between waits; remembers its recent revisions."""
+    """One watch stream on a prefix, left open between waits; remembers its recent changes.
 
-    KEEP = 1000
+    A reader that falls more than KEEP changes behind gets HistoryLost and lists again.
+    """
+
+    KEEP = 10_000
 
     def __init__(self, prefix: str, start: int):
         self.prefix = prefix
         self.start = start  # every event from this revision on has been (or will be) seen
         self.failed: BaseException | None = None
         self.idle_since: float | None = time.monotonic()
-        self._revisions: collections.deque[int] = collections.deque(maxlen=self.KEEP)
+        self._changes: collections.deque[Change] = collections.deque(maxlen=self.KEEP)
         self._dropped_through = start - 1  # revisions at or below this are no longer listed
         self._waiters = 0
         self._changed = asyncio.Event()
@@ -409,9 +427,11 @@ class _PrefixWatch:
             ):
                 await self._store._stream_broke(self._connection)
         else:
-            if len(self._revisions) == self.KEEP:
-                self._dropped_through = self._revisions[0]
-            self._revisions.append(event_or_error.kv.mod_revision)
+            if len(self._changes) == self.KEEP:
+                self._dropped_through = self._changes[0].index
+            kv = event_or_error.kv
+            value = None if event_or_error.kind == "DELETE" else kv.value.decode()
+            self._changes.append(Change(kv.mod_revision, kv.key.decode(), value))
         self._changed.set()
 
     def _first_after(self, index: int) -> int | None:
@@ -425,7 +445,23 @@ class _PrefixWatch:
             raise Unavailable(f"etcd watch on {self.prefix} broke: {_details(self.failed)}")
         if index < self._dropped_through:
             return self._dropped_through
-        return next((r for r in self._revisions if r > index), None)
+        first = None
+        for change in reversed(self._changes):  # newest first: walk back only over what is new
+            if change.index <= index:
+                break
+            first = change.index
+        return first
+
+    def changes_after(self, index: int) -> list[Change]:
+        if index < self._dropped_through:
+            raise HistoryLost(self.prefix)
+        found = []
+        for change in reversed(self._changes):
+            if change.index <= index:
+                break
+            found.append(change)
+        found.reverse()
+        return found
 
     async def first_after(self, index: int, timeout: float) -> int | None:
         """The first revision after `index` that changed something under the prefix."""
@@ -451,6 +487,13 @@ class _PrefixWatch:
         if self._connection is not None and self._watch_id is not None:
             with contextlib.suppress(Exception):
                 await self._connection.watcher.cancel(self._watch_id)
+
+
+def _changed_anything(chunk: Sequence[Op], response: Any) -> bool:
+    """Whether a transaction wrote anything (deleting only missing keys makes no revision)."""
+    return any(isinstance(op, Put) for op in chunk) or any(
+        r.response_delete_range.deleted for r in response.responses
+    )
 
 
 def _request(op: Op) -> rpc.RequestOp:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from fleetpy.registry.store import AlreadyExists, CompareFailed, HistoryLost, Op, Put
+from fleetpy.registry.store import AlreadyExists, Change, CompareFailed, HistoryLost, Op, Put
 
 
 class ManualClock:
@@ -46,13 +46,13 @@ class MemoryStore:
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
-        self._events: list[tuple[int, str]] = []  # (index, key)
+        self._events: list[Change] = []
         self._index = 0
         self._waiters: set[asyncio.Future] = set()
 
-    def _record(self, key: str) -> None:
+    def _record(self, key: str, value: str | None) -> None:
         self._index += 1
-        self._events.append((self._index, key))
+        self._events.append(Change(self._index, key, value))
         del self._events[: -self.HISTORY]
         for waiter in list(self._waiters):
             # A loop that is already closed has nobody left waiting.
@@ -63,7 +63,7 @@ class MemoryStore:
         now = self._clock()
         for key in [k for k, e in self._entries.items() if e.expires is not None and e.expires <= now]:
             del self._entries[key]
-            self._record(key)
+            self._record(key, None)
 
     def last_failure(self) -> float:
         return -float("inf")  # memory never fails
@@ -89,18 +89,21 @@ class MemoryStore:
         *,
         create_only: bool = False,
         prev_value: str | None = None,
-    ) -> None:
+    ) -> int:
         self._expire()
         existing = self._entries.get(key)
         if create_only and existing:
             raise AlreadyExists(key)
         if prev_value is not None and (existing is None or existing.value != prev_value):
             raise CompareFailed(key)
-        self._record(key)
+        self._record(key, value)
         expires = None if ttl is None else self._clock() + ttl
         self._entries[key] = _Entry(value, self._index, expires)
+        return self._index
 
-    async def apply(self, ops: Sequence[Op]) -> None:
+    async def apply(self, ops: Sequence[Op]) -> int:
+        if not ops:
+            return 0
         self._expire()
         for op in ops:
             if isinstance(op, Put) and op.create_only and op.key in self._entries:
@@ -110,6 +113,7 @@ class MemoryStore:
                 await self.put(op.key, op.value)
             else:
                 await self.delete(op.key)
+        return self._index
 
     async def refresh(self, key: str, ttl: float) -> bool:
         self._expire()
@@ -126,28 +130,37 @@ class MemoryStore:
             raise CompareFailed(key)
         for k in keys:
             del self._entries[k]
-            self._record(k)
+            self._record(k, None)
         return bool(keys)
 
     async def index(self, prefix: str) -> int:
         return self._index
 
     async def wait(self, prefix: str, after_index: int, timeout: float) -> int | None:
+        found = await self.changes(prefix, after_index, timeout)
+        return found[0].index if found else None
+
+    async def changes(self, prefix: str, after_index: int, timeout: float) -> list[Change]:
         deadline = self._clock() + timeout
         directory = prefix.rstrip("/")
         while True:
             self._expire()
             if (
                 self._events
-                and self._events[0][0] > after_index + 1
+                and self._events[0].index > after_index + 1
                 and after_index < self._index - self.HISTORY
             ):
                 raise HistoryLost(prefix)
-            for index, key in self._events:
-                if index > after_index and (key == directory or key.startswith(directory + "/")):
-                    return index
+            found = [
+                change
+                for change in self._events
+                if change.index > after_index
+                and (change.key == directory or change.key.startswith(directory + "/"))
+            ]
+            if found:
+                return found
             if self._clock() >= deadline:
-                return None
+                return []
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.add(waiter)
             try:

@@ -60,6 +60,15 @@ class Delete:
 Op = Put | Delete
 
 
+@dataclass(frozen=True)
+class Change:
+    """One write seen by a watch: the key's new value, or None when it was deleted or expired."""
+
+    index: int
+    key: str
+    value: str | None
+
+
 class Store(Protocol):
     """What the registry needs from a key-value store. Keys are absolute paths, values text."""
 
@@ -73,9 +82,13 @@ class Store(Protocol):
         *,
         create_only: bool = False,
         prev_value: str | None = None,
-    ) -> None: ...
-    async def apply(self, ops: Sequence[Op]) -> None:
-        """Several writes in as few round trips as the store allows, at most one per key.
+    ) -> int:
+        """Write `value` (a TTL makes it expire unless refreshed); returns the write's index."""
+        ...
+
+    async def apply(self, ops: Sequence[Op]) -> int:
+        """Several writes in as few round trips as the store allows, at most one per key; returns
+        the store's index once they are written (0 when `ops` is empty).
 
         The unconditional ops take effect before the create-only ones, so a record is never
         seen before what it refers to. etcd v3 makes each transaction of up to 128 ops atomic
@@ -94,6 +107,15 @@ class Store(Protocol):
         """The index of the first change under `prefix` after `after_index`; None on timeout.
 
         Raises HistoryLost when the store no longer knows the events after `after_index`.
+        """
+        ...
+
+    async def changes(self, prefix: str, after_index: int, timeout: float) -> list[Change]:
+        """The changes under `prefix` after `after_index`, oldest first: at least one, or none
+        after `timeout` seconds. All the changes of one index come in the same answer.
+
+        Raises HistoryLost when the store no longer knows them all (or when reading everything
+        again is cheaper than catching up); the caller lists the prefix and goes on from there.
         """
         ...
 
