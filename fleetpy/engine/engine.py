@@ -14,6 +14,7 @@ from fleetpy.engine.guarded import plan_guarded
 from fleetpy.engine.scheduler import Plan
 from fleetpy.events import EngineEvents
 from fleetpy.registry import Assignment, HistoryLost, Job, Registry, StoreError
+from fleetpy.registry.mirror import Mirror, MirrorStore
 from fleetpy.unit import Unit, load_unit
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,10 @@ HANDOVER_POLL = 0.5
 # from when it sent its last renewal). Less means its renewals are late: its process stalled, or
 # etcd is slow, and a write could land after the lease expired and another engine took over.
 LEASE_MARGIN = 1 / 3
+# What a plan reads ("*": everything, after the mirror listed the registry again). The schedule
+# and pending reasons are the engine's own writes; states and events it does not plan from.
+PLANNED_FROM = frozenset({"*", "job", "machines", "machine-metadata", "cordon"})
+NOT_MIRRORED = ("state", "events")
 
 
 class LeaseUncertain(Exception):
@@ -83,9 +88,13 @@ class ParsedUnits:
 class Engine:
     """One per fleetd; only the one holding the leader lease schedules.
 
-    Scheduling is driven by watches on jobs and machines (a submit, a state change, a machine
-    joining or expiring wakes it within milliseconds); a full pass every `reconcile_interval`
-    repairs anything a lost event or a crashed predecessor left behind.
+    The leader lists the registry once and keeps a copy current from one prefix watch (a
+    `Mirror`): a submit or a machine joining or expiring wakes it within milliseconds, and a
+    pass reads the copy, not etcd, so it costs no etcd request but its writes. Those go out in
+    batches, and the next pass waits until the copy holds them. Only changes to what a plan
+    reads start one; a full pass every `reconcile_interval` still runs as a safety net.
+    With `mirrored=False` every pass reads the registry again instead (the benchmark's
+    baseline), woken by watches on each directory.
 
     A new leader, and any leader right after etcd was away, gives machines one TTL to register
     again before it moves their units: their records may have expired while their agents (and
@@ -105,8 +114,11 @@ class Engine:
         reconcile_interval: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         events: EngineEvents | None = None,
+        mirrored: bool = True,
     ):
         self.registry = registry
+        self.mirrored = mirrored
+        self._view = registry  # what passes read: the registry, or its mirror while leading
         self.events = events or EngineEvents(ttl=lease_ttl)
         self.machine_id = machine_id
         self.lease_ttl = lease_ttl
@@ -147,19 +159,23 @@ class Engine:
         """Schedule until the lease is lost (True) or scheduling fails (False); then resign."""
         self.leading.set()
         self._leading_since = self.clock()
-        changed = asyncio.Event()
-        changed.set()
         lease = asyncio.create_task(self._keep_lease())
-        workers = [
-            asyncio.create_task(coro)
-            for coro in (
-                self._watch("job", changed),
-                self._watch("machines", changed),
-                self._watch("machine-metadata", changed),
-                self._watch("cordon", changed),
-                self._schedule_on(changed),
-            )
-        ]
+        if self.mirrored:
+            mirror = Mirror(self.registry.store, self.registry.prefix, skip=NOT_MIRRORED)
+            workers = [asyncio.create_task(mirror.run()), asyncio.create_task(self._schedule_from(mirror))]
+        else:
+            changed = asyncio.Event()
+            changed.set()
+            workers = [
+                asyncio.create_task(coro)
+                for coro in (
+                    self._watch("job", changed),
+                    self._watch("machines", changed),
+                    self._watch("machine-metadata", changed),
+                    self._watch("cordon", changed),
+                    self._schedule_on(changed),
+                )
+            ]
         try:
             await asyncio.wait([lease, *workers], return_when=asyncio.FIRST_COMPLETED)
             for task in workers:
@@ -177,9 +193,14 @@ class Engine:
             for task in (lease, *workers):
                 task.cancel()
             await asyncio.gather(lease, *workers, return_exceptions=True)
+            self._use(self.registry)
             with contextlib.suppress(StoreError, TimeoutError):
                 async with asyncio.timeout(RESIGN_TIMEOUT):
                     await self.registry.resign(self.machine_id)
+
+    def _use(self, view: Registry) -> None:
+        self._view = view
+        self.units = ParsedUnits(view)
 
     async def _keep_lease(self) -> None:
         while True:
@@ -220,32 +241,65 @@ class Engine:
             except StoreError as error:
                 await self._outage(f"watch on {directory}", error)
 
+    async def _schedule_from(self, mirror: Mirror) -> None:
+        """Plan from the mirror: when what a plan reads changed, or when a timer is due."""
+        while not mirror.synced:
+            await mirror.changed(self.lease_ttl)
+        self._use(Registry(MirrorStore(mirror), self.registry.prefix))
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        while True:
+            # Changes that arrive while a pass runs are planned together in the next one.
+            if loop.time() < due and not await self._worth_a_pass(mirror, due - loop.time()):
+                continue
+            done = await self._pass()
+            if done is False:
+                return  # the lease is gone: _lead resigns, and another engine schedules
+            due = loop.time() + (self._next_pass() if done else 0.0)
+
+    @staticmethod
+    async def _worth_a_pass(mirror: Mirror, timeout: float) -> bool:
+        """Whether something a plan reads changed within `timeout` (False also when it ran out)."""
+        return bool(await mirror.changed(timeout) & PLANNED_FROM)
+
+    def _next_pass(self) -> float:
+        """Seconds until a pass is due without any change."""
+        # While units are held for missing machines, look again when their grace ends.
+        timeout = min(self.reconcile_interval, self._grace_left or self.reconcile_interval)
+        if self._handing_over:
+            timeout = min(timeout, HANDOVER_POLL)
+        return timeout
+
     async def _schedule_on(self, changed: asyncio.Event) -> None:
         while True:
-            # While units are held for missing machines, look again when their grace ends.
-            timeout = min(self.reconcile_interval, self._grace_left or self.reconcile_interval)
-            if self._handing_over:
-                timeout = min(timeout, HANDOVER_POLL)
             # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a cancellation that
             # arrives just as the event is set, and then _lead would wait for this task for ever.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(self._next_pass()):
                     await changed.wait()
             changed.clear()
-            try:
-                await self.reconcile(check_lease=True)
-            except LeaseUncertain:
-                log.warning(
-                    "engine: lease renewal overdue (%.1fs of %.0fs left); renewing before writing",
-                    max(self._lease_until - self.clock(), 0.0),
-                    self.lease_ttl,
-                )
-                if not await self._renew():
-                    return  # the lease is gone: _lead resigns, and another engine schedules
-                changed.set()  # read again: what this pass read may be stale
-            except StoreError as error:
-                await self._outage("reconcile", error)
+            done = await self._pass()
+            if done is False:
+                return  # the lease is gone: _lead resigns, and another engine schedules
+            if done is None:
                 changed.set()
+
+    async def _pass(self) -> bool | None:
+        """One pass as the leader: True when done, None when it must run again at once (what
+        it read may be stale, or etcd was away), False when the lease is gone."""
+        try:
+            await self.reconcile(check_lease=True)
+            return True
+        except LeaseUncertain:
+            log.warning(
+                "engine: lease renewal overdue (%.1fs of %.0fs left); renewing before writing",
+                max(self._lease_until - self.clock(), 0.0),
+                self.lease_ttl,
+            )
+            return None if await self._renew() else False
+        except StoreError as error:
+            await self._outage("reconcile", error)
+            return None
 
     async def _outage(self, what: str, error: StoreError) -> None:
         log.warning("engine: %s: %s", what, error)
@@ -277,18 +331,13 @@ class Engine:
         the lease may have expired.
         """
         started = time.perf_counter()
+        view = self._view
         machines, jobs, current, pending, last_failure = await asyncio.gather(
-            self.registry.machines(),
-            self.registry.jobs(),
-            self.registry.assignments(),
-            self.registry.pending(),
-            self.registry.last_failure(),
+            view.machines(), view.jobs(), view.assignments(), view.pending(), view.last_failure()
         )
         parsed, quarantined = await self.units.split(jobs)
         # A job record that cannot be read at all is quarantined the same way, under its key.
-        quarantined |= {
-            p.removeprefix("job/"): r for p, r in self.registry.unreadable.items() if p.startswith("job/")
-        }
+        quarantined |= {p.removeprefix("job/"): r for p, r in view.unreadable.items() if p.startswith("job/")}
         held = {a.unit for a in current if a.unit in quarantined}
         missing = {a.machine_id for a in current} - {m.id for m in machines}
         grace = self._grace(last_failure) if missing else 0.0
@@ -365,14 +414,14 @@ class Engine:
         `pending` as stored."""
         wanted = {(a.unit, a.machine_id): a for a in assignments}
         existing = {(a.unit, a.machine_id): a for a in current}
-        removals = self.registry.batch()
+        removals = self._view.batch()
         for unit, machine_id in existing.keys() - wanted.keys():
             # Its state/ key is the agent's to remove (one writer per key).
             removals.unassign(unit, machine_id)
         # Unassign before assigning, so Conflicts/Replaces never see both copies at once.
         # Each batch is one transaction per 128 writes on etcd v3.
-        await self.registry.apply(removals)
-        additions = self.registry.batch()
+        await self._view.apply(removals)
+        additions = self._view.batch()
         for key, assignment in wanted.items():
             if existing.get(key) != assignment:
                 additions.assign(assignment)
@@ -381,6 +430,6 @@ class Engine:
                 additions.set_pending(unit, reason)
         for unit in pending.keys() - reasons.keys():
             additions.set_pending(unit, None)
-        await self.registry.apply(additions)
+        await self._view.apply(additions)
         if changed := len(removals) + sum(existing.get(k) != a for k, a in wanted.items()):
             log.info("engine: %d schedule changes", changed)
