@@ -20,6 +20,7 @@ from fleetpy.api.metrics import MetricsRoute
 from fleetpy.api.peer import Peers
 from fleetpy.api.wait import UnitWait
 from fleetpy.registry import Registry
+from fleetpy.registry.mirror import Mirror, MirrorStore
 
 MAX_BODY = 1 << 20
 
@@ -31,10 +32,23 @@ def create_app(
     local: LocalUnitInfo | None = None,
     peer_token: str | None = None,
     peer_tls: ssl.SSLContext | None = None,
+    cached: bool = False,
 ) -> web.Application:
-    """The API application; `serve` puts it on fleetd's sockets."""
-    context = ApiContext(registry, machine_id)
+    """The API application; `serve` puts it on fleetd's sockets.
+
+    `cached`: units, states and machines are read from a watch-fed copy of the registry that
+    the first request starts, so a storm of GETs costs etcd nothing, and a request's own
+    writes return once the copy holds them (`fleetctl start` then `list-units` shows the new
+    unit). Events are still read from etcd: each fleetd rewrites its own whole record often,
+    and only their routes read them.
+    """
     app = web.Application(middlewares=[clock, errors, authenticate, bounded], client_max_size=MAX_BODY)
+    reads = registry
+    if cached:
+        mirror = Mirror(registry.store, registry.prefix, skip=("events",))
+        reads = Registry(MirrorStore(mirror, start=True), registry.prefix)
+        app.on_cleanup.append(mirror.close)
+    context = ApiContext(reads, machine_id)
     app[AUTH] = Auth(machine_id=machine_id)
     app[GUARDS] = Guards()
     app[LIMITS] = Limits()

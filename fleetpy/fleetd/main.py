@@ -74,6 +74,7 @@ async def run(config: Config) -> None:
         local=local_unit_info(config.systemd_bus),
         peer_token=token,
         peer_tls=peer_tls(cluster_ca, config.api_tls_cert, config.api_tls_key) if cluster_ca else None,
+        cached=True,
     )
     runner = await serve(
         app,
