@@ -17,7 +17,7 @@ from pathlib import Path
 from bench.common import RESULTS, write
 
 # In the order `python -m bench` runs them; the last two need root (they start lab nodes).
-BENCHES = ("placement", "cli", "launch", "e2e", "fleetd")
+BENCHES = ("placement", "cli", "launch", "failover", "e2e", "fleetd")
 # Run only by name: they need programs built outside this repository (Go fleet).
 BY_NAME_ONLY = ("gofleet",)
 
