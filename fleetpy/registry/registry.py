@@ -93,8 +93,11 @@ def _named_call(name: str, method: Callable[..., Awaitable[Any]]) -> Callable[..
     async def call(*args: Any, **kwargs: Any) -> Any:
         if metrics.REGISTRY_CALL.get():  # part of an outer registry call, which names it
             return await method(*args, **kwargs)
-        with metrics.registry_call(name):
+        token = metrics.REGISTRY_CALL.set(name)  # not registry_call(): this is on every request's path
+        try:
             return await method(*args, **kwargs)
+        finally:
+            metrics.REGISTRY_CALL.reset(token)
 
     return call
 
