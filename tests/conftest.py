@@ -53,12 +53,13 @@ REAL_COMPONENTS = {"etcd_url", "etcd_v3_url", "etcd35_url", "node_factory", "lab
 # How many random cases a property (and a seeded sweep, through `random_cases`) tries. The fast
 # subset (`-m "not integration"`) runs few, to stay within seconds; a run that includes the
 # integration tests, as CI's does, runs the full number. `--hypothesis-profile` overrides both.
+# Both inherit what hypothesis itself sets on CI (derandomized, no example database).
 settings.register_profile("full", max_examples=400, deadline=None)
 settings.register_profile("fast", max_examples=20, deadline=None)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if not config.getoption("hypothesis_profile"):
+    if not config.getoption("hypothesis_profile", None):
         fast = "not integration" in (config.getoption("markexpr") or "")
         settings.load_profile("fast" if fast else "full")
 
