@@ -543,6 +543,9 @@ def test_load_header_only() -> None:
         ("agent_ttl", "-5s"), ("agent_ttl", "500ms"), ("agent_ttl", "ten"), ("agent_ttl", "30s"),
         ("agent_ttl", "1m30s"), ("agent_ttl", "7"), ("metadata", "role="), ("metadata", "role"),
         ("metadata", "=web"), ("metadata", "role=web,zone=a"), ("metadata", "role=web, zone=a"),
+        ("capacity", "cpus=2,memory=4G"), ("capacity", "memory=1.5G,disk=100G"), ("capacity", "cpus=150%"),
+        ("capacity", "gpus=1"), ("capacity", "memory=lots"), ("capacity", "cpus"),
+        ("facts_interval", "10s"), ("facts_interval", "0"), ("facts_interval", "soon"),
     ],
 )  # fmt: skip
 def test_validate_accepts_exactly_what_fleetd_accepts(option: str, value: str, tmp_path) -> None:
