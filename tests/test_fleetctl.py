@@ -391,7 +391,7 @@ def test_output_json_and_yaml_print_the_apis_records(fleet, unit_dir):
     assert status["name"] == "hello.service" and "active (running)" in status["status"]
     assert status["states"][0]["systemdActiveState"] == "active"
     wide = fleet.run("list-units", "-o", "wide").output.splitlines()
-    assert wide[0].split() == ["UNIT", "MACHINE", "LOAD", "ACTIVE", "SUB", "HASH", "REASON"]
+    assert wide[0].split() == ["UNIT", "MACHINE", "LOAD", "ACTIVE", "SUB", "HEALTH", "HASH", "REASON"]
     assert M1 in wide[1] or M2 in wide[1]  # machine ids unabridged
     result = fleet.run("list-units", "-o", "xml")
     assert result.exit_code == 2 and "'xml' is not one of" in result.output

@@ -8,15 +8,17 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from fleetpy.agent.facts import Facts, FactSource, changed_enough
+from fleetpy.agent.health import STARTING, ExecContext, HealthMonitor, Probe, judge, probe
 from fleetpy.agent.tasks import RUNNING, STARTED, Desired, Tasks, plan_tasks
 from fleetpy.conf import metrics
 from fleetpy.events import AgentEvents
-from fleetpy.registry import Assignment, HistoryLost, Machine, Registry, StoreError, UnitState
+from fleetpy.registry import Assignment, Health, HistoryLost, Machine, Registry, StoreError, UnitState
 from fleetpy.supervise import supervise
 from fleetpy.systemd import State, SystemdError, SystemdManager
-from fleetpy.unit.fleet import Constraint, parse_constraint, parse_fleet_options
+from fleetpy.unit.fleet import Constraint, HealthCheck, parse_constraint, parse_fleet_options
 from fleetpy.unit.name import validate_unit_name
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,16 @@ FENCE_AFTER = 0.6
 LAST_BEAT = 0.5
 
 
+@dataclass(frozen=True)
+class _UnitText:
+    """What the agent needs of one unit file, cached by its hash (unit files never change)."""
+
+    text: str
+    fence: bool
+    health: HealthCheck | None
+    exec_context: ExecContext
+
+
 class Agent:
     """Runs, on one machine, exactly the units the engine assigned to it."""
 
@@ -51,6 +63,7 @@ class Agent:
         events: AgentEvents | None = None,
         facts: FactSource | None = None,
         facts_interval: float = 0.0,
+        health_probe: Probe = probe,
     ):
         self.registry = registry
         # Live facts: read every `facts_interval` (0: only at start), written with a heartbeat
@@ -74,8 +87,16 @@ class Agent:
         self._reconciling = asyncio.Lock()
         self.reconciled = asyncio.Event()  # set after each reconcile; lets tests and benches wait
         self._assigned: dict[str, Assignment] = {}
-        # Unit file text and Fence= by hash: immutable, so safe to cache.
-        self._texts: dict[str, tuple[str, bool]] = {}
+        # Unit file text, Fence= and health check by hash: immutable, so safe to cache.
+        self._texts: dict[str, _UnitText] = {}
+        # Health checks of the launched units that have one, with the hash they came from; the
+        # health of each that runs; and the last health of each, which a restart carries over
+        # (the restarts so far, and what the failed check said).
+        self._checks: dict[str, tuple[str, HealthCheck, ExecContext]] = {}
+        self._health: dict[str, Health] = {}
+        self._last_health: dict[str, Health] = {}
+        self._states: dict[str, State] = {}  # the last state systemd reported of each unit
+        self.health_monitor = HealthMonitor(self._on_health_result, health_probe, clock)
         # Launched units started (or adopted) with their current content; None before the first
         # pass. A unit in here is not started again when it fails: systemd's Restart= decides.
         self._started: set[str] | None = None
@@ -111,8 +132,10 @@ class Agent:
                 supervise("agent: schedule follower", self._follow_schedule),
                 supervise("agent: state publisher", self._publish_states),
                 supervise("agent: fence", self._fence_watch),
+                supervise("agent: health checks", self.health_monitor.run),
             )
         finally:
+            await self.health_monitor.close()
             # A fleetd that stops (to restart, say) gives itself a whole TTL to come back in
             # before the engine moves its units, not whatever was left since the last beat.
             with contextlib.suppress(StoreError, TimeoutError):
@@ -221,7 +244,13 @@ class Agent:
         if self._published is None:
             mine = [s for s in await self.registry.states() if s.machine_id == self.machine.id]
             self._published = {s.unit: s for s in mine}
-        self._assigned = {a.unit: a for a in assignments}
+        before, self._assigned = self._assigned, {a.unit: a for a in assignments}
+        # New content or none: its health so far is the old content's, so it goes before any
+        # state is published under the new hash.
+        for name, old in before.items():
+            if self._assigned.get(name, old).hash != old.hash or name not in self._assigned:
+                self._forget_health(name)
+        self._states = {n: state for n, state in self._states.items() if n in self._assigned}
         quarantined, self._quarantined = self._quarantined, {}
         desired = await self._desired(assignments)
         self._texts = {a.hash: self._texts[a.hash] for a in assignments if a.hash in self._texts}
@@ -271,29 +300,49 @@ class Agent:
     async def _desired(self, assignments: list[Assignment]) -> dict[str, Desired]:
         desired = {}
         self._fence_units = set()
+        checks = {}
         for a in assignments:
             try:
                 validate_unit_name(a.unit)
-                text, fence = await self._unit_file(a.unit, a.hash)
-                desired[a.unit] = Desired(text, a.desired_state)
-                if self.fence or fence:
+                unit = await self._unit_file(a.unit, a.hash)
+                desired[a.unit] = Desired(unit.text, a.desired_state)
+                if self.fence or unit.fence:
                     self._fence_units.add(a.unit)
+                if unit.health is not None and a.desired_state == "launched":
+                    checks[a.unit] = (a.hash, unit.health, unit.exec_context)
             except StoreError:
                 raise  # etcd is away: the whole pass is retried
             except Exception as error:
                 self._quarantine(a.unit, f"cannot read its unit file: {error}")
+        self._set_checks(checks)
         return desired
+
+    def _set_checks(self, checks: dict[str, tuple[str, HealthCheck, ExecContext]]) -> None:
+        """Stop checking units that lost their check (or got new content); they start over."""
+        for name, (digest, check, _) in self._checks.items():
+            now = checks.get(name)
+            if now is None or now[0] != digest or now[1] != check:
+                self._forget_health(name)
+        self._checks = checks
+
+    def _forget_health(self, name: str) -> None:
+        self.health_monitor.unwatch(name)
+        self._health.pop(name, None)
+        self._last_health.pop(name, None)
 
     def _quarantine(self, name: str, reason: str) -> None:
         self._quarantined[name] = f"fleetpy agent: {reason}"
 
-    async def _unit_file(self, name: str, digest: str) -> tuple[str, bool]:
-        """The unit file's text, and whether it asks for fencing."""
+    async def _unit_file(self, name: str, digest: str) -> _UnitText:
+        """The unit file's text, whether it asks for fencing, and its health check."""
         if digest not in self._texts:
             unit_file = await self.registry.unit_file(digest)
             if unit_file is None:
                 raise LookupError(f"unit file {digest} is missing from the registry")
-            self._texts[digest] = unit_file.to_text(), parse_fleet_options(name, unit_file).fence
+            options = parse_fleet_options(name, unit_file)
+            self._texts[digest] = _UnitText(
+                unit_file.to_text(), options.fence, options.health, ExecContext.of(unit_file)
+            )
         return self._texts[digest]
 
     async def _execute(self, tasks: Tasks) -> set[str]:
@@ -396,8 +445,60 @@ class Agent:
     def _on_state_change(self, name: str, load: str, active: str, sub: str) -> None:
         if name in self._assigned and name not in self._quarantined:
             self.events.unit_state(name, active, sub)
+            self._states[name] = (load, active, sub)
+            self._follow_health(name, active)
             self._to_publish[name] = (load, active, sub)
             self._publish_wanted.set()
+
+    def _follow_health(self, name: str, active: str) -> None:
+        """Check a unit with a health check while it is active; each activation starts over."""
+        found = self._checks.get(name)
+        current = found is not None and found[0] == self._assigned[name].hash  # not the old content's
+        if not current or active != "active":
+            self.health_monitor.unwatch(name)
+            self._health.pop(name, None)
+            return
+        if self.health_monitor.watching(name):
+            return
+        digest, check, context = found  # type: ignore[misc]
+        if name not in self._last_health:
+            # A restarted fleetd goes on counting from what it published before.
+            published = (self._published or {}).get(name)
+            adopted = published is not None and published.hash == digest and published.health is not None
+            self._last_health[name] = published.health if adopted else STARTING  # type: ignore[assignment,union-attr]
+        last = self._last_health[name]
+        self._health[name] = Health(STARTING.status, 0, last.restarts, last.message)
+        self.health_monitor.watch(name, check, context)
+
+    async def _on_health_result(
+        self, name: str, check: HealthCheck, ok: bool, message: str, in_start_period: bool
+    ) -> None:
+        before = self._health.get(name)
+        if before is None:
+            return  # it stopped meanwhile
+        after, restart = judge(check, before, ok, message, in_start_period)
+        if after == before:
+            return
+        self._health[name] = self._last_health[name] = after
+        if after.status != before.status:
+            self.events.health(name, before.status, after, check)
+        if name in self._states:
+            self._to_publish[name] = self._states[name]
+            self._publish_wanted.set()
+        if restart:
+            await self._restart_unhealthy(name)
+
+    async def _restart_unhealthy(self, name: str) -> None:
+        """Stop and start a unit its health check found failing, if it is still ours to run."""
+        async with self._reconciling:
+            assignment = self._assigned.get(name)
+            if assignment is None or assignment.desired_state != "launched" or name in self._quarantined:
+                return
+            if name in self._fence_units and self._heartbeat_lost():
+                return  # the fence holds it stopped until the heartbeat is back
+            log.warning("agent: restarting %s: its health check failed", name)
+            await self._job(self.systemd.stop, name)
+            await self._job(self.systemd.start, name)
 
     async def _remove_states(self, names: set[str]) -> None:
         if not names:
@@ -439,7 +540,8 @@ class Agent:
                 reason = await self.systemd.failure_reason(name)
             except SystemdError as error:
                 reason = f"systemd did not say why: {error}"
-        return UnitState(name, self.machine.id, assignment.hash, load, active, sub, reason)
+        health = self._health.get(name) if active == "active" else None
+        return UnitState(name, self.machine.id, assignment.hash, load, active, sub, reason, health)
 
     async def _write_states(self, states: list[UnitState]) -> bool:
         """Every state seen since the last write, in one batch: one transaction on etcd v3."""

@@ -17,6 +17,7 @@ from fleetpy.api.auth import AUTH, LOGIN_PATH, TOKEN_COOKIE
 from fleetpy.api.changes import Changes
 from fleetpy.api.context import ApiContext, unit_name
 from fleetpy.engine.explain import explain_placement
+from fleetpy.registry import UnitState
 
 STATIC = Path(__file__).resolve().parent.parent / "templates" / "dashboard"
 EVENTS_SHOWN = 50
@@ -49,7 +50,7 @@ async def snapshot(context: ApiContext) -> dict[str, Any]:
                     "machineID": machine_id,
                     "activeState": active or "-",
                     "subState": state.sub_state if state else "-",
-                    "health": _health(job.desired_state, active, bool(pending.get(job.name))),
+                    "health": _health(job.desired_state, active, bool(pending.get(job.name)), state),
                     "reason": reason,
                 }
             )
@@ -72,11 +73,13 @@ async def snapshot(context: ApiContext) -> dict[str, Any]:
     }
 
 
-def _health(desired: str, active: str, pending: bool) -> str:
+def _health(desired: str, active: str, pending: bool, state: UnitState | None) -> str:
     if pending:
         return "pending"
     if active == "failed":
         return "failed"
+    if desired == "launched" and active == "active" and state is not None and state.health is not None:
+        return state.health.status  # what the unit's own [X-Fleet] health check found
     if desired == "launched":
         return "healthy" if active == "active" else "starting"
     return "healthy" if active in ("inactive", "") else "stopping"

@@ -115,6 +115,18 @@ _SCHEMAS: dict[str, Any] = {
             "systemdLoadState": {"type": "string"},
             "systemdActiveState": {"type": "string"},
             "systemdSubState": {"type": "string"},
+            "reason": {"type": "string", "description": "fleetpy: why the unit failed or cannot load"},
+            "health": {
+                "type": "object",
+                "description": "fleetpy: what the unit's [X-Fleet] health check found, while it is active",
+                "required": ["status"],
+                "properties": {
+                    "status": {"type": "string", "enum": ["starting", "healthy", "unhealthy"]},
+                    "failures": {"type": "integer", "description": "failed checks in a row"},
+                    "restarts": {"type": "integer", "description": "restarts for failed checks"},
+                    "message": {"type": "string", "description": "what the last failed check said"},
+                },
+            },
         },
     },
     "Machine": {

@@ -236,11 +236,12 @@ def list_units(session: _Session, full: bool, no_legend: bool, fields: str, outp
     """List the state of units loaded onto machines, and units waiting for one.
 
     A unit that should run but reports no state shows "-"; the fleetpy field `reason` says
-    why it is waiting (e.g. --fields unit,machine,active,reason).
+    why it is waiting (e.g. --fields unit,machine,active,reason), and `health` what its
+    [X-Fleet] health check found (healthy, starting or unhealthy; "-" without a check).
     """
     client = session.client
     if output != "table":
-        full, fields = True, "unit,machine,load,active,sub,hash,reason"
+        full, fields = True, "unit,machine,load,active,sub,health,hash,reason"
     states = client.unit_states()
     reported = {s["name"] for s in states}
     rows: list[dict] = [dict(s) for s in states]
@@ -263,9 +264,19 @@ def list_units(session: _Session, full: bool, no_legend: bool, fields: str, outp
         "active": state("systemdActiveState"),
         "sub": state("systemdSubState"),
         "hash": lambda r: (r["hash"] if full else r["hash"][:7]) if r.get("hash") else "-",
+        "health": health_text,
         "reason": state("reason"),
     }
     _print_table(fields, known, rows, not no_legend)
+
+
+def health_text(state: dict) -> str:
+    """A state record's health, as list-units and status show it: "unhealthy (restarts 2)"."""
+    health = state.get("health")
+    if not health:
+        return "-"
+    restarts = health.get("restarts", 0)
+    return health["status"] + (f" (restarts {restarts})" if restarts else "")
 
 
 @cli.command("list-unit-files")
@@ -470,6 +481,13 @@ def status(session: _Session, units: tuple[str, ...], output: str) -> None:
         if index:
             click.echo()
         click.echo(text, nl=False)
+        for state in session.client.unit_states(unit_name=name):
+            if state.get("health"):
+                found = state["health"]
+                said = f": {found['message']}" if found.get("message") else ""
+                click.echo(
+                    f"\nHealth: {health_text(state)}, {found.get('failures', 0)} failed checks in a row{said}"
+                )
         click.echo("\nEvents:")
         click.echo("\n".join(f"  {line}" for line in event_lines(recent)) if recent else "  <none>")
     if structured(output):

@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from fleetpy.conf.values import machine_id_prefix
 from fleetpy.events import kinds
 from fleetpy.events.recorder import Recorder
-from fleetpy.registry import Machine
+from fleetpy.registry import Health, Machine
+
+if TYPE_CHECKING:
+    from fleetpy.unit.fleet import HealthCheck
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,23 @@ class AgentEvents:
         self.recorder.emit(
             kinds.UNIT_FAILED, f"{name} failed: {reason or 'systemd did not say why'}", unit=name
         )
+
+    def health(self, name: str, before: str, after: Health, check: HealthCheck) -> None:
+        """A unit's health check changed its verdict; `check` is its [X-Fleet] health check."""
+        if after.status == "healthy":
+            again = " again" if before == "unhealthy" else ""
+            self.recorder.emit(kinds.UNIT_HEALTHY, f"{name} healthy{again} ({check.target()})", unit=name)
+        elif after.status == "unhealthy":
+            what = (
+                f"restarting it (restart {after.restarts})"
+                if check.restart
+                else "left running (HealthCheckAction=none)"
+            )
+            self.recorder.emit(
+                kinds.UNIT_UNHEALTHY,
+                f"{name} unhealthy after {after.failures} failed health checks in a row: {after.message}; {what}",
+                unit=name,
+            )
 
     def forget(self, name: str) -> None:
         self._active.pop(name, None)

@@ -6,7 +6,7 @@ costs a fleetd start-up time and memory, and a fleetd needs one.
 
 from fleetpy.registry.connect import ETCD_APIS, EtcdOptions, choose_api, open_store
 from fleetpy.registry.memory import ManualClock, MemoryStore
-from fleetpy.registry.models import DESIRED_STATES, Assignment, Event, Job, Machine, UnitState
+from fleetpy.registry.models import DESIRED_STATES, Assignment, Event, Health, Job, Machine, UnitState
 from fleetpy.registry.registry import DEFAULT_PREFIX, Conflict, NotFound, Registry, memory_registry
 from fleetpy.registry.store import Credentials, HistoryLost, Store, StoreError, Unavailable
 
@@ -19,6 +19,7 @@ __all__ = [
     "Credentials",
     "EtcdOptions",
     "Event",
+    "Health",
     "HistoryLost",
     "Job",
     "Machine",

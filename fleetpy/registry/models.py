@@ -99,6 +99,33 @@ class Assignment:
 
 
 @dataclass(frozen=True)
+class Health:
+    """What a unit's health check found, as its agent publishes it with the unit's state."""
+
+    status: str  # "starting" (no success yet), "healthy" or "unhealthy"
+    failures: int = 0  # failed checks in a row
+    restarts: int = 0  # restarts the agent made for failed checks since the unit came here
+    message: str = ""  # what the last failed check said
+
+    def to_json(self) -> dict:
+        return {
+            "status": self.status,
+            "failures": self.failures,
+            "restarts": self.restarts,
+            "message": self.message,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Health:
+        return cls(
+            status=str(data["status"]),
+            failures=int(data.get("failures", 0)),
+            restarts=int(data.get("restarts", 0)),
+            message=str(data.get("message", "")),
+        )
+
+
+@dataclass(frozen=True)
 class UnitState:
     """What systemd on a machine reports for a unit, as published by that machine's agent."""
 
@@ -111,9 +138,11 @@ class UnitState:
     # Why the unit failed or cannot load, in systemd's words (or why the agent set it aside);
     # "" while all is well. Fleet's clients ignore the extra field.
     reason: str = ""
+    # Only for a unit with an [X-Fleet] health check that runs; None otherwise.
+    health: Health | None = None
 
     def to_json(self) -> dict:
-        record = {
+        record: dict = {
             "name": self.unit,
             "machineID": self.machine_id,
             "hash": self.hash,
@@ -123,6 +152,8 @@ class UnitState:
         }
         if self.reason:
             record["reason"] = self.reason
+        if self.health is not None:
+            record["health"] = self.health.to_json()
         return record
 
     @classmethod
@@ -135,6 +166,7 @@ class UnitState:
             active_state=data["systemdActiveState"],
             sub_state=data["systemdSubState"],
             reason=data.get("reason", ""),
+            health=Health.from_json(data["health"]) if data.get("health") else None,
         )
 
 

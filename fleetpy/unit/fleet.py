@@ -10,11 +10,13 @@ fleetpy refuses it and says how fleet read it. docs/fleet-compat.md lists every 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
-from fleetpy.conf.values import BadValue, parse_bytes, parse_cpus
+from fleetpy.conf.values import BadValue, parse_bytes, parse_cpus, parse_duration
 from fleetpy.unit.errors import InvalidFleetOptions, UnitError
 from fleetpy.unit.file import UnitFile
 from fleetpy.unit.glob import BadPattern, check_pattern, glob_match
@@ -37,6 +39,17 @@ OPTIONS = (
     "CPURequest",
     "MachineConstraint",
     "Strategy",
+    # fleetpy's own health check (one of HTTP, TCP, Exec) and how the agent runs it.
+    *(
+        "HealthCheckHTTP",
+        "HealthCheckTCP",
+        "HealthCheckExec",
+        "HealthCheckInterval",
+        "HealthCheckTimeout",
+        "HealthCheckThreshold",
+        "HealthCheckStartPeriod",
+        "HealthCheckAction",
+    ),
 )
 STRATEGIES = ("spread", "binpack")
 
@@ -85,6 +98,7 @@ class FleetOptions:
     cpu_request: float = 0.0
     constraints: tuple[Constraint, ...] = ()
     strategy: str = "spread"
+    health: HealthCheck | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def metadata_matches(self, metadata: Mapping[str, str]) -> bool:
@@ -204,6 +218,7 @@ def parse_fleet_options(unit_name: str, unit: UnitFile) -> FleetOptions:
             _constraint(unit_name, word) for words in values["MachineConstraint"] for word in words
         ),
         strategy=_strategy(unit_name, values["Strategy"]),
+        health=_health_check(unit_name, name, values),
         warnings=tuple(warnings),
     )
     _check_combinations(unit_name, options)
@@ -535,3 +550,176 @@ def _constraint(unit_name: str, word: str) -> Constraint:
             f"{unit_name}: MachineConstraint {word!r}: a set is written {{a,b,c}} with at least one member"
         )
     return constraint
+
+
+# Health checks. Defaults and names follow Docker's HEALTHCHECK and Kubernetes' probes: every
+# 10s, 2s to answer, unhealthy after 3 failures in a row, no grace period unless asked for.
+HEALTH_KINDS = {"HealthCheckHTTP": "http", "HealthCheckTCP": "tcp", "HealthCheckExec": "exec"}
+HEALTH_ACTIONS = ("restart", "none")
+MIN_HEALTH_INTERVAL = 1.0
+MAX_HEALTH_THRESHOLD = 100
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """How the agent checks that a running unit works, and what it does when it does not.
+
+    The check reaches only the machine itself: HTTP and TCP go to a loopback address, Exec
+    runs an absolute program with its arguments as they are (no shell).
+    """
+
+    kind: str  # "http", "tcp" or "exec"
+    host: str = ""
+    port: int = 0
+    path: str = "/"
+    argv: tuple[str, ...] = ()
+    interval: float = 10.0
+    timeout: float = 2.0
+    threshold: int = 3  # consecutive failures that make the unit unhealthy
+    start_period: float = 0.0  # after each start, failures do not count (a success still does)
+    restart: bool = True  # restart an unhealthy unit; False only marks it unhealthy
+
+    def target(self) -> str:
+        """What is checked, for people: "GET http://127.0.0.1:8080/health"."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.kind == "http":
+            return f"GET http://{host}:{self.port}{self.path}"
+        if self.kind == "tcp":
+            return f"TCP {host}:{self.port}"
+        return "exec " + " ".join(self.argv)
+
+
+def _health_check(unit_name: str, name: UnitName, values: dict[str, list[list[str]]]) -> HealthCheck | None:
+    given = [key for key in HEALTH_KINDS if values[key]]
+    tuning = [
+        key for key in values if key.startswith("HealthCheck") and key not in HEALTH_KINDS and values[key]
+    ]
+    if not given:
+        if tuning:
+            raise InvalidFleetOptions(
+                f"{unit_name}: {', '.join(tuning)} without a check; add HealthCheckHTTP=, "
+                "HealthCheckTCP= or HealthCheckExec="
+            )
+        return None
+    if len(given) > 1:
+        raise InvalidFleetOptions(
+            f"{unit_name}: {' and '.join(given)} both given; a unit has one health check"
+        )
+    key = given[0]
+    words = values[key][-1]  # the last assignment wins, as in systemd
+    if name.is_template and any(_PENDING_INSTANCE in word for word in words):
+        words = [word.replace(_PENDING_INSTANCE, "1") for word in words]  # each instance is checked
+    where = _health_target(unit_name, key, words)
+    interval = _health_duration(unit_name, "HealthCheckInterval", values, 10.0)
+    timeout = _health_duration(unit_name, "HealthCheckTimeout", values, min(2.0, interval))
+    if interval < MIN_HEALTH_INTERVAL:
+        raise InvalidFleetOptions(
+            f"{unit_name}: HealthCheckInterval must be at least {MIN_HEALTH_INTERVAL:g}s"
+        )
+    if not 0 < timeout <= interval:
+        raise InvalidFleetOptions(
+            f"{unit_name}: HealthCheckTimeout must be more than 0 and at most HealthCheckInterval "
+            f"({interval:g}s), so one check ends before the next begins"
+        )
+    action = _last_health_word(unit_name, "HealthCheckAction", values) or "restart"
+    if action not in HEALTH_ACTIONS:
+        raise InvalidFleetOptions(
+            f"{unit_name}: HealthCheckAction={action!r}; use restart (the default) or none "
+            "(only mark the unit unhealthy)"
+        )
+    return HealthCheck(
+        kind=HEALTH_KINDS[key],
+        **where,
+        interval=interval,
+        timeout=timeout,
+        threshold=_health_threshold(unit_name, values),
+        start_period=_health_duration(unit_name, "HealthCheckStartPeriod", values, 0.0),
+        restart=action == "restart",
+    )
+
+
+def _health_target(unit_name: str, key: str, words: list[str]) -> dict:
+    if key == "HealthCheckExec":
+        if not words[0].startswith("/"):
+            raise InvalidFleetOptions(
+                f"{unit_name}: HealthCheckExec={words[0]} must start with an absolute path to a "
+                "program; it runs with its arguments as given, not through a shell"
+            )
+        return {"argv": tuple(words)}
+    if len(words) != 1:
+        raise InvalidFleetOptions(f"{unit_name}: {key}={' '.join(words)!r} must be one address")
+    if key == "HealthCheckTCP":
+        text = words[0] if ":" in words[0] else f"127.0.0.1:{words[0]}"
+        host, port = _host_port(unit_name, key, f"tcp://{text}", "", shown=words[0])
+        return {"host": host, "port": port}
+    url = words[0]
+    if not url.startswith("http://"):
+        raise InvalidFleetOptions(
+            f"{unit_name}: {key}={url}: give an http:// URL on this machine, such as "
+            "http://127.0.0.1:8080/health"
+        )
+    host, port = _host_port(unit_name, key, url, "80")
+    parts = urlsplit(url)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if parts.fragment or any(ord(c) <= 32 or ord(c) == 127 for c in path):
+        raise InvalidFleetOptions(f"{unit_name}: {key}={url}: the path has a fragment or a blank")
+    return {"host": host, "port": port, "path": path}
+
+
+def _host_port(unit_name: str, key: str, url: str, default_port: str, shown: str = "") -> tuple[str, int]:
+    """A loopback host and port: a check reaches only its own machine."""
+    shown = shown or url
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError as error:
+        raise InvalidFleetOptions(f"{unit_name}: {key}={shown}: {error}") from None
+    if parts.username is not None or parts.password is not None:
+        raise InvalidFleetOptions(f"{unit_name}: {key}={shown}: no user or password in a check's address")
+    if port is None:
+        if not default_port:
+            raise InvalidFleetOptions(f"{unit_name}: {key}={shown}: give a port, such as 127.0.0.1:5432")
+        port = int(default_port)
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback or not 0 < port < 65536:
+        raise InvalidFleetOptions(
+            f"{unit_name}: {key}={shown}: a health check reaches only its own machine; use a loopback "
+            "address (127.0.0.1, ::1 or localhost) and a port from 1 to 65535"
+        )
+    return host, port
+
+
+def _last_health_word(unit_name: str, key: str, values: dict[str, list[list[str]]]) -> str | None:
+    if not values[key]:
+        return None
+    words = values[key][-1]
+    if len(words) != 1:
+        raise InvalidFleetOptions(f"{unit_name}: {key}={' '.join(words)!r} must be one word")
+    return words[0]
+
+
+def _health_duration(unit_name: str, key: str, values: dict[str, list[list[str]]], default: float) -> float:
+    word = _last_health_word(unit_name, key, values)
+    if word is None:
+        return default
+    try:
+        return parse_duration(word)
+    except BadValue as error:
+        raise InvalidFleetOptions(f"{unit_name}: {key}: {error}") from None
+
+
+def _health_threshold(unit_name: str, values: dict[str, list[list[str]]]) -> int:
+    word = _last_health_word(unit_name, "HealthCheckThreshold", values)
+    if word is None:
+        return 3
+    if not word.isdigit() or not 1 <= int(word) <= MAX_HEALTH_THRESHOLD:
+        raise InvalidFleetOptions(
+            f"{unit_name}: HealthCheckThreshold={word!r}: give the number of failures in a row "
+            f"that make the unit unhealthy, 1 to {MAX_HEALTH_THRESHOLD}"
+        )
+    return int(word)
