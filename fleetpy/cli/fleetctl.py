@@ -636,6 +636,46 @@ def scale(session: _Session, targets: tuple[str, ...], no_block: bool, block_att
             _change_state(session, wanted, "launched", no_block, block_attempts)
 
 
+@cli.command("rolling-replace")
+@click.argument("template_file")
+@click.option(
+    "--max-unavailable",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="instances replaced at once (each is down while it restarts)",
+)
+@click.option(
+    "--timeout",
+    default=120.0,
+    show_default=True,
+    type=click.FloatRange(min=1),
+    help="seconds a batch may take to be active and healthy before the run stops",
+)
+@click.option(
+    "--no-rollback", is_flag=True, help="on failure, leave the replaced instances on the new content"
+)
+@pass_session
+def rolling_replace(
+    session: _Session, template_file: str, max_unavailable: int, timeout: float, no_rollback: bool
+) -> None:
+    """Give every instance of a template the content of TEMPLATE_FILE (a local web@.service),
+    a batch at a time, each batch active and healthy before the next; on failure stop and roll
+    back the replaced instances (fleetpy extension)."""
+    from fleetpy.cli.rolling import RollingReplace
+
+    template = fleet_unit.UnitName.parse(fleet_unit.mangle_unit_name(template_file))
+    if not template.is_template:
+        raise click.ClickException(f"{template.full} is not a template; give one such as web@.service")
+    options = _local_options(template_file)
+    if options is None:
+        raise click.ClickException(f"{template_file}: no such file; give the new template's unit file")
+    run = RollingReplace(
+        session.client, template.full, options, timeout, lambda machine: session.legend(machine, False)
+    )
+    run.run(max_unavailable, rollback=not no_rollback)
+
+
 def scale_steps(
     template: fleet_unit.UnitName, names: Iterable[str], count: int
 ) -> tuple[list[str], list[str]]:
