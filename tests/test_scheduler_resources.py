@@ -140,6 +140,21 @@ def test_a_kept_unit_is_moved_when_its_machine_no_longer_has_room() -> None:
     assert where(p) == {"a.service": A, "b.service": B}
 
 
+def test_a_replacing_unit_takes_the_room_of_the_unit_it_replaces() -> None:
+    old, new = (
+        unit("old.service", "MemoryRequest=3G"),
+        unit("new.service", "MemoryRequest=3G\nReplaces=old.service"),
+    )
+    current = [Assignment("old.service", A, old[0].hash, "launched")]
+    p = plan([sized(A, 4), sized(B, 2)], [old, new], current, detail={"new.service"})
+    assert where(p) == {"new.service": A}
+    assert str(p.decisions["new.service"].reason) == "replaces old.service there"
+    assert pending(p) == {
+        "old.service": "0/2 machines fit: 1 not enough memory (needs 3 GiB, the best has 2 GiB free), "
+        "1 replaced by new.service"
+    }
+
+
 def test_globals_run_only_where_they_fit_and_their_constraints_hold() -> None:
     machines = [sized(A, 4, arch="x86_64"), sized(B, 0.5, arch="x86_64"), sized(C, 4, arch="aarch64")]
     p = plan(
@@ -171,7 +186,9 @@ def random_resource_cluster(seed: int):
             options.append("Strategy=binpack")
         if rng.random() < 0.2:
             options.append("MachineConstraint=load1<1")
-        if rng.random() < 0.2:
+        if rng.random() < 0.1 and jobs:
+            options.append(f"Replaces={rng.choice(jobs)[0].name}")
+        elif rng.random() < 0.2:
             options.append("Conflicts=app*.service")
         if rng.random() < 0.1 and jobs:
             options.append(f"MachineOf={rng.choice(jobs)[0].name}")

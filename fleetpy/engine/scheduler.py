@@ -516,11 +516,22 @@ class Context:
         capacity = self.machines[machine_id].capacity.get(resource)
         return None if capacity is None else capacity - self.used[machine_id][resource]
 
+    def free_for(self, unit: Unit, machine_id: str, resource: str) -> float | None:
+        """What `unit` may take of `resource` there: what is left, and what the units it
+        replaces on that machine hold (they leave it when it comes)."""
+        free = self.free(machine_id, resource)
+        if free is None:
+            return None
+        replaced = self.replacements.of(unit.name.full)
+        if replaced:
+            free += sum(_request(self.units[r], resource) for r in replaced & self.on_machine[machine_id])
+        return free
+
     def fits(self, unit: Unit, machine_id: str) -> bool:
         fleet = unit.fleet
         for resource, need in (("memory", fleet.memory_request), ("cpus", fleet.cpu_request)):
             if need:
-                free = self.free(machine_id, resource)
+                free = self.free_for(unit, machine_id, resource)
                 if free is None or need > free + _SLACK:
                     return False
         return True
@@ -618,7 +629,7 @@ def resources_filter(ctx: Context, unit: Unit, machine: Machine) -> Reason | Non
     short = []
     for resource, need in (("memory", fleet.memory_request), ("cpus", fleet.cpu_request)):
         if need:
-            free = ctx.free(machine.id, resource)
+            free = ctx.free_for(unit, machine.id, resource)
             if free is None:
                 return Reason("no-capacity", (resource,))
             if need > free + _SLACK:
