@@ -446,7 +446,7 @@ async def test_a_replace_past_the_deadline_still_completes(registry):
     # The deadline answers 503, but the replace goes on and completes.
     held = HeldSubmits(registry)
     app = create_app(held, machine_id=M1)
-    app[LIMITS] = Limits(registry_deadline=0.3)
+    app[LIMITS] = Limits(registry_deadline=0.05)  # the submit is held until after the 503
     other = [{"section": "Service", "name": "ExecStart", "value": "/bin/true"}]
     async with TestClient(TestServer(app)) as client:
         await registry.put_unit_file(UnitFile.from_options(HELLO))

@@ -94,7 +94,9 @@ async def test_emit_survives_a_bad_argument():
 
 
 async def test_run_writes_in_the_background_after_an_outage(monkeypatch):
-    monkeypatch.setattr(recorder_module, "RETRY_PAUSE", 0.01)  # that it retries is tested, not how slowly
+    # That it gathers, retries and writes is tested, not how long it waits between.
+    monkeypatch.setattr(recorder_module, "BATCH_DELAY", 0.01)
+    monkeypatch.setattr(recorder_module, "RETRY_PAUSE", 0.01)
     store = Outage(memory_registry())
     recorder = Recorder(store, "m1", clock=Clock())
     task = asyncio.create_task(recorder.run())

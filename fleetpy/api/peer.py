@@ -11,6 +11,7 @@ for its command line) it was a fifth of an idle fleetd's memory, for a path many
 
 from __future__ import annotations
 
+import functools
 import ssl
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,15 @@ def peer_tls(cluster_ca: str, cert: str | None = None, key: str | None = None) -
     return context
 
 
+@functools.cache
+def _default_tls() -> ssl.SSLContext:
+    """httpx's default context, for peers without a cluster CA: made once, not for every forwarded
+    request (loading the CA bundle costs more than the request)."""
+    import httpx
+
+    return httpx.create_ssl_context()
+
+
 class Peers:
     """Forwards requests to other machines' APIs."""
 
@@ -46,9 +56,6 @@ class Peers:
         self.machine_id = machine_id
         self.token = token
         self.tls = tls
-        # Without a cluster CA, httpx's default context; made once, not for every forwarded
-        # request (loading the CA bundle costs more than the request).
-        self._default_tls: ssl.SSLContext | None = None
 
     async def endpoint(self, request: web.Request, machine_id: str) -> str:
         """The API endpoint of another machine, after checking the request may go there."""
@@ -77,11 +84,7 @@ class Peers:
     def client(self, timeout: httpx.Timeout | float) -> httpx.AsyncClient:
         import httpx
 
-        if self.tls is not None:
-            return httpx.AsyncClient(timeout=timeout, verify=self.tls)
-        if self._default_tls is None:
-            self._default_tls = httpx.create_ssl_context()
-        return httpx.AsyncClient(timeout=timeout, verify=self._default_tls)
+        return httpx.AsyncClient(timeout=timeout, verify=self.tls if self.tls is not None else _default_tls())
 
     def request(self, client: httpx.AsyncClient, url: str, machine_id: str, params: dict) -> httpx.Request:
         request = client.build_request("GET", url, params=params, headers={FORWARDED_HEADER: self.machine_id})
