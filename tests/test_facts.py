@@ -84,6 +84,9 @@ def test_only_changes_that_matter_are_worth_a_write() -> None:
     base = {"os": "linux", "memory": 10.0 * GIB, "memory_free": 5.0 * GIB, "load1": 1.0, "gpu": "a"}
     assert not changed_enough(base, {**base, "load1": 1.4, "memory_free": 5.4 * GIB})
     assert changed_enough(base, {**base, "load1": 1.5})
+    # A high load moves by a tenth of itself before it matters.
+    assert not changed_enough({**base, "load1": 15.0}, {**base, "load1": 16.4})
+    assert changed_enough({**base, "load1": 15.0}, {**base, "load1": 16.5})
     assert changed_enough(base, {**base, "memory_free": 4.4 * GIB})
     assert changed_enough(base, {**base, "gpu": "b"})
     assert changed_enough(base, {k: v for k, v in base.items() if k != "gpu"})

@@ -24,9 +24,11 @@ Facts = dict[str, str | float]
 
 # How long one facts.d executable may run; a slow one is skipped for that round.
 EXECUTABLE_TIMEOUT = 5.0
-# A load average matters when it moves this much; free memory, swap or disk by this share of
-# the total. Smaller moves are not worth waking the engine for.
+# A load average matters when it moves this much, or this share of its value when higher; free
+# memory, swap or disk by FREE_SHARE of the total. Smaller moves are not worth waking the
+# engine for.
 LOAD_STEP = 0.5
+LOAD_SHARE = 0.1
 FREE_SHARE = 0.05
 _FREE_OF = {"memory_free": "memory", "swap_free": "swap_total", "disk_free": "disk"}
 _LOADS = ("load1", "load5", "load15")
@@ -136,7 +138,8 @@ def changed_enough(
     for key, value in fresh.items():
         old = published[key]
         if key in _LOADS:
-            if abs(float(value) - float(old)) >= LOAD_STEP:  # type: ignore[arg-type]
+            before, now = float(old), float(value)  # type: ignore[arg-type]
+            if abs(now - before) >= max(LOAD_STEP, LOAD_SHARE * before):
                 return True
         elif key in _FREE_OF:
             total = float(fresh.get(_FREE_OF[key]) or 0)  # type: ignore[arg-type]
