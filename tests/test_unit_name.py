@@ -88,6 +88,12 @@ def test_forbidden_character_is_rejected_and_named(name: str, bad: str) -> None:
     assert ":_.@-" in message and bad in message and "systemd-escape" in message
 
 
+def test_a_lone_surrogate_is_a_forbidden_character_not_a_crash() -> None:
+    # JSON's "\ud800" decodes to one; encoding it to count bytes used to raise UnicodeEncodeError.
+    with pytest.raises(InvalidUnitName, match="unit names may contain only"):
+        validate_unit_name("\ud800.service")
+
+
 def test_path_traversal_name_is_rejected() -> None:
     with pytest.raises(InvalidUnitName, match=r'^"\.\./x\.service": unit names may contain only'):
         UnitName.parse("../x.service")

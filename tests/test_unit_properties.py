@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fleetpy.registry import memory_registry
@@ -99,6 +99,9 @@ def test_accepted_options_read_back_unchanged_from_their_text(options: list[dict
 
 @PROPERTIES
 @given(UNIT_NAMES, OPTIONS)
+@example(
+    "\ud800.service", [{"section": "Service", "name": "ExecStart", "value": "/bin/true"}]
+)  # found by 400
 def test_every_later_layer_agrees_with_the_door(name: str, options: list[dict]) -> None:
     try:
         unit_file, unit = door(name, options)

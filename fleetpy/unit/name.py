@@ -63,11 +63,13 @@ class UnitName:
             raise InvalidUnitName(f"unit name must be a string, not {type(name).__name__}")
         if not name:
             raise InvalidUnitName("unit name is empty; give a name such as hello.service")
-        if len(name.encode()) > MAX_NAME_BYTES:
+        # surrogatepass: a lone surrogate (JSON's "\ud800") is counted, then refused as a
+        # character below, instead of failing the encoding with an error nobody catches.
+        size = len(name.encode("utf-8", "surrogatepass"))
+        if size > MAX_NAME_BYTES:
             raise _fail(
                 name[:40] + "...",
-                f"unit names may be at most {MAX_NAME_BYTES} bytes long "
-                f"(this one is {len(name.encode())}); choose a shorter name",
+                f"unit names may be at most {MAX_NAME_BYTES} bytes long (this one is {size}); choose a shorter name",
             )
         if not _ALLOWED.fullmatch(name):
             bad = next(ch for ch in name if not _ALLOWED.fullmatch(ch))
