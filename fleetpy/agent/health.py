@@ -53,7 +53,8 @@ def judge(
         return replace(health, failures=failures, message=message), False
     if health.status == "unhealthy":
         return replace(health, failures=failures, message=message), False
-    return Health("unhealthy", failures, health.restarts + check.restart, message), check.restart
+    restarts = health.restarts + 1 if check.restart else health.restarts
+    return Health("unhealthy", failures, restarts, message), check.restart
 
 
 @dataclass(frozen=True)
