@@ -132,6 +132,10 @@ def claim_bridge(bridge: str, host_interface: str, lab_dir: Path | str) -> None:
     tag = owner_tag(lab_dir)
     if owner is None:
         _ip("link", "add", "name", bridge, "type", "bridge")
+        # Pin the address it was made with: otherwise a bridge takes its lowest port's address,
+        # so killing the node whose veth had it changes the etcd host's MAC under every other
+        # node, and they lose etcd for seconds (their heartbeats and the leader's lease lapse).
+        _ip("link", "set", "dev", bridge, "address", (SYS_NET / bridge / "address").read_text().strip())
         _ip("link", "set", "dev", bridge, "alias", tag)
     elif owner != tag:
         whose = (
