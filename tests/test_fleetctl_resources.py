@@ -42,6 +42,8 @@ def test_list_machines_shows_capacity_and_live_facts(sized):
     machines = json.loads(_ok(sized.run("list-machines", "-o", "json")))
     assert machines[0]["capacity"].items() >= {"cpus": 2.0, "memory": 4.0 * GIB}.items()  # disk: the host's
     assert machines[1]["facts"]["os"] == "linux" and "load1" in machines[1]["facts"]
+    facts = _ok(sized.run("list-machines", "--fields", "facts", "--no-legend")).splitlines()
+    assert all("os=linux" in line.split(",") and "load1=" in line for line in facts), facts
 
 
 def test_a_unit_too_large_for_every_machine_is_pending_with_what_is_short(sized, tmp_path):
