@@ -9,6 +9,7 @@ import pytest
 from fleetpy.conf import metrics
 from fleetpy.registry import Assignment, Machine, MemoryStore, Registry, UnitState
 from fleetpy.registry.measured import MeasuredStore
+from fleetpy.registry.mirror import Mirror, MirrorStore
 from fleetpy.registry.store import Unavailable
 
 
@@ -73,4 +74,30 @@ async def test_the_call_label_takes_only_the_registry_methods_names(registry):
     assert {"refresh_machine", "machines", "put_events", "submit"} <= methods
     seen = {call for call, _operation in metrics.ETCD_SECONDS.values}
     assert {"ensure_schema", "register_machine", "write_schedule", "events", "leader"} <= seen
-    assert seen <= methods | {"write_schedule", "write_states", "write_schedule+write_states", "other"}
+    assert seen <= methods | {
+        "write_schedule",
+        "write_states",
+        "write_schedule+write_states",
+        "mirror",
+        "other",
+    }
+
+
+async def test_the_watch_fed_copy_names_its_own_requests_whoever_started_it():
+    store = MeasuredStore(MemoryStore())
+    writer = Registry(store)
+    mirror = Mirror(store, writer.prefix)
+    reads = Registry(MirrorStore(mirror, start=True), writer.prefix)
+    before = counts()
+    await reads.jobs()  # the first read starts the copy, from inside the `jobs` call
+    for _ in range(1000):
+        if mirror.synced:
+            break
+        await asyncio.sleep(0)
+    await reads.register_machine(Machine("m1"), ttl=10)  # returns once the copy holds it
+    assert [m.id for m in await reads.machines()] == ["m1"]  # from the copy
+    await mirror.close()
+    made = added(before)
+    assert made[("mirror", "list")] == 1 and made[("mirror", "index")] == 1
+    assert made[("jobs", "list")] == 1  # before the copy had listed, the read went to etcd
+    assert not any(operation == "changes" for _call, operation in made)  # long polls are not timed

@@ -16,6 +16,7 @@ import contextlib
 import logging
 from collections.abc import Collection, Sequence
 
+from fleetpy.conf import metrics
 from fleetpy.registry.store import Change, HistoryLost, Op, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ OUTAGE_PAUSE = 1.0
 # A write's own change normally shows within milliseconds; past this the copy is read again
 # (a write that changed nothing has no change to wait for).
 CATCH_UP = 2.0
+MIRROR_CALL = "mirror"  # the metrics' `call` label of the copy's own listings
 
 
 class Mirror:
@@ -67,6 +69,12 @@ class Mirror:
         return not key.startswith(self._skip)
 
     async def run(self) -> None:
+        # Its requests are its own (the metrics' `call` label), not those of whichever registry
+        # call happened to start it.
+        with metrics.registry_call(MIRROR_CALL):
+            await self._run()
+
+    async def _run(self) -> None:
         listed = False
         while True:
             try:
