@@ -140,6 +140,20 @@ def test_a_kept_unit_is_moved_when_its_machine_no_longer_has_room() -> None:
     assert where(p) == {"a.service": A, "b.service": B}
 
 
+def test_a_running_global_keeps_its_room_and_a_kept_unit_that_no_longer_fits_moves() -> None:
+    log, app = unit("log.service", "Global=true\nMemoryRequest=2G"), unit("app.service", "MemoryRequest=3G")
+    current = [
+        Assignment("log.service", A, log[1].hash, "launched"),
+        Assignment("app.service", A, app[1].hash, "launched"),
+    ]
+    p = plan([sized(A, 4), sized(B, 8)], [log, app], current)
+    assert sorted((a.unit, a.machine_id) for a in p.assignments) == [
+        ("app.service", B),
+        ("log.service", A),
+        ("log.service", B),
+    ]
+
+
 def test_a_replacing_unit_takes_the_room_of_the_unit_it_replaces() -> None:
     old, new = (
         unit("old.service", "MemoryRequest=3G"),

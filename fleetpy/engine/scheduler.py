@@ -492,7 +492,7 @@ class Context:
         self.on_machine[machine_id].add(name)
         self.placed.setdefault(name, set()).add(machine_id)
         self.conflicts.place(name, machine_id)
-        self._reserve(name, machine_id, 1)
+        self.reserve(name, machine_id, 1)
         self.loads.change(machine_id, 1)
         self.fullness.change(machine_id)
 
@@ -500,11 +500,12 @@ class Context:
         for machine_id in self.placed.pop(name, ()):
             self.on_machine[machine_id].discard(name)
             self.conflicts.remove(name, machine_id)
-            self._reserve(name, machine_id, -1)
+            self.reserve(name, machine_id, -1)
             self.loads.change(machine_id, -1)
             self.fullness.change(machine_id)
 
-    def _reserve(self, name: str, machine_id: str, sign: int) -> None:
+    def reserve(self, name: str, machine_id: str, sign: int) -> None:
+        """Count (sign 1) or stop counting (-1) what `name` reserves on the machine."""
         fleet = self.units[name].fleet
         if fleet.memory_request or fleet.cpu_request:
             used = self.used[machine_id]
@@ -712,6 +713,13 @@ def _plan(
     order = _order({name: unit for name, unit in units.items() if not unit.fleet.is_global}, ctx.replacements)
     was_on = _current_machines(current, units, live)
 
+    # A global unit keeps its room where it runs: the units kept below fit beside it or move.
+    held_for_globals = [
+        (name, mid) for name in globals_ if units[name].fleet.requests for mid in was_on.get(name, ())
+    ]
+    for name, mid in held_for_globals:
+        ctx.reserve(name, mid, 1)
+
     for name in order:
         # The first machine it may stay on (a unit handing over from a drained one has two).
         keepable = (mid for mid in sorted(was_on.get(name, ())) if _keepable(ctx, units[name], live[mid]))
@@ -720,6 +728,8 @@ def _plan(
             ctx.place(name, machine_id)
             decisions[name] = Decision(name, machine_id, Reason("kept"), kept=True)
 
+    for name, mid in held_for_globals:
+        ctx.reserve(name, mid, -1)
     for name in globals_:
         decisions[name] = _place_global(ctx, units[name], was_on.get(name, set()), name in detail)
 
