@@ -86,6 +86,7 @@ class _Connection:
     lease: Any
     watcher: Watcher
     metadata: tuple[tuple[str, str], ...] | None
+    closed: bool = False  # by the store (a member failed, or a new login), see _call
 
 
 class EtcdV3Store:
@@ -153,6 +154,7 @@ class EtcdV3Store:
         if self._connection is not connection:
             return
         self._connection = None
+        connection.closed = True
         if next_member:
             self._current = (self._current + 1) % len(self._targets)
         if relogin:
@@ -174,6 +176,16 @@ class EtcdV3Store:
                 return await operation(connection)
             except aetcd_errors.RevisionCompactedError:
                 raise
+            except asyncio.CancelledError:
+                # gRPC cancels every call in flight on a channel the store closes (another
+                # call saw its member fail, or logged in again): that is not our caller being
+                # cancelled, and the call goes again on the new connection.
+                task = asyncio.current_task()
+                if connection is None or not connection.closed or (task is not None and task.cancelling()):
+                    raise
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"etcd at {', '.join(self._urls)} kept failing over") from None
+                continue
             except (grpc.aio.AioRpcError, aetcd_errors.ClientError) as error:
                 code = error.code() if isinstance(error, grpc.aio.AioRpcError) else _code_of(error)
                 if code == grpc.StatusCode.UNAUTHENTICATED and not reauthenticated and connection:
