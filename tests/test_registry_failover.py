@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from fleetpy.lab.etcd import start_cluster
+from fleetpy.lab.etcd import enable_auth, start_cluster
 from fleetpy.registry.etcd3 import EtcdV3Store
-from fleetpy.registry.store import Unavailable
+from fleetpy.registry.store import Credentials, Unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -44,5 +44,27 @@ async def test_calls_in_flight_when_a_member_dies_go_again_on_the_next_member() 
             assert await store.wait("/failover", start, timeout=5) == start + 1
         finally:
             await store.close()
+            for member in members:
+                member.stop()
+
+
+async def test_a_store_that_logs_in_reaches_the_next_member_when_the_first_is_down() -> None:
+    # Logging in is the first call on a member: a failed login must move on like a failed call.
+    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="fleetpy-etcd-3-") as base:
+        members = start_cluster(Path(base), 3)
+        try:
+            enable_auth(members[0], "root-pw", {"fleet": "fleet-pw"}, "/failover/")
+            members[0].stop()
+            store = EtcdV3Store(
+                [m.client_url for m in members],
+                credentials=Credentials(username="fleet", password="fleet-pw"),
+                retry_for=5,
+            )
+            try:
+                await store.put("/failover/x", "1")
+                assert await store.get("/failover/x") == "1"
+            finally:
+                await store.close()
+        finally:
             for member in members:
                 member.stop()

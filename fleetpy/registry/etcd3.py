@@ -198,6 +198,9 @@ class EtcdV3Store:
                 self._last_failure = time.monotonic()
                 if connection is not None and len(self._targets) > 1:
                     await self._drop(connection, next_member=True)
+                elif connection is None:
+                    # Dialing failed (logging in is the first call on a member): the next one.
+                    self._current = (self._current + 1) % len(self._targets)
                 if time.monotonic() + delay > deadline:
                     urls = ", ".join(self._urls)
                     raise Unavailable(
