@@ -129,6 +129,13 @@ def test_etcd2_options_become_an_environment_drop_in_and_a_unit(tmp_path: Path) 
     )
     unit = (tmp_path / "etc/systemd/system/etcd2.service").read_text()
     assert "ExecStart=/usr/bin/etcd\n" in unit
+    # fleet's etcd_api is left at auto (v3 when offered): etcd's v2 API stays off, as etcd ships.
+    assert "ETCD_ENABLE_V2" not in unit
+
+
+def test_etcd2_serves_its_v2_api_only_to_a_fleet_on_v2(tmp_path: Path) -> None:
+    apply(tmp_path, USER_DATA.replace("    agent_ttl: 20s\n", "    agent_ttl: 20s\n    etcd-api: v2\n"))
+    unit = (tmp_path / "etc/systemd/system/etcd2.service").read_text()
     assert "Environment=ETCD_ENABLE_V2=true\n" in unit
 
 

@@ -6,7 +6,10 @@ the systemd manager of the node that should run it.
 
 from __future__ import annotations
 
+import ssl
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -115,6 +118,18 @@ def _active_units(lab: Lab, node: str) -> set[str]:
         return set()
     units = {line.split()[0] for line in out.splitlines() if line.strip()}
     return {u for u in units if (lab.dir / node / "units" / u).exists()}
+
+
+def test_the_cluster_runs_on_etcds_v3_api_alone_with_tls_and_auth(lab):
+    """Issue 10's "done means": these scenarios run on an etcd whose v2 API is off."""
+    state = lab.state
+    assert state.etcd_api == "v3" and state.etcd_urls[0].startswith("https://")
+    secrets = Path(state.etcd_secrets)
+    context = ssl.create_default_context(cafile=str(secrets / "ca.pem"))
+    context.load_cert_chain(secrets / "root.pem", secrets / "root.key")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(state.etcd_urls[0] + "/v2/keys/", timeout=5, context=context)
+    assert refused.value.code == 404
 
 
 def test_machines_register_with_ip_and_metadata(cluster):

@@ -7,7 +7,6 @@ tests (with what to install), never skips them. The units are the ones in units/
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import socket
@@ -95,14 +94,9 @@ def http_get(url: str) -> str | None:
 
 
 def etcd_value(lab: Lab, key: str) -> str | None:
-    assert lab.state is not None
-    try:
-        with urllib.request.urlopen(f"{lab.state.etcd_urls[0]}/v2/keys{key}", timeout=2) as response:
-            return json.load(response)["node"]["value"]
-    except urllib.error.HTTPError as error:
-        if error.code == 404:
-            return None
-        raise
+    """The value the sidekicks announced, read as they write it: v3, TLS, the discovery user."""
+    entry = lab.discovery_etcd().list(key).get(key)
+    return entry[0] if entry else None
 
 
 def node_ip(lab: Lab, name: str) -> str:

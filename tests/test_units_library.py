@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from fleetpy.containers.discovery import key_url, remove_key, set_key
+from fleetpy.containers.discovery import Announcer, Etcd
 from fleetpy.unit import FleetOptions, load_unit
 
 UNITS = Path(__file__).resolve().parent.parent / "units"
@@ -49,11 +47,17 @@ def test_dependencies() -> None:
 
 
 @pytest.mark.integration
-def test_discovery_sets_and_removes_a_key_with_ttl(etcd_url: str, etcd_prefix: str) -> None:
+def test_discovery_announces_a_key_on_a_lease_over_v3_and_removes_it(
+    etcd_v3_url: str, etcd_prefix: str
+) -> None:
+    # etcd as it ships (v2 off): the sidekick needs only the v3 API.
+    etcd = Etcd(etcd_v3_url)
     key = f"{etcd_prefix}services/web/web@1"
-    set_key(etcd_url, key, "10.251.0.11:8080", ttl=30)
-    with urllib.request.urlopen(key_url(etcd_url, key)) as response:
-        node = json.load(response)["node"]
-    assert node["value"] == "10.251.0.11:8080" and 0 < node["ttl"] <= 30
-    remove_key(etcd_url, key)
-    remove_key(etcd_url, key)  # already gone is fine
+    announcer = Announcer(etcd, key, "10.251.0.11:8080", ttl=30)
+    announcer.announce()
+    announcer.announce()  # the same lease, kept alive
+    ((value, ttl),) = etcd.list(f"{etcd_prefix}services/web/").values()
+    assert value == "10.251.0.11:8080" and 0 < ttl <= 30
+    etcd.delete(key)
+    etcd.delete(key)  # already gone is fine
+    assert etcd.list(f"{etcd_prefix}services/web/") == {}

@@ -39,10 +39,15 @@ def fleet_conf(options: dict[str, Any]) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def etcd_unit(bus: str) -> bytes:
-    """etcd2.service: Debian's etcd, configured by the drop-in from coreos.etcd2."""
+def etcd_unit(bus: str, enable_v2: bool) -> bytes:
+    """etcd2.service: Debian's etcd, configured by the drop-in from coreos.etcd2; its v2 API
+    only with `enable_v2` (the machine's fleetd speaks it)."""
     wanted_by = "multi-user.target" if bus == "system" else "default.target"
-    return _etcd_template().render(drop_in=f"{ETCD_UNIT}.d/{DROP_IN}", wanted_by=wanted_by).encode()
+    return (
+        _etcd_template()
+        .render(drop_in=f"{ETCD_UNIT}.d/{DROP_IN}", wanted_by=wanted_by, enable_v2=enable_v2)
+        .encode()
+    )
 
 
 def _text(value: Any) -> str:

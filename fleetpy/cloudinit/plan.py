@@ -102,7 +102,11 @@ def plan(config: CloudConfig, target: Target) -> Plan:
     # the system manager, the user manager's own dir otherwise), so its commands can start them.
     if config.etcd2:
         result.changes += [
-            FileChange(_inside(target.unit_dir, ETCD_UNIT), etcd_unit(target.bus)),
+            # etcd's v2 API stays off (as etcd ships it) unless this machine's fleetd uses it.
+            FileChange(
+                _inside(target.unit_dir, ETCD_UNIT),
+                etcd_unit(target.bus, enable_v2=(config.fleet or {}).get("etcd_api") == "v2"),
+            ),
             FileChange(
                 _inside(target.unit_dir, f"{ETCD_UNIT}.d/{DROP_IN}"),
                 environment_drop_in("ETCD", config.etcd2),

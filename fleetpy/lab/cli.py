@@ -70,7 +70,14 @@ def _parse_metadata(values: tuple[str, ...]) -> dict[str, dict[str, str]]:
 
 @_lab_command("up")
 @click.option("--nodes", "node_count", type=click.IntRange(1, 200), default=3, show_default=True)
-@click.option("--etcd-members", type=click.Choice(["1", "3"]), default="1", show_default=True)
+@click.option("--etcd-members", type=click.Choice(["1", "3", "5"]), default="1", show_default=True)
+@click.option(
+    "--etcd-api",
+    type=click.Choice(["v3", "v2"]),
+    default="v3",
+    show_default=True,
+    help="the etcd API the fleetds use; v2 also turns etcd's v2 API on (off otherwise)",
+)
 @click.option("--metadata", multiple=True, help="NODE=key=value[,key=value], e.g. node1=role=db; repeatable")
 @click.option(
     "--user-data",
@@ -114,6 +121,7 @@ def up(
     lab: Lab,
     node_count: int,
     etcd_members: str,
+    etcd_api: str,
     metadata: tuple[str, ...],
     user_data: str | None,
     network: str,
@@ -132,6 +140,7 @@ def up(
         agent_ttl=agent_ttl,
         user_data=user_data,
         containers=containers,
+        etcd_api=etcd_api,
     )
     if serve_metrics or (lab.state and lab.state.metrics_url):  # asked for now, or before: repaired
         lab.serve_metrics(metrics_port)

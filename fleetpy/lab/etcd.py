@@ -11,7 +11,7 @@ import ssl
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,30 +44,43 @@ class TLS:
 
 
 def make_pki(
-    directory: Path, clients: Sequence[str] = ("client",), host: str = "127.0.0.1"
+    directory: Path,
+    clients: Sequence[str] = ("client",),
+    host: str = "127.0.0.1",
+    gateway_clients: Sequence[str] = (),
 ) -> dict[str, TLS]:
     """A CA of its own, a server certificate for `host`, and one client certificate per name
     (etcd takes a client certificate's CN as the user when auth is on). Returns TLS by name:
-    "server" and each client."""
+    "server" and each client.
+
+    `gateway_clients` get a certificate without a CN: etcd's v3 JSON gateway refuses a client
+    certificate that has one (it could not pass the CN on as the user), so they log in."""
 
     def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True)
+        # umask 077: keys are private from the moment they exist.
+        subprocess.run(
+            ["openssl", *args], check=True, capture_output=True, preexec_fn=lambda: os.umask(0o077)
+        )
 
     directory.mkdir(parents=True, exist_ok=True)
     ca = directory / "ca.pem"
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-subj", "/CN=fleetpy-etcd-ca",
-            "-keyout", str(directory / "ca.key"), "-out", str(ca))  # fmt: skip
+    # EC keys: made in milliseconds, where an RSA key takes a good part of a second.
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-days", "30", "-subj", "/CN=fleetpy-etcd-ca", "-keyout", str(directory / "ca.key"), "-out", str(ca))  # fmt: skip
     (directory / "san.ext").write_text(f"subjectAltName=IP:{host}\n")
     made = {}
-    for name in ("server", *clients):
+    for name in ("server", *clients, *gateway_clients):
         key, csr, cert = (directory / f"{name}.{ext}" for ext in ("key", "csr", "pem"))
+        subject = f"/O=fleetpy/OU={name}" if name in gateway_clients else f"/CN={name}"
         openssl(
             "req",
             "-newkey",
-            "rsa:2048",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
             "-nodes",
             "-subj",
-            f"/CN={name}",
+            subject,
             "-keyout",
             str(key),
             "-out",
@@ -75,7 +88,6 @@ def make_pki(
         )
         openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(directory / "ca.key"),
                 "-CAcreateserial", "-days", "30", "-extfile", str(directory / "san.ext"), "-out", str(cert))  # fmt: skip
-        key.chmod(0o600)
         made[name] = TLS(str(ca), str(cert), str(key))
     return made
 
@@ -129,12 +141,21 @@ class EtcdMember:
     def _tls_flags(self) -> list[str]:
         if self.tls is None:
             return []
-        return [
+        flags = [
             "--cert-file", self.tls.cert,
             "--key-file", self.tls.key,
             "--trusted-ca-file", self.tls.ca,
             "--client-cert-auth",
         ]  # fmt: skip
+        if self.peer_url.startswith("https:"):
+            # Members talk to each other over TLS too, and only to members of the same CA.
+            flags += [
+                "--peer-cert-file", self.tls.cert,
+                "--peer-key-file", self.tls.key,
+                "--peer-trusted-ca-file", self.tls.ca,
+                "--peer-client-cert-auth",
+            ]  # fmt: skip
+        return flags
 
     def start(self, initial_cluster: str, log: Path | None = None, wrap: Sequence[str] = ()) -> None:
         """Start the member; `wrap` prefixes the argv (the lab uses it to put etcd in a cgroup).
@@ -197,13 +218,13 @@ def start_cluster(
 ) -> list[EtcdMember]:
     """Start `members` etcd processes on `host` and wait until every one reports healthy.
 
-    With `tls`, clients speak https and must show a certificate from the same CA
+    With `tls`, clients and peers speak https and must show a certificate from the same CA
     (`health_client` is the one used for the health check)."""
     cluster = [
         EtcdMember(
             f"etcd{i}",
             f"{'https' if tls else 'http'}://{host}:{free_port(host)}",
-            f"http://{host}:{free_port(host)}",
+            f"{'https' if tls else 'http'}://{host}:{free_port(host)}",
             base_dir / f"etcd{i}",
             enable_v2=enable_v2,
             version=version,
@@ -228,38 +249,51 @@ def start_cluster(
 def enable_auth(
     member: EtcdMember,
     root_password: str,
-    users: dict[str, str],
-    prefix: str,
+    users: Mapping[str, str | tuple[str, str]],
+    prefix: str = "/",
     client: TLS | None = None,
     v2: bool = False,
 ) -> None:
-    """Turn on etcd's authentication: `root`, and `users` (name -> password) allowed to read
-    and write under `prefix` only. v3 auth always; with `v2`, the separate v2 auth too (its
-    guest role loses its default access)."""
+    """Turn on etcd's authentication: `root`, and `users` (name -> password, or
+    (password, their prefix)) allowed to read and write under their prefix only (`prefix`
+    when none is given). v3 auth always; with `v2`, the separate v2 auth too (its guest role
+    loses its default access)."""
+    grants = {name: (p, prefix) if isinstance(p, str) else p for name, p in users.items()}
     etcdctl = str(Path(etcd_binary(member.version)).with_name("etcdctl"))
     base = [etcdctl, "--endpoints", member.client_url]
     if member.tls is not None:
         base += ["--cacert", member.tls.ca]
         if client is not None:
             base += ["--cert", client.cert, "--key", client.key]
-    steps = [
-        ["user", "add", f"root:{root_password}"],
-        ["role", "add", "fleetpy"],
-        ["role", "grant-permission", "fleetpy", "--prefix=true", "readwrite", prefix],
+    # Passwords go to etcdctl on stdin (--interactive=false reads one line), never on its
+    # command line.
+    steps: list[tuple[list[str], str | None]] = [
+        (["user", "add", "root", "--interactive=false"], root_password)
     ]
-    for name, password in users.items():
-        steps += [["user", "add", f"{name}:{password}"], ["user", "grant-role", name, "fleetpy"]]
-    steps.append(["auth", "enable"])
-    for step in steps:
+    for name, (password, user_prefix) in grants.items():
+        role = f"{name}-rw"
+        steps += [
+            (["role", "add", role], None),
+            (["role", "grant-permission", role, "--prefix=true", "readwrite", user_prefix], None),
+            (["user", "add", name, "--interactive=false"], password),
+            (["user", "grant-role", name, role], None),
+        ]
+    steps.append((["auth", "enable"], None))
+    for step, password in steps:
         subprocess.run(
-            [*base, *step], check=True, capture_output=True, env={**os.environ, "ETCDCTL_API": "3"}
+            [*base, *step],
+            check=True,
+            capture_output=True,
+            input=None if password is None else f"{password}\n",
+            text=True,
+            env={**os.environ, "ETCDCTL_API": "3"},
         )
     if v2:
-        _enable_v2_auth(member, root_password, users, prefix, client)
+        _enable_v2_auth(member, root_password, grants, client)
 
 
 def _enable_v2_auth(
-    member: EtcdMember, root_password: str, users: dict[str, str], prefix: str, client: TLS | None
+    member: EtcdMember, root_password: str, grants: dict[str, tuple[str, str]], client: TLS | None
 ) -> None:
     context = None
     if member.tls is not None:
@@ -278,14 +312,15 @@ def _enable_v2_auth(
         with urllib.request.urlopen(request, timeout=5, context=context):
             pass
 
-    keys = prefix.rstrip("/") + "/*"
     put("users/root", {"user": "root", "password": root_password}, auth=False)
-    put(
-        "roles/fleetpy",
-        {"role": "fleetpy", "permissions": {"kv": {"read": [keys], "write": [keys]}}},
-        auth=False,
-    )
-    for name, password in users.items():
-        put(f"users/{name}", {"user": name, "password": password, "roles": ["fleetpy"]}, auth=False)
+    for name, (password, prefix) in grants.items():
+        keys = prefix.rstrip("/") + "/*"
+        role = f"{name}-rw"
+        put(
+            f"roles/{role}",
+            {"role": role, "permissions": {"kv": {"read": [keys], "write": [keys]}}},
+            auth=False,
+        )
+        put(f"users/{name}", {"user": name, "password": password, "roles": [role]}, auth=False)
     put("enable", {}, auth=False)
     put("roles/guest", {"role": "guest", "revoke": {"kv": {"read": ["/*"], "write": ["/*"]}}}, auth=True)

@@ -18,8 +18,10 @@ def check_host() -> None:
     problems = []
     if os.geteuid() != 0:
         problems.append("the lab needs root (cgroups, mount and network namespaces): run it with sudo")
-    if shutil.which("etcd") is None:
-        problems.append("no etcd binary: apt-get install -y etcd-server etcd-client")
+    if shutil.which("etcd") is None or shutil.which("etcdctl") is None:
+        problems.append("no etcd or etcdctl binary: apt-get install -y etcd-server etcd-client")
+    if shutil.which("openssl") is None:
+        problems.append("no openssl (the lab's etcd wants TLS): apt-get install -y openssl")
     if not os.access(nodes.SYSTEMD, os.X_OK) or shutil.which("systemctl") is None:
         problems.append(f"no {nodes.SYSTEMD}: apt-get install -y systemd")
     if not Path("/usr/lib/systemd/user/dbus.socket").exists() or shutil.which("dbus-daemon") is None:

@@ -31,7 +31,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fleetpy.lab import faults, processes, provisioning
+from fleetpy.containers import discovery
+from fleetpy.lab import etcd_access, faults, processes, provisioning
 from fleetpy.lab import metrics as lab_metrics
 from fleetpy.lab import network as labnet
 from fleetpy.lab import node as nodes
@@ -89,8 +90,12 @@ class Lab:
         agent_ttl: str = "10s",
         user_data: str | None = None,
         containers: bool | None = None,
+        etcd_api: str = "v3",
     ) -> list[str]:
         """Start the lab, or what is missing of it; returns notes for the user.
+
+        The lab's etcd serves TLS only, with auth on (lab/etcd_access.py), and its v2 API off;
+        `etcd_api="v2"` turns v2 on and runs the fleetds on it, to exercise the v2 backend.
 
         `containers`: True makes every node ready for podman units (and fails if podman is
         missing), False skips that, None (the default) does it when podman is installed.
@@ -99,6 +104,10 @@ class Lab:
         """
         check_host()
         described = read_user_data_lab(user_data) if user_data else None
+        if etcd_api not in ("v2", "v3"):
+            raise LabError(f"--etcd-api {etcd_api}: use v3 or v2")
+        if described and etcd_api != "v3":
+            raise LabError("with --user-data the user-data configures fleet's etcd API (fleet.etcd_api)")
         names = node_names(self.dir, node_count, etcd_members, metadata or {}, described)
         if self.state is not None:
             self._check_same_lab(names, 0 if described else etcd_members, described)
@@ -106,7 +115,9 @@ class Lab:
         notes: list[str] = []
         if described:
             return self._up_from_user_data(described, network, agent_ttl, containers, notes)
-        return self._up_own(names, etcd_members, metadata or {}, network, agent_ttl, containers, notes)
+        return self._up_own(
+            names, etcd_members, metadata or {}, network, agent_ttl, containers, etcd_api, notes
+        )
 
     def _check_same_lab(self, names: list[str], etcd_members: int, described: UserDataLab | None) -> None:
         state = self.book.require()
@@ -126,6 +137,7 @@ class Lab:
         network: str,
         agent_ttl: str,
         containers: bool | None,
+        etcd_api: str,
         notes: list[str],
     ) -> list[str]:
         """A lab with its own etcd and a fleetd of its own on every node."""
@@ -137,6 +149,7 @@ class Lab:
             agent_ttl=agent_ttl,
             token_file=str(self._new_token()),
             containers=choose_containers(containers, notes),
+            etcd_api=etcd_api,
         )
         try:
             self._record_network(names, metadata)
@@ -147,6 +160,8 @@ class Lab:
                 for future in started:
                     future.result()
             for n in self.state.nodes:
+                if self.state.containers:
+                    provisioning.write_discovery_env(self.book, n)
                 processes.start_fleetd(self.book, n)
             self.wait_registered()
         except BaseException:
@@ -360,6 +375,14 @@ class Lab:
     def endpoint(self) -> str:
         return lab_status.endpoint(self.book)
 
+    def discovery_etcd(self) -> discovery.Etcd:
+        """The lab's etcd as the `discovery` user (what the example sidekicks announce)."""
+        state = self.book.require()
+        if not state.etcd_secrets:
+            return discovery.Etcd(state.etcd_urls[0])
+        env = etcd_access.discovery_client_env(Path(state.etcd_secrets), state.etcd_urls[0])
+        return discovery.Etcd.from_env(env)
+
     # -- down --------------------------------------------------------------------------------
 
     def down(self) -> list[str]:
@@ -407,11 +430,15 @@ class Lab:
         return errors
 
     def _remove_files(self, state: State) -> None:
-        # Node dirs stay (logs, machine-ids); state, token and etcd data go.
+        # Node dirs stay (logs, machine-ids); state, token, etcd data and etcd secrets go.
         for name in ("state.json", "token"):
             (self.dir / name).unlink(missing_ok=True)
+        if state.etcd_secrets:
+            shutil.rmtree(state.etcd_secrets, ignore_errors=True)
         for ns in state.nodes:
             (self.dir / ns.name / "fleet.sock").unlink(missing_ok=True)
+            for copy in (self.dir / ns.name / "etc-fleetpy").glob("etcd-*"):
+                copy.unlink()  # the node's copies of the discovery user's secrets
             if state.user_data:
                 # The machines' disks: what the user-data wrote, and etcd2's data (%S is in
                 # home). Gone with the machines, so the next `up` provisions fresh ones.
@@ -427,8 +454,8 @@ def node_names(
     described: UserDataLab | None,
 ) -> list[str]:
     """The nodes `up` makes (node1..N, or the user-data's machines); refuses what cannot be made."""
-    if etcd_members not in (1, 3):
-        raise LabError("--etcd-members must be 1 or 3")
+    if etcd_members not in (1, 3, 5):
+        raise LabError("--etcd-members must be 1, 3 or 5")
     if not 1 <= node_count <= 200:
         raise LabError("--nodes must be between 1 and 200")
     if len(str(lab_dir / "node999" / "run" / "systemd" / "private")) > 100:

@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 from fleetpy.conf.values import format_metadata
+from fleetpy.lab import etcd_access
 from fleetpy.lab import node as nodes
-from fleetpy.lab.etcd import EtcdMember, EtcdMissing, free_port, initial_cluster, start_cluster
+from fleetpy.lab.etcd import TLS, EtcdMember, EtcdMissing, free_port, initial_cluster, start_cluster
 from fleetpy.lab.node import Node
-from fleetpy.lab.state import EtcdState, LabError, NodeState, StateFile
+from fleetpy.lab.state import EtcdState, LabError, NodeState, State, StateFile
 
 KEY_PREFIX = "/_fleetpy/"
 # Not 8080: that is where the example web@.service containers listen, on the node's address.
@@ -29,8 +30,12 @@ ETCD_RESTART_TIMEOUT = 10.0
 
 
 def start_etcd(book: StateFile, members: int, host: str) -> None:
-    """Start the lab's etcd cluster on `host`, each member in a cgroup recorded first."""
+    """Start the lab's etcd cluster on `host`, each member in a cgroup recorded first, with
+    TLS for clients and peers and auth on (lab/etcd_access.py)."""
     state = book.require()
+    secrets_dir = etcd_access.make(book.dir, host)
+    state.etcd_secrets = str(secrets_dir)
+    book.save()
 
     def wrap(member: EtcdMember) -> list[str]:
         cgroup = f"fleetpy-lab-{member.name}-{secrets.token_hex(4)}.slice"
@@ -40,28 +45,52 @@ def start_etcd(book: StateFile, members: int, host: str) -> None:
         book.save()  # recorded before it exists
         return nodes.make_cgroup(cgroup)
 
+    v2 = state.etcd_api == "v2"  # etcd's v2 API stays off unless the lab's fleetds use it
     try:
-        # fleetd speaks v3; v2 is on only for the example discovery sidekicks, which use
-        # etcd's v2 HTTP API as CoreOS's sidekick units did.
-        start_cluster(book.dir, members, host=host, wrap=wrap, enable_v2=True)
+        cluster = start_cluster(
+            book.dir,
+            members,
+            host=host,
+            wrap=wrap,
+            enable_v2=v2,
+            tls=etcd_access.server_tls(secrets_dir),
+            health_client=etcd_access.tls(secrets_dir, etcd_access.ROOT),
+        )
+        etcd_access.lock(cluster[0], secrets_dir, KEY_PREFIX, v2=v2)
     except EtcdMissing as error:
         raise LabError(str(error)) from None
+    except subprocess.CalledProcessError as error:
+        # etcdctl gets passwords on stdin: its command line holds no secret.
+        raise LabError(f"turning etcd's auth on failed: {' '.join(error.cmd)}: {error.stderr}") from None
     except RuntimeError as error:
         raise LabError(f"{error}") from None
+
+
+def etcd_members(state: State) -> list[EtcdMember]:
+    """The lab's etcd members as recorded, with their TLS, to start or ask for health."""
+    tls = etcd_access.server_tls(Path(state.etcd_secrets)) if state.etcd_secrets else None
+    return [
+        EtcdMember(
+            m.name, m.client_url, m.peer_url, Path(m.data_dir), enable_v2=state.etcd_api == "v2", tls=tls
+        )
+        for m in state.etcd
+    ]
+
+
+def etcd_health_client(state: State) -> TLS | None:
+    return etcd_access.tls(Path(state.etcd_secrets), etcd_access.ROOT) if state.etcd_secrets else None
 
 
 def restart_etcd_member(book: StateFile, member: EtcdState) -> None:
     """Start a stopped member again on its data dir, and wait until it is healthy."""
     state = book.require()
-    members = [
-        EtcdMember(m.name, m.client_url, m.peer_url, Path(m.data_dir), enable_v2=True) for m in state.etcd
-    ]
+    members = etcd_members(state)
     me = next(m for m in members if m.name == member.name)
     me.start(
         initial_cluster(members), log=book.dir / f"{member.name}.log", wrap=nodes.make_cgroup(member.cgroup)
     )
     deadline = time.monotonic() + ETCD_RESTART_TIMEOUT
-    while not me.healthy():
+    while not me.healthy(etcd_health_client(state)):
         if time.monotonic() > deadline or (me.process and me.process.poll() is not None):
             raise LabError(f"{member.name} did not come back; see {book.dir}/{member.name}.log")
         time.sleep(0.05)
@@ -93,7 +122,7 @@ def fleetd_argv(book: StateFile, ns: NodeState) -> list[str]:
     argv = [
         sys.executable, "-m", "fleetpy.fleetd.main",
         "--etcd-servers", ",".join(state.etcd_urls),
-        "--etcd-api", "v3",
+        "--etcd-api", state.etcd_api,
         "--etcd-key-prefix", KEY_PREFIX,
         "--public-ip", ns.ip,
         "--machine-id", ns.machine_id,
@@ -107,6 +136,8 @@ def fleetd_argv(book: StateFile, ns: NodeState) -> list[str]:
         "--facts-dir", str(node_dir / "facts.d"),
         "--facts-interval", "1s",
     ]  # fmt: skip
+    if state.etcd_secrets:
+        argv += etcd_access.fleetd_flags(Path(state.etcd_secrets), state.etcd_api)
     if ns.metadata:
         argv += ["--metadata", format_metadata(ns.metadata)]
     return argv

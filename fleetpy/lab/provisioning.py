@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fleetpy.lab import etcd_access
 from fleetpy.lab.image import ImageError, build_busybox_image, prepare_node, write_podman_config
 from fleetpy.lab.node import Node
 from fleetpy.lab.processes import API_PORT, REPO_ROOT, pythonpath
@@ -32,8 +33,7 @@ NODE_PATHS = {"etc-fleetpy": Path("/etc/fleetpy"), "var-lib-fleetpy": Path("/var
 
 
 def prepare_containers(book: StateFile, ns: NodeState, node: Node) -> None:
-    """Podman config, image, crun cgroups and discovery settings for one node, before its fleetd."""
-    state = book.require()
+    """Podman config, image, crun cgroups and the example units' host paths for one node."""
     podman_dir = node.dir / "podman"
     podman_reboot(podman_dir)
     env = write_podman_config(podman_dir)
@@ -48,12 +48,6 @@ def prepare_containers(book: StateFile, ns: NodeState, node: Node) -> None:
         raise LabError(f"{ns.name}: {error}") from None
     for sub in NODE_PATHS:
         (node.dir / sub).mkdir(exist_ok=True)
-    (node.dir / "etc-fleetpy" / "discovery.env").write_text(
-        f"ETCD_ENDPOINT={state.etcd_urls[0]}\n"
-        f"ANNOUNCE_ADDRESS={ns.ip}\n"
-        # The sidekick runs the host's python3; fleetpy may be a checkout, not installed.
-        f"PYTHONPATH={REPO_ROOT}\n"
-    )
     try:
         prepare_node(node, env)
         for sub, path in NODE_PATHS.items():
@@ -63,6 +57,24 @@ def prepare_containers(book: StateFile, ns: NodeState, node: Node) -> None:
             node.run(["mount", "--bind", str(node.dir / sub), str(path)], check=True)
     except subprocess.CalledProcessError as error:
         raise LabError(f"{ns.name}: {' '.join(error.cmd)}: {(error.stderr or '').strip()}") from None
+
+
+def write_discovery_env(book: StateFile, ns: NodeState) -> None:
+    """The example sidekicks' etcd settings in the node's /etc/fleetpy, once the lab's etcd runs
+    (its URL and credentials exist only then)."""
+    state = book.require()
+    etc = book.dir / ns.name / "etc-fleetpy"
+    access = []
+    if state.etcd_secrets:
+        access = etcd_access.discovery_env(Path(state.etcd_secrets), etc, NODE_PATHS["etc-fleetpy"])
+    lines = [
+        f"ETCD_ENDPOINT={state.etcd_urls[0]}",
+        *access,
+        f"ANNOUNCE_ADDRESS={ns.ip}",
+        # The sidekick runs the host's python3; fleetpy may be a checkout, not installed.
+        f"PYTHONPATH={REPO_ROOT}",
+    ]
+    (etc / "discovery.env").write_text("\n".join(lines) + "\n")
 
 
 def forget_containers(book: StateFile) -> list[str]:

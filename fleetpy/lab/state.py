@@ -65,6 +65,10 @@ class State:
     # `up --metrics`: where the lab serves its nodes' metrics, and the server's cgroup.
     metrics_url: str = ""
     metrics_cgroup: str = ""
+    # The lab's own etcd: its TLS and auth files (lab/etcd_access.py), "" if it has none.
+    etcd_secrets: str = ""
+    # The etcd API the lab's fleetds use; "v2" also turns etcd's v2 API on (off otherwise).
+    etcd_api: str = "v3"
 
     @classmethod
     def load(cls, path: Path) -> State:

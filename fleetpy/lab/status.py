@@ -10,13 +10,14 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fleetpy.lab import etcd_access
 from fleetpy.lab import node as nodes
-from fleetpy.lab.etcd import EtcdMember
 from fleetpy.lab.metrics import server_alive
-from fleetpy.lab.processes import KEY_PREFIX, cgroup_alive, pid_alive
+from fleetpy.lab.processes import KEY_PREFIX, cgroup_alive, etcd_health_client, etcd_members, pid_alive
 from fleetpy.lab.state import EtcdState, LabError, NodeState, State, StateFile
 from fleetpy.registry import Registry, StoreError
-from fleetpy.registry.etcd3 import EtcdV3Store
+from fleetpy.registry.connect import EtcdOptions, open_store
+from fleetpy.registry.store import NO_CREDENTIALS
 
 T = TypeVar("T")
 
@@ -25,8 +26,13 @@ REGISTER_TIMEOUT = 20.0
 
 def registry(state: State, retry_for: float = 1.0) -> Registry:
     """The lab's registry, with short retries: the lab reports, it does not wait out outages."""
-    store = EtcdV3Store(state.etcd_urls, retry_for=retry_for, request_timeout=1.0)
-    return Registry(store, KEY_PREFIX)
+    credentials = NO_CREDENTIALS
+    if state.etcd_secrets:
+        credentials = etcd_access.credentials(Path(state.etcd_secrets), etcd_access.FLEET, state.etcd_api)
+    options = EtcdOptions(
+        tuple(state.etcd_urls), credentials=credentials, request_timeout=1.0, retry_for=retry_for
+    )
+    return Registry(open_store(options, state.etcd_api), KEY_PREFIX)
 
 
 def read(state: State, call: Callable[[Registry], Awaitable[T]], retry_for: float = 1.0) -> T:
@@ -110,18 +116,18 @@ def status(book: StateFile) -> dict[str, Any]:
         "endpoint": endpoint(book),
         # `up --metrics`: every node's metrics for Prometheus, behind the lab's token
         "metrics": state.metrics_url if server_alive(state) else "",
-        "etcd": [_etcd_row(member) for member in state.etcd],
+        "etcd": [_etcd_row(state, member) for member in state.etcd],
         "nodes": [_node_row(state, ns, registered) for ns in state.nodes],
     }
 
 
-def _etcd_row(member: EtcdState) -> dict[str, Any]:
-    running = EtcdMember(member.name, member.client_url, member.peer_url, Path(member.data_dir))
+def _etcd_row(state: State, member: EtcdState) -> dict[str, Any]:
+    running = next(m for m in etcd_members(state) if m.name == member.name)
     return {
         "name": member.name,
         "url": member.client_url,
         "running": cgroup_alive(member.cgroup),
-        "healthy": running.healthy(),
+        "healthy": running.healthy(etcd_health_client(state)),
     }
 
 
