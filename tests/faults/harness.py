@@ -11,6 +11,7 @@ The invariants, read from systemd on every node and from etcd:
 from __future__ import annotations
 
 import asyncio
+import datetime
 import statistics
 import threading
 import time
@@ -30,6 +31,12 @@ T = TypeVar("T")
 
 # Long enough that a fleetd restarted on a busy CI machine is back within it.
 AGENT_TTL = 5.0
+# A fleetd that takes longer than this to start again (from its start to serving its API, which
+# it registers right after) is back too late for the TTL: the engine may rightly have moved its
+# units. On a machine loaded far beyond CI (a load of 20 on 2 cores: 12 s), such a node's units
+# are not counted as needless restarts; each such start is reported. A second is left for the
+# stop before it and the registration after it.
+SLOW_START = AGENT_TTL - 1.0
 SLEEP = "[Service]\nExecStart=/bin/sleep 100000\n"
 TEMPLATES = {
     "plain@.service": SLEEP,
@@ -86,6 +93,7 @@ class Scenario:
     requests: Counter = field(default_factory=Counter)
     crashes: int = 0
     needless_restarts: int = 0
+    slow_fleetd_starts: int = 0
     conflict_violations: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -106,15 +114,18 @@ class Scenario:
             ),
             "crashes": self.crashes,
             "needless_restarts": self.needless_restarts,
+            "slow_fleetd_starts": self.slow_fleetd_starts,
             "conflicts_violations": self.conflict_violations,
             "notes": self.notes,
         }
 
 
 class Harness:
-    def __init__(self, lab: Lab):
+    def __init__(self, lab: Lab, backend: str):
         self.lab = lab
+        self.backend = backend  # the registry backend the lab's fleetds use: "v3" or "v2"
         self.report: dict[str, dict] = {}
+        self.fleetd_starts: list[tuple[str, datetime.datetime]] = []  # (node, when), by the scenario
 
     # -- the cluster -----------------------------------------------------------------------
 
@@ -150,6 +161,38 @@ class Harness:
             return self.name_of(self.read(lambda r: r.leader()))
         except StoreError:
             return None
+
+    def wait_leader(self, timeout: float = 4 * AGENT_TTL) -> str:
+        """The node whose engine leads, once one does."""
+        started = time.monotonic()
+        while (leader := self.leader()) is None:
+            assert time.monotonic() - started < timeout, f"no engine took the lease in {timeout:.0f}s"
+            time.sleep(0.1)
+        return leader
+
+    def start_fleetd(self, name: str) -> None:
+        """Start the node's fleetd again, noting when (see `slow_starts`)."""
+        self.fleetd_starts.append((name, datetime.datetime.now()))
+        self.lab.start_fleetd(name)
+
+    def slow_starts(self) -> dict[str, float]:
+        """Nodes whose fleetd, started since the scenario began, took longer than SLOW_START to
+        serve its API (from its own log), with the longest such start."""
+        slow: dict[str, float] = {}
+        for name, started in self.fleetd_starts:
+            up = self._up_after(name, started)
+            took = (up - started).total_seconds() if up else float("inf")
+            if took > SLOW_START:
+                slow[name] = max(slow.get(name, 0.0), took)
+        return slow
+
+    def _up_after(self, name: str, started: datetime.datetime) -> datetime.datetime | None:
+        for line in (self.lab.dir / name / "fleetd.log").read_text().splitlines():
+            if " up: api " in line:
+                when = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+                if when >= started:
+                    return when
+        return None
 
     def fleetd_pids(self) -> dict[str, int]:
         return {n.name: n.fleetd_pid for n in self.lab.state.nodes if self.lab.fleetd_alive(n)}
@@ -322,6 +365,39 @@ class ApiLoad:
             try:
                 with self.harness.client(node) as client:
                     status = str(client.get(f"http://fleet{path}").status_code)
+            except httpx.HTTPError:
+                status = "unreachable"
+            self.scenario.requests[status] += 1
+
+
+class MetadataEdits:
+    """A client editing one machine's metadata through the API every `interval` during a fault
+    (PATCH /fleet/v1/machines): each edit wakes the leader's engine."""
+
+    def __init__(
+        self, harness: Harness, via: str, machine_id: str, scenario: Scenario, interval: float = 0.3
+    ):
+        self.harness, self.via, self.machine_id = harness, via, machine_id
+        self.scenario, self.interval = scenario, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MetadataEdits:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(20)
+
+    def _run(self) -> None:
+        edit = 0
+        while not self._stop.wait(self.interval):
+            edit += 1
+            patch = [{"op": "add", "path": f"/{self.machine_id}/metadata/edited", "value": str(edit)}]
+            try:
+                with self.harness.client(self.via) as client:
+                    status = str(client.patch("http://fleet/fleet/v1/machines", json=patch).status_code)
             except httpx.HTTPError:
                 status = "unreachable"
             self.scenario.requests[status] += 1
