@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from fleetpy.cloudinit.schema import ROOT, Spec, decode_content, normalize_key
-from fleetpy.cloudinit.validate import Finding, validate
+from fleetpy.cloudinit.validate import Finding, read
 
 
 class CloudConfigError(ValueError):
@@ -71,15 +71,11 @@ def load(text: str) -> CloudConfig:
 
     Warnings (unknown or deprecated keys) do not stop loading; unknown keys are dropped.
     """
-    findings = validate(text)
+    findings, loader, root = read(text)
     if any(f.severity == "error" for f in findings):
         raise CloudConfigError(findings)
-    loader = yaml.SafeLoader(text)
-    try:
-        root = loader.get_single_node()
-        data = _to_python(loader, root, ROOT) if root is not None else None
-    finally:
-        loader.dispose()
+    # Built from the nodes validate() read: the text is parsed once.
+    data = _to_python(loader, root, ROOT) if loader is not None and root is not None else None
     data = data or {}
     coreos = data.get("coreos") or {}
     return CloudConfig(

@@ -67,6 +67,13 @@ Entries = dict[str, tuple[yaml.ScalarNode, yaml.Node]]
 
 def validate(text: str) -> list[Finding]:
     """Every problem in the cloud-config `text`, in order of position."""
+    return read(text)[0]
+
+
+def read(text: str) -> tuple[list[Finding], yaml.SafeLoader | None, yaml.Node | None]:
+    """validate()'s findings, with the loader and the root node they were read from, so that a
+    caller builds values without parsing the text again. The loader is None when the text is not
+    YAML at all; the node is None for an empty document."""
     findings: list[Finding] = []
     first_line = text.split("\n", 1)[0]
     # Trailing whitespace (including the \r of CRLF files) is tolerated, as by coreos-cloudinit.
@@ -86,13 +93,13 @@ def validate(text: str) -> list[Finding]:
         findings.append(
             Finding(line, column, "error", f"character #x{err.character:04x} is not allowed in YAML")
         )
-        return sorted(findings, key=_position)
+        return sorted(findings, key=_position), None, None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         findings.append(
             Finding(mark.line + 1, mark.column + 1, "error", f"YAML syntax error: {_yaml_problem(err)}")
         )
-        return sorted(findings, key=_position)
+        return sorted(findings, key=_position), None, None
     if root is not None:
         validator = _Validator(loader)
         if isinstance(root, yaml.MappingNode):
@@ -104,7 +111,7 @@ def validate(text: str) -> list[Finding]:
                 f"expected a mapping of keys at the top level, got {_node_name(root)}",
             )
         findings.extend(validator.findings)
-    return sorted(findings, key=_position)
+    return sorted(findings, key=_position), loader, root
 
 
 def _position(finding: Finding) -> tuple[int, int]:
