@@ -12,7 +12,6 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -173,8 +172,9 @@ def test_fleetctl_ssh_logs_in_to_the_machine_running_the_unit(cluster, monkeypat
     wait_for("db.service to run", lambda: cluster.placement().get("db.service"))
     calls = []
     monkeypatch.setattr("os.execvp", lambda file, argv: calls.append(argv))
-    # Whether this host has an ssh client does not matter: nothing is executed.
-    monkeypatch.setattr("fleetpy.cli.fleetctl.shutil", SimpleNamespace(which=lambda name: f"/usr/bin/{name}"))
+    # Whether this host has an ssh client does not matter: nothing is executed. (fleetctl
+    # imports shutil only when it needs it, so the module's own function is replaced.)
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")
     node2 = cluster.lab.state.node("node2")
     cluster.fleetctl("--ssh-username", "ops", "ssh", "db.service", "uptime")
     cluster.fleetctl("ssh", node2.machine_id[:12])
