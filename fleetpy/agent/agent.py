@@ -9,10 +9,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from fleetpy.agent.facts import Facts, FactSource, changed_enough
 from fleetpy.agent.health import STARTING, ExecContext, HealthMonitor, Probe, judge, probe
 from fleetpy.agent.tasks import RUNNING, STARTED, Desired, Tasks, plan_tasks
+from fleetpy.agent.volumes import VolumeError, prepare_volume, with_volumes
 from fleetpy.conf import metrics
 from fleetpy.events import AgentEvents
 from fleetpy.registry import Assignment, Health, HistoryLost, Machine, Registry, StoreError, UnitState
@@ -47,6 +49,7 @@ class _UnitText:
     fence: bool
     health: HealthCheck | None
     exec_context: ExecContext
+    volumes: tuple[str, ...] = ()
 
 
 class Agent:
@@ -64,6 +67,7 @@ class Agent:
         facts: FactSource | None = None,
         facts_interval: float = 0.0,
         health_probe: Probe = probe,
+        volume_dir: Path = Path("/var/lib/fleetpy/volumes"),
     ):
         self.registry = registry
         # Live facts: read every `facts_interval` (0: only at start), written with a heartbeat
@@ -77,6 +81,7 @@ class Agent:
         self.machine = machine
         self.ttl = ttl
         self.fence = fence  # fence every unit, as [X-Fleet] Fence=true fences one
+        self.volume_dir = volume_dir
         self._clock = clock
         # When the last heartbeat that etcd took was sent: the machine record lives at least
         # until this plus the TTL.
@@ -305,17 +310,33 @@ class Agent:
             try:
                 validate_unit_name(a.unit)
                 unit = await self._unit_file(a.unit, a.hash)
-                desired[a.unit] = Desired(unit.text, a.desired_state)
+                text = (
+                    with_volumes(unit.text, await self._volumes(unit.volumes)) if unit.volumes else unit.text
+                )
+                desired[a.unit] = Desired(text, a.desired_state)
                 if self.fence or unit.fence:
                     self._fence_units.add(a.unit)
                 if unit.health is not None and a.desired_state == "launched":
                     checks[a.unit] = (a.hash, unit.health, unit.exec_context)
             except StoreError:
                 raise  # etcd is away: the whole pass is retried
+            except (VolumeError, OSError) as error:
+                self._quarantine(a.unit, f"cannot use its volume: {error}")
             except Exception as error:
                 self._quarantine(a.unit, f"cannot read its unit file: {error}")
         self._set_checks(checks)
         return desired
+
+    async def _volumes(self, names: tuple[str, ...]) -> dict[str, Path]:
+        """Each volume's directory, made here if missing, and recorded as living on this machine
+        before the unit starts, so the engine keeps the unit here from now on."""
+        paths = {}
+        for name in names:
+            paths[name] = prepare_volume(self.volume_dir, name)
+            home = await self.registry.claim_volume(name, self.machine.id)
+            if home != self.machine.id:
+                raise VolumeError(f"volume {name} lives on machine {home}, not on this one")
+        return paths
 
     def _set_checks(self, checks: dict[str, tuple[str, HealthCheck, ExecContext]]) -> None:
         """Stop checking units that lost their check (or got new content); they start over."""
@@ -341,7 +362,7 @@ class Agent:
                 raise LookupError(f"unit file {digest} is missing from the registry")
             options = parse_fleet_options(name, unit_file)
             self._texts[digest] = _UnitText(
-                unit_file.to_text(), options.fence, options.health, ExecContext.of(unit_file)
+                unit_file.to_text(), options.fence, options.health, ExecContext.of(unit_file), options.volumes
             )
         return self._texts[digest]
 

@@ -16,6 +16,8 @@ from fleetpy.api.peer import Peers
 from fleetpy.engine.explain import explain_placement
 from fleetpy.registry import Job
 from fleetpy.unit import UnitFile, UnitName, load_unit
+from fleetpy.unit.errors import InvalidFleetOptions
+from fleetpy.unit.fleet import check_volume_name
 
 
 class FleetpyV1:
@@ -38,6 +40,8 @@ class FleetpyV1:
         router.add_post("/fleetpy/v1/units/{name}/plan", self.plan)
         router.add_put("/fleetpy/v1/machines/{id}/cordon", self.cordon)
         router.add_delete("/fleetpy/v1/machines/{id}/cordon", self.uncordon)
+        router.add_get("/fleetpy/v1/volumes", self.volumes)
+        router.add_delete("/fleetpy/v1/volumes/{name}", self.forget_volume)
 
     async def stop_followers(self, app: web.Application) -> None:
         for task in self.followers:
@@ -48,7 +52,8 @@ class FleetpyV1:
         await self.context.existing_job(name)
         units = await self.context.all_units()
         machines, current = await self.registry.machines(), await self.registry.assignments()
-        lines = explain_placement(name, machines, units, current, await self.registry.pending())
+        pending, volumes = await self.registry.pending(), await self.registry.volumes()
+        lines = explain_placement(name, machines, units, current, pending, volumes)
         return web.json_response({"name": name, "lines": lines})
 
     async def cordon(self, request: web.Request) -> web.Response:
@@ -82,9 +87,8 @@ class FleetpyV1:
         units = [(job, u) for job, u in await self.context.all_units() if job.name != name.full]
         units.append((Job(name.full, unit_file.hash, "launched"), unit))
         machines, current = await self.registry.machines(), await self.registry.assignments()
-        return web.json_response(
-            {"name": name.full, "lines": explain_placement(name.full, machines, units, current)}
-        )
+        lines = explain_placement(name.full, machines, units, current, volumes=await self.registry.volumes())
+        return web.json_response({"name": name.full, "lines": lines})
 
     async def _stored_file(self, name: UnitName) -> UnitFile:
         """The submitted unit's file, or for an instance its submitted template's."""
@@ -94,6 +98,25 @@ class FleetpyV1:
             if stored is not None and stored.file is not None:
                 return stored.file
         raise ApiError(404, f"unit {name.full} is not submitted; send its options to plan it")
+
+    async def volumes(self, request: web.Request) -> web.Response:
+        """Every local volume and the machine it lives on."""
+        volumes = await self.registry.volumes()
+        return web.json_response(
+            {"volumes": [{"name": n, "machineID": m} for n, m in sorted(volumes.items())]}
+        )
+
+    async def forget_volume(self, request: web.Request) -> web.Response:
+        """Forget where a volume lives, so its units may start afresh on another machine (the
+        data stays on the old machine's disk)."""
+        name = request.match_info["name"]
+        try:
+            check_volume_name(name)
+        except InvalidFleetOptions as error:
+            raise ApiError(400, str(error)) from None
+        if not await self.registry.forget_volume(name):
+            raise ApiError(404, f"volume {name} not found; see 'fleetctl list-volumes'")
+        return web.Response(status=204)
 
     async def pending(self, request: web.Request) -> web.Response:
         name = unit_name(request).full

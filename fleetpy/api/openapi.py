@@ -409,6 +409,40 @@ def _extensions() -> dict[str, Any]:
                 "responses": {"204": {"description": "done"}, **_errors(404)},
             },
         },
+        "/fleetpy/v1/volumes": {
+            "get": {
+                "operationId": "listVolumes",
+                "description": "every local volume ([X-Fleet] Volume=) and the machine it lives on",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "volumes": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "properties": {
+                                            "name": {"type": "string"},
+                                            "machineID": {"type": "string"},
+                                        },
+                                    },
+                                }
+                            },
+                        },
+                        "the volumes, by name",
+                    )
+                },
+            },
+        },
+        "/fleetpy/v1/volumes/{name}": {
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "delete": {
+                "operationId": "forgetVolume",
+                "description": "forget where a volume lives: its units may start afresh elsewhere",
+                "responses": {"204": {"description": "done"}, **_errors(400, 404)},
+            },
+        },
     }
 
 

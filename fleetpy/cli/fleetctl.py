@@ -430,6 +430,31 @@ def _moved_off(session: _Session, machine_id: str, names: list[str]) -> set[str]
     return done
 
 
+@cli.command("list-volumes")
+@click.option("--full", "-l", is_flag=True, help="show full machine IDs")
+@pass_session
+def list_volumes(session: _Session, full: bool) -> None:
+    """List local volumes and the machine each lives on (fleetpy extension)."""
+    rows = [["VOLUME", "MACHINE"]]
+    rows += [[v["name"], session.legend(v["machineID"], full)] for v in session.client.volumes()]
+    click.echo(tabulate(rows), nl=False)
+
+
+@cli.group("volume")
+def volume() -> None:
+    """Local volumes ([X-Fleet] Volume=; fleetpy extension)."""
+
+
+@volume.command("rm")
+@click.argument("name")
+@pass_session
+def volume_rm(session: _Session, name: str) -> None:
+    """Forget where volume NAME lives, so its units can start afresh on another machine. Its
+    data stays on the old machine's disk; a unit already running with it keeps running."""
+    session.client.forget_volume(name)
+    click.echo(f"Volume {name} forgotten")
+
+
 @cli.command("uncordon")
 @click.argument("machine", shell_complete=machine_ids)
 @pass_session

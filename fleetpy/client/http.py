@@ -338,6 +338,13 @@ class Client:
         """Drain a machine (True) or let it take units again (False)."""
         self._request("PUT" if cordoned else "DELETE", f"/fleetpy/v1/machines/{_quoted(machine_id)}/cordon")
 
+    def volumes(self) -> list[dict]:
+        """Every local volume: {"name", "machineID"}."""
+        return self._request("GET", "/fleetpy/v1/volumes").json()["volumes"]
+
+    def forget_volume(self, name: str) -> None:
+        self._request("DELETE", f"/fleetpy/v1/volumes/{_quoted(name)}")
+
     def pending_reason(self, name: str) -> str | None:
         return self._request("GET", f"/fleetpy/v1/units/{_quoted(name)}/pending").json()["reason"]
 

@@ -31,7 +31,7 @@ HANDOVER_POLL = 0.5
 LEASE_MARGIN = 1 / 3
 # What a plan reads ("*": everything, after the mirror listed the registry again). The schedule
 # and pending reasons are the engine's own writes; states and events it does not plan from.
-PLANNED_FROM = frozenset({"*", "job", "machines", "machine-metadata", "cordon"})
+PLANNED_FROM = frozenset({"*", "job", "machines", "machine-metadata", "cordon", "volumes"})
 NOT_MIRRORED = ("state", "events")
 
 
@@ -332,8 +332,13 @@ class Engine:
         """
         started = time.perf_counter()
         view = self._view
-        machines, jobs, current, pending, last_failure = await asyncio.gather(
-            view.machines(), view.jobs(), view.assignments(), view.pending(), view.last_failure()
+        machines, jobs, current, pending, last_failure, volumes = await asyncio.gather(
+            view.machines(),
+            view.jobs(),
+            view.assignments(),
+            view.pending(),
+            view.last_failure(),
+            view.volumes(),
         )
         parsed, quarantined = await self.units.split(jobs)
         # A job record that cannot be read at all is quarantined the same way, under its key.
@@ -358,7 +363,9 @@ class Engine:
             )
             held |= {a.unit for a in current if a.machine_id == self.machine_id}
         current = [a for a in current if a.unit not in held]
-        new_plan, failed = plan_guarded(machines, [(j, u) for j, u in parsed if j.name not in held], current)
+        new_plan, failed = plan_guarded(
+            machines, [(j, u) for j, u in parsed if j.name not in held], current, volumes=volumes
+        )
         for name, error in failed.items():
             quarantined[name] = f"the scheduler fails on it: {type(error).__name__}: {error}"
         self._log_quarantine(quarantined, failed)

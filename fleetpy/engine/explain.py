@@ -23,6 +23,7 @@ def explain_placement(
     units: Sequence[tuple[Job, Unit]],
     current: Sequence[Assignment],
     pending: Mapping[str, str] | None = None,
+    volumes: Mapping[str, str] | None = None,
 ) -> list[str]:
     """The scheduler's steps for `name`, replayed on the given cluster.
 
@@ -31,7 +32,7 @@ def explain_placement(
     file does not load, or the scheduler fails on it) is explained by the reason the engine
     recorded in `pending`.
     """
-    new_plan, failed = plan_guarded(machines, units, [a for a in current if a.unit != name], {name})
+    new_plan, failed = plan_guarded(machines, units, [a for a in current if a.unit != name], {name}, volumes)
     decision = new_plan.decisions.get(name)
     placed = sorted(short_machine_id(a.machine_id) for a in current if a.unit == name)
     where = f"  now on {', '.join(placed) if placed else 'no machine'}"

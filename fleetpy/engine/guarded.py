@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from fleetpy.engine import scheduler
@@ -18,6 +18,7 @@ def plan_guarded(
     jobs: Sequence[tuple[Job, Unit]],
     current: Sequence[Assignment],
     detail: Collection[str] = (),
+    volumes: Mapping[str, str] | None = None,
 ) -> tuple[Plan, dict[str, Exception]]:
     """`scheduler.plan`, and the units it fails on (with the error) left out instead of failing.
 
@@ -25,15 +26,15 @@ def plan_guarded(
     already fine), so finding the culprits costs something only when there is one.
     """
     try:
-        return scheduler.plan(machines, jobs, current, detail), {}
+        return scheduler.plan(machines, jobs, current, detail, volumes or {}), {}
     except Exception:  # noqa: BLE001 - narrowed below to the units that cause it
         pass
     fine: list[tuple[Job, Unit]] = []
     failed: dict[str, Exception] = {}
     for job, unit in jobs:
         try:
-            scheduler.plan(machines, [*fine, (job, unit)], current)
+            scheduler.plan(machines, [*fine, (job, unit)], current, (), volumes or {})
             fine.append((job, unit))
         except Exception as error:  # noqa: BLE001 - that unit is a culprit
             failed[job.name] = error
-    return scheduler.plan(machines, fine, current, detail), failed
+    return scheduler.plan(machines, fine, current, detail, volumes or {}), failed

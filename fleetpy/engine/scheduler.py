@@ -45,6 +45,9 @@ fleetpy's own rules (issue 13; neutral for units that use none of them):
 - MachineConstraint: every constraint must hold on the machine's facts and metadata when the
   unit is placed; a placed unit is not moved when a fact changes afterwards (a unit raising its
   machine's load must not push itself away).
+- Volume=NAME: once an agent made the volume, the unit goes only to the machine it lives on;
+  while that machine is gone the unit is pending (its data is there) until the volume is
+  forgotten.
 - Strategy=spread (the default) ranks by fleet's least-loaded; binpack ranks by how full the
   machine is: the mean share in use of the resources the unit requests, else its unit count.
 """
@@ -144,6 +147,14 @@ _RENDER: dict[str, Callable[..., str]] = {
     "resources": _short_text,
     "no-capacity": lambda resource: f"advertises no {resource} capacity",
     "constraint": _constraint_text,
+    "volume": lambda name, home, live: (
+        f"volume {name} lives on {short_machine_id(home)}"
+        + (
+            ""
+            if live
+            else f", a machine that is gone ('fleetctl volume rm {name}' starts it afresh elsewhere)"
+        )
+    ),
     # Choices: why this machine.
     "kept": lambda: "kept where it runs",
     "replaces": lambda *units: f"replaces {', '.join(units)} there",
@@ -466,9 +477,12 @@ def _share(ctx: Context, resources: tuple[str, ...], machine_id: str) -> float:
 class Context:
     """The schedule as it is being built; filters and rankers read it, `plan` writes it."""
 
-    def __init__(self, machines: Mapping[str, Machine], units: Mapping[str, Unit]):
+    def __init__(
+        self, machines: Mapping[str, Machine], units: Mapping[str, Unit], volumes: Mapping[str, str] = _NONE
+    ):
         self.machines = machines
         self.units = units
+        self.volumes = volumes  # volume name -> the machine it lives on
         self.cycles = _machine_of_cycles(units)
         self.on_machine: dict[str, set[str]] = {mid: set() for mid in machines}
         self.placed: dict[str, set[str]] = {}
@@ -625,6 +639,14 @@ def constraint_filter(ctx: Context, unit: Unit, machine: Machine) -> Reason | No
     return Reason("constraint", (str(broken), broken.key, attributes.get(broken.key)))
 
 
+def volume_filter(ctx: Context, unit: Unit, machine: Machine) -> Reason | None:
+    for name in unit.fleet.volumes:
+        home = ctx.volumes.get(name, machine.id)
+        if home != machine.id:
+            return Reason("volume", (name, home, home in ctx.machines))
+    return None
+
+
 def resources_filter(ctx: Context, unit: Unit, machine: Machine) -> Reason | None:
     fleet = unit.fleet
     short = []
@@ -646,6 +668,7 @@ FILTERS: tuple[Filter, ...] = (
     replaced_filter,
     cordon_filter,
     constraint_filter,
+    volume_filter,
     resources_filter,
 )
 # A unit stays where it runs while these pass: constraints are checked only when it is placed.
@@ -680,10 +703,12 @@ def plan(
     jobs: Sequence[tuple[Job, Unit]],
     current: Sequence[Assignment],
     detail: Collection[str] = (),
+    volumes: Mapping[str, str] = _NONE,
 ) -> Plan:
     """Compute the complete desired schedule from the cluster as it is now.
 
-    The decisions of the units named in `detail` carry every filter and rank step.
+    The decisions of the units named in `detail` carry every filter and rank step; `volumes`
+    says which machine each recorded volume lives on.
     """
     # A plan makes many objects and frees few until it returns; the cyclic collector, run
     # every few hundred of them, scanned the caller's long-lived ones (every parsed unit) each
@@ -691,7 +716,7 @@ def plan(
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _plan(machines, jobs, current, detail)
+        return _plan(machines, jobs, current, detail, volumes)
     finally:
         if collecting:
             gc.enable()
@@ -702,11 +727,12 @@ def _plan(
     jobs: Sequence[tuple[Job, Unit]],
     current: Sequence[Assignment],
     detail: Collection[str],
+    volumes: Mapping[str, str],
 ) -> Plan:
     active = {job.name: (job, unit) for job, unit in jobs if job.desired_state != "inactive"}
     units = {name: unit for name, (_, unit) in active.items()}
     live = {m.id: m for m in sorted(machines, key=lambda m: m.id)}
-    ctx = Context(live, units)
+    ctx = Context(live, units, volumes)
     decisions: dict[str, Decision] = {}
 
     globals_ = sorted(name for name, unit in units.items() if unit.fleet.is_global)
@@ -910,12 +936,15 @@ def _replaced_machine(
 
 
 def _static_pool(ctx: Context, unit: Unit) -> set[str] | None:
-    """The machines MachineID and MachineOf allow (with the metadata they need), or None when
-    neither applies and the pool is every machine with the unit's metadata."""
+    """The machines MachineID, MachineOf and volumes allow (with the metadata they need), or None
+    when none applies and the pool is every machine with the unit's metadata."""
     fleet = unit.fleet
-    if fleet.machine_id is None and not fleet.machine_of:
+    homes = {ctx.volumes[v] for v in fleet.volumes if v in ctx.volumes}
+    if fleet.machine_id is None and not fleet.machine_of and not homes:
         return None
     pool = set(ctx.open) if fleet.machine_id is None else {fleet.machine_id} & ctx.open
+    for home in homes:
+        pool &= {home}
     for target in fleet.machine_of:
         pool &= ctx.placed.get(target, set())
     return {mid for mid in pool if fleet.metadata_matches(ctx.machines[mid].metadata)} & ctx.with_constraints(

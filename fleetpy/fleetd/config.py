@@ -41,6 +41,8 @@ class Config:
     machine_id: str = ""
     machine_id_file: str = "/var/lib/fleetpy/machine-id"
     unit_dir: str = "/run/fleetpy/units"
+    # Local volumes ([X-Fleet] Volume=): kept on disk, so not under /run.
+    volume_dir: str = "/var/lib/fleetpy/volumes"
     api_socket: str = "/var/run/fleet.sock"
     api_listen: str = ""
     api_token_file: str = ""

@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from fleetpy.agent.agent import Agent
 from fleetpy.agent.facts import HostFacts, detect_capacity
@@ -85,6 +86,7 @@ def build_fleetd(
         events=events,
         facts=facts,
         facts_interval=config.facts_interval,
+        volume_dir=Path(config.volume_dir),
     )
     engine = (
         None

@@ -137,6 +137,7 @@ async def _until_ready(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
 @click.option("--facts-interval", help="how often live facts are read, e.g. 10s (0: only at start)")
 @click.option("--machine-id", help="machine id (default /etc/machine-id, else generated and kept)")
 @click.option("--unit-dir", help="where unit files are written (default /run/fleetpy/units)")
+@click.option("--volume-dir", help="where local volumes live (default /var/lib/fleetpy/volumes)")
 @click.option("--api-socket", help="unix socket of the API (default /var/run/fleet.sock)")
 @click.option("--api-listen", help="also serve the API on HOST:PORT (needs a token or a client CA)")
 @click.option("--api-token-file", help="file holding the bearer token for TCP clients and peers")

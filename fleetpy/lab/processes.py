@@ -127,6 +127,7 @@ def fleetd_argv(book: StateFile, ns: NodeState) -> list[str]:
         "--public-ip", ns.ip,
         "--machine-id", ns.machine_id,
         "--unit-dir", str(node_dir / "units"),
+        "--volume-dir", str(node_dir / "volumes"),
         "--api-socket", str(node_dir / "fleet.sock"),
         "--api-listen", f"{ns.ip}:{port}",
         "--api-token-file", state.token_file,

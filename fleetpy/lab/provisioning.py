@@ -113,6 +113,7 @@ def lab_drop_in(book: StateFile, ns: NodeState) -> str:
         "FLEET_SYSTEMD_BUS": "user",
         # Host paths that every node would otherwise share.
         "FLEET_UNIT_DIR": str(node_dir / "units"),
+        "FLEET_VOLUME_DIR": str(node_dir / "volumes"),
         "FLEET_API_SOCKET": str(node_dir / "fleet.sock"),
         # As in every lab: peers forward status and journal requests to this node.
         "FLEET_API_LISTEN": f"{ns.ip}:{API_PORT}",

@@ -129,6 +129,8 @@ class Registry:
                                    units, JSON list of words         publish a fact that crosses one)
       state/<name>/<machine>       UnitState JSON                    that machine's agent
       engine/leader                machine id of the engine, TTL     the elected engine
+      volumes/<name>               machine id the local volume lives the agent that made it (created
+                                   on                                once; the API forgets it)
       events/<machine>             that fleetd's recent events, JSON that machine's event recorder
                                    (the leader removes it once the machine is gone for long)
     """
@@ -284,6 +286,27 @@ class Registry:
             raise Conflict(
                 f"metadata of machine {machine_id} changed while being updated; try again"
             ) from None
+
+    # Local volumes: the first agent to make one records its machine; the engine keeps the units
+    # using it there. Only `fleetctl volume rm` forgets it (the data stays on that disk).
+    async def claim_volume(self, name: str, machine_id: str) -> str:
+        """Record that volume `name` lives on `machine_id` unless it lives somewhere already;
+        the machine it lives on."""
+        key = self.key("volumes", name)
+        try:
+            await self.store.put(key, machine_id, create_only=True)
+            return machine_id
+        except AlreadyExists:
+            owner = await self.store.get(key)
+            return owner if owner is not None else await self.claim_volume(name, machine_id)
+
+    async def volumes(self) -> dict[str, str]:
+        """Every recorded volume and the machine it lives on."""
+        return await self._list("volumes")
+
+    async def forget_volume(self, name: str) -> bool:
+        """Forget where volume `name` lives; False if nothing was recorded."""
+        return await self.store.delete(self.key("volumes", name))
 
     async def remove_machine(self, machine_id: str) -> None:
         await self.store.delete(self.key("machines", machine_id))

@@ -50,6 +50,9 @@ OPTIONS = (
         "HealthCheckStartPeriod",
         "HealthCheckAction",
     ),
+    # fleetpy's own: a local volume, a directory the agent makes on the unit's machine and
+    # hands to it as $FLEET_VOLUME_<NAME>; the unit stays on the machine that first made it.
+    "Volume",
 )
 STRATEGIES = ("spread", "binpack")
 
@@ -99,6 +102,7 @@ class FleetOptions:
     constraints: tuple[Constraint, ...] = ()
     strategy: str = "spread"
     health: HealthCheck | None = None
+    volumes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def metadata_matches(self, metadata: Mapping[str, str]) -> bool:
@@ -219,6 +223,7 @@ def parse_fleet_options(unit_name: str, unit: UnitFile) -> FleetOptions:
         ),
         strategy=_strategy(unit_name, values["Strategy"]),
         health=_health_check(unit_name, name, values),
+        volumes=_volumes(unit_name, name, values["Volume"]),
         warnings=tuple(warnings),
     )
     _check_combinations(unit_name, options)
@@ -233,6 +238,7 @@ def _check_combinations(unit_name: str, options: FleetOptions) -> None:
                 ("MachineID", options.machine_id is not None),
                 ("MachineOf", bool(options.machine_of)),
                 ("Replaces", bool(options.replaces)),
+                ("Volume", bool(options.volumes)),
             )
             if present
         ]
@@ -247,6 +253,55 @@ def _check_combinations(unit_name: str, options: FleetOptions) -> None:
             f"{unit_name}: Replaces cannot be combined with Conflicts; "
             "Replaces already keeps the replaced unit off the chosen machine"
         )
+
+
+# --- volumes -------------------------------------------------------------------------------
+
+# A volume name is one path component the agent can make under its volume directory, and a
+# systemd unit-name-like word: no "/", never "." or "..", no blank, quote, "%" or "$".
+_VOLUME_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+VOLUME_ENV_PREFIX = "FLEET_VOLUME_"
+
+
+def check_volume_name(name: str) -> str:
+    """`name` if it can name a volume, else InvalidFleetOptions saying why (the one rule)."""
+    if not _VOLUME_NAME.fullmatch(name) or name in (".", "..") or ".." in name:
+        raise InvalidFleetOptions(
+            f"volume name {name!r} may hold only letters, digits and '_.-' (at most 128, "
+            "never '..'), as in Volume=pgdata or Volume=data-%i"
+        )
+    return name
+
+
+def volume_environment_name(name: str) -> str:
+    """The variable a unit finds its volume's path in: FLEET_VOLUME_pg_data for pg-data."""
+    return VOLUME_ENV_PREFIX + name.replace("-", "_").replace(".", "_")
+
+
+def _volumes(unit_name: str, name: UnitName, values: list[list[str]]) -> tuple[str, ...]:
+    volumes: list[str] = []
+    by_variable: dict[str, str] = {}
+    if values and name.suffix != "service":
+        raise InvalidFleetOptions(
+            f"{unit_name}: Volume= is for services; it hands the path over in the service's environment"
+        )
+    for volume in (word for words in values for word in words):
+        # A template's %i is checked as an instance would fill it; each instance is checked itself.
+        shown = volume.replace(_PENDING_INSTANCE, "1") if name.is_template else volume
+        try:
+            check_volume_name(shown)
+        except InvalidFleetOptions as error:
+            raise InvalidFleetOptions(f"{unit_name}: Volume={volume}: {error}") from None
+        variable = volume_environment_name(volume)
+        if by_variable.get(variable, volume) != volume:
+            raise InvalidFleetOptions(
+                f"{unit_name}: Volume={by_variable[variable]} and Volume={volume} would both be "
+                f"${variable}; rename one"
+            )
+        by_variable[variable] = volume
+        if volume not in volumes:
+            volumes.append(volume)
+    return tuple(volumes)
 
 
 def _names_like(values: list[list[str]]) -> tuple[str, ...]:
