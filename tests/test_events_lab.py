@@ -248,9 +248,17 @@ def test_a_killed_node_is_lost_and_its_unit_moves_seen_live_by_events_follow(lab
 
 
 def test_etcd_going_away_and_coming_back_is_recorded_by_every_fleetd(lab):
+    logs = {n.name: lab.dir / n.name / "fleetd.log" for n in lab.state.nodes}
+    seen = {name: log.stat().st_size for name, log in logs.items()}
     lab.etcd_kill("0")
-    # The store retries for 10 s before a heartbeat gives up and calls etcd unreachable.
-    time.sleep(13)
+    # The store retries for 10 s (a request under way may end later still) before a heartbeat
+    # gives up and calls etcd unreachable: etcd stays away until every fleetd has said so.
+    wait_for(
+        "every fleetd's heartbeat failed",
+        lambda: all(b"heartbeat failed" in log.read_bytes()[seen[name] :] for name, log in logs.items()),
+        timeout=60,
+        interval=0.5,
+    )
     lab.etcd_start("0")
     lab.wait_registered()
     with Client(lab.endpoint()) as client:
@@ -264,13 +272,23 @@ def test_etcd_going_away_and_coming_back_is_recorded_by_every_fleetd(lab):
     assert {e["reporter"] for e in away} == {n.machine_id for n in lab.state.nodes}
     assert all(e["message"].startswith("etcd unreachable: etcd is unreachable at ") for e in away)
     assert all(e["message"].startswith("etcd reachable again after ") for e in back)
-    # Every fleetd counted the requests etcd failed, by the activity that made them.
-    failed: dict[str, float] = {}
-    for family in text_string_to_metric_families(scrape(lab.book)):
-        for s in family.samples:
-            if s.name == "fleetpy_etcd_errors_total":
-                failed[s.labels["node"]] = failed.get(s.labels["node"], 0) + s.value
-    assert all(failed.get(n.name, 0) >= 1 for n in lab.state.nodes), failed
+
+    # Every fleetd counted the requests etcd failed, by the activity that made them (scraped
+    # again until every node answers: a fleetd just back from the outage may answer late).
+    def failed_requests() -> dict[str, float]:
+        failed: dict[str, float] = {}
+        for family in text_string_to_metric_families(scrape(lab.book)):
+            for s in family.samples:
+                if s.name == "fleetpy_etcd_errors_total":
+                    failed[s.labels["node"]] = failed.get(s.labels["node"], 0) + s.value
+        return failed
+
+    wait_for(
+        "etcd errors counted by every node",
+        lambda: all(failed_requests().get(n.name, 0) >= 1 for n in lab.state.nodes),
+        timeout=30,
+        interval=1,
+    )
 
 
 def test_a_fleetd_stopped_records_that_its_machine_left(lab):
