@@ -432,10 +432,11 @@ def _moved_off(session: _Session, machine_id: str, names: list[str]) -> set[str]
 
 @cli.command("list-volumes")
 @click.option("--full", "-l", is_flag=True, help="show full machine IDs")
+@click.option("--no-legend", is_flag=True, help="do not print column headers")
 @pass_session
-def list_volumes(session: _Session, full: bool) -> None:
+def list_volumes(session: _Session, full: bool, no_legend: bool) -> None:
     """List local volumes and the machine each lives on (fleetpy extension)."""
-    rows = [["VOLUME", "MACHINE"]]
+    rows = [] if no_legend else [["VOLUME", "MACHINE"]]
     rows += [[v["name"], session.legend(v["machineID"], full)] for v in session.client.volumes()]
     click.echo(tabulate(rows), nl=False)
 
