@@ -1,8 +1,8 @@
 """The fault suite's lab (3 nodes on network namespaces, one etcd) per registry backend, and its
 JSON report.
 
-Every scenario runs on etcd's v3 API, unless marked `@pytest.mark.backends(...)`; each backend
-has a lab of its own. The report (per
+Every scenario runs on etcd's v3 API; those marked `@pytest.mark.backends("v3", "v2")` run on
+the v2 backend too, on a lab of its own (see test_faults.py for which and why). The report (per
 backend and scenario: recovery time min/median/max, duplicate window, requests tried and their
 answers, crashes, needless restarts, Conflicts violations) is printed at the end of the run and
 written to $FLEETPY_FAULTS_REPORT (default faults-report.json in pytest's temp dir).
@@ -25,7 +25,7 @@ from labtools import short_lab_dir  # noqa: E402
 
 from fleetpy.lab.lab import Lab  # noqa: E402
 
-BACKENDS = ("v3",)
+BACKENDS = ("v3", "v2")
 _REPORT: dict[str, dict[str, dict]] = {}
 
 
@@ -59,6 +59,7 @@ def harness(backend):
                 metadata={"node1": {"role": "db"}, "node2": {"role": "web"}},
                 network="netns",
                 agent_ttl=f"{AGENT_TTL:.0f}s",
+                etcd_api=backend,
             )
             harness = Harness(lab, backend)
             harness.report = _REPORT.setdefault(backend, {})

@@ -1,6 +1,13 @@
 """Faults on a real lab (real etcd, real systemd --user managers, real fleetds), and after each
 one the invariants of harness.py. Each scenario adds its numbers to the JSON report.
 
+Every scenario runs on the v3 backend. Those whose code paths differ per registry backend run on
+v2 as well (`@pytest.mark.backends("v3", "v2")`): the leader lease (leader kills, SIGTERM, a
+stalled leader), machine TTL expiry and re-registration (node kill, partition and heal, B7) and
+the etcd outage. The others exercise the engine, the agent and the API over the same registry
+calls and run once. On v2 the leader is killed a quarter as often and etcd is away 20 s: enough
+to go past the store's retry window and through each backend-specific path several times.
+
 Counts can be raised or lowered for a longer soak or a quicker run:
 FLEETPY_FAULTS_LEADER_KILLS (20) and FLEETPY_FAULTS_ETCD_OUTAGE_S (60).
 """
@@ -38,6 +45,9 @@ pytestmark = pytest.mark.integration
 
 LEADER_KILLS = int(os.environ.get("FLEETPY_FAULTS_LEADER_KILLS", "20"))
 ETCD_OUTAGE = float(os.environ.get("FLEETPY_FAULTS_ETCD_OUTAGE_S", "60"))
+# Per backend beyond v3 (see the module's docstring).
+V2_LEADER_KILLS = max(1, LEADER_KILLS // 4)
+V2_ETCD_OUTAGE = min(ETCD_OUTAGE, 20.0)
 # How long a stalled leader is stopped, in TTLs: its lease renewal overdue but the lease still
 # held; then its lease and its own machine record lapsed (B7's failure in CI).
 STALLS = (0.6, 1.2)
@@ -106,6 +116,8 @@ class Fault:
                 f"{node}'s fleetd took {took:.1f}s to start (> {SLOW_START:.0f}s): its units may move"
             )
         restarted = h.restarted(self.before, after, healthy - slow.keys())
+        if excused := h.restarted(self.before, after, healthy & slow.keys()):
+            scenario.notes.append(f"restarted or moved after a slow start: {', '.join(excused)}")
         scenario.needless_restarts = len(restarted)
         scenario.crashes = crashed(h, self.pids, set(stopped))
         h.record(scenario)
@@ -113,6 +125,10 @@ class Fault:
         assert scenario.crashes == 0, (self.pids, h.fleetd_pids())
         assert scenario.conflict_violations == 0
         assert scenario.report()["server_errors_5xx_not_503"] == 0, (scenario.requests, detail)
+
+
+def per_backend(h: Harness, v3: float, v2: float) -> float:
+    return v3 if h.backend == "v3" else v2
 
 
 @pytest.fixture
@@ -128,8 +144,9 @@ def fault(harness) -> Callable[[str], Fault]:
     return start
 
 
-def test_leader_kills_hand_over_scheduling_and_restart_nothing(fault):
-    kills = LEADER_KILLS
+@pytest.mark.backends("v3", "v2")
+def test_leader_kills_hand_over_scheduling_and_restart_nothing(harness, fault):
+    kills = int(per_backend(harness, LEADER_KILLS, V2_LEADER_KILLS))
     f = fault(f"leader_kill_x{kills}")
     h = f.h
     for i in range(kills):
@@ -153,6 +170,7 @@ def test_leader_kills_hand_over_scheduling_and_restart_nothing(fault):
     f.finish(steady(h))
 
 
+@pytest.mark.backends("v3", "v2")
 def test_sigterm_hands_leadership_over_within_a_second_and_fleetd_stops_within_two(fault):
     # B10: the stopped leader did not resign, leaving a lease TTL without a scheduler.
     f = fault("sigterm_leader")
@@ -183,6 +201,7 @@ def test_sigterm_hands_leadership_over_within_a_second_and_fleetd_stops_within_t
     f.finish(steady(h))
 
 
+@pytest.mark.backends("v3", "v2")
 def test_a_leader_stalled_for_about_a_ttl_restarts_and_moves_nothing(fault):
     # B7 in CI: the leading fleetd stalled under load while metadata edits kept waking its
     # engine; its lease and its own machine record lapsed, and on waking it scheduled on what it
@@ -210,6 +229,7 @@ def test_a_leader_stalled_for_about_a_ttl_restarts_and_moves_nothing(fault):
     f.finish(h.settle(scenario=f.scenario)[1])
 
 
+@pytest.mark.backends("v3", "v2")
 def test_a_dead_node_s_units_move_and_no_other_unit_restarts(fault):
     f = fault("node_kill")
     h, victim = f.h, "node3"
@@ -223,6 +243,7 @@ def test_a_dead_node_s_units_move_and_no_other_unit_restarts(fault):
     steady(h)
 
 
+@pytest.mark.backends("v3", "v2")
 def test_a_partitioned_node_s_units_move_and_the_healed_node_stops_its_copies(fault):
     f = fault("partition_and_heal")
     h, victim = f.h, "node3"
@@ -243,8 +264,9 @@ def test_a_partitioned_node_s_units_move_and_the_healed_node_stops_its_copies(fa
     f.finish(after, healthy)
 
 
-def test_an_etcd_outage_stops_moves_and_restarts_nothing(fault):
-    outage = ETCD_OUTAGE
+@pytest.mark.backends("v3", "v2")
+def test_an_etcd_outage_stops_moves_and_restarts_nothing(harness, fault):
+    outage = per_backend(harness, ETCD_OUTAGE, V2_ETCD_OUTAGE)
     f = fault(f"etcd_outage_{outage:.0f}s")
     h = f.h
     with ApiLoad(h, h.nodes, f.scenario, interval=0.5):
@@ -373,6 +395,7 @@ def test_b2_a_stored_unit_that_no_longer_parses_is_quarantined_and_scheduling_go
     assert h.leader() == leader  # the leader kept leading, and scheduling
 
 
+@pytest.mark.backends("v3", "v2")
 def test_b7_editing_a_dead_machines_metadata_does_not_keep_it_alive(fault):
     f = fault("b7_metadata_edit_of_dead_machine")
     h, victim = f.h, "node3"
