@@ -29,7 +29,14 @@ pytestmark = pytest.mark.integration
 
 AGENT_TTL = "2s"
 UNITS = Path(__file__).parents[1] / "units"
-UNIT_FILES = ("web@.service", "web-discovery@.service", "logger.service", "db.service", "es-offline.service")
+UNIT_FILES = (
+    "web@.service",
+    "web-discovery@.service",
+    "logger.service",
+    "db.service",
+    "es-offline.service",
+    "kv.service",
+)
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +160,24 @@ def test_logger_everywhere_db_on_role_db_es_offline(lab: Lab, workdir: Path) -> 
     # The db's data dir is node1's own, not the host's /var/lib/fleetpy.
     assert (lab.dir / "node1" / "var-lib-fleetpy" / "db" / "hello").read_text() == "db\n"
     fleetctl(lab, workdir, "destroy", "db.service", "es-offline.service")
+
+
+def test_kv_finds_its_volume_again_after_a_stop_and_start(lab: Lab, workdir: Path) -> None:
+    fleetctl(lab, workdir, "start", "kv.service")
+    placed = wait_for("kv active", lambda: _all_active(lab, workdir, ["kv.service"]))
+    assert isinstance(placed, dict)
+    (node,) = placed["kv.service"]
+    assert wait_for("kv echoes on 6379", lambda: _echo(node_ip(lab, node), 6379, b"ping\n")) == b"ping\n"
+    # podman's -v ${FLEET_VOLUME_kvdata}:/data is the node's own volume directory.
+    starts = lab.dir / node / "volumes" / "kvdata" / "starts"
+    assert len(starts.read_text().splitlines()) == 1
+    fleetctl(lab, workdir, "stop", "kv.service")
+    fleetctl(lab, workdir, "start", "kv.service")
+    assert wait_for("kv active again", lambda: _all_active(lab, workdir, ["kv.service"]))["kv.service"] == [
+        node
+    ]
+    wait_for("a second start in the volume", lambda: len(starts.read_text().splitlines()) == 2)
+    fleetctl(lab, workdir, "destroy", "kv.service")
 
 
 def test_killed_node_moves_web_with_its_sidekick(lab: Lab, workdir: Path) -> None:
