@@ -195,3 +195,12 @@ async def test_api_refuses_a_bad_volume_at_the_door_lists_and_forgets_volumes() 
         assert await registry.volumes() == {}
         assert (await client.delete("/fleetpy/v1/volumes/data")).status == 404
         assert (await client.delete("/fleetpy/v1/volumes/a..b")).status == 400
+
+
+def test_draining_the_volume_machine_leaves_the_unit_waiting_with_both_reasons() -> None:
+    machines = [Machine(A, cordoned=True), Machine(B)]
+    p = plan(machines, [job("db.service", "Volume=data")], [], volumes={"data": A})
+    assert p.assignments == ()
+    assert str(p.pending["db.service"]) == (
+        "0/2 machines fit: 1 machine is drained, 1 volume data lives on 1a2b0000..."
+    )
