@@ -56,6 +56,9 @@ _CHANNEL_OPTIONS = (
     # etcd refuses pings more often than every 5 s (--grpc-keepalive-min-time).
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    # gRPC refuses answers over 4 MB by default; listing a registry of 10,000 units is 7 MB.
+    # etcd bounds requests, not answers (etcdctl lifts this limit the same way).
+    ("grpc.max_receive_message_length", 2**31 - 1),
 )
 
 

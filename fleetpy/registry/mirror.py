@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from fleetpy.conf import metrics
 from fleetpy.registry.store import Change, HistoryLost, Op, Store, StoreError
@@ -23,9 +23,9 @@ log = logging.getLogger(__name__)
 
 WATCH_TIMEOUT = 60.0
 OUTAGE_PAUSE = 1.0
-# A write's own change normally shows within milliseconds; past this the copy is read again
-# (a write that changed nothing has no change to wait for).
-CATCH_UP = 2.0
+# A write's own change normally shows within milliseconds, and within seconds on a busy
+# process; past this the copy is listed again, which costs far more than waiting.
+CATCH_UP = 30.0
 MIRROR_CALL = "mirror"  # the metrics' `call` label of the copy's own listings
 
 
@@ -133,11 +133,15 @@ class Mirror:
 
     async def reach(self, index: int, timeout: float = CATCH_UP) -> bool:
         """Wait until the copy holds every change up to `index`; False after `timeout`."""
+        return await self.until(lambda: self.index >= index, timeout)
+
+    async def until(self, done: Callable[[], bool], timeout: float = CATCH_UP) -> bool:
+        """Wait until `done()` holds of the copy; False after `timeout`."""
         async with self._caught_up:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
-                    await self._caught_up.wait_for(lambda: self.index >= index)
-        return self.index >= index
+                    await self._caught_up.wait_for(done)
+        return done()
 
     async def changed(self, timeout: float) -> set[str]:
         """The top directories changed since the last call ("*": all of them, after a listing),
@@ -217,8 +221,16 @@ class MirrorStore:
 
     async def delete(self, key: str, *, prev_value: str | None = None, recursive: bool = False) -> bool:
         deleted = await self.inner.delete(key, prev_value=prev_value, recursive=recursive)
-        if deleted:
-            await self._written(await self.inner.index(self.mirror.prefix))
+        if deleted and self.mirror.synced:
+            # No index comes back from a delete: wait until the copy has it gone.
+            directory = key.rstrip("/") + "/"
+
+            def gone() -> bool:
+                texts = self.mirror.texts
+                return key not in texts and not (recursive and any(k.startswith(directory) for k in texts))
+
+            if not await self.mirror.until(gone):
+                await self.mirror.resync()
         return deleted
 
     # Watches: the store's own, answered once the copy holds what they saw.
