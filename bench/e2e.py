@@ -42,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(ENGINES),
         help=f"which engines to run, in order (default {','.join(ENGINES)})",
     )
+    parser.add_argument(
+        "--backlog",
+        action="store_true",
+        help="submit every unit before the engine starts, and time from its start (no API in the way)",
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
 
 
@@ -122,7 +127,11 @@ class Observer:
                 self.running_at[parts[1]] = now
 
 
-async def launch_all(url: str, api: str, mirrored: bool, machines: int, units: int, timeout: float) -> dict:
+async def launch_all(
+    url: str, api: str, mirrored: bool, machines: int, units: int, timeout: float, backlog: bool = False
+) -> dict:
+    """With `backlog`, every unit is submitted before the engine starts, and the clock starts
+    with the engine: what the engine (and the agents) do, without the API's submits."""
     asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(WRITERS))
     counts: Counter = Counter()
     prefix = f"/bench-e2e-{'event-fed' if mirrored else 'rereading'}/"
@@ -144,27 +153,37 @@ async def launch_all(url: str, api: str, mirrored: bool, machines: int, units: i
         for i in range(machines)
     ]
     engine = Engine(registry("engine"), "m00000", lease_ttl=30, reconcile_interval=3600, mirrored=mirrored)
-    tasks = [asyncio.create_task(a.run()) for a in agents] + [asyncio.create_task(engine.run())]
+    tasks = [asyncio.create_task(a.run()) for a in agents]
+    if not backlog:
+        tasks.append(asyncio.create_task(engine.run()))
     observer = Observer(url, api, prefix, units)
+    submitted_at: dict[str, float] = {}
+    files = [UnitFile.parse(f"[Service]\nExecStart=/bin/sleep {100000 + i}\n") for i in range(units)]
+    gate = asyncio.Semaphore(WRITERS)
+
+    async def submit(i: int, unit_file: UnitFile) -> None:
+        async with gate:  # as many requests at once as a busy API would have
+            await api_registry.submit(unit_file, Job(f"e2e{i}.service", unit_file.hash, "launched"))
+            submitted_at[f"e2e{i}.service"] = time.perf_counter() - observer.started
+
     try:
-        while len(await api_registry.machines()) < machines or not engine.leading.is_set():
+        while len(await api_registry.machines()) < machines or not (backlog or engine.leading.is_set()):
             await asyncio.sleep(0.2)
         await asyncio.sleep(1.0)  # let every agent's first reconcile and watch settle
-        counts.clear()
-
-        files = [UnitFile.parse(f"[Service]\nExecStart=/bin/sleep {100000 + i}\n") for i in range(units)]
         observer.index = await api_registry.index()
+        if backlog:
+            await asyncio.gather(*(submit(i, f) for i, f in enumerate(files)))
+            observer.index = await api_registry.index()
+        counts.clear()
         observer.started = started = time.perf_counter()
         watching = asyncio.get_running_loop().run_in_executor(
             concurrent.futures.ThreadPoolExecutor(1), observer.run, timeout
         )
-        gate = asyncio.Semaphore(WRITERS)
-
-        async def submit(i: int, unit_file: UnitFile) -> None:
-            async with gate:  # as many requests at once as a busy API would have
-                await api_registry.submit(unit_file, Job(f"e2e{i}.service", unit_file.hash, "launched"))
-
-        await asyncio.gather(*(submit(i, f) for i, f in enumerate(files)))
+        if backlog:
+            tasks.append(asyncio.create_task(engine.run()))
+            submitted_at = dict.fromkeys(submitted_at, 0.0)
+        else:
+            await asyncio.gather(*(submit(i, f) for i, f in enumerate(files)))
         submitted = time.perf_counter() - started
         await watching
     finally:
@@ -177,8 +196,10 @@ async def launch_all(url: str, api: str, mirrored: bool, machines: int, units: i
     all_scheduled = max(scheduled.values(), default=float("nan"))
     all_running = max(running.values(), default=float("nan"))
     work = counts["api"] + counts["engine"] + counts["agents"]
+    latencies = [t - submitted_at[u] for u, t in scheduled.items() if u in submitted_at]
     return {
         "engine": "event-fed" if mirrored else "rereading",
+        "backlog": backlog,
         "machines": machines,
         "units": units,
         "submit_s": round(submitted, 2),
@@ -189,6 +210,8 @@ async def launch_all(url: str, api: str, mirrored: bool, machines: int, units: i
         "all_running_s": round(all_running, 2),
         "units_per_s": round(len(running) / all_running, 1),
         "scheduled_after": summary(list(scheduled.values())) if scheduled else {},
+        # Each unit from its submit's answer to its assignment: the engine's own latency.
+        "submit_to_scheduled": summary(latencies) if latencies else {},
         "running_after": summary(list(running.values())) if running else {},
         "running_after_s": sorted(round(t, 2) for t in running.values()),
         "etcd_requests_per_unit": {
@@ -207,7 +230,7 @@ def run(args: argparse.Namespace) -> dict:
     with etcd() as url:
         baseline = raw_write_rate(url, args.api, min(units, 5000))
         runs = [
-            asyncio.run(launch_all(url, args.api, ENGINES[name], machines, units, args.timeout))
+            asyncio.run(launch_all(url, args.api, ENGINES[name], machines, units, args.timeout, args.backlog))
             for name in engines
         ]
     # The last engine (the event-fed one by default) is the headline; each run keeps its own.
@@ -234,6 +257,8 @@ def render(result: dict) -> str:
             f" p50 {sched.get('p50_ms')} ms, p95 {sched.get('p95_ms')} ms)",
             f"   all {each['running']} running after {each['all_running_s']} s ({each['units_per_s']} units/s;"
             f" p50 {after.get('p50_ms')} ms, p95 {after.get('p95_ms')} ms)",
+            f"   submit -> scheduled, each unit: p50 {each['submit_to_scheduled'].get('p50_ms')} ms,"
+            f" p95 {each['submit_to_scheduled'].get('p95_ms')} ms",
             f"   etcd requests per unit: api {ops['api']}, engine {ops['engine']}, agents {ops['agents']}, all {ops['all']}",
         ]
     return "\n".join(lines)
