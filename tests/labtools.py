@@ -1,9 +1,11 @@
-"""Helpers shared by the tests that run real labs: waiting on conditions, short lab dirs."""
+"""Helpers shared by the tests that run real labs: waiting on conditions, short lab dirs, fleetctl."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,3 +34,23 @@ def short_lab_dir(tag: str) -> Iterator[Path]:
     finally:
         Lab(path).down()
         shutil.rmtree(path, ignore_errors=True)
+
+
+def fleetctl(lab: Lab, *args: str) -> str:
+    """Run fleetctl as its own process against the lab; its output, once it succeeded."""
+    env = {**os.environ, "FLEETCTL_ENDPOINT": lab.endpoint()}
+    argv = [sys.executable, "-m", "fleetpy.cli.fleetctl", *args]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def active_on(lab: Lab, unit: str) -> list[str]:
+    """The nodes where `unit` is active, by list-units."""
+    assert lab.state is not None
+    by_ip = {n.ip: n.name for n in lab.state.nodes}
+    return sorted(
+        by_ip[fields[1].rsplit("/", 1)[-1]]
+        for line in fleetctl(lab, "list-units", "--no-legend", "--full").splitlines()
+        if (fields := line.split()) and fields[0] == unit and fields[2] == "active"
+    )

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from labtools import short_lab_dir, wait_for
+from labtools import fleetctl, short_lab_dir, wait_for
 
 from fleetpy.lab.lab import Lab, State
 from fleetpy.lab.network import Subnet
@@ -32,14 +32,6 @@ def fleetpy(lab_dir: Path, *args: str, check: bool = True) -> subprocess.Complet
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
-
-
-def fleetctl(lab: Lab, *args: str) -> str:
-    env = {**os.environ, "FLEETCTL_ENDPOINT": lab.endpoint()}
-    argv = [sys.executable, "-m", "fleetpy.cli.fleetctl", *args]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
 
 
 def unit_node(lab: Lab, unit: str) -> str | None:

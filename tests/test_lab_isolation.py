@@ -7,14 +7,13 @@ skips) when a component is missing.
 from __future__ import annotations
 
 import ipaddress
-import os
 import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
-from labtools import short_lab_dir
+from labtools import fleetctl, short_lab_dir
 
 from fleetpy.lab import network as labnet
 from fleetpy.lab.lab import Lab, LabError
@@ -22,14 +21,6 @@ from fleetpy.lab.node import link_exists
 from fleetpy.lab.state import State
 
 pytestmark = pytest.mark.integration
-
-
-def fleetctl(lab: Lab, *args: str) -> str:
-    env = {**os.environ, "FLEETCTL_ENDPOINT": lab.endpoint()}
-    argv = [sys.executable, "-m", "fleetpy.cli.fleetctl", *args]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
 
 
 def works(lab: Lab) -> None:

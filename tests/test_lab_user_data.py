@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from labtools import short_lab_dir
+from labtools import fleetctl, short_lab_dir
 
 from fleetpy.lab.lab import Lab, LabError
 from fleetpy.lab.network import subnet_in_use
@@ -32,14 +32,6 @@ CGROUP_UNIFIED = Path("/sys/fs/cgroup/unified")
 def fleetpy(*args: str) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", "fleetpy.cli.fleetpy", *args]
     return subprocess.run(argv, capture_output=True, text=True, timeout=90, check=False)
-
-
-def fleetctl(lab: Lab, *args: str) -> str:
-    env = {**os.environ, "FLEETCTL_ENDPOINT": lab.endpoint()}
-    argv = [sys.executable, "-m", "fleetpy.cli.fleetctl", *args]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
 
 
 def in_node(lab: Lab, name: str, *argv: str) -> str:

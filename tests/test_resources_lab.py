@@ -5,27 +5,18 @@ say, and a constraint on a fact a node's facts.d executable publishes places the
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from labtools import short_lab_dir, wait_for
+from labtools import fleetctl, short_lab_dir, wait_for
 
 from fleetpy.conf.values import format_bytes
 from fleetpy.lab.lab import Lab
 
 pytestmark = pytest.mark.integration
-
-
-def fleetctl(lab: Lab, *args: str) -> str:
-    env = {**os.environ, "FLEETCTL_ENDPOINT": lab.endpoint()}
-    argv = [sys.executable, "-m", "fleetpy.cli.fleetctl", *args]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
 
 
 @pytest.fixture(scope="module")

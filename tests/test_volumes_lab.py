@@ -12,29 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from labtools import short_lab_dir, wait_for
+from labtools import active_on, fleetctl, short_lab_dir, wait_for
 
 from fleetpy.lab.lab import Lab
 
 pytestmark = pytest.mark.integration
-
-
-def fleetctl(lab: Lab, *args: str) -> str:
-    env = {**os.environ, "FLEETCTL_ENDPOINT": lab.endpoint()}
-    argv = [sys.executable, "-m", "fleetpy.cli.fleetctl", *args]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
-
-
-def active_on(lab: Lab, unit: str) -> list[str]:
-    assert lab.state is not None
-    by_ip = {n.ip: n.name for n in lab.state.nodes}
-    return sorted(
-        by_ip[fields[1].rsplit("/", 1)[-1]]
-        for line in fleetctl(lab, "list-units", "--no-legend", "--full").splitlines()
-        if (fields := line.split()) and fields[0] == unit and fields[2] == "active"
-    )
 
 
 @pytest.fixture(scope="module")
