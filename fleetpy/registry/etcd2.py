@@ -40,6 +40,7 @@ from fleetpy.registry.store import (
     Put,
     StoreError,
     Unavailable,
+    require_servers,
 )
 
 # Writes in flight at once in apply(): below python-etcd's pool of 10 connections.
@@ -76,8 +77,7 @@ class EtcdV2Store:
         request_timeout: float = 5.0,
         credentials: Credentials = NO_CREDENTIALS,
     ):
-        if not servers:
-            raise ValueError("no etcd servers given; pass --etcd-servers http://HOST:PORT")
+        require_servers(servers)
         self._servers = [_Server(url, _etcd_client(url, request_timeout, credentials)) for url in servers]
         self._current = 0
         # Refreshes (heartbeats) get a thread of their own: a burst of API requests or state

@@ -37,6 +37,7 @@ from fleetpy.registry.store import (
     Put,
     StoreError,
     Unavailable,
+    require_servers,
 )
 
 T = TypeVar("T")
@@ -103,8 +104,7 @@ class EtcdV3Store:
         request_timeout: float = 5.0,
         credentials: Credentials = NO_CREDENTIALS,
     ):
-        if not servers:
-            raise ValueError("no etcd servers given; pass --etcd-servers http://HOST:PORT")
+        require_servers(servers)
         self._targets = [_target(url) for url in servers]
         self._urls = servers
         self._current = 0

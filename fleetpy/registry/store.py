@@ -45,6 +45,12 @@ class Credentials:
 NO_CREDENTIALS = Credentials()
 
 
+def require_servers(servers: list[str]) -> None:
+    """Both etcd backends refuse an empty member list the same way, at construction."""
+    if not servers:
+        raise ValueError("no etcd servers given; pass --etcd-servers http://HOST:PORT")
+
+
 @dataclass(frozen=True)
 class Put:
     key: str
