@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from fleetpy.conf.values import BadValue, parse_bytes, parse_cpus, parse_duration
@@ -21,6 +22,8 @@ from fleetpy.unit.errors import InvalidFleetOptions, UnitError
 from fleetpy.unit.file import UnitFile
 from fleetpy.unit.glob import BadPattern, check_pattern, glob_match
 from fleetpy.unit.name import UnitName, validate_unit_name
+
+Amount = TypeVar("Amount", int, float)
 
 SECTION = "X-Fleet"
 OPTIONS = (
@@ -431,14 +434,8 @@ def _memory_request(unit_name: str, values: list[list[str]], unit: UnitFile, war
     systemd's value is only read: a limit it cannot parse is systemd's to report, and a
     percentage depends on the machine, so it reserves nothing.
     """
-    word = _last_word(unit_name, "MemoryRequest", values)
-    if word is not None:
-        try:
-            size = parse_bytes(word)
-        except BadValue as error:
-            raise InvalidFleetOptions(f"{unit_name}: MemoryRequest={word}: {error}") from None
-        if size <= 0:
-            raise InvalidFleetOptions(f"{unit_name}: MemoryRequest={word} must be more than 0")
+    size = _explicit_request(unit_name, "MemoryRequest", values, parse_bytes)
+    if size is not None:
         return size
     limit = _systemd_value(unit, ("MemoryMax", "MemoryLimit"))
     if limit is None or limit[1] == "infinity":
@@ -453,16 +450,26 @@ def _memory_request(unit_name: str, values: list[list[str]], unit: UnitFile, war
         return 0
 
 
+def _explicit_request(
+    unit_name: str, key: str, values: list[list[str]], parse: Callable[[str], Amount]
+) -> Amount | None:
+    """The [X-Fleet] request `key` parsed and more than 0, or None when the unit does not set it."""
+    word = _last_word(unit_name, key, values)
+    if word is None:
+        return None
+    try:
+        amount = parse(word)
+    except BadValue as error:
+        raise InvalidFleetOptions(f"{unit_name}: {key}={word}: {error}") from None
+    if amount <= 0:
+        raise InvalidFleetOptions(f"{unit_name}: {key}={word} must be more than 0")
+    return amount
+
+
 def _cpu_request(unit_name: str, values: list[list[str]], unit: UnitFile, warnings: list[str]) -> float:
     """CPURequest= if given (1.5 or 150%), else the unit's own CPUQuota=."""
-    word = _last_word(unit_name, "CPURequest", values)
-    if word is not None:
-        try:
-            cpus = parse_cpus(word)
-        except BadValue as error:
-            raise InvalidFleetOptions(f"{unit_name}: CPURequest={word}: {error}") from None
-        if cpus <= 0:
-            raise InvalidFleetOptions(f"{unit_name}: CPURequest={word} must be more than 0")
+    cpus = _explicit_request(unit_name, "CPURequest", values, parse_cpus)
+    if cpus is not None:
         return cpus
     quota = _systemd_value(unit, ("CPUQuota",))
     if quota is None:
