@@ -25,6 +25,7 @@ def _fleet(name: str, instance: str | None = None) -> FleetOptions:
 
 def test_scheduling_options() -> None:
     assert _fleet("web@.service", "web@1.service").conflicts_with("web@2.service")
+    assert _fleet("web@.service", "web@1.service").health.move_after == 2
     assert _fleet("web-discovery@.service", "web-discovery@7.service").machine_of == ("web@7.service",)
     assert _fleet("logger.service").is_global
     assert _fleet("db.service").metadata_matches({"role": "db"})

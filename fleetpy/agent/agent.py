@@ -502,7 +502,7 @@ class Agent:
             return
         self._health[name] = self._last_health[name] = after
         if after.status != before.status:
-            self.events.health(name, before.status, after, check)
+            self.events.health(name, before.status, after, check, restart)
         if name in self._states:
             self._to_publish[name] = self._states[name]
             self._publish_wanted.set()

@@ -42,7 +42,8 @@ def judge(
     As Docker and Kubernetes do: a success makes the unit healthy and clears the failures; a
     failure in the start period, before the first success, is shown but does not count; `threshold` failures in a row make
     it unhealthy, and then a unit with HealthCheckAction=restart is restarted (once: the
-    restarted unit starts over as "starting").
+    restarted unit starts over as "starting"), unless it was restarted HealthCheckMoveAfter times
+    on this machine already: then it stays unhealthy, and the engine moves it elsewhere.
     """
     if ok:
         return Health("healthy", 0, health.restarts), False
@@ -53,8 +54,9 @@ def judge(
         return replace(health, failures=failures, message=message), False
     if health.status == "unhealthy":
         return replace(health, failures=failures, message=message), False
-    restarts = health.restarts + 1 if check.restart else health.restarts
-    return Health("unhealthy", failures, restarts, message), check.restart
+    restart = check.restart and not check.exhausted(health.restarts)
+    restarts = health.restarts + 1 if restart else health.restarts
+    return Health("unhealthy", failures, restarts, message), restart
 
 
 @dataclass(frozen=True)

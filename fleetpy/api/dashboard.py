@@ -120,8 +120,12 @@ class Dashboard:
         registry = self.context.registry
         units = await self.context.all_units()
         machines, current = await registry.machines(), await registry.assignments()
-        pending, volumes = await registry.pending(), await registry.volumes()
-        lines = explain_placement(name, machines, units, current, pending, volumes)
+        pending, volumes, avoided = (
+            await registry.pending(),
+            await registry.volumes(),
+            await registry.avoided(),
+        )
+        lines = explain_placement(name, machines, units, current, pending, volumes, avoided)
         events = [e.to_json() for e in await registry.events() if e.unit == name]
         return self.render("unit.html.j2", name=name, lines=lines, events=list(reversed(events)))
 

@@ -53,7 +53,8 @@ class FleetpyV1:
         units = await self.context.all_units()
         machines, current = await self.registry.machines(), await self.registry.assignments()
         pending, volumes = await self.registry.pending(), await self.registry.volumes()
-        lines = explain_placement(name, machines, units, current, pending, volumes)
+        avoided = await self.registry.avoided()
+        lines = explain_placement(name, machines, units, current, pending, volumes, avoided)
         return web.json_response({"name": name, "lines": lines})
 
     async def cordon(self, request: web.Request) -> web.Response:
@@ -87,7 +88,8 @@ class FleetpyV1:
         units = [(job, u) for job, u in await self.context.all_units() if job.name != name.full]
         units.append((Job(name.full, unit_file.hash, "launched"), unit))
         machines, current = await self.registry.machines(), await self.registry.assignments()
-        lines = explain_placement(name.full, machines, units, current, volumes=await self.registry.volumes())
+        volumes, avoided = await self.registry.volumes(), await self.registry.avoided()
+        lines = explain_placement(name.full, machines, units, current, volumes=volumes, avoided=avoided)
         return web.json_response({"name": name.full, "lines": lines})
 
     async def _stored_file(self, name: UnitName) -> UnitFile:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -11,9 +12,10 @@ from collections.abc import Callable, Sequence
 from fleetpy.conf import metrics
 from fleetpy.engine.cordon import drained, hand_over
 from fleetpy.engine.guarded import plan_guarded
+from fleetpy.engine.health import avoided_machines, new_avoidances, stale_avoidances, worth_noting
 from fleetpy.engine.scheduler import Plan
 from fleetpy.events import EngineEvents
-from fleetpy.registry import Assignment, HistoryLost, Job, Registry, StoreError
+from fleetpy.registry import Assignment, Avoidance, HistoryLost, Job, Registry, StoreError, UnitState
 from fleetpy.registry.mirror import Mirror, MirrorStore
 from fleetpy.unit import Unit, load_unit
 
@@ -29,9 +31,10 @@ HANDOVER_POLL = 0.5
 # from when it sent its last renewal). Less means its renewals are late: its process stalled, or
 # etcd is slow, and a write could land after the lease expired and another engine took over.
 LEASE_MARGIN = 1 / 3
-# What a plan reads ("*": everything, after the mirror listed the registry again). The schedule
-# and pending reasons are the engine's own writes; states and events it does not plan from.
-PLANNED_FROM = frozenset({"*", "job", "machines", "machine-metadata", "cordon", "volumes"})
+# What a plan reads ("*": everything, after the mirror listed the registry again). The schedule,
+# pending reasons and avoided machines are the engine's own writes; events it does not plan
+# from, and of the states only those that call for a move (engine.health.worth_noting).
+PLANNED_FROM = frozenset({"*", "job", "machines", "machine-metadata", "cordon", "volumes", "state"})
 NOT_MIRRORED = ("state", "events")
 
 
@@ -69,6 +72,11 @@ class ParsedUnits:
         live = {(job.name, job.hash) for job in jobs}
         self._units = {key: unit for key, unit in self._units.items() if key in live}
         return parsed, quarantined
+
+    def known(self, name: str, digest: str) -> Unit | None:
+        """The unit parsed for this job content, if it was (no I/O)."""
+        unit = self._units.get((name, digest))
+        return None if unit is None or isinstance(unit, str) else unit
 
     async def _load(self, job: Job) -> Unit | str:
         try:
@@ -133,6 +141,10 @@ class Engine:
         self._quarantined: dict[str, str] = {}  # as of the last pass, to log each one once
         self._handing_over: set[str] = set()  # units whose old copy waits for the new one
         self._asked_facts: list[str] | None = None  # as last written by this leader
+        self._mirror: Mirror | None = None  # while leading, mirrored
+        # States whose restarts reached HealthCheckMoveAfter, noted by the mirror, until a pass
+        # has written what they call for.
+        self._noted: dict[tuple[str, str], UnitState] = {}
 
     async def run(self) -> None:
         while True:
@@ -161,7 +173,10 @@ class Engine:
         self._leading_since = self.clock()
         lease = asyncio.create_task(self._keep_lease())
         if self.mirrored:
-            mirror = Mirror(self.registry.store, self.registry.prefix, skip=NOT_MIRRORED)
+            mirror = Mirror(
+                self.registry.store, self.registry.prefix, skip=NOT_MIRRORED, note=self._note_state
+            )
+            self._mirror = mirror
             workers = [asyncio.create_task(mirror.run()), asyncio.create_task(self._schedule_from(mirror))]
         else:
             changed = asyncio.Event()
@@ -190,6 +205,7 @@ class Engine:
             # Also on cancellation (fleetd stopping): clean up and resign at once, so the next
             # engine need not wait out our lease.
             self.leading.clear()
+            self._mirror, self._noted = None, {}
             for task in (lease, *workers):
                 task.cancel()
             await asyncio.gather(lease, *workers, return_exceptions=True)
@@ -197,6 +213,10 @@ class Engine:
             with contextlib.suppress(StoreError, TimeoutError):
                 async with asyncio.timeout(RESIGN_TIMEOUT):
                     await self.registry.resign(self.machine_id)
+
+    def _note_state(self, key: str, text: str) -> bool:
+        """Whether a unit state the mirror skips may call for a move (see engine.health)."""
+        return key.startswith(self.registry.key("state", "")) and worth_noting(text, self.units.known)
 
     def _use(self, view: Registry) -> None:
         self._view = view
@@ -332,13 +352,14 @@ class Engine:
         """
         started = time.perf_counter()
         view = self._view
-        machines, jobs, current, pending, last_failure, volumes = await asyncio.gather(
+        machines, jobs, current, pending, last_failure, volumes, avoidances = await asyncio.gather(
             view.machines(),
             view.jobs(),
             view.assignments(),
             view.pending(),
             view.last_failure(),
             view.volumes(),
+            view.avoided(),
         )
         parsed, quarantined = await self.units.split(jobs)
         # A job record that cannot be read at all is quarantined the same way, under its key.
@@ -363,8 +384,15 @@ class Engine:
             )
             held |= {a.unit for a in current if a.machine_id == self.machine_id}
         current = [a for a in current if a.unit not in held]
+        states = await self._unhealthy_states(parsed)
+        fresh = new_avoidances(states, current, {j.name: (j, u) for j, u in parsed}, avoidances)
+        avoided = avoided_machines([*avoidances, *fresh], jobs)
         new_plan, failed = plan_guarded(
-            machines, [(j, u) for j, u in parsed if j.name not in held], current, volumes=volumes
+            machines,
+            [(j, u) for j, u in parsed if j.name not in held],
+            current,
+            volumes=volumes,
+            avoided=avoided,
         )
         for name, error in failed.items():
             quarantined[name] = f"the scheduler fails on it: {type(error).__name__}: {error}"
@@ -377,12 +405,46 @@ class Engine:
         pending = {u: r for u, r in pending.items() if u not in held or u in quarantined}
         if check_lease and not self._lease_is_sure():
             raise LeaseUncertain()
+        await self._avoid(fresh, stale_avoidances(avoidances, jobs))
         await self.apply(assignments, reasons, current, pending)
+        self._noted.clear()
         await self._ask_facts(new_plan, parsed)
         self.events.scheduled(machines, current, assignments, new_plan.decisions, reasons, pending)
         metrics.SCHEDULING_SECONDS.observe(time.perf_counter() - started)
         await self.events.expire_histories({m.id for m in machines})
         return new_plan
+
+    async def _unhealthy_states(self, parsed: list[tuple[Job, Unit]]) -> list[UnitState]:
+        """The states that may call for a move: those the mirror noted, or (re-reading, without
+        a mirror) every state, read only while some unit has HealthCheckMoveAfter."""
+        if self._mirror is None:
+            if any(u.fleet.health is not None and u.fleet.health.move_after for _, u in parsed):
+                return await self._view.states()
+            return []
+        for key, text in self._mirror.take_noted().items():
+            try:
+                state = UnitState.from_json(json.loads(text))
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                log.warning("engine: cannot read the state %s: %s", key, error)
+                continue
+            self._noted[(state.unit, state.machine_id)] = state
+        return list(self._noted.values())
+
+    async def _avoid(self, fresh: list[Avoidance], stale: list[Avoidance]) -> None:
+        """Record the machines units now avoid, and forget the avoidances that no longer hold."""
+        batch = self._view.batch()
+        for a in stale:
+            batch.unavoid(a.unit, a.machine_id)
+        for a in fresh:
+            log.warning(
+                "engine: moving %s off %s: its health check failed after %d restarts there: %s",
+                a.unit,
+                a.machine_id,
+                a.restarts,
+                a.message,
+            )
+            batch.avoid(a)
+        await self._view.apply(batch)
 
     async def _ask_facts(self, new_plan: Plan, parsed: list[tuple[Job, Unit]]) -> None:
         """Tell the agents which facts pending units wait on (written only when that changes)."""

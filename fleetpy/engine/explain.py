@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 
 from fleetpy.conf.values import short_machine_id
 from fleetpy.engine.guarded import plan_guarded
+from fleetpy.engine.health import avoided_machines
 from fleetpy.engine.scheduler import explain
-from fleetpy.registry.models import Assignment, Job, Machine
+from fleetpy.registry.models import Assignment, Avoidance, Job, Machine
 
 if TYPE_CHECKING:
     from fleetpy.unit import Unit
@@ -24,15 +25,19 @@ def explain_placement(
     current: Sequence[Assignment],
     pending: Mapping[str, str] | None = None,
     volumes: Mapping[str, str] | None = None,
+    avoided: Sequence[Avoidance] = (),
 ) -> list[str]:
     """The scheduler's steps for `name`, replayed on the given cluster.
 
     The unit's own placement is left out of the replay, so every machine is weighed again
     instead of the unit being simply "kept where it runs". A unit the engine quarantined (its
     file does not load, or the scheduler fails on it) is explained by the reason the engine
-    recorded in `pending`.
+    recorded in `pending`. `avoided` are the registry's avoidances (those that no longer hold
+    for the units' content are left out here, as the engine does).
     """
-    new_plan, failed = plan_guarded(machines, units, [a for a in current if a.unit != name], {name}, volumes)
+    others = [a for a in current if a.unit != name]
+    machines_avoided = avoided_machines(avoided, [job for job, _ in units])
+    new_plan, failed = plan_guarded(machines, units, others, {name}, volumes, machines_avoided)
     decision = new_plan.decisions.get(name)
     placed = sorted(short_machine_id(a.machine_id) for a in current if a.unit == name)
     where = f"  now on {', '.join(placed) if placed else 'no machine'}"

@@ -48,6 +48,9 @@ fleetpy's own rules (issue 13; neutral for units that use none of them):
 - Volume=NAME: once an agent made the volume, the unit goes only to the machine it lives on;
   while that machine is gone the unit is pending (its data is there) until the volume is
   forgotten.
+- HealthCheckMoveAfter: a machine where the unit's health check failed after that many
+  restarts is avoided (fleetpy.engine.health records it): the unit leaves it and never comes
+  back with the same content; with every machine avoided it is pending.
 - Strategy=spread (the default) ranks by fleet's least-loaded; binpack ranks by how full the
   machine is: the mean share in use of the resources the unit requests, else its unit count.
 """
@@ -136,6 +139,12 @@ def _constraint_text(text: str, key: str = "", actual: object = None) -> str:
     )
 
 
+def _unhealthy_text(machine_id: str = "", restarts: int = 0) -> str:
+    if not machine_id:  # a pending summary's: the machines differ
+        return "its health check failed there (new content or a destroy and submit clears this)"
+    return f"failed its health check on {short_machine_id(machine_id)} after {restarts} restarts"
+
+
 _RENDER: dict[str, Callable[..., str]] = {
     # Filters: why one machine is out.
     "machine-id": lambda wanted: f"MachineID is {short_machine_id(wanted)}",
@@ -144,6 +153,7 @@ _RENDER: dict[str, Callable[..., str]] = {
     "conflict": lambda *units: f"conflicts with {', '.join(units)}",
     "replaced-by": lambda *units: f"replaced by {', '.join(units)}",
     "drained": lambda: "machine is drained",
+    "unhealthy": _unhealthy_text,
     "resources": _short_text,
     "no-capacity": lambda resource: f"advertises no {resource} capacity",
     "constraint": _constraint_text,
@@ -180,7 +190,8 @@ class Decision:
     """Why a unit went where it went, or why it went nowhere.
 
     `filtered` (every excluded machine with its reason) and `scores` (every candidate) are
-    recorded only for the units a plan was asked to detail.
+    recorded only for the units a plan was asked to detail; for the others, `filtered` holds
+    just the machines their health check failed on.
     """
 
     unit: str
@@ -478,11 +489,17 @@ class Context:
     """The schedule as it is being built; filters and rankers read it, `plan` writes it."""
 
     def __init__(
-        self, machines: Mapping[str, Machine], units: Mapping[str, Unit], volumes: Mapping[str, str] = _NONE
+        self,
+        machines: Mapping[str, Machine],
+        units: Mapping[str, Unit],
+        volumes: Mapping[str, str] = _NONE,
+        avoided: Mapping[str, Mapping[str, int]] = _NONE,
     ):
         self.machines = machines
         self.units = units
         self.volumes = volumes  # volume name -> the machine it lives on
+        # unit -> the machines its health check failed on -> the restarts it had there
+        self.avoided = avoided
         self.cycles = _machine_of_cycles(units)
         self.on_machine: dict[str, set[str]] = {mid: set() for mid in machines}
         self.placed: dict[str, set[str]] = {}
@@ -647,6 +664,11 @@ def volume_filter(ctx: Context, unit: Unit, machine: Machine) -> Reason | None:
     return None
 
 
+def health_filter(ctx: Context, unit: Unit, machine: Machine) -> Reason | None:
+    restarts = ctx.avoided.get(unit.name.full, _NONE).get(machine.id)
+    return None if restarts is None else Reason("unhealthy", (machine.id, restarts))
+
+
 def resources_filter(ctx: Context, unit: Unit, machine: Machine) -> Reason | None:
     fleet = unit.fleet
     short = []
@@ -669,6 +691,7 @@ FILTERS: tuple[Filter, ...] = (
     cordon_filter,
     constraint_filter,
     volume_filter,
+    health_filter,
     resources_filter,
 )
 # A unit stays where it runs while these pass: constraints are checked only when it is placed.
@@ -704,11 +727,13 @@ def plan(
     current: Sequence[Assignment],
     detail: Collection[str] = (),
     volumes: Mapping[str, str] = _NONE,
+    avoided: Mapping[str, Mapping[str, int]] = _NONE,
 ) -> Plan:
     """Compute the complete desired schedule from the cluster as it is now.
 
     The decisions of the units named in `detail` carry every filter and rank step; `volumes`
-    says which machine each recorded volume lives on.
+    says which machine each recorded volume lives on, and `avoided` which machines each unit's
+    health check failed on (with the restarts it had there).
     """
     # A plan makes many objects and frees few until it returns; the cyclic collector, run
     # every few hundred of them, scanned the caller's long-lived ones (every parsed unit) each
@@ -716,7 +741,7 @@ def plan(
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _plan(machines, jobs, current, detail, volumes)
+        return _plan(machines, jobs, current, detail, volumes, avoided)
     finally:
         if collecting:
             gc.enable()
@@ -728,11 +753,12 @@ def _plan(
     current: Sequence[Assignment],
     detail: Collection[str],
     volumes: Mapping[str, str],
+    avoided: Mapping[str, Mapping[str, int]],
 ) -> Plan:
     active = {job.name: (job, unit) for job, unit in jobs if job.desired_state != "inactive"}
     units = {name: unit for name, (_, unit) in active.items()}
     live = {m.id: m for m in sorted(machines, key=lambda m: m.id)}
-    ctx = Context(live, units, volumes)
+    ctx = Context(live, units, volumes, avoided)
     decisions: dict[str, Decision] = {}
 
     globals_ = sorted(name for name, unit in units.items() if unit.fleet.is_global)
@@ -819,6 +845,9 @@ def _place(ctx: Context, unit: Unit) -> Decision:
     excluded = _Exclusions(ctx, name) if ctx.conflicts.involves(name) or ctx.replacements.by(name) else None
     if unit.fleet.requests:
         excluded = _and_not_fitting(ctx, unit, excluded)
+    avoided = ctx.avoided.get(name, _NONE)
+    if avoided:
+        excluded = _and_not_avoided(avoided, excluded)
     pool = _static_pool(ctx, unit)
     fleet = unit.fleet
     if pool is None and fleet.strategy == "spread":
@@ -840,7 +869,9 @@ def _place(ctx: Context, unit: Unit) -> Decision:
         best = _replaced_machine(ctx, unit, pool, excluded) or best
     reason = _choice_reason(ctx, unit, best[0], len(best))
     ctx.place(name, best[0])
-    return Decision(name, best[0], reason)
+    # The machines its health check failed on, so that a move off one says why (events).
+    left = {mid: Reason("unhealthy", (mid, n)) for mid, n in avoided.items() if mid in ctx.machines}
+    return Decision(name, best[0], reason, filtered=left)
 
 
 # A class of units this large gets a heap of its own, rather than skipping its exclusions in the
@@ -856,6 +887,7 @@ def _heap_key(ctx: Context, name: str, unit: Unit) -> tuple[object, bool]:
     conflict_class = ctx.conflicts.class_of.get(name)
     if (
         conflict_class is None
+        or name in ctx.avoided  # its own exclusions: the class's heap must keep those machines
         or ctx.replacements.by(name)
         or ctx.conflicts.class_size[conflict_class] < CLASS_HEAP
     ):
@@ -872,6 +904,14 @@ def _and_not_fitting(
     if excluded is None:
         return lambda mid: not ctx.fits(unit, mid)
     return lambda mid: excluded(mid) or not ctx.fits(unit, mid)
+
+
+def _and_not_avoided(
+    avoided: Mapping[str, int], excluded: Callable[[str], bool] | None
+) -> Callable[[str], bool]:
+    if excluded is None:
+        return lambda mid: mid in avoided
+    return lambda mid: mid in avoided or excluded(mid)
 
 
 def _open_pool(ctx: Context, unit: Unit) -> set[str]:
@@ -1052,6 +1092,8 @@ def _no_fit(filtered: Mapping[str, Reason], machine_count: int) -> Reason:
             reason = Reason("best-free")
         elif reason.code == "constraint":
             reason = Reason("constraint", reason.args[:1])
+        elif reason.code == "unhealthy":
+            reason = Reason("unhealthy")
         counts[reason] += 1
     if best_free:
         short = tuple((r, *best_free[r]) for r in sorted(best_free))

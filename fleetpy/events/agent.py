@@ -70,17 +70,22 @@ class AgentEvents:
             kinds.UNIT_FAILED, f"{name} failed: {reason or 'systemd did not say why'}", unit=name
         )
 
-    def health(self, name: str, before: str, after: Health, check: HealthCheck) -> None:
-        """A unit's health check changed its verdict; `check` is its [X-Fleet] health check."""
+    def health(self, name: str, before: str, after: Health, check: HealthCheck, restarting: bool) -> None:
+        """A unit's health check changed its verdict; `check` is its [X-Fleet] health check, and
+        `restarting` says whether the agent restarts the unit for it."""
         if after.status == "healthy":
             again = " again" if before == "unhealthy" else ""
             self.recorder.emit(kinds.UNIT_HEALTHY, f"{name} healthy{again} ({check.target()})", unit=name)
         elif after.status == "unhealthy":
-            what = (
-                f"restarting it (restart {after.restarts})"
-                if check.restart
-                else "left running (HealthCheckAction=none)"
-            )
+            if not check.restart:
+                what = "left running (HealthCheckAction=none)"
+            elif not restarting:
+                what = (
+                    f"not restarted here again after {after.restarts} restarts "
+                    f"(HealthCheckMoveAfter={check.move_after}): the engine moves it to another machine"
+                )
+            else:
+                what = f"restarting it (restart {after.restarts})"
             self.recorder.emit(
                 kinds.UNIT_UNHEALTHY,
                 f"{name} unhealthy after {after.failures} failed health checks in a row: {after.message}; {what}",

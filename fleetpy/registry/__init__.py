@@ -6,7 +6,16 @@ costs a fleetd start-up time and memory, and a fleetd needs one.
 
 from fleetpy.registry.connect import ETCD_APIS, EtcdOptions, choose_api, open_store
 from fleetpy.registry.memory import ManualClock, MemoryStore
-from fleetpy.registry.models import DESIRED_STATES, Assignment, Event, Health, Job, Machine, UnitState
+from fleetpy.registry.models import (
+    DESIRED_STATES,
+    Assignment,
+    Avoidance,
+    Event,
+    Health,
+    Job,
+    Machine,
+    UnitState,
+)
 from fleetpy.registry.registry import DEFAULT_PREFIX, Conflict, NotFound, Registry, memory_registry
 from fleetpy.registry.store import Credentials, HistoryLost, Store, StoreError, Unavailable
 
@@ -15,6 +24,7 @@ __all__ = [
     "DEFAULT_PREFIX",
     "DESIRED_STATES",
     "Assignment",
+    "Avoidance",
     "Conflict",
     "Credentials",
     "EtcdOptions",

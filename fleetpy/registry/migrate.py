@@ -9,7 +9,7 @@ from fleetpy.registry.store import Put
 
 # Durable records. machines/ and engine/leader live under TTLs: each fleetd writes its own
 # on the new store when it starts there.
-COPIED = ("version", "unit", "job", "machine-metadata", "cordon", "schedule", "pending", "state")
+COPIED = ("version", "unit", "job", "machine-metadata", "cordon", "schedule", "pending", "avoid", "state")
 
 
 @dataclass(frozen=True)

@@ -34,12 +34,24 @@ class Mirror:
 
     `dirty` collects the top directories changed since a reader last took them: the engine
     plans only when something it plans from changed. Run `run()` as a task.
+
+    Of the skipped records, those `note(key, text)` finds worth it (in a listing or a change)
+    are kept aside until a reader takes them (`take_noted`), and mark their directory dirty;
+    the others cost no more than being skipped.
     """
 
-    def __init__(self, store: Store, prefix: str, skip: Collection[str] = ()):
+    def __init__(
+        self,
+        store: Store,
+        prefix: str,
+        skip: Collection[str] = (),
+        note: Callable[[str, str], bool] | None = None,
+    ):
         self.store = store
         self.prefix = prefix
         self._skip = tuple(prefix + directory.strip("/") + "/" for directory in skip)
+        self._note = note
+        self._noted: dict[str, str] = {}
         self.texts: dict[str, str] = {}
         self.index = -1  # every change up to here is in `texts`; -1 before the first listing
         self.lists = 0  # how many times the prefix was listed (once, unless history was lost)
@@ -100,6 +112,9 @@ class Mirror:
         index = await self.store.index(self.prefix)
         found = await self.store.list(self.prefix)
         self.texts = {k: v for k, v in found.items() if not k.startswith(self._skip)}
+        for key, text in found.items():
+            if key.startswith(self._skip):
+                self._keep_if_noted(key, text)
         self.index = max(self.index, index)
         self.lists += 1
         self._dirty.add("*")
@@ -115,6 +130,8 @@ class Mirror:
         fresh = [change for change in changes if change.index > self.index]
         for change in fresh:
             if change.key.startswith(self._skip):
+                if change.value is not None:
+                    self._keep_if_noted(change.key, change.value)
                 continue
             if change.value is None:
                 self.texts.pop(change.key, None)
@@ -124,6 +141,23 @@ class Mirror:
         if fresh:
             self.index = fresh[-1].index
         return bool(fresh)
+
+    def _keep_if_noted(self, key: str, text: str) -> None:
+        if self._note is None:
+            return
+        try:
+            noted = self._note(key, text)
+        except Exception:  # noqa: BLE001 - one record the reader cannot judge must not stop the copy
+            log.exception("registry mirror: cannot judge %s", key)
+            return
+        if noted:
+            self._noted[key] = text
+            self._dirty.add(key[len(self.prefix) :].split("/", 1)[0])
+
+    def take_noted(self) -> dict[str, str]:
+        """The skipped records `note` found worth it since the last call, by key (newest text)."""
+        noted, self._noted = self._noted, {}
+        return noted
 
     async def _notify(self) -> None:
         async with self._caught_up:

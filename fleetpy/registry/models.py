@@ -171,6 +171,37 @@ class UnitState:
 
 
 @dataclass(frozen=True)
+class Avoidance:
+    """A machine the engine keeps a unit off: its health check failed there after the unit was
+    restarted HealthCheckMoveAfter times. Holds for the unit's content `hash` only."""
+
+    unit: str
+    machine_id: str
+    hash: str
+    restarts: int
+    message: str = ""  # what the last failed check said there
+
+    def to_json(self) -> dict:
+        return {
+            "unit": self.unit,
+            "machineID": self.machine_id,
+            "hash": self.hash,
+            "restarts": self.restarts,
+            "message": self.message,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Avoidance:
+        return cls(
+            unit=data["unit"],
+            machine_id=data["machineID"],
+            hash=data["hash"],
+            restarts=int(data["restarts"]),
+            message=str(data.get("message", "")),
+        )
+
+
+@dataclass(frozen=True)
 class Event:
     """Something that happened in the cluster, as the fleetd that saw it recorded it.
 

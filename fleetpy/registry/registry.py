@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from fleetpy.conf import metrics
 from fleetpy.registry.memory import MemoryStore
-from fleetpy.registry.models import Assignment, Event, Job, Machine, UnitState
+from fleetpy.registry.models import Assignment, Avoidance, Event, Job, Machine, UnitState
 from fleetpy.registry.store import AlreadyExists, CompareFailed, Delete, Op, Put, Store
 from fleetpy.unit import UnitFile
 
@@ -80,6 +80,13 @@ class Batch:
         key = self._key("pending", unit)
         return self._add(Delete(key) if reason is None else Put(key, reason), WRITE_SCHEDULE)
 
+    def avoid(self, avoidance: Avoidance) -> Batch:
+        key = self._key("avoid", avoidance.unit, avoidance.machine_id)
+        return self._add(Put(key, json.dumps(avoidance.to_json())), WRITE_SCHEDULE)
+
+    def unavoid(self, unit: str, machine_id: str) -> Batch:
+        return self._add(Delete(self._key("avoid", unit, machine_id)), WRITE_SCHEDULE)
+
     def publish_state(self, state: UnitState) -> Batch:
         key = self._key("state", state.unit, state.machine_id)
         return self._add(Put(key, json.dumps(state.to_json())), WRITE_STATES)
@@ -125,6 +132,9 @@ class Registry:
       job/<name>                   Job JSON: hash + desired state    API
       schedule/<machine>/<name>    Assignment JSON                   engine
       pending/<name>               why a unit fits nowhere           engine
+      avoid/<name>/<machine>       Avoidance JSON: the unit failed   engine (until the unit is
+                                   its health check there after      destroyed or gets new
+                                   HealthCheckMoveAfter restarts     content)
       asked-facts                  the MachineConstraints of pending engine (agents watch it to
                                    units, JSON list of words         publish a fact that crosses one)
       state/<name>/<machine>       UnitState JSON                    that machine's agent
@@ -327,6 +337,10 @@ class Registry:
 
     async def pending(self) -> dict[str, str]:
         return await self._list("pending")
+
+    # Machines the engine keeps units off after their health checks failed there (HealthCheckMoveAfter).
+    async def avoided(self) -> list[Avoidance]:
+        return await self._records("avoid", Avoidance.from_json)
 
     # What pending units ask of machines' facts: an agent publishes a fact change that makes one
     # of these hold, or stop holding, at once, however small the change.

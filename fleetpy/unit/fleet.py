@@ -52,6 +52,7 @@ OPTIONS = (
         "HealthCheckThreshold",
         "HealthCheckStartPeriod",
         "HealthCheckAction",
+        "HealthCheckMoveAfter",
     ),
     # fleetpy's own: a local volume, a directory the agent makes on the unit's machine and
     # hands to it as $FLEET_VOLUME_<NAME>; the unit stays on the machine that first made it.
@@ -242,6 +243,7 @@ def _check_combinations(unit_name: str, options: FleetOptions) -> None:
                 ("MachineOf", bool(options.machine_of)),
                 ("Replaces", bool(options.replaces)),
                 ("Volume", bool(options.volumes)),
+                ("HealthCheckMoveAfter", bool(options.health and options.health.move_after)),
             )
             if present
         ]
@@ -620,6 +622,7 @@ HEALTH_KINDS = {"HealthCheckHTTP": "http", "HealthCheckTCP": "tcp", "HealthCheck
 HEALTH_ACTIONS = ("restart", "none")
 MIN_HEALTH_INTERVAL = 1.0
 MAX_HEALTH_THRESHOLD = 100
+MAX_HEALTH_MOVE_AFTER = 100
 
 
 @dataclass(frozen=True)
@@ -640,6 +643,13 @@ class HealthCheck:
     threshold: int = 3  # consecutive failures that make the unit unhealthy
     start_period: float = 0.0  # after each start, failures do not count (a success still does)
     restart: bool = True  # restart an unhealthy unit; False only marks it unhealthy
+    # After this many restarts on one machine, the next time it turns unhealthy the unit is not
+    # restarted there again: the engine moves it to another machine (0: never moved).
+    move_after: int = 0
+
+    def exhausted(self, restarts: int) -> bool:
+        """Whether `restarts` restarts on one machine are all this check allows there."""
+        return bool(self.move_after) and restarts >= self.move_after
 
     def target(self) -> str:
         """What is checked, for people: "GET http://127.0.0.1:8080/health"."""
@@ -689,6 +699,12 @@ def _health_check(unit_name: str, name: UnitName, values: dict[str, list[list[st
             f"{unit_name}: HealthCheckAction={action!r}; use restart (the default) or none "
             "(only mark the unit unhealthy)"
         )
+    move_after = _health_move_after(unit_name, values)
+    if move_after and action != "restart":
+        raise InvalidFleetOptions(
+            f"{unit_name}: HealthCheckMoveAfter= counts the restarts of HealthCheckAction=restart; "
+            "drop HealthCheckAction=none, or drop HealthCheckMoveAfter="
+        )
     return HealthCheck(
         kind=HEALTH_KINDS[key],
         **where,
@@ -697,6 +713,7 @@ def _health_check(unit_name: str, name: UnitName, values: dict[str, list[list[st
         threshold=_health_threshold(unit_name, values),
         start_period=_health_duration(unit_name, "HealthCheckStartPeriod", values, 0.0),
         restart=action == "restart",
+        move_after=move_after,
     )
 
 
@@ -783,5 +800,18 @@ def _health_threshold(unit_name: str, values: dict[str, list[list[str]]]) -> int
         raise InvalidFleetOptions(
             f"{unit_name}: HealthCheckThreshold={word!r}: give the number of failures in a row "
             f"that make the unit unhealthy, 1 to {MAX_HEALTH_THRESHOLD}"
+        )
+    return int(word)
+
+
+def _health_move_after(unit_name: str, values: dict[str, list[list[str]]]) -> int:
+    word = _last_health_word(unit_name, "HealthCheckMoveAfter", values)
+    if word is None:
+        return 0
+    if not word.isdigit() or int(word) > MAX_HEALTH_MOVE_AFTER:
+        raise InvalidFleetOptions(
+            f"{unit_name}: HealthCheckMoveAfter={word!r}: give how many restarts for failed health "
+            f"checks on one machine before the unit moves to another, 1 to {MAX_HEALTH_MOVE_AFTER} "
+            "(0 never moves it)"
         )
     return int(word)
