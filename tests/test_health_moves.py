@@ -68,7 +68,7 @@ def test_bad_move_after_is_refused_with_what_to_write(body: str, message: str) -
 def test_after_move_after_restarts_the_unit_stays_unhealthy_and_is_not_restarted() -> None:
     check = HealthCheck("tcp", "127.0.0.1", 80, threshold=1, move_after=2)
     after, restart = judge(check, Health("starting", 0, 1), False, "refused", False)
-    assert after == Health("unhealthy", 1, 2, "refused") and restart
+    assert after == Health("unhealthy", 1, 1, "refused") and restart
     after, restart = judge(check, Health("starting", 0, 2), False, "refused", False)
     assert after == Health("unhealthy", 1, 2, "refused") and not restart
     # Without the key, restarts go on for ever.
@@ -82,11 +82,22 @@ async def test_the_agent_restarts_m_times_then_leaves_the_unit_to_the_engine_and
     agent, systemd, clock, scripted, events = await _running_agent(
         {"web.service": "HealthCheckTCP=81\nHealthCheckThreshold=1\nHealthCheckMoveAfter=2"}
     )
+    verdicts = []
+    report = events.health
+
+    def seen(name, before, after, check, restarting):
+        verdicts.append((after.status, after.restarts, restarting))
+        report(name, before, after, check, restarting)
+
+    events.health = seen
     scripted.passing[81] = False
     jobs = len(systemd.jobs)
     for _ in range(6):
         await step(agent, clock, 10)
     assert systemd.jobs[jobs:].count(("start", "web.service")) == 2
+    # An unhealthy verdict shows the restarts made before it: only the last one, after both,
+    # shows 2, so the engine never moves a unit whose second restart is under way.
+    assert verdicts == [("unhealthy", 0, True), ("unhealthy", 1, True), ("unhealthy", 2, False)]
     health = published(agent, "web.service")
     assert (health.status, health.restarts) == ("unhealthy", 2) and health.failures > 1
     state = await agent._state("web.service", await systemd.unit_state("web.service"))

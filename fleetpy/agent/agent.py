@@ -518,6 +518,10 @@ class Agent:
             if name in self._fence_units and self._heartbeat_lost():
                 return  # the fence holds it stopped until the heartbeat is back
             log.warning("agent: restarting %s: its health check failed", name)
+            # Counted once made, so a published unhealthy state with M restarts is one that
+            # failed after all M (HealthCheckMoveAfter), never one whose Mth restart is under way.
+            if (last := self._last_health.get(name)) is not None:
+                self._last_health[name] = dataclasses.replace(last, restarts=last.restarts + 1)
             await self._job(self.systemd.stop, name)
             await self._job(self.systemd.start, name)
 

@@ -44,6 +44,7 @@ def judge(
     it unhealthy, and then a unit with HealthCheckAction=restart is restarted (once: the
     restarted unit starts over as "starting"), unless it was restarted HealthCheckMoveAfter times
     on this machine already: then it stays unhealthy, and the engine moves it elsewhere.
+    `restarts` counts the restarts made: the agent adds the one this asks for when it makes it.
     """
     if ok:
         return Health("healthy", 0, health.restarts), False
@@ -54,9 +55,9 @@ def judge(
         return replace(health, failures=failures, message=message), False
     if health.status == "unhealthy":
         return replace(health, failures=failures, message=message), False
-    restart = check.restart and not check.exhausted(health.restarts)
-    restarts = health.restarts + 1 if restart else health.restarts
-    return Health("unhealthy", failures, restarts, message), restart
+    return Health("unhealthy", failures, health.restarts, message), check.restart and not check.exhausted(
+        health.restarts
+    )
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,7 @@ class AgentEvents:
                     f"(HealthCheckMoveAfter={check.move_after}): the engine moves it to another machine"
                 )
             else:
-                what = f"restarting it (restart {after.restarts})"
+                what = f"restarting it (restart {after.restarts + 1})"
             self.recorder.emit(
                 kinds.UNIT_UNHEALTHY,
                 f"{name} unhealthy after {after.failures} failed health checks in a row: {after.message}; {what}",
