@@ -17,7 +17,7 @@ from pathlib import Path
 from bench.common import RESULTS, write
 
 # In the order `python -m bench` runs them; the last two need root (they start lab nodes).
-BENCHES = ("placement", "cli", "launch", "failover", "e2e", "fleetd")
+BENCHES = ("placement", "state_notes", "cli", "launch", "failover", "e2e", "fleetd")
 # Run only by name: they need programs built outside this repository (Go fleet), or start
 # a whole lab per etcd backend (lab_launch, a few minutes).
 BY_NAME_ONLY = ("gofleet", "lab_launch")

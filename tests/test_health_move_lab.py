@@ -81,7 +81,26 @@ def test_a_unit_failing_its_check_on_one_node_is_restarted_then_moved_and_says_w
     moved = wait_for("mover.service healthy on another node", healthy_elsewhere, timeout=120, interval=0.5)
     took = time.monotonic() - started
     second = _node_of(lab, moved["machineID"])
-    print(f"\nstart -> moved and healthy on {second}: {took:.1f}s")
+    # The baseline, in the same run: a unit whose same check passes, from start to healthy.
+    baseline = tmp_path / "steady.service"
+    baseline.write_text(
+        f"[Service]\nExecStart=/bin/sleep 1000\n[X-Fleet]\nHealthCheckExec=/bin/true\n{CHECK}"
+    )
+    started = time.monotonic()
+    fleetctl(lab, "start", str(baseline))
+    wait_for(
+        "steady.service healthy",
+        lambda: any(
+            (s.get("health") or {}).get("status") == "healthy" for s in _states(lab, "steady.service")
+        ),
+        timeout=60,
+        interval=0.5,
+    )
+    steady = time.monotonic() - started
+    fleetctl(lab, "destroy", "steady.service")
+    print(
+        f"\nstart -> restarted twice, moved and healthy on {second}: {took:.1f}s (start -> healthy: {steady:.1f}s)"
+    )
     # Started once and restarted twice on the first node, then once on the second; never again.
     assert starts.read_text().split() == [first, first, first, second], starts.read_text()
     assert moved["health"]["restarts"] == 0 and moved["systemdActiveState"] == "active"
