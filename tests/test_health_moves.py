@@ -327,3 +327,31 @@ async def test_a_new_leader_moves_a_unit_whose_state_reached_move_after_before_i
 
 async def _avoided(registry):
     return bool(await registry.avoided())
+
+
+@pytest.mark.parametrize("class_heap", [1, scheduler.CLASS_HEAP])
+def test_the_indexed_plan_and_the_full_scan_agree_with_avoided_machines(
+    monkeypatch, class_heap, random_cases
+) -> None:
+    import random
+
+    from tests.test_scheduler import random_cluster
+
+    monkeypatch.setattr(scheduler, "CLASS_HEAP", class_heap)
+    for seed in range(random_cases):
+        machines, jobs, current = random_cluster(seed)
+        rng = random.Random(seed)
+        ids = [m.id for m in machines]
+        avoided = {
+            job.name: {mid: 2 for mid in rng.sample(ids, rng.randint(1, len(ids)))}
+            for job, unit in jobs
+            if ids and not unit.fleet.is_global and rng.random() < 0.4
+        }
+        names = {job.name for job, _ in jobs}
+        fast = scheduler.plan(machines, jobs, current, avoided=avoided)
+        full = scheduler.plan(machines, jobs, current, detail=names, avoided=avoided)
+        assert fast.assignments == full.assignments, seed
+        assert {n: str(r) for n, r in fast.pending.items()} == {n: str(r) for n, r in full.pending.items()}, (
+            seed
+        )
+        assert not [a for a in fast.assignments if a.machine_id in avoided.get(a.unit, {})], seed

@@ -55,9 +55,8 @@ def judge(
         return replace(health, failures=failures, message=message), False
     if health.status == "unhealthy":
         return replace(health, failures=failures, message=message), False
-    return Health("unhealthy", failures, health.restarts, message), check.restart and not check.exhausted(
-        health.restarts
-    )
+    restart = check.restart and not check.exhausted(health.restarts)
+    return Health("unhealthy", failures, health.restarts, message), restart
 
 
 @dataclass(frozen=True)
