@@ -192,3 +192,23 @@ async def test_bad_resource_options_are_refused_at_the_door_with_what_to_write(
     body = await resp.json()
     assert resp.status == 400 and fragment in body["error"]["message"], body
     assert await registry.jobs() == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ({"HealthCheckMoveAfter": "often"}, "HealthCheckMoveAfter='often': give how many restarts"),
+        (
+            {"HealthCheckAction": "none", "HealthCheckMoveAfter": "2"},
+            "counts the restarts of HealthCheckAction",
+        ),
+        ({"Global": "true", "HealthCheckMoveAfter": "2"}, "cannot be combined with HealthCheckMoveAfter"),
+    ],
+)
+async def test_a_bad_health_move_is_refused_at_the_door_with_what_to_write(client, registry, extra, fragment):
+    options = [SLEEP, {"section": "X-Fleet", "name": "HealthCheckTCP", "value": "127.0.0.1:80"}]
+    options += [{"section": "X-Fleet", "name": key, "value": value} for key, value in extra.items()]
+    resp = await put(client, "h.service", options)
+    body = await resp.json()
+    assert resp.status == 400 and fragment in body["error"]["message"], body
+    assert await registry.jobs() == []
