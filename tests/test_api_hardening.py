@@ -24,7 +24,7 @@ from fleetpy.api.peer import peer_tls
 from fleetpy.cli.fleetctl import cli as fleetctl
 from fleetpy.fleetd.config import ConfigError, build_config
 from fleetpy.fleetd.main import main as fleetd_main
-from fleetpy.registry import Assignment, Job, Machine, Registry, memory_registry
+from fleetpy.registry import Assignment, Job, Machine, NoQuorum, Registry, memory_registry
 from fleetpy.unit import UnitFile
 
 pytest_plugins = ["fixtures_pki"]
@@ -461,6 +461,28 @@ async def test_a_replace_past_the_deadline_still_completes(registry):
                 break
             await asyncio.sleep(0.05)
     assert (await registry.job("a.service")).hash == UnitFile.from_options(other).hash
+
+
+async def test_a_request_past_the_deadline_says_when_etcd_lost_its_quorum(registry):
+    class Quorumless(HeldSubmits):
+        def outage(self):
+            return NoQuorum("etcd has lost its quorum: the member at http://x answers but has no leader")
+
+    held = Quorumless(registry)
+    app = create_app(held, machine_id=M1)
+    app[LIMITS] = Limits(registry_deadline=0.05)
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.put(
+            "/fleet/v1/units/a.service", json={"desiredState": "launched", "options": HELLO}
+        )
+        error = (await resp.json())["error"]
+        held.released.set()
+    assert resp.status == 503 and error["reason"] == "etcdUnreachable"
+    assert error["message"] == (
+        "etcd has lost its quorum: the member at http://x answers but has no leader; units already "
+        "running keep running, but nothing is scheduled, started, stopped or changed until then; "
+        "fleetd keeps retrying; your change is still being tried and may yet be made"
+    )
 
 
 def test_tcp_cap_leaves_descriptors_for_the_unix_socket_and_fleetd(monkeypatch, caplog):

@@ -10,10 +10,20 @@ import logging
 
 import pytest
 
+from fleetpy.engine import engine as engine_module
 from fleetpy.engine import scheduler
 from fleetpy.engine.engine import LEASE_MARGIN, Engine
 from fleetpy.engine.explain import explain_placement
-from fleetpy.registry import Assignment, Job, Machine, ManualClock, MemoryStore, Registry, memory_registry
+from fleetpy.registry import (
+    Assignment,
+    Job,
+    Machine,
+    ManualClock,
+    MemoryStore,
+    NoQuorum,
+    Registry,
+    memory_registry,
+)
 from fleetpy.unit import UnitFile
 
 TRUE = "[Service]\nExecStart=/bin/true\n"
@@ -84,6 +94,64 @@ async def test_a_stopped_leader_resigns_at_once(running):
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert await registry.leader() is None
+
+
+class WithoutQuorum(MemoryStore):
+    """A store whose every request fails as etcd's do once it lost its quorum, while `lost`."""
+
+    def __init__(self, clock):
+        super().__init__(clock)
+        self.lost = False
+
+    def outage(self):
+        return NoQuorum("etcd has lost its quorum (test)") if self.lost else None
+
+    def __getattribute__(self, name):
+        attribute = super().__getattribute__(name)
+        if name in {"put", "get", "list", "refresh", "delete", "index", "apply"}:
+
+            async def request(*args, **kwargs):
+                if self.lost:
+                    raise self.outage()
+                return await attribute(*args, **kwargs)
+
+            return request
+        return attribute
+
+
+async def test_without_quorum_scheduling_pauses_once_with_why_and_resumes_with_its_own_lease(
+    running, monkeypatch, caplog
+):
+    monkeypatch.setattr(engine_module, "OUTAGE_PAUSE", 0.01)
+    caplog.set_level(logging.INFO, logger="fleetpy.engine.engine")
+    clock = ManualClock()  # never advanced: m1's lease from before the outage never expires
+    store = WithoutQuorum(clock)
+    registry = Registry(store)
+    await registry.register_machine(Machine("m1"), ttl=30)
+    # m1 led, and its resign could not reach etcd: the lease is still its own.
+    assert await registry.acquire_leadership("m1", 30)
+    await _submit(registry, "a.service")
+    store.lost = True
+    engine = Engine(registry, "m1", lease_ttl=30, reconcile_interval=3600, clock=clock)
+    running(engine.run())
+
+    def paused():
+        return [r.getMessage() for r in caplog.records if "scheduling paused" in r.getMessage()]
+
+    await _until(lambda: _true(len([r for r in caplog.records if "engine:" in r.getMessage()]) >= 5))
+    assert paused() == [
+        "engine: scheduling paused: etcd has lost its quorum (test); units already running keep "
+        "running, and scheduling resumes when etcd answers again"
+    ]
+    store.lost = False
+    # m1 takes its own lease back at once, not after it expired, and schedules.
+    await _until(lambda: _placed(registry, {"a.service": "m1"}))
+    assert any("scheduling resumes" in r.getMessage() for r in caplog.records)
+    assert len(paused()) == 1
+
+
+async def _true(value):
+    return value
 
 
 async def test_engine_schedules_on_submit_and_reschedules_when_a_machine_expires(running):

@@ -1,4 +1,5 @@
-"""The v3 backend fails over between etcd members without cancelling its callers.
+"""The v3 backend fails over between etcd members without cancelling its callers, and tells an
+etcd that lost its quorum from one that is down.
 
 When one call (here: the open watch) sees its member die, the store closes that connection and
 dials the next member. gRPC cancels every other call still in flight on the closed channel with
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from fleetpy.lab.etcd import enable_auth, start_cluster
+from fleetpy.lab.etcd import enable_auth, initial_cluster, start_cluster
 from fleetpy.registry.etcd3 import EtcdV3Store
-from fleetpy.registry.store import Credentials, Unavailable
+from fleetpy.registry.store import Credentials, NoQuorum, Unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -66,5 +67,49 @@ async def test_a_store_that_logs_in_reaches_the_next_member_when_the_first_is_do
             finally:
                 await store.close()
         finally:
+            for member in members:
+                member.stop()
+
+
+async def test_etcd_without_quorum_is_told_apart_from_etcd_down_and_forgotten_when_back() -> None:
+    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="fleetpy-etcd-3-") as base:
+        members = start_cluster(Path(base), 3)
+        urls = [m.client_url for m in members]
+        store = EtcdV3Store(urls, retry_for=3)
+        try:
+            await store.put("/quorum/a", "1")
+            assert store.outage() is None
+            members[0].stop()
+            members[1].stop()
+            for _ in range(200):  # until it noticed that its leader is gone (~0.5 s)
+                if not members[2].healthy():
+                    break
+                await asyncio.sleep(0.05)
+            # The member left has no leader: it says so at once, where a request without
+            # etcd's "hasleader" would wait out its whole timeout on it.
+            with pytest.raises(NoQuorum) as lost:
+                await store.get("/quorum/a")
+            assert str(lost.value) == (
+                f"etcd has lost its quorum: the member at {urls[2]} answers but has no leader, and the "
+                f"members at {urls[0]}, {urls[1]} do not answer; etcd takes no reads or writes until a "
+                "majority of its members is back"
+            )
+            assert isinstance(store.outage(), NoQuorum)
+            members[2].stop()
+            with pytest.raises(Unavailable) as down:
+                await store.get("/quorum/a")
+            assert not isinstance(down.value, NoQuorum) and "etcd is unreachable at" in str(down.value)
+            initial = initial_cluster(members)
+            for member in members:
+                member.start(initial)
+            store_back = EtcdV3Store(urls, retry_for=20)
+            try:
+                assert await store_back.get("/quorum/a") == "1"
+            finally:
+                await store_back.close()
+            assert await store.get("/quorum/a") == "1"
+            assert store.outage() is None
+        finally:
+            await store.close()
             for member in members:
                 member.stop()

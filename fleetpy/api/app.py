@@ -8,7 +8,7 @@ from aiohttp import web
 
 from fleetpy.api.auth import AUTH, Auth, authenticate
 from fleetpy.api.changes import Changes
-from fleetpy.api.connections import GUARDS, LIMITS, Guards, Limits, bounded, clock
+from fleetpy.api.connections import GUARDS, LIMITS, OUTAGE, Guards, Limits, bounded, clock
 from fleetpy.api.context import ApiContext
 from fleetpy.api.dashboard import Dashboard
 from fleetpy.api.errors import errors
@@ -52,6 +52,7 @@ def create_app(
     app[AUTH] = Auth(machine_id=machine_id)
     app[GUARDS] = Guards()
     app[LIMITS] = Limits()
+    app[OUTAGE] = registry.outage
     FleetV1(context).add_routes(app.router)
     extensions = FleetpyV1(context, local, Peers(registry, machine_id, peer_token, peer_tls))
     extensions.add_routes(app.router)

@@ -19,7 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
-from fleetpy.api.errors import ETCD_UNREACHABLE, ApiError
+from fleetpy.api.errors import ETCD_UNREACHABLE, ApiError, etcd_unavailable
+from fleetpy.registry import NoQuorum, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ class Limits:
 
 
 LIMITS = web.AppKey("limits", Limits)
+# Why etcd fails now, as fleetd's registry knows it (Registry.outage): what a request that waited
+# out its deadline is told.
+OUTAGE: web.AppKey[Callable[[], Unavailable | None]] = web.AppKey("outage")
 
 
 class _GuardedProtocol(asyncio.Protocol):
@@ -175,12 +179,15 @@ async def deadline(request: web.BaseRequest) -> AsyncIterator[None]:
             yield
     except TimeoutError:
         pending = "" if request.method == "GET" else "; your change is still being tried and may yet be made"
-        raise ApiError(
-            503,
-            f"etcd did not answer within {seconds:g}s: it is down or unreachable from this fleetd, "
-            f"which keeps retrying; check that etcd runs and that --etcd-servers points at it{pending}",
-            reason=ETCD_UNREACHABLE,
-        ) from None
+        outage = request.app[OUTAGE]()
+        if isinstance(outage, NoQuorum):
+            message = etcd_unavailable(outage) + pending
+        else:
+            message = (
+                f"etcd did not answer within {seconds:g}s: it is down or unreachable from this fleetd, "
+                f"which keeps retrying; check that etcd runs and that --etcd-servers points at it{pending}"
+            )
+        raise ApiError(503, message, reason=ETCD_UNREACHABLE) from None
 
 
 class GuardedSite(web.BaseSite):

@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from fleetpy.registry import Conflict, NotFound, Unavailable
+from fleetpy.registry import Conflict, NoQuorum, NotFound, Unavailable
 from fleetpy.unit import UnitError
 
 log = logging.getLogger(__name__)
@@ -21,6 +21,18 @@ log = logging.getLogger(__name__)
 # The error's "reason" when etcd is what failed (a fleetpy field beside fleet's code and message),
 # so that clients can tell "fleetd answered but etcd is unreachable" from "fleetd is unreachable".
 ETCD_UNREACHABLE = "etcdUnreachable"
+
+
+# What an etcd without quorum means for the cluster, after the store's account of the members.
+NO_QUORUM_CONSEQUENCES = (
+    "units already running keep running, but nothing is scheduled, started, stopped or changed "
+    "until then; fleetd keeps retrying"
+)
+
+
+def etcd_unavailable(error: Unavailable) -> str:
+    """The 503's message for an etcd that failed a request (after the store's own retries)."""
+    return f"{error}; {NO_QUORUM_CONSEQUENCES}" if isinstance(error, NoQuorum) else str(error)
 
 
 class ApiError(Exception):
@@ -51,7 +63,7 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
     except Conflict as error:
         return error_response(409, str(error))
     except Unavailable as error:
-        return error_response(503, str(error), ETCD_UNREACHABLE)
+        return error_response(503, etcd_unavailable(error), ETCD_UNREACHABLE)
     except web.HTTPException as error:
         if error.status < 400:
             raise

@@ -15,7 +15,17 @@ from fleetpy.engine.guarded import plan_guarded
 from fleetpy.engine.health import avoided_machines, new_avoidances, stale_avoidances, worth_noting
 from fleetpy.engine.scheduler import Plan
 from fleetpy.events import EngineEvents
-from fleetpy.registry import Assignment, Avoidance, HistoryLost, Job, Registry, StoreError, UnitState
+from fleetpy.registry import (
+    Assignment,
+    Avoidance,
+    HistoryLost,
+    Job,
+    NoQuorum,
+    Registry,
+    StoreError,
+    Unavailable,
+    UnitState,
+)
 from fleetpy.registry.mirror import Mirror, MirrorStore
 from fleetpy.unit import Unit, load_unit
 
@@ -145,12 +155,16 @@ class Engine:
         # States whose restarts reached HealthCheckMoveAfter, noted by the mirror, until a pass
         # has written what they call for.
         self._noted: dict[tuple[str, str], UnitState] = {}
+        self._failing = False  # the latest etcd request failed
+        self._paused_since: float | None = None  # by time.monotonic: since scheduling paused
 
     async def run(self) -> None:
         while True:
             try:
                 sent = self.clock()
-                if await self.registry.acquire_leadership(self.machine_id, self.lease_ttl):
+                acquired = await self.registry.acquire_leadership(self.machine_id, self.lease_ttl)
+                self._etcd_answered()
+                if acquired:
                     self._lease_until = sent + self.lease_ttl
                     log.info("engine: this machine leads (%s)", self.machine_id)
                     self.events.leading(self.machine_id)
@@ -309,6 +323,7 @@ class Engine:
         it read may be stale, or etcd was away), False when the lease is gone."""
         try:
             await self.reconcile(check_lease=True)
+            self._etcd_answered()
             return True
         except LeaseUncertain:
             log.warning(
@@ -322,8 +337,32 @@ class Engine:
             return None
 
     async def _outage(self, what: str, error: StoreError) -> None:
-        log.warning("engine: %s: %s", what, error)
+        """Log a failed etcd request once it is an outage, and pause before the next try.
+
+        A first failure may be a blip (a watch stream broke as its etcd member went away, and
+        the next try on another member works); a second in a row, or etcd's members saying they
+        lost their quorum, pauses scheduling, which is logged once until etcd answers again."""
+        known = self.registry.outage()  # the store's account, which may say more than `error`
+        why = known if isinstance(known, NoQuorum) else error
+        if not isinstance(error, Unavailable):
+            log.warning("engine: %s: %s", what, error)
+        elif self._paused_since is None and (self._failing or isinstance(why, NoQuorum)):
+            self._paused_since = time.monotonic()
+            log.warning(
+                "engine: scheduling paused: %s; units already running keep running, and scheduling "
+                "resumes when etcd answers again",
+                why,
+            )
+        else:
+            log.info("engine: %s: %s", what, error)
+        self._failing = isinstance(error, Unavailable)
         await asyncio.sleep(OUTAGE_PAUSE)
+
+    def _etcd_answered(self) -> None:
+        self._failing = False
+        if self._paused_since is not None:
+            paused, self._paused_since = time.monotonic() - self._paused_since, None
+            log.warning("engine: etcd answers again after %.1fs; scheduling resumes", paused)
 
     def _grace(self, last_failure: float) -> float:
         """Seconds left in which missing machines may still register again."""

@@ -292,6 +292,10 @@ def _print_status(info: dict[str, Any], wide: bool = False) -> None:
     def yes(flag: bool) -> str:
         return "up" if flag else "DOWN"
 
+    def registered(flag: bool) -> str:
+        # Without a quorum the registry cannot be read: whether a machine is in it is unknown.
+        return "?" if not info["etcd_quorum"]["ok"] else "yes" if flag else "no"
+
     click.echo(
         f"lab {info['dir']}  network: {info['network']}"
         + (f" (bridge {info['bridge']})" if info["bridge"] else "")
@@ -299,9 +303,17 @@ def _print_status(info: dict[str, Any], wide: bool = False) -> None:
     )
     if info["metrics"]:
         click.echo(f"  metrics  {info['metrics']}  (Authorization: Bearer $(cat {info['dir']}/token))")
+    quorum = info["etcd_quorum"]
     for member in info["etcd"]:
-        health = "healthy" if member["healthy"] else ("running, unhealthy" if member["running"] else "DOWN")
+        unhealthy = "running, unhealthy" if quorum["ok"] else "running, no leader"
+        health = "healthy" if member["healthy"] else (unhealthy if member["running"] else "DOWN")
         click.echo(f"  {member['name']:<8} {member['url']:<28} {health}")
+    if not quorum["ok"]:
+        click.echo(
+            f"  etcd has no quorum: {quorum['running']} of {quorum['members']} members run, "
+            f"{quorum['majority']} needed; nothing is scheduled, started or stopped until a majority "
+            "is back, and units already running keep running"
+        )
     header = (
         f"  {'NODE':<8} {'IP':<13} {'MACHINE':<12} {'SYSTEMD':<8} {'FLEETD':<7} {'REGISTERED':<11} "
         f"{'PROCS':>5} {'RSS':>7} {'PSS':>7}  METADATA"
@@ -313,6 +325,6 @@ def _print_status(info: dict[str, Any], wide: bool = False) -> None:
         machine = n["machine_id"] if wide else short_machine_id(n["machine_id"])
         click.echo(
             f"  {n['name']:<8} {ip:<13} {machine:<12} {yes(n['systemd']):<8} {yes(n['fleetd']):<7} "
-            f"{'yes' if n['registered'] else 'no':<11} {n['processes']:>5} "
+            f"{registered(n['registered']):<11} {n['processes']:>5} "
             f"{n['rss_kib'] // 1024:>5}MB {n['pss_kib'] // 1024:>5}MB  {metadata}"
         )

@@ -107,6 +107,7 @@ def status(book: StateFile) -> dict[str, Any]:
     """The lab as `fleetpy lab status --json` shows it."""
     state = book.require()
     registered = machines(state)
+    members = [_etcd_row(state, member) for member in state.etcd]
     return {
         "dir": state.dir,
         "network": state.network,
@@ -116,7 +117,8 @@ def status(book: StateFile) -> dict[str, Any]:
         "endpoint": endpoint(book),
         # `up --metrics`: every node's metrics for Prometheus, behind the lab's token
         "metrics": state.metrics_url if server_alive(state) else "",
-        "etcd": [_etcd_row(state, member) for member in state.etcd],
+        "etcd": members,
+        "etcd_quorum": _quorum(members),
         "nodes": [_node_row(state, ns, registered) for ns in state.nodes],
     }
 
@@ -128,6 +130,17 @@ def _etcd_row(state: State, member: EtcdState) -> dict[str, Any]:
         "url": member.client_url,
         "running": cgroup_alive(member.cgroup),
         "healthy": running.healthy(etcd_health_client(state)),
+    }
+
+
+def _quorum(members: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whether etcd has a quorum: a member is healthy only while it has a leader, which takes a
+    majority of the members running."""
+    return {
+        "ok": any(m["healthy"] for m in members),
+        "running": sum(m["running"] for m in members),
+        "members": len(members),
+        "majority": len(members) // 2 + 1,
     }
 
 

@@ -17,7 +17,7 @@ from fleetpy.registry.models import (
     UnitState,
 )
 from fleetpy.registry.registry import DEFAULT_PREFIX, Conflict, NotFound, Registry, memory_registry
-from fleetpy.registry.store import Credentials, HistoryLost, Store, StoreError, Unavailable
+from fleetpy.registry.store import Credentials, HistoryLost, NoQuorum, Store, StoreError, Unavailable
 
 __all__ = [
     "ETCD_APIS",
@@ -35,6 +35,7 @@ __all__ = [
     "Machine",
     "ManualClock",
     "MemoryStore",
+    "NoQuorum",
     "NotFound",
     "Registry",
     "Store",

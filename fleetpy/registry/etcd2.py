@@ -85,6 +85,7 @@ class EtcdV2Store:
         self._refreshes = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="etcd-refresh")
         self._retry_for = retry_for
         self._last_failure = -float("inf")
+        self._failing: type[BaseException] | None = None  # the latest request's error, if it failed
 
     @property
     def _client(self) -> etcd.Client:
@@ -93,11 +94,14 @@ class EtcdV2Store:
     def _call_blocking(self, operation: Callable[[etcd.Client], Any]) -> Any:
         def attempt() -> Any:
             try:
-                return operation(self._client)
+                result = operation(self._client)
+                self._failing = None
+                return result
             except etcd.EtcdWatchTimedOut:
                 raise  # a long poll that saw no change: an answer, not a failure
-            except _TRANSIENT:
+            except _TRANSIENT as error:
                 self._last_failure = time.monotonic()
+                self._failing = type(error)
                 # Try the next member on the next attempt; a cluster keeps serving without one.
                 self._current = (self._current + 1) % len(self._servers)
                 raise
@@ -116,18 +120,22 @@ class EtcdV2Store:
                 "--etcd-password-file and the user's permissions on the registry's prefix"
             ) from None
         except RetryError as error:
-            urls = ", ".join(s.url for s in self._servers)
-            cause = error.last_attempt.exception()
-            raise Unavailable(
-                f"etcd is unreachable at {urls} ({type(cause).__name__}); "
-                "check that etcd runs and --etcd-servers points at it"
-            ) from None
+            raise self._unreachable(type(error.last_attempt.exception())) from None
 
     async def _call(self, operation: Callable[[etcd.Client], Any]) -> Any:
         return await asyncio.to_thread(self._call_blocking, operation)
 
     def last_failure(self) -> float:
         return self._last_failure
+
+    def outage(self) -> Unavailable | None:
+        return None if self._failing is None else self._unreachable(self._failing)
+
+    def _unreachable(self, cause: type[BaseException]) -> Unavailable:
+        urls = ", ".join(s.url for s in self._servers)
+        return Unavailable(
+            f"etcd is unreachable at {urls} ({cause.__name__}); check that etcd runs and --etcd-servers points at it"
+        )
 
     async def close(self) -> None:
         self._refreshes.shutdown(wait=False)

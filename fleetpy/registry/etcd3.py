@@ -3,6 +3,10 @@
 - TTLs are leases: `put(..., ttl=)` grants one and attaches the key; `refresh` is one
   keepalive, which emits no watch event, so heartbeats wake nobody.
 - Compare-and-swap and create-only writes are transactions.
+- Every request asks for a member with a leader (etcd's "hasleader" metadata, as Go's
+  clientv3.WithRequireLeader): a member cut off from the majority answers "no leader" at once
+  instead of holding the request until it times out, so the store tries the next member, and
+  when none has a leader it says that etcd lost its quorum (NoQuorum), not that it is down.
 - `wait` opens a prefix watch from a revision on the client's one gRPC watch stream and keeps
   it open for the next waits, so events arrive as etcd applies them. A compacted revision is
   reported as HistoryLost; the caller re-lists and continues from the new revision.
@@ -33,6 +37,7 @@ from fleetpy.registry.store import (
     CompareFailed,
     Credentials,
     HistoryLost,
+    NoQuorum,
     Op,
     Put,
     StoreError,
@@ -49,6 +54,11 @@ MAX_TXN_OPS = 128
 
 # A member that did not answer, or answered "not now": worth retrying, possibly on another one.
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+# Sent with every request and stream: a member without a leader refuses them at once (etcd's
+# rpctypes.MetadataRequireLeaderKey), and closes a stream whose member loses its leader.
+_REQUIRE_LEADER = ("hasleader", "true")
+# What such a member answers (etcd's rpctypes.ErrGRPCNoLeader, code UNAVAILABLE).
+_NO_LEADER = "etcdserver: no leader"
 # gRPC's own reconnect backoff grows to minutes; an etcd restart must be noticed within a second.
 _CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -85,11 +95,12 @@ class _LoggedInAgain(Exception):
 
 @dataclass
 class _Connection:
+    url: str  # of the member it talks to
     channel: grpc.aio.Channel
     kv: Any
     lease: Any
     watcher: Watcher
-    metadata: tuple[tuple[str, str], ...] | None
+    metadata: tuple[tuple[str, str], ...]
     closed: bool = False  # by the store (a member failed, or a new login), see _call
 
 
@@ -114,6 +125,9 @@ class EtcdV3Store:
         self._connection: _Connection | None = None
         self._connecting = asyncio.Lock()
         self._last_failure = -float("inf")
+        # Since the latest request that failed, each member's latest failure (by URL); emptied
+        # when a request succeeds. What `outage` tells.
+        self._failures: dict[str, grpc.aio.AioRpcError | aetcd_errors.ClientError] = {}
         self._leases: dict[str, int] = {}  # key -> the lease this store attached to it
         self._watches: dict[str, _PrefixWatch] = {}
 
@@ -133,17 +147,18 @@ class EtcdV3Store:
                 channel = grpc.aio.secure_channel(target, channel_credentials, options=_CHANNEL_OPTIONS)
             else:
                 channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
-            metadata = None
+            metadata: tuple[tuple[str, str], ...] = (_REQUIRE_LEADER,)
             try:
                 if creds.username:
                     auth = rpc.AuthStub(channel)
                     request = rpc.AuthenticateRequest(name=creds.username, password=creds.password or "")
-                    response = await auth.Authenticate(request, timeout=self._timeout)
-                    metadata = (("token", response.token),)
+                    response = await auth.Authenticate(request, timeout=self._timeout, metadata=metadata)
+                    metadata = (*metadata, ("token", response.token))
             except BaseException:
                 await channel.close()
                 raise
             self._connection = _Connection(
+                self._urls[self._current],
                 channel,
                 rpc.KVStub(channel),
                 rpc.LeaseStub(channel),
@@ -176,7 +191,9 @@ class EtcdV3Store:
             connection = None
             try:
                 connection = await self._connect()
-                return await operation(connection)
+                result = await operation(connection)
+                self._failures.clear()
+                return result
             except aetcd_errors.RevisionCompactedError:
                 raise
             except asyncio.CancelledError:
@@ -190,7 +207,7 @@ class EtcdV3Store:
                     raise Unavailable(f"etcd at {', '.join(self._urls)} kept failing over") from None
                 continue
             except (grpc.aio.AioRpcError, aetcd_errors.ClientError) as error:
-                code = error.code() if isinstance(error, grpc.aio.AioRpcError) else _code_of(error)
+                code = _code_of(error)
                 if code == grpc.StatusCode.UNAUTHENTICATED and not reauthenticated and connection:
                     # Simple tokens expire after a quiet spell; log in again once.
                     reauthenticated = True
@@ -198,23 +215,37 @@ class EtcdV3Store:
                     continue
                 if code not in _TRANSIENT:
                     raise StoreError(f"etcd refused the request: {_details(error)}") from None
-                self._last_failure = time.monotonic()
+                # A failed dial (or login) was on the current member.
+                self._failed(connection.url if connection else self._urls[self._current], error)
                 if connection is not None and len(self._targets) > 1:
                     await self._drop(connection, next_member=True)
                 elif connection is None:
                     # Dialing failed (logging in is the first call on a member): the next one.
                     self._current = (self._current + 1) % len(self._targets)
                 if time.monotonic() + delay > deadline:
-                    urls = ", ".join(self._urls)
-                    raise Unavailable(
-                        f"etcd is unreachable at {urls} ({_details(error)}); "
-                        "check that etcd runs and --etcd-servers points at it"
-                    ) from None
+                    raise self.outage() or _unreachable(self._urls, error) from None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
+    def _failed(self, member: str, error: grpc.aio.AioRpcError | aetcd_errors.ClientError) -> None:
+        self._last_failure = time.monotonic()
+        self._failures[member] = error
+
     def last_failure(self) -> float:
         return self._last_failure
+
+    def outage(self) -> Unavailable | None:
+        if not self._failures:
+            return None
+        leaderless = [url for url in self._urls if _no_leader(self._failures.get(url))]
+        if not leaderless:
+            return _unreachable(self._urls, list(self._failures.values())[-1])
+        silent = [url for url in self._urls if url in self._failures and url not in leaderless]
+        answer = "answers but has" if len(leaderless) == 1 else "answer but have"
+        message = f"etcd has lost its quorum: {_members(leaderless)} {answer} no leader"
+        if silent:
+            message += f", and {_members(silent)} {'does' if len(silent) == 1 else 'do'} not answer"
+        return NoQuorum(f"{message}; etcd takes no reads or writes until a majority of its members is back")
 
     async def close(self) -> None:
         self._watches.clear()
@@ -396,8 +427,11 @@ class EtcdV3Store:
                 del self._watches[prefix]
                 asyncio.get_running_loop().create_task(watch.cancel())
 
-    async def _stream_broke(self, connection: _Connection) -> None:
-        self._last_failure = time.monotonic()
+    async def _stream_broke(self, connection: _Connection, error: BaseException) -> None:
+        if isinstance(error, grpc.aio.AioRpcError | aetcd_errors.ClientError):
+            self._failed(connection.url, error)
+        else:
+            self._last_failure = time.monotonic()
         await self._drop(connection, next_member=len(self._targets) > 1)
 
 
@@ -443,7 +477,7 @@ class _PrefixWatch:
                 and self._connection
                 and not isinstance(event_or_error, aetcd_errors.RevisionCompactedError)
             ):
-                await self._store._stream_broke(self._connection)
+                await self._store._stream_broke(self._connection, event_or_error)
         else:
             if len(self._changes) == self.KEEP:
                 self._dropped_through = self._changes[0].index
@@ -549,10 +583,13 @@ def _read(path: str | None) -> bytes | None:
         return file.read()
 
 
-def _code_of(error: aetcd_errors.ClientError) -> grpc.StatusCode | None:
-    cause = error.__cause__
-    if isinstance(cause, grpc.aio.AioRpcError):
-        return cause.code()
+def _code_of(error: grpc.aio.AioRpcError | aetcd_errors.ClientError) -> grpc.StatusCode | None:
+    rpc_error = error if isinstance(error, grpc.aio.AioRpcError) else error.__cause__
+    if isinstance(rpc_error, grpc.aio.AioRpcError):
+        if rpc_error.code() == grpc.StatusCode.UNKNOWN and "deadline exceeded" in (rpc_error.details() or ""):
+            # etcd's own timeout on a request it could not commit (a lease keepalive, say).
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return rpc_error.code()
     if isinstance(error, aetcd_errors.ConnectionFailedError | aetcd_errors.ConnectionTimeoutError):
         return grpc.StatusCode.UNAVAILABLE
     if isinstance(error, aetcd_errors.WatchTimeoutError):
@@ -560,6 +597,24 @@ def _code_of(error: aetcd_errors.ClientError) -> grpc.StatusCode | None:
     if isinstance(error, aetcd_errors.UnauthenticatedError):
         return grpc.StatusCode.UNAUTHENTICATED
     return None
+
+
+def _no_leader(error: BaseException | None) -> bool:
+    if error is None:
+        return False
+    rpc_error = error if isinstance(error, grpc.aio.AioRpcError) else error.__cause__
+    return isinstance(rpc_error, grpc.aio.AioRpcError) and rpc_error.details() == _NO_LEADER
+
+
+def _unreachable(urls: list[str], error: BaseException) -> Unavailable:
+    return Unavailable(
+        f"etcd is unreachable at {', '.join(urls)} ({_details(error)}); "
+        "check that etcd runs and --etcd-servers points at it"
+    )
+
+
+def _members(urls: list[str]) -> str:
+    return f"the member at {urls[0]}" if len(urls) == 1 else f"the members at {', '.join(urls)}"
 
 
 def _details(error: BaseException) -> str:

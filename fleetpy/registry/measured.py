@@ -9,7 +9,7 @@ from fleetpy.conf import metrics
 from fleetpy.registry.store import Store, StoreError
 
 # Long polls last as long as the cluster is quiet: their time says nothing about etcd.
-UNTIMED = frozenset({"wait", "changes", "last_failure", "close"})
+UNTIMED = frozenset({"wait", "changes", "last_failure", "outage", "close"})
 
 
 class MeasuredStore:

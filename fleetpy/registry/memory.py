@@ -68,6 +68,9 @@ class MemoryStore:
     def last_failure(self) -> float:
         return -float("inf")  # memory never fails
 
+    def outage(self) -> None:
+        return None
+
     async def close(self) -> None:
         pass
 

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable, Collection, Sequence
 
 from fleetpy.conf import metrics
-from fleetpy.registry.store import Change, HistoryLost, Op, Store, StoreError
+from fleetpy.registry.store import Change, HistoryLost, Op, Store, StoreError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +279,9 @@ class MirrorStore:
 
     def last_failure(self) -> float:
         return self.inner.last_failure()
+
+    def outage(self) -> Unavailable | None:
+        return self.inner.outage()
 
     async def close(self) -> None:
         await self.mirror.close()  # the mirror's store belongs to whoever made it

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from fleetpy.conf import metrics
 from fleetpy.registry.memory import MemoryStore
 from fleetpy.registry.models import Assignment, Avoidance, Event, Job, Machine, UnitState
-from fleetpy.registry.store import AlreadyExists, CompareFailed, Delete, Op, Put, Store
+from fleetpy.registry.store import AlreadyExists, CompareFailed, Delete, Op, Put, Store, Unavailable
 from fleetpy.unit import UnitFile
 
 SCHEMA_VERSION = "1"
@@ -363,11 +363,13 @@ class Registry:
 
     # Engine leadership: a TTL'd key; whoever creates it leads until it stops refreshing.
     async def acquire_leadership(self, holder: str, ttl: float) -> bool:
+        """Take the leader lease if it is free, or take back `holder`'s own: one whose resign
+        never reached etcd (etcd had lost its quorum, say) stays `holder`'s until it expires."""
         try:
             await self.store.put(self.key("engine", "leader"), holder, ttl=ttl, create_only=True)
             return True
         except AlreadyExists:
-            return False
+            return await self.renew_leadership(holder, ttl)
 
     async def renew_leadership(self, holder: str, ttl: float) -> bool:
         key = self.key("engine", "leader")
@@ -408,6 +410,10 @@ class Registry:
 
         Answered locally; async like every other registry read, so callers need not know."""
         return self.store.last_failure()
+
+    def outage(self) -> Unavailable | None:
+        """Why etcd fails now (NoQuorum when its members answer without a leader), or None."""
+        return self.store.outage()
 
     # Watches: block until something under a directory changes after `after_index`.
     async def index(self) -> int:

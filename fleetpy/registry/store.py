@@ -20,6 +20,11 @@ class Unavailable(StoreError):
     """etcd did not answer, even after retrying."""
 
 
+class NoQuorum(Unavailable):
+    """etcd members answer, but none has a leader: a majority of the cluster is gone, and etcd
+    takes no reads or writes until enough members are back."""
+
+
 class AlreadyExists(StoreError):
     pass
 
@@ -127,6 +132,11 @@ class Store(Protocol):
 
     def last_failure(self) -> float:
         """When (time.monotonic) a request last failed, even if a retry then succeeded."""
+        ...
+
+    def outage(self) -> Unavailable | None:
+        """Why etcd fails now: what a request would raise if its retries ran out (NoQuorum when
+        members answer without a leader), or None when the latest request succeeded."""
         ...
 
     async def close(self) -> None: ...
