@@ -7,9 +7,10 @@ import asyncio
 from fleetpy.agent.agent import Agent, supervise
 from fleetpy.agent.tasks import Desired, plan_tasks
 from fleetpy.engine.engine import Engine
-from fleetpy.registry import Assignment, Machine, UnitState, memory_registry
+from fleetpy.registry import Assignment, Machine, Registry, UnitState, memory_registry
 from fleetpy.systemd import FakeSystemd, SystemdError
 from fleetpy.unit import UnitFile
+from tests.test_registry_mirror import CountingStore
 
 SLEEP = "[Service]\nExecStart=/bin/sleep 1000\n"
 
@@ -183,6 +184,42 @@ async def test_scheduling_a_unit_wakes_only_the_agent_of_its_machine():
     finally:
         for task in tasks:
             task.cancel()
+
+
+async def test_new_units_cost_the_agent_one_read_of_their_files_and_no_re_read_of_the_schedule():
+    """The watch's records are the schedule: no listing after the first, and the unit files of
+    the units that arrived together come in one read; their states go out in batches."""
+    registry = memory_registry()
+    counted = CountingStore(registry.store)
+    agent = Agent(Registry(counted, registry.prefix), FakeSystemd(), Machine("m1"), ttl=5)
+    task = asyncio.create_task(agent.run())
+    try:
+        await asyncio.wait_for(agent.reconciled.wait(), 5)
+        await asyncio.sleep(0.05)  # the publisher's first (empty) pass and the watch are set up
+        digests = [
+            await registry.put_unit_file(UnitFile.parse(SLEEP.replace("1000", str(i)))) for i in range(5)
+        ]
+        counted.calls.clear()
+        batch = registry.batch()
+        for i, digest in enumerate(digests):
+            batch.assign(Assignment(f"u{i}.service", "m1", digest, "launched"))
+        await registry.apply(batch)
+        for i in range(5):
+            await _settle(registry, f"u{i}.service", "active")
+        # One read of the files; states in batches (the publisher may take one while starts go on).
+        assert counted.calls["get_many"] == 1 and counted.calls["apply"] < 5
+        assert not counted.calls["list"] and not counted.calls["get"] and not counted.calls["index"]
+
+        await registry.unassign("u0.service", "m1")
+        for _ in range(300):
+            if "u0.service" not in {s.unit for s in await registry.states()}:
+                break
+            await asyncio.sleep(0.01)
+        assert "u0.service" not in {s.unit for s in await registry.states()}
+        assert (await agent.systemd.unit_state("u1.service"))[1] == "active"
+        assert not counted.calls["list"]
+    finally:
+        task.cancel()
 
 
 FAILING = "[Service]\nType=oneshot\nExecStart=/bin/false\n"

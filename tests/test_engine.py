@@ -183,6 +183,39 @@ async def test_unschedulable_unit_gets_a_pending_reason():
     assert await registry.assignments() == []
 
 
+async def test_units_sharing_a_file_have_it_read_and_parsed_once_with_new_ones_in_one_read(monkeypatch):
+    registry = memory_registry()
+    await registry.register_machine(Machine("m1"), ttl=30)
+    engine = Engine(registry, "m1", lease_ttl=5)
+    reads, parses = [], []
+    real_read, real_parse = registry.unit_files, UnitFile.parse
+
+    async def read(digests):
+        reads.append(set(digests))
+        return await real_read(digests)
+
+    def parse(text):
+        parses.append(text)
+        return real_parse(text)
+
+    monkeypatch.setattr(registry, "unit_files", read)
+    template = await _submit(registry, "web@1.service")
+    await _submit(registry, "web@2.service")
+    other = await _submit(registry, "db.service", TRUE.replace("true", "false"))
+    monkeypatch.setattr(UnitFile, "parse", parse)
+    await engine.reconcile()
+    assert reads == [{template, other}] and len(parses) == 2
+    await registry.create_job(Job("web@3.service", template, "launched"))
+    await engine.reconcile()
+    assert reads == [{template, other}] and len(parses) == 2  # web@3 shares web@1's file
+    assert {a.unit for a in await registry.assignments()} == {
+        "web@1.service",
+        "web@2.service",
+        "web@3.service",
+        "db.service",
+    }
+
+
 async def test_a_unit_that_no_longer_parses_is_pending_with_a_reason_and_the_rest_is_scheduled(
     running, caplog
 ):

@@ -23,6 +23,7 @@ from fleetpy.registry import (
 )
 from fleetpy.registry.etcd2 import EtcdV2Store
 from fleetpy.registry.etcd3 import EtcdV3Store
+from fleetpy.registry.store import Put
 from fleetpy.unit import UnitFile
 
 
@@ -40,6 +41,57 @@ async def test_unit_files_are_stored_by_content_hash(registry):
     assert await registry.put_unit_file(HELLO) == digest
     assert await registry.unit_file(digest) == HELLO
     assert await registry.unit_file("0" * 40) is None
+
+
+async def test_several_unit_files_are_read_at_once_with_why_each_missing_one_is(registry):
+    other = UnitFile.parse("[Service]\nExecStart=/bin/true\n")
+    await registry.put_unit_file(HELLO)
+    await registry.put_unit_file(other)
+    await registry.store.put(registry.key("unit", "b" * 40), "[Service\nbroken")
+    found = await registry.unit_files([HELLO.hash, other.hash, "0" * 40, "b" * 40, HELLO.hash])
+    assert found[HELLO.hash] == HELLO and found[other.hash] == other
+    assert "missing from the registry" in found["0" * 40]
+    assert "cannot be read" in found["b" * 40]
+    assert len(found) == 4
+
+
+async def test_a_v3_multi_key_read_is_one_transaction_per_128_keys(v3_registry):
+    keys = [v3_registry.key("many", str(i)) for i in range(300)]
+    await v3_registry.store.apply([Put(key, key[-3:]) for key in keys[::2]])
+    calls = 0
+    real = v3_registry.store._call
+
+    async def counted(operation):
+        nonlocal calls
+        calls += 1
+        return await real(operation)
+
+    v3_registry.store._call = counted
+    found = await v3_registry.store.get_many(keys)
+    assert found == {key: key[-3:] for key in keys[::2]}
+    assert calls == 3
+
+
+async def test_schedule_changes_carry_the_records_and_removals(registry):
+    start = await registry.index()
+    await registry.assign(Assignment("a.service", "m1", "h1", "launched"))
+    await registry.assign(Assignment("b.service", "m1", "h2", "launched"))
+    await registry.assign(Assignment("c.service", "m10", "h3", "launched"))  # another machine
+    await registry.unassign("a.service", "m1")
+    await registry.store.put(registry.key("schedule", "m1", "bad.service"), "{not json")
+    seen: dict = {}
+    index = start
+    while len(seen) < 3:
+        index, changed = await registry.schedule_changes("m1", index, timeout=5)
+        assert changed, "a schedule change was not seen within 5 s"
+        seen.update(changed)
+    assert seen == {
+        "a.service": None,
+        "b.service": Assignment("b.service", "m1", "h2", "launched"),
+        "bad.service": None,
+    }
+    assert "schedule/m1/bad.service" in registry.unreadable
+    assert await registry.schedule_changes("m1", index, timeout=0.05) == (index, {})
 
 
 async def test_job_lifecycle(registry):

@@ -11,6 +11,7 @@ import pytest
 from fleetpy.registry import Assignment, HistoryLost, Job, Machine, Registry
 from fleetpy.registry.mirror import Mirror, MirrorStore
 from fleetpy.registry.store import Change
+from fleetpy.unit import UnitFile
 from tests.test_registry import forget_history
 
 
@@ -129,6 +130,13 @@ async def test_a_write_through_the_mirror_store_is_read_back_at_once(registry):
             assert f"u{i}.service" in [a.unit for a in await view.assignments("m1")]
             await view.delete_job(f"u{i}.service")
             assert await view.job(f"u{i}.service") is None
+        unit_file = UnitFile.parse("[Service]\nExecStart=/bin/true\n")
+        await view.put_unit_file(unit_file)
+        copy = MirrorStore(mirror)
+        copy.inner = counted = CountingStore(copy.inner)
+        found = await Registry(copy, registry.prefix).unit_files([unit_file.hash, "0" * 40])
+        assert found[unit_file.hash] == unit_file and "missing" in found["0" * 40]
+        assert not counted.calls  # read from the copy, not from etcd
     finally:
         task.cancel()
 

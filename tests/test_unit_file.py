@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from fleetpy.unit import InvalidUnitFile, UnitFile, UnitOption
+from fleetpy.unit import InvalidUnitFile, UnitFile, UnitOption, syntax
 from fleetpy.unit.syntax import swallowed_by_comments
 
 SAMPLE = """\
@@ -301,3 +301,12 @@ def test_api_values_are_stored_as_systemd_reads_them(value: str, stored: str) ->
     unit = UnitFile.from_options([{"section": "Service", "name": "ExecStart", "value": value}])
     assert unit.values("Service", "ExecStart") == [stored]
     assert UnitFile.parse(unit.to_text()) == unit
+
+
+def test_the_forbidden_character_search_is_exactly_the_unicode_categories_it_stands_for() -> None:
+    # Cc, Zl, Zp and Cs lie in the Basic Multilingual Plane; a few characters past it stand for
+    # the rest (checking all 1.1 million code points would cost the fast subset 2 s).
+    for code in [*range(0x10000), 0x10000, 0x1F600, 0xE0001, 0x10FFFF]:
+        char = chr(code)
+        assert (syntax.first_forbidden(char) is not None) == syntax._forbidden(char), hex(code)
+    assert syntax.first_forbidden("a\tb\x85c\x01", allowed="\x85") == "\x01"

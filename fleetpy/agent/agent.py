@@ -218,15 +218,26 @@ class Agent:
                 self.events.etcd(error)
 
     async def _follow_schedule(self) -> None:
+        """List the schedule once, then keep it from the watch's records: a change costs no
+        re-read, and the changes that arrived together make one reconcile."""
         index = None
+        schedule: dict[str, Assignment] = {}
         while True:
             try:
                 if index is None:
                     index = await self.registry.index()
-                    await self.reconcile(await self.registry.assignments(self.machine.id))
-                changed = await self.registry.wait(index, "schedule", self.machine.id, timeout=WATCH_TIMEOUT)
-                if changed is not None:
-                    index = None  # read again from the current index
+                    schedule = {a.unit: a for a in await self.registry.assignments(self.machine.id)}
+                    await self.reconcile(list(schedule.values()))
+                index, changed = await self.registry.schedule_changes(
+                    self.machine.id, index, timeout=WATCH_TIMEOUT
+                )
+                if changed:
+                    for unit, assignment in changed.items():
+                        if assignment is None:
+                            schedule.pop(unit, None)
+                        else:
+                            schedule[unit] = assignment
+                    await self.reconcile([schedule[unit] for unit in sorted(schedule)])
             except HistoryLost:
                 index = None
             except (StoreError, SystemdError) as error:
@@ -306,10 +317,13 @@ class Agent:
         desired = {}
         self._fence_units = set()
         checks = {}
+        unreadable = await self._fetch_unit_files(assignments)
         for a in assignments:
             try:
                 validate_unit_name(a.unit)
-                unit = await self._unit_file(a.unit, a.hash)
+                if a.hash in unreadable:
+                    raise LookupError(unreadable[a.hash])
+                unit = self._texts[a.hash]
                 text = (
                     with_volumes(unit.text, await self._volumes(unit.volumes)) if unit.volumes else unit.text
                 )
@@ -354,17 +368,30 @@ class Agent:
     def _quarantine(self, name: str, reason: str) -> None:
         self._quarantined[name] = f"fleetpy agent: {reason}"
 
-    async def _unit_file(self, name: str, digest: str) -> _UnitText:
-        """The unit file's text, whether it asks for fencing, and its health check."""
-        if digest not in self._texts:
-            unit_file = await self.registry.unit_file(digest)
-            if unit_file is None:
-                raise LookupError(f"unit file {digest} is missing from the registry")
-            options = parse_fleet_options(name, unit_file)
-            self._texts[digest] = _UnitText(
-                unit_file.to_text(), options.fence, options.health, ExecContext.of(unit_file), options.volumes
-            )
-        return self._texts[digest]
+    async def _fetch_unit_files(self, assignments: list[Assignment]) -> dict[str, str]:
+        """Read the unit files not yet cached, all in one registry read, into `_texts` (each
+        file's text, whether it asks for fencing, its health check); those that cannot be
+        used, by hash, with why (left uncached, so the next pass tries them again)."""
+        first_name = {a.hash: a.unit for a in reversed(assignments) if a.hash not in self._texts}
+        if not first_name:
+            return {}
+        unreadable = {}
+        for digest, unit_file in (await self.registry.unit_files(first_name)).items():
+            if isinstance(unit_file, str):
+                unreadable[digest] = unit_file
+                continue
+            try:
+                options = parse_fleet_options(first_name[digest], unit_file)
+                self._texts[digest] = _UnitText(
+                    unit_file.to_text(),
+                    options.fence,
+                    options.health,
+                    ExecContext.of(unit_file),
+                    options.volumes,
+                )
+            except Exception as error:  # noqa: BLE001 - one bad file quarantines its units only
+                unreadable[digest] = str(error)
+        return unreadable
 
     async def _execute(self, tasks: Tasks) -> set[str]:
         """Do the tasks, each unit inside its own error boundary; the units to start next time."""

@@ -27,7 +27,7 @@ from fleetpy.registry import (
     UnitState,
 )
 from fleetpy.registry.mirror import Mirror, MirrorStore
-from fleetpy.unit import Unit, load_unit
+from fleetpy.unit import Unit, UnitFile, load_unit
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,9 @@ class LeaseUncertain(Exception):
 
 
 class ParsedUnits:
-    """Jobs with their parsed units. Unit files are immutable, so parses are kept by (name, hash).
+    """Jobs with their parsed units. Unit files are immutable, so parses are kept by (name, hash),
+    and each file is read (all new ones in one registry read) and parsed once per hash, however
+    many units share it (a template's instances do).
 
     A job whose unit file is missing or no longer parses is quarantined: kept out of scheduling
     with the reason (cached like a parse), while every other job goes on.
@@ -62,17 +64,21 @@ class ParsedUnits:
     def __init__(self, registry: Registry):
         self.registry = registry
         self._units: dict[tuple[str, str], Unit | str] = {}  # the unit, or why there is none
+        self._files: dict[str, UnitFile | str] = {}  # by hash: the file, or why there is none
 
     async def of(self, jobs: list[Job]) -> list[tuple[Job, Unit]]:
         return (await self.split(jobs))[0]
 
     async def split(self, jobs: list[Job]) -> tuple[list[tuple[Job, Unit]], dict[str, str]]:
         """The jobs whose units parse, and the quarantined ones with why."""
+        unread = {j.hash for j in jobs if (j.name, j.hash) not in self._units and j.hash not in self._files}
+        if unread:
+            self._files.update(await self.registry.unit_files(unread))  # etcd away: an outage
         parsed, quarantined = [], {}
         for job in jobs:
             key = (job.name, job.hash)
             if key not in self._units:
-                self._units[key] = await self._load(job)
+                self._units[key] = self._load(job)
             unit = self._units[key]
             if isinstance(unit, str):
                 quarantined[job.name] = unit
@@ -81,6 +87,8 @@ class ParsedUnits:
         # Forget destroyed and replaced units, or the cache would grow with every submit.
         live = {(job.name, job.hash) for job in jobs}
         self._units = {key: unit for key, unit in self._units.items() if key in live}
+        hashes = {job.hash for job in jobs}
+        self._files = {digest: file for digest, file in self._files.items() if digest in hashes}
         return parsed, quarantined
 
     def known(self, name: str, digest: str) -> Unit | None:
@@ -88,19 +96,15 @@ class ParsedUnits:
         unit = self._units.get((name, digest))
         return None if unit is None or isinstance(unit, str) else unit
 
-    async def _load(self, job: Job) -> Unit | str:
+    def _load(self, job: Job) -> Unit | str:
+        unit_file = self._files[job.hash]
+        if isinstance(unit_file, str):
+            return f"its {unit_file}"
         try:
-            unit_file = await self.registry.unit_file(job.hash)
-            if unit_file is None:
-                reason = f"its unit file {job.hash} is missing from the registry"
-            else:
-                return load_unit(job.name, unit_file)
-        except StoreError:
-            raise  # etcd is away: an outage, not a bad record
+            return load_unit(job.name, unit_file)
         except Exception as error:  # noqa: BLE001 - one bad record must not stop the scheduler
             # The API validates on submit; this guards against older or hand-edited records.
-            reason = f"its unit file cannot be read: {error}"
-        return reason
+            return f"its unit file cannot be read: {error}"
 
 
 class Engine:
@@ -530,7 +534,9 @@ class Engine:
         # Each batch is one transaction per 128 writes on etcd v3.
         await self._view.apply(removals)
         additions = self._view.batch()
-        for key, assignment in wanted.items():
+        # Machine by machine: each transaction then holds whole schedules of a few machines,
+        # so an agent is woken once for all its new units, not once per transaction.
+        for key, assignment in sorted(wanted.items(), key=lambda item: (item[0][1], item[0][0])):
             if existing.get(key) != assignment:
                 additions.assign(assignment)
         for unit, reason in reasons.items():

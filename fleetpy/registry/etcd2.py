@@ -148,6 +148,18 @@ class EtcdV2Store:
         except etcd.EtcdKeyNotFound:
             return None
 
+    async def get_many(self, keys: Sequence[str]) -> dict[str, str]:
+        """v2 reads one key per request: concurrent GETs, a few at a time (see `apply`)."""
+        gate = asyncio.Semaphore(CONCURRENT_WRITES)
+
+        async def one(key: str) -> str | None:
+            async with gate:
+                return await self.get(key)
+
+        unique = list(dict.fromkeys(keys))
+        values = await asyncio.gather(*(one(key) for key in unique))
+        return {key: value for key, value in zip(unique, values, strict=True) if value is not None}
+
     async def list(self, prefix: str) -> dict[str, str]:
         try:
             result = await self._call(lambda c: c.read(prefix, recursive=True))

@@ -51,6 +51,8 @@ T = TypeVar("T")
 WATCH_LINGER = 60.0
 # etcd's default --max-txn-ops: the most operations one transaction may hold.
 MAX_TXN_OPS = 128
+# How many transactions of one large batch are in flight at once.
+CONCURRENT_TXNS = 8
 
 # A member that did not answer, or answered "not now": worth retrying, possibly on another one.
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
@@ -260,6 +262,19 @@ class EtcdV3Store:
         response = await self._range(rpc.RangeRequest(key=key.encode()))
         return response.kvs[0].value.decode() if response.kvs else None
 
+    async def get_many(self, keys: Sequence[str]) -> dict[str, str]:
+        found = {}
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), MAX_TXN_OPS):
+            reads = [
+                rpc.RequestOp(request_range=rpc.RangeRequest(key=key.encode()))
+                for key in unique[start : start + MAX_TXN_OPS]
+            ]
+            response = await self._txn(rpc.TxnRequest(success=reads))
+            for answer in response.responses:
+                found.update({kv.key.decode(): kv.value.decode() for kv in answer.response_range.kvs})
+        return found
+
     async def list(self, prefix: str) -> dict[str, str]:
         directory = (prefix.rstrip("/") + "/").encode()
         response = await self._range(rpc.RangeRequest(key=directory, range_end=prefix_range_end(directory)))
@@ -317,22 +332,37 @@ class EtcdV3Store:
         return response.header.revision
 
     async def apply(self, ops: Sequence[Op]) -> int:
-        revision = 0
         plain = [op for op in ops if not (isinstance(op, Put) and op.create_only)]
         conditional = [op for op in ops if isinstance(op, Put) and op.create_only]
-        for start in range(0, len(ops), MAX_TXN_OPS):
-            # Conditional ops go last, so the transaction holding them also holds what precedes.
-            chunk = (plain + conditional)[start : start + MAX_TXN_OPS]
-            compare = [_compare_created(op.key, 0) for op in chunk if isinstance(op, Put) and op.create_only]
-            success = [_request(op) for op in chunk]
-            response = await self._txn(rpc.TxnRequest(compare=compare, success=success))
-            if not response.succeeded:
-                raise AlreadyExists(", ".join(c.key.decode() for c in compare))
-            for op in chunk:
-                self._leases.pop(op.key, None)
-            if _changed_anything(chunk, response):
-                revision = response.header.revision
-        return revision
+        # Conditional ops go last, so the transaction holding them also holds what precedes.
+        chunks = [
+            (plain + conditional)[start : start + MAX_TXN_OPS] for start in range(0, len(ops), MAX_TXN_OPS)
+        ]
+        # The transactions of unconditional ops alone go out together (at most one op per key,
+        # so their order does not matter); those holding conditional ops go once they are all
+        # written, one after another.
+        alone = len(plain) // MAX_TXN_OPS
+        gate = asyncio.Semaphore(CONCURRENT_TXNS)
+
+        async def one(chunk: list[Op]) -> int:
+            async with gate:
+                return await self._apply_chunk(chunk)
+
+        revisions = await asyncio.gather(*(one(chunk) for chunk in chunks[:alone]))
+        for chunk in chunks[alone:]:
+            revisions.append(await self._apply_chunk(chunk))
+        return max(revisions, default=0)
+
+    async def _apply_chunk(self, chunk: list[Op]) -> int:
+        """One transaction; its revision, or 0 when it changed nothing."""
+        compare = [_compare_created(op.key, 0) for op in chunk if isinstance(op, Put) and op.create_only]
+        success = [_request(op) for op in chunk]
+        response = await self._txn(rpc.TxnRequest(compare=compare, success=success))
+        if not response.succeeded:
+            raise AlreadyExists(", ".join(c.key.decode() for c in compare))
+        for op in chunk:
+            self._leases.pop(op.key, None)
+        return response.header.revision if _changed_anything(chunk, response) else 0
 
     async def refresh(self, key: str, ttl: float) -> bool:
         lease = self._leases.get(key)
@@ -344,12 +374,14 @@ class EtcdV3Store:
             lease = self._leases[key] = response.kvs[0].lease
 
         async def keepalive(c: _Connection) -> Any:
-            stream = c.lease.LeaseKeepAlive(
-                iter([rpc.LeaseKeepAliveRequest(ID=lease)]), timeout=self._timeout, metadata=c.metadata
-            )
-            async for reply in stream:
-                return reply
-            return None
+            # One request, then the end of the stream from our side, so etcd ends it too once it
+            # answered. (A request iterator left unfinished made gRPC cancel the call and format
+            # a traceback for its debug log on every heartbeat.)
+            stream = c.lease.LeaseKeepAlive(timeout=self._timeout, metadata=c.metadata)
+            await stream.write(rpc.LeaseKeepAliveRequest(ID=lease))
+            await stream.done_writing()
+            reply = await stream.read()
+            return None if reply is grpc.aio.EOF else reply
 
         reply = await self._call(keepalive)
         if reply is None or reply.TTL <= 0:

@@ -79,6 +79,10 @@ class MemoryStore:
         entry = self._entries.get(key)
         return entry.value if entry else None
 
+    async def get_many(self, keys: Sequence[str]) -> dict[str, str]:
+        self._expire()
+        return {k: self._entries[k].value for k in keys if k in self._entries}
+
     async def list(self, prefix: str) -> dict[str, str]:
         directory = prefix.rstrip("/") + "/"
         self._expire()

@@ -220,6 +220,12 @@ class MirrorStore:
             return await self.inner.get(key)
         return self.mirror.texts.get(key)
 
+    async def get_many(self, keys: Sequence[str]) -> dict[str, str]:
+        if not all(self._from_copy(key) for key in keys):
+            return await self.inner.get_many(keys)
+        texts = self.mirror.texts
+        return {key: texts[key] for key in keys if key in texts}
+
     async def list(self, prefix: str) -> dict[str, str]:
         directory = prefix.rstrip("/") + "/"
         if not self._from_copy(directory):

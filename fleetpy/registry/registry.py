@@ -9,7 +9,7 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from fleetpy.conf import metrics
@@ -221,6 +221,23 @@ class Registry:
         text = await self.store.get(self.key("unit", digest))
         return None if text is None else UnitFile.parse(text)
 
+    async def unit_files(self, digests: Iterable[str]) -> dict[str, UnitFile | str]:
+        """Several unit files in one read (one transaction on etcd v3): each by its hash, or,
+        where there is none, why (missing, or its text does not parse)."""
+        keys = {self.key("unit", digest): digest for digest in digests}
+        texts = await self.store.get_many(list(keys))
+        found: dict[str, UnitFile | str] = {}
+        for key, digest in keys.items():
+            text = texts.get(key)
+            if text is None:
+                found[digest] = f"unit file {digest} is missing from the registry"
+                continue
+            try:
+                found[digest] = UnitFile.parse(text)
+            except Exception as error:  # noqa: BLE001 - one bad record must not fail the others
+                found[digest] = f"unit file {digest} cannot be read: {error}"
+        return found
+
     # Jobs: what the user asked for.
     async def create_job(self, job: Job) -> None:
         try:
@@ -331,6 +348,35 @@ class Registry:
     async def assignments(self, machine_id: str | None = None) -> list[Assignment]:
         directory = f"schedule/{machine_id}" if machine_id else "schedule"
         return await self._records(directory, Assignment.from_json)
+
+    async def schedule_changes(
+        self, machine_id: str, after_index: int, timeout: float
+    ) -> tuple[int, dict[str, Assignment | None]]:
+        """What changed in `machine_id`'s schedule after `after_index`, from the watch's own
+        records (no re-read): each changed unit's assignment now, or None once it is gone; and
+        the index that brings the schedule to. Nothing, and `after_index`, after `timeout`.
+
+        A record that cannot be read counts as gone, as a listing leaves it out (and is logged).
+        Raises HistoryLost when the store lost those changes: list the schedule again.
+        """
+        base = self.key("schedule", machine_id) + "/"
+        changes = await self.store.changes(base, after_index, timeout)
+        changed: dict[str, Assignment | None] = {}
+        for change in changes:
+            unit = change.key[len(base) :]
+            path = f"schedule/{machine_id}/{unit}"
+            self.unreadable.pop(path, None)
+            if change.value is None:
+                changed[unit] = None
+                continue
+            try:
+                changed[unit] = Assignment.from_json(json.loads(change.value))
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                reason = f"its record {self.prefix}{path} cannot be read ({type(error).__name__}: {error})"
+                log.error("registry: skipping %s", reason)
+                self.unreadable[path] = reason
+                changed[unit] = None
+        return (changes[-1].index if changes else after_index), changed
 
     async def set_pending(self, unit: str, reason: str | None) -> None:
         await self.apply(self.batch().set_pending(unit, reason))

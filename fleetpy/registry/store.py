@@ -84,6 +84,11 @@ class Store(Protocol):
     """What the registry needs from a key-value store. Keys are absolute paths, values text."""
 
     async def get(self, key: str) -> str | None: ...
+    async def get_many(self, keys: Sequence[str]) -> dict[str, str]:
+        """The values of those `keys` that exist, in as few round trips as the store allows:
+        one transaction of range reads per 128 keys on etcd v3, concurrent GETs on v2."""
+        ...
+
     async def list(self, prefix: str) -> dict[str, str]: ...
     async def put(
         self,
@@ -103,8 +108,9 @@ class Store(Protocol):
 
         The unconditional ops take effect before the create-only ones, so a record is never
         seen before what it refers to. etcd v3 makes each transaction of up to 128 ops atomic
-        (a create-only op that finds its key writes nothing of that transaction); v2 sends
-        concurrent requests. Raises AlreadyExists when a create-only key exists.
+        (a create-only op that finds its key writes nothing of that transaction) and sends the
+        transactions of unconditional ops alone concurrently; v2 sends concurrent requests.
+        Raises AlreadyExists when a create-only key exists.
         """
         ...
 
