@@ -247,10 +247,10 @@ async def test_a_unit_the_scheduler_fails_on_is_quarantined_and_keeps_its_machin
     await registry.assign(Assignment("boom.service", "m2", digest, "launched"))
     real_plan = scheduler.plan
 
-    def failing_plan(machines, jobs, current, detail=(), volumes=None, avoided=None):
+    def failing_plan(machines, jobs, current, detail=(), volumes=None, avoided=None, moving=None):
         if any(job.name == "boom.service" for job, _ in jobs):
             raise KeyError("a scheduler bug")
-        return real_plan(machines, jobs, current, detail, volumes or {}, avoided or {})
+        return real_plan(machines, jobs, current, detail, volumes or {}, avoided or {}, moving or {})
 
     monkeypatch.setattr(scheduler, "plan", failing_plan)
     await Engine(registry, "m1", lease_ttl=5).reconcile()

@@ -189,7 +189,7 @@ async def test_api_refuses_a_bad_volume_at_the_door_lists_and_forgets_volumes() 
 
         await registry.claim_volume("data", A)
         assert await (await client.get("/fleetpy/v1/volumes")).json() == {
-            "volumes": [{"name": "data", "machineID": A}]
+            "volumes": [{"name": "data", "machineID": A, "move": None}]
         }
         assert (await client.delete("/fleetpy/v1/volumes/data")).status == 204
         assert await registry.volumes() == {}

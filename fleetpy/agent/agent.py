@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fleetpy.agent.facts import Facts, FactSource, changed_enough
 from fleetpy.agent.health import STARTING, ExecContext, HealthMonitor, Probe, judge, probe
+from fleetpy.agent.moves import VolumeMoves, VolumeSource
 from fleetpy.agent.tasks import RUNNING, STARTED, Desired, Tasks, plan_tasks
 from fleetpy.agent.volumes import VolumeError, prepare_volume, with_volumes
 from fleetpy.conf import metrics
@@ -68,6 +69,7 @@ class Agent:
         facts_interval: float = 0.0,
         health_probe: Probe = probe,
         volume_dir: Path = Path("/var/lib/fleetpy/volumes"),
+        volume_source: VolumeSource | None = None,
     ):
         self.registry = registry
         # Live facts: read every `facts_interval` (0: only at start), written with a heartbeat
@@ -82,6 +84,10 @@ class Agent:
         self.ttl = ttl
         self.fence = fence  # fence every unit, as [X-Fleet] Fence=true fences one
         self.volume_dir = volume_dir
+        # This machine's steps of volume moves; `volume_source` fetches from the source machine.
+        self.volume_moves = VolumeMoves(
+            registry, machine.id, volume_dir, self._volume_idle, volume_source, self.events
+        )
         self._clock = clock
         # When the last heartbeat that etcd took was sent: the machine record lives at least
         # until this plus the TTL.
@@ -138,6 +144,7 @@ class Agent:
                 supervise("agent: state publisher", self._publish_states),
                 supervise("agent: fence", self._fence_watch),
                 supervise("agent: health checks", self.health_monitor.run),
+                supervise("agent: volume moves", self.volume_moves.run),
             )
         finally:
             await self.health_monitor.close()
@@ -311,6 +318,7 @@ class Agent:
             self._to_publish[name] = QUARANTINED
         self._publish_wanted.set()
         self.reconciled.set()
+        self.volume_moves.wanted.set()  # units taken away are stopped now: a move may go on
         return tasks
 
     async def _desired(self, assignments: list[Assignment]) -> dict[str, Desired]:
@@ -351,6 +359,17 @@ class Agent:
             if home != self.machine.id:
                 raise VolumeError(f"volume {name} lives on machine {home}, not on this one")
         return paths
+
+    async def _volume_idle(self, name: str) -> bool:
+        """Whether no unit assigned here uses volume `name`: asked between reconcile passes, so
+        a unit no longer assigned has been stopped. A unit whose file was not read yet counts."""
+        async with self._reconciling:
+            if self._published is None:
+                return False  # no pass yet: what runs here is not known
+            return not any(
+                a.hash not in self._texts or name in self._texts[a.hash].volumes
+                for a in self._assigned.values()
+            )
 
     def _set_checks(self, checks: dict[str, tuple[str, HealthCheck, ExecContext]]) -> None:
         """Stop checking units that lost their check (or got new content); they start over."""

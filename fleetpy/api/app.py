@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 
 from aiohttp import web
 
@@ -33,13 +34,15 @@ def create_app(
     peer_token: str | None = None,
     peer_tls: ssl.SSLContext | None = None,
     cached: bool = False,
+    volume_dir: Path | None = None,
 ) -> web.Application:
     """The API application; `serve` puts it on fleetd's sockets.
 
     `cached`: units, states and machines are read from a watch-fed copy of the registry that
     the first request starts, so a storm of GETs costs etcd nothing, and a request's own
     writes return once the copy holds them (`fleetctl start` then `list-units` shows the new
-    unit). Events are still read from etcd: each fleetd rewrites its own whole record often,
+    unit). `volume_dir` is where this machine's local volumes are, for serving one that moves
+    away. Events are still read from etcd: each fleetd rewrites its own whole record often,
     and only their routes read them.
     """
     app = web.Application(middlewares=[clock, errors, authenticate, bounded], client_max_size=MAX_BODY)
@@ -54,7 +57,7 @@ def create_app(
     app[LIMITS] = Limits()
     app[OUTAGE] = registry.outage
     FleetV1(context).add_routes(app.router)
-    extensions = FleetpyV1(context, local, Peers(registry, machine_id, peer_token, peer_tls))
+    extensions = FleetpyV1(context, local, Peers(registry, machine_id, peer_token, peer_tls), volume_dir)
     extensions.add_routes(app.router)
     UnitWait(context).add_routes(app.router)
     app.on_shutdown.append(extensions.stop_followers)

@@ -1,31 +1,58 @@
 """fleetpy's /fleetpy/v1 routes: why a unit is pending or placed, its status and its journal,
-and draining machines."""
+draining machines, and local volumes and their moves."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import time
+from pathlib import Path
 
 from aiohttp import web
 
+from fleetpy.agent.moves import stream
 from fleetpy.api.connections import deadline
 from fleetpy.api.context import ApiContext, json_body, unit_name
 from fleetpy.api.errors import ApiError
 from fleetpy.api.local import LocalUnitInfo
-from fleetpy.api.peer import Peers
+from fleetpy.api.peer import FORWARDED_HEADER, Peers
+from fleetpy.conf.values import short_machine_id
 from fleetpy.engine.explain import explain_placement
-from fleetpy.registry import Job
+from fleetpy.registry import MOVE_COPYING, Job, VolumeRecord, moves
 from fleetpy.unit import UnitFile, UnitName, load_unit
 from fleetpy.unit.errors import InvalidFleetOptions
 from fleetpy.unit.fleet import check_volume_name
 
 
+def _volume_name(request: web.Request) -> str:
+    name = request.match_info["name"]
+    try:
+        return check_volume_name(name)
+    except InvalidFleetOptions as error:
+        raise ApiError(400, str(error)) from None
+
+
+def _volume_view(name: str, record: VolumeRecord) -> dict:
+    return {
+        "name": name,
+        "machineID": record.machine_id,
+        "move": None if record.move is None else record.move.to_json(),
+    }
+
+
 class FleetpyV1:
     """The handlers of fleetpy's extensions; status and journal go to the unit's machine."""
 
-    def __init__(self, context: ApiContext, local: LocalUnitInfo | None, peers: Peers):
+    def __init__(
+        self, context: ApiContext, local: LocalUnitInfo | None, peers: Peers, volume_dir: Path | None = None
+    ):
         self.context = context
         self.registry = context.registry
+        # etcd itself, not the API's watch-fed copy: a volume move's steps compare and swap, and
+        # its source serves the data only on the record as it is now.
+        self.etcd = peers.registry
+        self.volume_dir = volume_dir
         self.machine_id = context.machine_id
         self.local = local
         self.peers = peers
@@ -42,6 +69,9 @@ class FleetpyV1:
         router.add_delete("/fleetpy/v1/machines/{id}/cordon", self.uncordon)
         router.add_get("/fleetpy/v1/volumes", self.volumes)
         router.add_delete("/fleetpy/v1/volumes/{name}", self.forget_volume)
+        router.add_get("/fleetpy/v1/volumes/{name}", self.volume)
+        router.add_post("/fleetpy/v1/volumes/{name}/move", self.move_volume)
+        router.add_get("/fleetpy/v1/volumes/{name}/data", self.volume_data)
 
     async def stop_followers(self, app: web.Application) -> None:
         for task in self.followers:
@@ -102,20 +132,85 @@ class FleetpyV1:
         raise ApiError(404, f"unit {name.full} is not submitted; send its options to plan it")
 
     async def volumes(self, request: web.Request) -> web.Response:
-        """Every local volume and the machine it lives on."""
-        volumes = await self.registry.volumes()
+        """Every local volume, the machine it lives on and its last move."""
+        records = await self.registry.volume_records()
+        return web.json_response({"volumes": [_volume_view(n, r) for n, r in sorted(records.items())]})
+
+    async def volume(self, request: web.Request) -> web.Response:
+        """One volume, as etcd has it now (fleetctl volume move follows its move here)."""
+        name = _volume_name(request)
+        record = await self.etcd.volume_record(name)
+        if record is None:
+            raise ApiError(404, f"volume {name} not found; see 'fleetctl list-volumes'")
+        return web.json_response(_volume_view(name, record))
+
+    async def move_volume(self, request: web.Request) -> web.Response:
+        """Start moving a volume's data to another machine (202), or say it lives there (200)."""
+        name = _volume_name(request)
+        body = await json_body(request)
+        target = body.get("machineID") if isinstance(body, dict) else None
+        if not isinstance(target, str) or not target:
+            raise ApiError(400, 'request body must be {"machineID": "<the machine to move the volume to>"}')
+        machines = {m.id: m for m in await self.etcd.machines()}
+        if target not in machines:
+            raise ApiError(404, f"machine {target} not found; see 'fleetctl list-machines -l'")
+        record = await self.etcd.volume_record(name)
+        if record is None:
+            raise ApiError(404, f"volume {name} not found; see 'fleetctl list-volumes'")
+        source = machines.get(record.machine_id)
+        if record.machine_id != target and record.moving is None:
+            if source is None:
+                raise ApiError(
+                    409,
+                    f"volume {name} lives on {short_machine_id(record.machine_id)}, a machine that is gone: "
+                    f"its data cannot be copied ('fleetctl volume rm {name}' starts it afresh elsewhere)",
+                )
+            if not source.api_endpoint:
+                raise ApiError(
+                    409,
+                    f"machine {short_machine_id(source.id)} has no API endpoint, and the target fetches the "
+                    "data from it; start its fleetd with --api-listen",
+                )
+        try:
+            after = await self.etcd.update_volume(name, moves.start(name, target, time.time()))
+        except moves.MoveRefused as refused:
+            raise ApiError(404 if refused.kind == "not-found" else 409, str(refused)) from None
+        assert after is not None
+        started = after.moving is not None and after.moving.target == target
         return web.json_response(
-            {"volumes": [{"name": n, "machineID": m} for n, m in sorted(volumes.items())]}
+            {**_volume_view(name, after), "started": started}, status=202 if started else 200
         )
+
+    async def volume_data(self, request: web.Request) -> web.StreamResponse:
+        """The volume's data as a tar stream (agent.moves.pack): only to the target of its move,
+        only while the move is copying from this machine, when no unit using it runs here."""
+        name = _volume_name(request)
+        record = await self.etcd.volume_record(name)
+        move = record.moving if record is not None else None
+        if move is None or move.state != MOVE_COPYING or move.source != self.machine_id:
+            raise ApiError(409, f"volume {name} is not being copied from this machine")
+        if request.headers.get(FORWARDED_HEADER) != move.target:
+            raise ApiError(
+                403, f"only the fleetd of machine {short_machine_id(move.target)} may fetch volume {name}"
+            )
+        if self.volume_dir is None:
+            raise ApiError(503, "this fleetd serves no volumes")
+        path = self.volume_dir / name
+        if not os.path.isdir(path) or os.path.islink(path):
+            raise ApiError(409, f"volume {name} has no directory at {path} on this machine")
+        response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
+        await response.prepare(request)
+        await stream(path, response.write)
+        await response.write_eof()
+        return response
 
     async def forget_volume(self, request: web.Request) -> web.Response:
         """Forget where a volume lives, so its units may start afresh on another machine (the
         data stays on the old machine's disk)."""
-        name = request.match_info["name"]
-        try:
-            check_volume_name(name)
-        except InvalidFleetOptions as error:
-            raise ApiError(400, str(error)) from None
+        name = _volume_name(request)
+        record = await self.etcd.volume_record(name)
+        if record is not None and record.moving is not None:
+            raise ApiError(409, f"volume {name} is moving; wait for the move to end")
         if not await self.registry.forget_volume(name):
             raise ApiError(404, f"volume {name} not found; see 'fleetctl list-volumes'")
         return web.Response(status=204)

@@ -26,6 +26,7 @@ def _errors(*codes: int) -> dict:
     meaning = {
         400: "the request is wrong; the message says what to change",
         401: "missing or wrong credentials (TCP only)",
+        403: "only the machine a volume moves to may fetch its data",
         404: "no such unit, machine or path",
         405: "method not allowed on this path",
         408: "the request body did not arrive in time",
@@ -35,6 +36,33 @@ def _errors(*codes: int) -> dict:
         503: "etcd is unreachable (reason etcdUnreachable), or systemd is not available here",
     }
     return {str(code): _json(_ref("Error"), meaning[code]) for code in sorted({401, 405, 503, *codes})}
+
+
+_VOLUME_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_VOLUME = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "machineID": {"type": "string"},
+        "move": {
+            "type": ["object", "null"],
+            "description": "the last move: stopping, copying, done or failed (with the reason)",
+            "properties": {
+                "source": {"type": "string"},
+                "target": {"type": "string"},
+                "state": {"type": "string", "enum": ["stopping", "copying", "done", "failed"]},
+                "started": {"type": "number"},
+                "finished": {"type": "number"},
+                "reason": {"type": "string"},
+                "bytes": {"type": "integer"},
+            },
+        },
+    },
+}
+_VOLUME_MOVED = {
+    "type": "object",
+    "properties": {**_VOLUME["properties"], "started": {"type": "boolean"}},
+}
 
 
 def _page_token() -> dict:
@@ -412,7 +440,7 @@ def _extensions() -> dict[str, Any]:
         "/fleetpy/v1/volumes": {
             "get": {
                 "operationId": "listVolumes",
-                "description": "every local volume ([X-Fleet] Volume=) and the machine it lives on",
+                "description": "every local volume ([X-Fleet] Volume=), the machine it lives on and its last move",
                 "responses": {
                     "200": _json(
                         {
@@ -420,13 +448,7 @@ def _extensions() -> dict[str, Any]:
                             "properties": {
                                 "volumes": {
                                     "type": "array",
-                                    "items": {
-                                        "type": "object",
-                                        "properties": {
-                                            "name": {"type": "string"},
-                                            "machineID": {"type": "string"},
-                                        },
-                                    },
+                                    "items": _VOLUME,
                                 }
                             },
                         },
@@ -436,11 +458,54 @@ def _extensions() -> dict[str, Any]:
             },
         },
         "/fleetpy/v1/volumes/{name}": {
-            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "parameters": [_VOLUME_NAME],
+            "get": {
+                "operationId": "getVolume",
+                "description": "a volume, the machine it lives on and its last move, as etcd has it now",
+                "responses": {"200": _json(_VOLUME, "the volume"), **_errors(400, 404)},
+            },
             "delete": {
                 "operationId": "forgetVolume",
                 "description": "forget where a volume lives: its units may start afresh elsewhere",
-                "responses": {"204": {"description": "done"}, **_errors(400, 404)},
+                "responses": {"204": {"description": "done"}, **_errors(400, 404, 409)},
+            },
+        },
+        "/fleetpy/v1/volumes/{name}/move": {
+            "parameters": [_VOLUME_NAME],
+            "post": {
+                "operationId": "moveVolume",
+                "description": "move a local volume to another machine: its units stop, its data is copied "
+                "from its machine's fleetd to the target's, and its units start there; follow the move "
+                "with getVolume",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {"machineID": {"type": "string"}},
+                                "required": ["machineID"],
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "202": _json(_VOLUME_MOVED, "the move started"),
+                    "200": _json(_VOLUME_MOVED, "the volume lives on that machine already: nothing to do"),
+                    **_errors(400, 404, 409),
+                },
+            },
+        },
+        "/fleetpy/v1/volumes/{name}/data": {
+            "parameters": [_VOLUME_NAME],
+            "get": {
+                "operationId": "volumeData",
+                "description": "the volume's data as a tar stream: for the fleetd of the machine it moves "
+                "to only (a peer request), while the move copies it from this machine",
+                "responses": {
+                    "200": {"description": "the tar stream", "content": {"application/x-tar": {}}},
+                    **_errors(400, 403, 409),
+                },
             },
         },
     }

@@ -12,8 +12,10 @@ for its command line) it was a fifth of an idle fleetd's memory, for a path many
 from __future__ import annotations
 
 import functools
+import json
 import ssl
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -25,6 +27,8 @@ from fleetpy.registry import Registry
 if TYPE_CHECKING:
     import httpx
 
+# How long a volume's stream may pause (a source packing a large file) before the copy fails.
+VOLUME_READ_TIMEOUT = 120.0
 # Marks a request one fleetd passed to another, so a stale schedule cannot bounce it around.
 FORWARDED_HEADER = "X-Fleetpy-Forwarded"
 
@@ -46,6 +50,14 @@ def _default_tls() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
+def _message(body: bytes) -> str:
+    """The message of an API error body, or the body itself."""
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return body[:200].decode(errors="replace")
+
+
 class Peers:
     """Forwards requests to other machines' APIs."""
 
@@ -65,6 +77,10 @@ class Peers:
                 f"request was forwarded to {self.machine_id}, which does not run "
                 "the unit; the schedule changed meanwhile, try again",
             )
+        return await self.endpoint_of(machine_id)
+
+    async def endpoint_of(self, machine_id: str) -> str:
+        """The API endpoint of another machine, if it has one this fleetd may talk to."""
         machine = next((m for m in await self.registry.machines() if m.id == machine_id), None)
         if machine is None:
             raise ApiError(502, f"machine {machine_id} is no longer alive")
@@ -102,6 +118,29 @@ class Peers:
                 f"does not verify against the cluster CA ({error}); its etcd record may have been tampered with"
             )
         return f"cannot reach machine {short_machine_id(machine_id)} at {endpoint}: {error}"
+
+    async def fetch_volume(self, machine_id: str, name: str, sink: BinaryIO) -> None:
+        """Write the tar stream of volume `name`, which `machine_id` serves while it moves here,
+        into `sink` (agent.moves.VolumeSource)."""
+        import httpx
+
+        endpoint = await self.endpoint_of(machine_id)
+        url = f"{endpoint}/fleetpy/v1/volumes/{quote(name, safe='')}/data"
+        try:
+            async with self.client(httpx.Timeout(15, read=VOLUME_READ_TIMEOUT)) as client:
+                reply = await client.send(self.request(client, url, machine_id, {}), stream=True)
+                try:
+                    if reply.status_code != 200:
+                        raise ApiError(
+                            502,
+                            f"machine {short_machine_id(machine_id)} refused: {_message(await reply.aread())}",
+                        )
+                    async for chunk in reply.aiter_raw():
+                        sink.write(chunk)
+                finally:
+                    await reply.aclose()
+        except httpx.HTTPError as error:
+            raise ApiError(502, self.unreachable(machine_id, endpoint, error)) from None
 
     async def status(self, request: web.Request, machine_id: str) -> web.Response:
         import httpx

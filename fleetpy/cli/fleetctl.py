@@ -446,6 +446,69 @@ def volume() -> None:
     """Local volumes ([X-Fleet] Volume=; fleetpy extension)."""
 
 
+@volume.command("move")
+@click.argument("name")
+@click.argument("machine")
+@click.option("--timeout", default=600.0, show_default=True, help="seconds to wait for the move to end")
+@pass_session
+def volume_move(session: _Session, name: str, machine: str, timeout: float) -> None:
+    """Move local volume NAME to MACHINE (an id or unique prefix): its units stop, its data is
+    copied there, and they start there with it. Waits for the end and shows each step."""
+    client = session.client
+    target = _machine_id(client, machine)
+    reply = client.move_volume(name, target)
+    if not reply["started"]:
+        click.echo(f"Volume {name} already lives on {session.legend(target, False)}; nothing to move")
+        return
+    started = reply["move"]["started"]
+    source = session.legend(reply["move"]["source"], False)
+    click.echo(f"Moving volume {name} from {source} to {session.legend(target, False)}")
+    said = 0  # of MOVE_STEPS: each is shown once the move reached it, even if a poll missed it
+    deadline = time.monotonic() + timeout
+    move = reply["move"]
+    while True:
+        if move is None or move["started"] != started:
+            raise click.ClickException(f"volume {name}'s move was replaced by another one")
+        state = move["state"]
+        reached = max(said, _steps_reached(state))
+        for _, text in MOVE_STEPS[said:reached]:
+            click.echo(text.format(source=source))
+        said = reached
+        if state == "done":
+            took = move["finished"] - move["started"]
+            click.echo(
+                f"Volume {name} moved to {session.legend(target, False)} in {took:.1f}s "
+                f"({format_bytes(move.get('bytes', 0))}); its units start there"
+            )
+            return
+        if state == "failed":
+            raise click.ClickException(
+                f"moving volume {name} failed: {move.get('reason', 'no reason given')}; "
+                f"it stays on {source}, and its units start there again"
+            )
+        if time.monotonic() > deadline:
+            raise click.ClickException(
+                f"volume {name} is still {state} after {timeout:g}s; follow it with 'fleetctl list-volumes'"
+            )
+        time.sleep(POLL_INTERVAL)
+        move = client.volume(name)["move"]
+
+
+# What `volume move` prints as its move reaches each state, in their order.
+MOVE_STEPS = (
+    ("stopping", "Stopping the units using it on {source}"),
+    ("copying", "Copying its data from {source}"),
+)
+
+
+def _steps_reached(state: str) -> int:
+    """How many of MOVE_STEPS a move in `state` has reached (none for a failed one)."""
+    names = [step for step, _ in MOVE_STEPS]
+    if state == "done":
+        return len(names)
+    return names.index(state) + 1 if state in names else 0
+
+
 @volume.command("rm")
 @click.argument("name")
 @pass_session

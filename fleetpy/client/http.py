@@ -339,8 +339,18 @@ class Client:
         self._request("PUT" if cordoned else "DELETE", f"/fleetpy/v1/machines/{_quoted(machine_id)}/cordon")
 
     def volumes(self) -> list[dict]:
-        """Every local volume: {"name", "machineID"}."""
+        """Every local volume: {"name", "machineID", "move"}."""
         return self._request("GET", "/fleetpy/v1/volumes").json()["volumes"]
+
+    def volume(self, name: str) -> dict:
+        """One volume: {"name", "machineID", "move"}, its last move or None."""
+        return self._request("GET", f"/fleetpy/v1/volumes/{_quoted(name)}").json()
+
+    def move_volume(self, name: str, machine_id: str) -> dict:
+        """Start moving a volume to a machine: the volume, with "started" False when it lives there."""
+        return self._request(
+            "POST", f"/fleetpy/v1/volumes/{_quoted(name)}/move", json={"machineID": machine_id}
+        ).json()
 
     def forget_volume(self, name: str) -> None:
         self._request("DELETE", f"/fleetpy/v1/volumes/{_quoted(name)}")

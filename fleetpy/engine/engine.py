@@ -25,6 +25,8 @@ from fleetpy.registry import (
     StoreError,
     Unavailable,
     UnitState,
+    VolumeRecord,
+    moves,
 )
 from fleetpy.registry.mirror import Mirror, MirrorStore
 from fleetpy.unit import Unit, UnitFile, load_unit
@@ -395,15 +397,17 @@ class Engine:
         """
         started = time.perf_counter()
         view = self._view
-        machines, jobs, current, pending, last_failure, volumes, avoidances = await asyncio.gather(
+        machines, jobs, current, pending, last_failure, volume_records, avoidances = await asyncio.gather(
             view.machines(),
             view.jobs(),
             view.assignments(),
             view.pending(),
             view.last_failure(),
-            view.volumes(),
+            view.volume_records(),
             view.avoided(),
         )
+        volumes = {name: record.machine_id for name, record in volume_records.items()}
+        moving = await self._volume_moves(volume_records, machines, check_lease)
         parsed, quarantined = await self.units.split(jobs)
         # A job record that cannot be read at all is quarantined the same way, under its key.
         quarantined |= {p.removeprefix("job/"): r for p, r in view.unreadable.items() if p.startswith("job/")}
@@ -436,6 +440,7 @@ class Engine:
             current,
             volumes=volumes,
             avoided=avoided,
+            moving=moving,
         )
         for name, error in failed.items():
             quarantined[name] = f"the scheduler fails on it: {type(error).__name__}: {error}"
@@ -488,6 +493,28 @@ class Engine:
             )
             batch.avoid(a)
         await self._view.apply(batch)
+
+    async def _volume_moves(
+        self, records: dict[str, VolumeRecord], machines: list, check_lease: bool
+    ) -> dict[str, tuple[str, str]]:
+        """The volumes moving (source, target), whose units run nowhere meanwhile. A move whose
+        source or target machine is gone is failed here (once a new leader's grace is over: the
+        machine may only be registering again), so its units go back to the source."""
+        stranded = moves.stranded(records, (m.id for m in machines))
+        if stranded and self.clock() - self._leading_since < self.lease_ttl:
+            stranded = {}
+        for name, (move, reason) in stranded.items():
+            if check_lease and not self._lease_is_sure():
+                raise LeaseUncertain()
+            now = time.time()
+            after = await self.registry.update_volume(name, moves.failed(move, reason, now))
+            if after is not None and after.move == moves.failed_move(move, reason, now):
+                self.events.volume_move_failed(name, move, reason)
+        return {
+            name: (record.moving.source, record.moving.target)
+            for name, record in records.items()
+            if record.moving is not None and name not in stranded
+        }
 
     async def _ask_facts(self, new_plan: Plan, parsed: list[tuple[Job, Unit]]) -> None:
         """Tell the agents which facts pending units wait on (written only when that changes)."""

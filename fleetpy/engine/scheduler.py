@@ -47,7 +47,7 @@ fleetpy's own rules (issue 13; neutral for units that use none of them):
   machine's load must not push itself away).
 - Volume=NAME: once an agent made the volume, the unit goes only to the machine it lives on;
   while that machine is gone the unit is pending (its data is there) until the volume is
-  forgotten.
+  forgotten. While the volume moves (`fleetctl volume move`) the unit runs nowhere.
 - HealthCheckMoveAfter: a machine where the unit's health check failed after that many
   restarts is avoided (fleetpy.engine.health records it): the unit leaves it and never comes
   back with the same content; with every machine avoided it is pending.
@@ -178,6 +178,9 @@ _RENDER: dict[str, Callable[..., str]] = {
     "cycle": lambda *path: "MachineOf cycle: " + " -> ".join(path),
     "waiting": lambda target: f"waiting for {target} to be scheduled",
     "no-fit": _no_fit_text,
+    "moving": lambda name, source, target: (
+        f"volume {name} is moving from {short_machine_id(source)} to {short_machine_id(target)}"
+    ),
     # A pending summary's: every machine short of resources, with the most any had free.
     "best-free": _best_free_text,
 }
@@ -494,10 +497,12 @@ class Context:
         units: Mapping[str, Unit],
         volumes: Mapping[str, str] = _NONE,
         avoided: Mapping[str, Mapping[str, int]] = _NONE,
+        moving: Mapping[str, tuple[str, str]] = _NONE,
     ):
         self.machines = machines
         self.units = units
         self.volumes = volumes  # volume name -> the machine it lives on
+        self.moving = moving  # volume name -> (source, target) of its move under way
         # unit -> the machines its health check failed on -> the restarts it had there
         self.avoided = avoided
         self.cycles = _machine_of_cycles(units)
@@ -728,12 +733,14 @@ def plan(
     detail: Collection[str] = (),
     volumes: Mapping[str, str] = _NONE,
     avoided: Mapping[str, Mapping[str, int]] = _NONE,
+    moving: Mapping[str, tuple[str, str]] = _NONE,
 ) -> Plan:
     """Compute the complete desired schedule from the cluster as it is now.
 
     The decisions of the units named in `detail` carry every filter and rank step; `volumes`
-    says which machine each recorded volume lives on, and `avoided` which machines each unit's
-    health check failed on (with the restarts it had there).
+    says which machine each recorded volume lives on, `avoided` which machines each unit's
+    health check failed on (with the restarts it had there), and `moving` which volumes are
+    moving (from, to): their units run nowhere until the move ends.
     """
     # A plan makes many objects and frees few until it returns; the cyclic collector, run
     # every few hundred of them, scanned the caller's long-lived ones (every parsed unit) each
@@ -741,7 +748,7 @@ def plan(
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _plan(machines, jobs, current, detail, volumes, avoided)
+        return _plan(machines, jobs, current, detail, volumes, avoided, moving)
     finally:
         if collecting:
             gc.enable()
@@ -754,11 +761,12 @@ def _plan(
     detail: Collection[str],
     volumes: Mapping[str, str],
     avoided: Mapping[str, Mapping[str, int]],
+    moving: Mapping[str, tuple[str, str]] = _NONE,
 ) -> Plan:
     active = {job.name: (job, unit) for job, unit in jobs if job.desired_state != "inactive"}
     units = {name: unit for name, (_, unit) in active.items()}
     live = {m.id: m for m in sorted(machines, key=lambda m: m.id)}
-    ctx = Context(live, units, volumes, avoided)
+    ctx = Context(live, units, volumes, avoided, moving)
     decisions: dict[str, Decision] = {}
 
     globals_ = sorted(name for name, unit in units.items() if unit.fleet.is_global)
@@ -833,6 +841,9 @@ def _blocked(ctx: Context, unit: Unit) -> Reason | None:
     for target in unit.fleet.machine_of:
         if not ctx.placed.get(target):
             return Reason("waiting", (target,))
+    for volume in unit.fleet.volumes:
+        if volume in ctx.moving:
+            return Reason("moving", (volume, *ctx.moving[volume]))
     return None
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from fleetpy.conf.values import machine_id_prefix
 from fleetpy.events import kinds
 from fleetpy.events.recorder import Recorder
-from fleetpy.registry import Health, Machine
+from fleetpy.registry import Health, Machine, VolumeMove
 
 if TYPE_CHECKING:
     from fleetpy.unit.fleet import HealthCheck
@@ -91,6 +91,24 @@ class AgentEvents:
                 f"{name} unhealthy after {after.failures} failed health checks in a row: {after.message}; {what}",
                 unit=name,
             )
+
+    def volume_moved(self, name: str, move: VolumeMove) -> None:
+        """This machine, the target, holds the moved volume now."""
+        took = move.finished - move.started
+        self.recorder.emit(
+            kinds.VOLUME_MOVED,
+            f"volume {name} moved from {machine_id_prefix(move.source)} to {machine_id_prefix(move.target)} "
+            f"in {took:.1f}s ({move.size} bytes)",
+            machine_id=move.target,
+        )
+
+    def volume_move_failed(self, name: str, move: VolumeMove, reason: str) -> None:
+        self.recorder.emit(
+            kinds.VOLUME_MOVE_FAILED,
+            f"moving volume {name} to {machine_id_prefix(move.target)} failed: {reason}; "
+            f"it stays on {machine_id_prefix(move.source)}",
+            machine_id=move.target,
+        )
 
     def forget(self, name: str) -> None:
         self._active.pop(name, None)

@@ -12,7 +12,7 @@ from fleetpy.conf import metrics
 from fleetpy.conf.values import machine_id_prefix
 from fleetpy.events import kinds
 from fleetpy.events.recorder import Recorder
-from fleetpy.registry import Assignment, Machine, StoreError
+from fleetpy.registry import Assignment, Machine, StoreError, VolumeMove
 
 
 class Decision(Protocol):
@@ -188,6 +188,14 @@ class EngineEvents:
             if change.kind in OUTCOMES:
                 metrics.SCHEDULING_DECISIONS.inc(OUTCOMES[change.kind])
             self.recorder.emit(change.kind, change.message, unit=change.unit, machine_id=change.machine_id)
+
+    def volume_move_failed(self, name: str, move: VolumeMove, reason: str) -> None:
+        self.recorder.emit(
+            kinds.VOLUME_MOVE_FAILED,
+            f"moving volume {name} to {machine_id_prefix(move.target)} failed: {reason}; "
+            f"it stays on {machine_id_prefix(move.source)}",
+            machine_id=move.target,
+        )
 
     async def expire_histories(self, alive: set[str]) -> None:
         """Remove the histories of machines missing for the retention period; call it on every

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fleetpy.agent.agent import Agent
 from fleetpy.agent.facts import HostFacts, detect_capacity
+from fleetpy.agent.moves import VolumeSource
 from fleetpy.engine.engine import Engine
 from fleetpy.events import AgentEvents, EngineEvents, Recorder
 from fleetpy.fleetd.config import Config, machine_id
@@ -71,8 +72,10 @@ def build_fleetd(
     registry: Registry,
     systemd: SystemdManager,
     clock: Callable[[], float] = time.monotonic,
+    volume_source: VolumeSource | None = None,
 ) -> Fleetd:
-    """The fleetd that `config` describes, over the given registry, systemd manager and clock."""
+    """The fleetd that `config` describes, over the given registry, systemd manager and clock;
+    `volume_source` fetches the volumes that move here from their machines (api.peer.Peers)."""
     machine = machine_of(config)
     recorder = Recorder(registry, machine.id)
     events = AgentEvents(recorder, systemd.failure_reason)
@@ -87,6 +90,7 @@ def build_fleetd(
         facts=facts,
         facts_interval=config.facts_interval,
         volume_dir=Path(config.volume_dir),
+        volume_source=volume_source,
     )
     engine = (
         None

@@ -14,8 +14,8 @@ from typing import TypeVar
 import click
 
 from fleetpy.api import SystemctlUnitInfo, create_app, serve
-from fleetpy.api.peer import peer_tls
-from fleetpy.fleetd.config import Config, ConfigError, build_config
+from fleetpy.api.peer import Peers, peer_tls
+from fleetpy.fleetd.config import Config, ConfigError, build_config, machine_id
 from fleetpy.fleetd.daemon import build_fleetd
 from fleetpy.registry import Credentials, EtcdOptions, Registry, StoreError, choose_api, open_store
 from fleetpy.registry.measured import MeasuredStore
@@ -66,15 +66,19 @@ async def run(config: Config) -> None:
     token = Path(config.api_token_file).read_text().strip() if config.api_token_file else None
     await _until_ready("etcd", registry.ensure_schema)
     systemd = await _until_ready("systemd", lambda: DbusManager.connect(config.systemd_bus, config.unit_dir))
-    fleetd = build_fleetd(config, registry, systemd)
     cluster_ca = config.api_tls_client_ca
+    tls = peer_tls(cluster_ca, config.api_tls_cert, config.api_tls_key) if cluster_ca else None
+    # The agent fetches a volume moving here from its machine's fleetd, as the API forwards.
+    peers = Peers(registry, machine_id(config), token, tls)
+    fleetd = build_fleetd(config, registry, systemd, volume_source=peers)
     app = create_app(
         registry,
         machine_id=fleetd.machine.id,
         local=local_unit_info(config.systemd_bus),
         peer_token=token,
-        peer_tls=peer_tls(cluster_ca, config.api_tls_cert, config.api_tls_key) if cluster_ca else None,
+        peer_tls=tls,
         cached=True,
+        volume_dir=Path(config.volume_dir),
     )
     runner = await serve(
         app,

@@ -8,6 +8,10 @@ from fleetpy.registry.connect import ETCD_APIS, EtcdOptions, choose_api, open_st
 from fleetpy.registry.memory import ManualClock, MemoryStore
 from fleetpy.registry.models import (
     DESIRED_STATES,
+    MOVE_COPYING,
+    MOVE_DONE,
+    MOVE_FAILED,
+    MOVE_STOPPING,
     Assignment,
     Avoidance,
     Event,
@@ -15,6 +19,8 @@ from fleetpy.registry.models import (
     Job,
     Machine,
     UnitState,
+    VolumeMove,
+    VolumeRecord,
 )
 from fleetpy.registry.registry import DEFAULT_PREFIX, Conflict, NotFound, Registry, memory_registry
 from fleetpy.registry.store import Credentials, HistoryLost, NoQuorum, Store, StoreError, Unavailable
@@ -32,6 +38,10 @@ __all__ = [
     "Health",
     "HistoryLost",
     "Job",
+    "MOVE_COPYING",
+    "MOVE_DONE",
+    "MOVE_FAILED",
+    "MOVE_STOPPING",
     "Machine",
     "ManualClock",
     "MemoryStore",
@@ -42,6 +52,8 @@ __all__ = [
     "StoreError",
     "Unavailable",
     "UnitState",
+    "VolumeMove",
+    "VolumeRecord",
     "choose_api",
     "memory_registry",
     "open_store",

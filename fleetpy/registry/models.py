@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 DESIRED_STATES = ("inactive", "loaded", "launched")
@@ -241,3 +242,88 @@ class Event:
             unit=data.get("unit", ""),
             machine_id=data.get("machineID", ""),
         )
+
+
+# A local volume's move (`fleetctl volume move`), as recorded on its volumes/<name> key.
+MOVE_STOPPING = "stopping"  # the engine keeps its units off every machine; the source stops them
+MOVE_COPYING = "copying"  # its units are stopped: the source serves the data, the target pulls it
+MOVE_DONE = "done"  # the target holds the data, and the volume lives there
+MOVE_FAILED = "failed"  # the volume stays on the source; `reason` says why
+MOVE_STATES = (MOVE_STOPPING, MOVE_COPYING, MOVE_DONE, MOVE_FAILED)
+
+
+@dataclass(frozen=True)
+class VolumeMove:
+    """The last move of a volume: from `source` to `target`, where it stands, and when."""
+
+    source: str
+    target: str
+    state: str
+    started: float  # Unix time
+    finished: float = 0.0
+    reason: str = ""  # why it failed
+    size: int = 0  # bytes copied
+
+    @property
+    def under_way(self) -> bool:
+        return self.state in (MOVE_STOPPING, MOVE_COPYING)
+
+    def to_json(self) -> dict:
+        record: dict = {
+            "source": self.source,
+            "target": self.target,
+            "state": self.state,
+            "started": self.started,
+        }
+        if self.finished:
+            record["finished"] = self.finished
+        if self.reason:
+            record["reason"] = self.reason
+        if self.size:
+            record["bytes"] = self.size
+        return record
+
+    @classmethod
+    def from_json(cls, data: dict) -> VolumeMove:
+        state = str(data["state"])
+        if state not in MOVE_STATES:
+            raise ValueError(f"unknown move state {state!r}")
+        return cls(
+            source=str(data["source"]),
+            target=str(data["target"]),
+            state=state,
+            started=float(data["started"]),
+            finished=float(data.get("finished", 0.0)),
+            reason=str(data.get("reason", "")),
+            size=int(data.get("bytes", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class VolumeRecord:
+    """Where a local volume lives, and its last move if it ever moved.
+
+    Stored as the bare machine id until the volume first moves (what older fleetds wrote), as
+    JSON after that.
+    """
+
+    machine_id: str
+    move: VolumeMove | None = None
+
+    def to_text(self) -> str:
+        if self.move is None:
+            return self.machine_id
+        return json.dumps({"machineID": self.machine_id, "move": self.move.to_json()}, sort_keys=True)
+
+    @classmethod
+    def from_text(cls, text: str) -> VolumeRecord:
+        if not text.startswith("{"):
+            return cls(text)
+        data = json.loads(text)
+        move = data.get("move")
+        return cls(str(data["machineID"]), VolumeMove.from_json(move) if move else None)
+
+    @property
+    def moving(self) -> VolumeMove | None:
+        """The move under way, if one is."""
+        return self.move if self.move is not None and self.move.under_way else None

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from fleetpy.conf import metrics
 from fleetpy.registry.memory import MemoryStore
-from fleetpy.registry.models import Assignment, Avoidance, Event, Job, Machine, UnitState
+from fleetpy.registry.models import Assignment, Avoidance, Event, Job, Machine, UnitState, VolumeRecord
 from fleetpy.registry.store import AlreadyExists, CompareFailed, Delete, Op, Put, Store, Unavailable
 from fleetpy.unit import UnitFile
 
@@ -27,6 +27,8 @@ _Class = TypeVar("_Class", bound=type)
 # The metrics' `call` label of batch writes (Registry.apply), by what they write.
 WRITE_SCHEDULE = "write_schedule"  # the engine's schedule and pending reasons
 WRITE_STATES = "write_states"  # an agent's unit states
+# Compare-and-swap rounds before a writer that keeps losing gives up.
+CAS_ATTEMPTS = 20
 
 
 class NotFound(LookupError):
@@ -140,7 +142,9 @@ class Registry:
       state/<name>/<machine>       UnitState JSON                    that machine's agent
       engine/leader                machine id of the engine, TTL     the elected engine
       volumes/<name>               machine id the local volume lives the agent that made it (created
-                                   on                                once; the API forgets it)
+                                   on; JSON with its last move once  once; the API forgets it); a move's
+                                   it moved                          steps by compare-and-swap: API,
+                                                                     source and target agents, engine
       events/<machine>             that fleetd's recent events, JSON that machine's event recorder
                                    (the leader removes it once the machine is gone for long)
     """
@@ -315,7 +319,8 @@ class Registry:
             ) from None
 
     # Local volumes: the first agent to make one records its machine; the engine keeps the units
-    # using it there. Only `fleetctl volume rm` forgets it (the data stays on that disk).
+    # using it there. `fleetctl volume move` changes it (see update_volume); only `fleetctl
+    # volume rm` forgets it (the data stays on that disk).
     async def claim_volume(self, name: str, machine_id: str) -> str:
         """Record that volume `name` lives on `machine_id` unless it lives somewhere already;
         the machine it lives on."""
@@ -325,11 +330,56 @@ class Registry:
             return machine_id
         except AlreadyExists:
             owner = await self.store.get(key)
-            return owner if owner is not None else await self.claim_volume(name, machine_id)
+            if owner is None:
+                return await self.claim_volume(name, machine_id)
+            return VolumeRecord.from_text(owner).machine_id
 
     async def volumes(self) -> dict[str, str]:
         """Every recorded volume and the machine it lives on."""
-        return await self._list("volumes")
+        return {name: record.machine_id for name, record in (await self.volume_records()).items()}
+
+    async def volume_records(self) -> dict[str, VolumeRecord]:
+        """Every recorded volume with its last move; one that cannot be read goes to `unreadable`."""
+        records = {}
+        for name, text in sorted((await self._list("volumes")).items()):
+            path = f"volumes/{name}"
+            try:
+                records[name] = VolumeRecord.from_text(text)
+                self.unreadable.pop(path, None)
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                reason = f"its record {self.prefix}{path} cannot be read ({type(error).__name__}: {error})"
+                if self.unreadable.get(path) != reason:
+                    log.error("registry: skipping %s", reason)
+                self.unreadable[path] = reason
+        return records
+
+    async def volume_record(self, name: str) -> VolumeRecord | None:
+        text = await self.store.get(self.key("volumes", name))
+        return None if text is None else VolumeRecord.from_text(text)
+
+    async def update_volume(
+        self, name: str, change: Callable[[VolumeRecord | None], VolumeRecord | None]
+    ) -> VolumeRecord | None:
+        """Write `change(record)` over volume `name`'s record by compare-and-swap, so that the
+        several parties of a move (API, agents, engine) never undo each other's step: when another
+        wrote first, `change` decides again on what it wrote. `change` returns None to leave the
+        record as it is. Returns the record as it is now."""
+        key = self.key("volumes", name)
+        for _ in range(CAS_ATTEMPTS):
+            text = await self.store.get(key)
+            current = None if text is None else VolumeRecord.from_text(text)
+            wanted = change(current)
+            if wanted is None or wanted == current:
+                return current
+            try:
+                if text is None:
+                    await self.store.put(key, wanted.to_text(), create_only=True)
+                else:
+                    await self.store.put(key, wanted.to_text(), prev_value=text)
+                return wanted
+            except (AlreadyExists, CompareFailed):
+                continue
+        raise Conflict(f"volume {name} kept changing while being updated; try again")
 
     async def forget_volume(self, name: str) -> bool:
         """Forget where volume `name` lives; False if nothing was recorded."""
