@@ -30,6 +30,7 @@ from fleetpy.events import AgentEvents
 from fleetpy.registry import (
     MOVE_COPYING,
     MOVE_DONE,
+    MOVE_FAILED,
     MOVE_STOPPING,
     Registry,
     StoreError,
@@ -286,16 +287,22 @@ class VolumeMoves:
         self.clock = clock
         self.wanted = asyncio.Event()  # set by the agent after a pass: a source may serve now
         self._pulls: dict[str, asyncio.Task] = {}
+        self._stale = False  # a pull ended: its own write is in etcd, not in the records read
 
     async def run(self) -> None:
+        """Read the records when they change; between changes, the agent's word (after each of its
+        passes) acts again on the records as last read, which costs etcd nothing."""
         index = None
+        records: dict[str, VolumeRecord] = {}
         try:
             while True:
                 try:
-                    if index is None:
+                    if index is None or self._stale:
+                        self._stale = False
                         index = await self.registry.index()
+                        records = await self.registry.volume_records()
                     self.wanted.clear()
-                    await self.act(await self.registry.volume_records())
+                    await self.act(records)
                     if await self._changed(index):
                         index = None
                 except HistoryLost:
@@ -332,10 +339,9 @@ class VolumeMoves:
 
     async def _step(self, name: str, record: VolumeRecord) -> None:
         move = record.move
-        if move is None:
-            return
-        involved = self.machine_id in (move.source, move.target)
-        idle = involved and move.state == MOVE_STOPPING and await self.idle(name)
+        if move is None or move.state == MOVE_FAILED or self.machine_id not in (move.source, move.target):
+            return  # most volumes, on most passes: nothing to ask systemd or the disk
+        idle = move.state == MOVE_STOPPING and await self.idle(name)
         here = os.path.lexists(volume_path(self.root, name))
         step = next_step(record, self.machine_id, idle, name in self._pulls, here)
         if step == SERVE:
@@ -356,7 +362,8 @@ class VolumeMoves:
             log.exception("agent: volume %s: pulling it failed", name)
         finally:
             self._pulls.pop(name, None)
-            self.wanted.set()  # look again: a pull that failed unrecorded is tried again
+            self._stale = True  # read again: a pull that failed unrecorded is tried again
+            self.wanted.set()
 
     async def _pull_once(self, name: str, move: VolumeMove) -> None:
         started = time.monotonic()
