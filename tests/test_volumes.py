@@ -66,7 +66,76 @@ def test_volumes_that_would_share_a_variable_global_volumes_and_non_services_are
         fleet("db.socket", "Volume=data")
 
 
+def test_a_volume_word_is_name_and_driver_local_by_default() -> None:
+    options = fleet("db.service", "Volume=data pg:shared logs:local\nVolume=pg:shared")
+    assert (options.volumes, options.shared_volumes) == (("data", "logs"), ("pg",))
+    assert fleet("db@.service", "Volume=data-%i:shared").shared_volumes == ("data-%i",)
+    assert fleet("db@2.service", "Volume=data-%i:shared").shared_volumes == ("data-2",)
+    with pytest.raises(InvalidFleetOptions, match="Global=true cannot be combined with Volume"):
+        fleet("db.service", "Global=true\nVolume=pg:shared")
+
+
+@pytest.mark.parametrize("word", ["pg:nfs", "pg:", "pg:shared:x", "pg:Shared"])
+def test_an_unknown_volume_driver_is_refused_with_what_to_write(word: str) -> None:
+    with pytest.raises(InvalidFleetOptions) as caught:
+        fleet("db.service", f"Volume={word}")
+    assert f"db.service: Volume={word}: unknown volume driver" in str(caught.value)
+    assert "write Volume=pg for a local volume" in str(caught.value)
+    assert "or Volume=pg:shared for one on the shared volume directory" in str(caught.value)
+
+
+def test_one_volume_with_two_drivers_is_refused() -> None:
+    with pytest.raises(
+        InvalidFleetOptions, match="Volume=pg:local and Volume=pg:shared name one volume with two"
+    ):
+        fleet("db.service", "Volume=pg\nVolume=pg:shared")
+    with pytest.raises(InvalidFleetOptions, match="Volume=pg:shared and Volume=pg:local name one volume"):
+        fleet("db.service", "Volume=pg:shared pg:local")
+    with pytest.raises(InvalidFleetOptions, match="may hold only letters"):
+        fleet("db.service", "Volume=../etc:shared")
+    with pytest.raises(InvalidFleetOptions, match=r"both be \$FLEET_VOLUME_a_b"):
+        fleet("db.service", "Volume=a-b a.b:shared")
+
+
 # --- the scheduler -----------------------------------------------------------------------------
+
+
+def test_a_shared_volume_unit_goes_only_to_machines_with_a_shared_volume_dir() -> None:
+    jobs = [job("busy.service", f"MachineID={B}"), job("db.service", "Volume=pg:shared")]
+    machines = [Machine(A), Machine(B, shared_volumes=True)]
+    for detail in ((), {"db.service"}):
+        p = plan(machines, jobs, [], detail=detail)
+        assert {a.unit: a.machine_id for a in p.assignments}["db.service"] == B  # the busier one
+    p = plan(machines, jobs, [], detail={"db.service"})
+    assert p.decisions["db.service"].filtered == {A: Reason("shared-volume", ("pg",))}
+    assert str(Reason("shared-volume", ("pg",))) == (
+        "volume pg is shared; no shared volume directory here (fleetd --shared-volume-dir)"
+    )
+    # Nothing recorded pins it: with B gone it goes to any machine with a shared volume dir.
+    p = plan([Machine(A, shared_volumes=True)], jobs[1:], [], volumes={"pg": B})
+    assert [(a.unit, a.machine_id) for a in p.assignments] == [("db.service", A)]
+
+
+def test_a_shared_volume_unit_with_no_machine_to_run_it_is_pending_with_the_reason() -> None:
+    machines = [Machine(A), Machine(B, shared_volumes=True, cordoned=True)]
+    jobs = [job("db.service", "Volume=pg:shared")]
+    fast, detailed = plan(machines, jobs, []), plan(machines, jobs, [], detail={"db.service"})
+    assert fast.pending == detailed.pending
+    assert str(fast.pending["db.service"]) == (
+        "0/2 machines fit: 1 machine is drained, 1 volume pg is shared; no shared volume directory "
+        "here (fleetd --shared-volume-dir)"
+    )
+    # A unit running where the directory went away (fleetd restarted without it) moves.
+    current = [Assignment("db.service", A, jobs[0][0].hash, "launched")]
+    p = plan([Machine(A), Machine(B, shared_volumes=True)], jobs, current)
+    assert [(a.unit, a.machine_id) for a in p.assignments] == [("db.service", B)]
+
+
+def test_a_machine_record_says_whether_it_has_a_shared_volume_dir() -> None:
+    record = Machine(A, shared_volumes=True).to_json()
+    assert record["sharedVolumes"] is True and Machine.from_json(record).shared_volumes
+    assert "sharedVolumes" not in Machine(A).to_json()
+    assert not Machine.from_json({"id": A, "sharedVolumes": "yes"}).shared_volumes
 
 
 def test_a_unit_goes_where_its_volume_lives_even_onto_the_busier_machine() -> None:
@@ -185,6 +254,12 @@ async def test_api_refuses_a_bad_volume_at_the_door_lists_and_forgets_volumes() 
             "/fleet/v1/units/db.service", json={"desiredState": "launched", "options": options}
         )
         assert resp.status == 400 and "may hold only letters" in (await resp.json())["error"]["message"]
+        options[1]["value"] = "pg:nfs"
+        resp = await client.put(
+            "/fleet/v1/units/db.service", json={"desiredState": "launched", "options": options}
+        )
+        message = (await resp.json())["error"]["message"]
+        assert resp.status == 400 and "unknown volume driver 'nfs'; write Volume=pg for" in message
         assert await registry.jobs() == []
 
         await registry.claim_volume("data", A)

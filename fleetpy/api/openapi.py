@@ -175,6 +175,10 @@ _SCHEMAS: dict[str, Any] = {
                 "description": "fleetpy: live facts (os, kernel, load1, memory_free, facts.d output...)",
                 "additionalProperties": {"type": ["string", "number"]},
             },
+            "sharedVolumes": {
+                "type": "boolean",
+                "description": "fleetpy: has a shared volume directory, runs units with Volume=NAME:shared",
+            },
         },
     },
     "MetadataOperation": {

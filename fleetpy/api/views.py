@@ -68,4 +68,6 @@ def machine_entity(machine: Machine) -> dict:
         entity["capacity"] = dict(machine.capacity)
     if machine.facts:
         entity["facts"] = dict(machine.facts)
+    if machine.shared_volumes:
+        entity["sharedVolumes"] = True  # it can run units with a Volume=NAME:shared
     return entity

@@ -48,6 +48,8 @@ fleetpy's own rules (issue 13; neutral for units that use none of them):
 - Volume=NAME: once an agent made the volume, the unit goes only to the machine it lives on;
   while that machine is gone the unit is pending (its data is there) until the volume is
   forgotten. While the volume moves (`fleetctl volume move`) the unit runs nowhere.
+  Volume=NAME:shared pins nothing: the unit goes only to machines whose fleetd has a
+  shared volume directory (Machine.shared_volumes).
 - HealthCheckMoveAfter: a machine where the unit's health check failed after that many
   restarts is avoided (fleetpy.engine.health records it): the unit leaves it and never comes
   back with the same content; with every machine avoided it is pending.
@@ -164,6 +166,9 @@ _RENDER: dict[str, Callable[..., str]] = {
             if live
             else f", a machine that is gone ('fleetctl volume rm {name}' starts it afresh elsewhere)"
         )
+    ),
+    "shared-volume": lambda name: (
+        f"volume {name} is shared; no shared volume directory here (fleetd --shared-volume-dir)"
     ),
     # Choices: why this machine.
     "kept": lambda: "kept where it runs",
@@ -513,6 +518,8 @@ class Context:
         self.loads = Loads(machines)
         # Machines that take new units: all but drained ones (globals stay on those).
         self.open = {mid for mid, machine in machines.items() if not drained(machine)}
+        # Machines that can run units with a shared volume.
+        self.shared = {mid for mid, machine in machines.items() if machine.shared_volumes}
         # metadata key -> value -> machines with it
         self._by_metadata: dict[str, dict[str, set[str]]] = {}
         for mid, machine in machines.items():
@@ -674,6 +681,11 @@ def health_filter(ctx: Context, unit: Unit, machine: Machine) -> Reason | None:
     return None if restarts is None else Reason("unhealthy", (machine.id, restarts))
 
 
+def shared_volume_filter(ctx: Context, unit: Unit, machine: Machine) -> Reason | None:
+    shared = unit.fleet.shared_volumes
+    return Reason("shared-volume", (shared[0],)) if shared and not machine.shared_volumes else None
+
+
 def resources_filter(ctx: Context, unit: Unit, machine: Machine) -> Reason | None:
     fleet = unit.fleet
     short = []
@@ -697,6 +709,7 @@ FILTERS: tuple[Filter, ...] = (
     constraint_filter,
     volume_filter,
     health_filter,
+    shared_volume_filter,
     resources_filter,
 )
 # A unit stays where it runs while these pass: constraints are checked only when it is placed.
@@ -991,9 +1004,11 @@ def _static_pool(ctx: Context, unit: Unit) -> set[str] | None:
     when none applies and the pool is every machine with the unit's metadata."""
     fleet = unit.fleet
     homes = {ctx.volumes[v] for v in fleet.volumes if v in ctx.volumes}
-    if fleet.machine_id is None and not fleet.machine_of and not homes:
+    if fleet.machine_id is None and not fleet.machine_of and not homes and not fleet.shared_volumes:
         return None
     pool = set(ctx.open) if fleet.machine_id is None else {fleet.machine_id} & ctx.open
+    if fleet.shared_volumes:
+        pool &= ctx.shared
     for home in homes:
         pool &= {home}
     for target in fleet.machine_of:

@@ -26,6 +26,9 @@ class Machine:
     capacity: dict[str, float] = field(default_factory=dict, hash=False)
     # Live facts (os, kernel, load1, memory_free, facts.d output, ...), refreshed by the agent.
     facts: dict[str, str | float] = field(default_factory=dict, hash=False)
+    # Whether its fleetd has a shared volume directory (--shared-volume-dir), so it can run
+    # units with a Volume=NAME:shared.
+    shared_volumes: bool = False
 
     def to_json(self) -> dict:
         record = {
@@ -38,6 +41,8 @@ class Machine:
             record["capacity"] = dict(self.capacity)
         if self.facts:
             record["facts"] = dict(self.facts)
+        if self.shared_volumes:
+            record["sharedVolumes"] = True
         return record
 
     @classmethod
@@ -49,6 +54,7 @@ class Machine:
             api_endpoint=data.get("apiEndpoint", ""),
             capacity={k: float(v) for k, v in (data.get("capacity") or {}).items()},
             facts=dict(data.get("facts") or {}),
+            shared_volumes=data.get("sharedVolumes") is True,
         )
 
     def attributes(self) -> dict[str, str | float]:

@@ -54,8 +54,9 @@ OPTIONS = (
         "HealthCheckAction",
         "HealthCheckMoveAfter",
     ),
-    # fleetpy's own: a local volume, a directory the agent makes on the unit's machine and
-    # hands to it as $FLEET_VOLUME_<NAME>; the unit stays on the machine that first made it.
+    # fleetpy's own: volumes, NAME[:DRIVER], directories the agent makes and hands to the unit
+    # as $FLEET_VOLUME_<NAME>. A local one stays on the machine that first made it (the unit
+    # with it); a shared one is on storage every machine mounts, so it pins nothing.
     "Volume",
 )
 STRATEGIES = ("spread", "binpack")
@@ -106,7 +107,8 @@ class FleetOptions:
     constraints: tuple[Constraint, ...] = ()
     strategy: str = "spread"
     health: HealthCheck | None = None
-    volumes: tuple[str, ...] = ()
+    volumes: tuple[str, ...] = ()  # local volumes (driver "local")
+    shared_volumes: tuple[str, ...] = ()  # volumes on the shared volume directory
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def metadata_matches(self, metadata: Mapping[str, str]) -> bool:
@@ -227,8 +229,8 @@ def parse_fleet_options(unit_name: str, unit: UnitFile) -> FleetOptions:
         ),
         strategy=_strategy(unit_name, values["Strategy"]),
         health=_health_check(unit_name, name, values),
-        volumes=_volumes(unit_name, name, values["Volume"]),
         warnings=tuple(warnings),
+        **_volumes(unit_name, name, values["Volume"]),
     )
     _check_combinations(unit_name, options)
     return options
@@ -242,7 +244,7 @@ def _check_combinations(unit_name: str, options: FleetOptions) -> None:
                 ("MachineID", options.machine_id is not None),
                 ("MachineOf", bool(options.machine_of)),
                 ("Replaces", bool(options.replaces)),
-                ("Volume", bool(options.volumes)),
+                ("Volume", bool(options.volumes or options.shared_volumes)),
                 ("HealthCheckMoveAfter", bool(options.health and options.health.move_after)),
             )
             if present
@@ -266,6 +268,10 @@ def _check_combinations(unit_name: str, options: FleetOptions) -> None:
 # systemd unit-name-like word: no "/", never "." or "..", no blank, quote, "%" or "$".
 _VOLUME_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 VOLUME_ENV_PREFIX = "FLEET_VOLUME_"
+# Volume=NAME[:DRIVER]: local (the default) lives on one machine and keeps its units there;
+# shared lives on storage every machine mounts (fleetd --shared-volume-dir), so it pins nothing.
+LOCAL, SHARED = "local", "shared"
+VOLUME_DRIVERS = (LOCAL, SHARED)
 
 
 def check_volume_name(name: str) -> str:
@@ -283,20 +289,44 @@ def volume_environment_name(name: str) -> str:
     return VOLUME_ENV_PREFIX + name.replace("-", "_").replace(".", "_")
 
 
-def _volumes(unit_name: str, name: UnitName, values: list[list[str]]) -> tuple[str, ...]:
-    volumes: list[str] = []
+def split_volume(word: str) -> tuple[str, str]:
+    """One Volume= word, NAME[:DRIVER], as (name, driver); the driver is "local" when not given.
+
+    The name is returned unchecked (a template's holds %i); InvalidFleetOptions for a driver
+    that is not one of VOLUME_DRIVERS, saying what to write.
+    """
+    name, colon, driver = word.partition(":")
+    if not colon:
+        return name, LOCAL
+    if driver not in VOLUME_DRIVERS:
+        raise InvalidFleetOptions(
+            f"unknown volume driver {driver!r}; write Volume={name} for a local volume (it stays on "
+            f"the machine that made it) or Volume={name}:shared for one on the shared volume "
+            "directory every machine mounts"
+        )
+    return name, driver
+
+
+def _volumes(unit_name: str, name: UnitName, values: list[list[str]]) -> dict[str, tuple[str, ...]]:
+    """The unit's volumes by driver, as FleetOptions' `volumes` and `shared_volumes`."""
+    drivers: dict[str, str] = {}  # volume -> driver, in the order first given
     by_variable: dict[str, str] = {}
     if values and name.suffix != "service":
         raise InvalidFleetOptions(
             f"{unit_name}: Volume= is for services; it hands the path over in the service's environment"
         )
-    for volume in (word for words in values for word in words):
-        # A template's %i is checked as an instance would fill it; each instance is checked itself.
-        shown = volume.replace(_PENDING_INSTANCE, "1") if name.is_template else volume
+    for word in (word for words in values for word in words):
         try:
-            check_volume_name(shown)
+            volume, driver = split_volume(word)
+            # A template's %i is checked as an instance would fill it; each instance is checked itself.
+            check_volume_name(volume.replace(_PENDING_INSTANCE, "1") if name.is_template else volume)
         except InvalidFleetOptions as error:
-            raise InvalidFleetOptions(f"{unit_name}: Volume={volume}: {error}") from None
+            raise InvalidFleetOptions(f"{unit_name}: Volume={word}: {error}") from None
+        if drivers.get(volume, driver) != driver:
+            raise InvalidFleetOptions(
+                f"{unit_name}: Volume={volume}:{drivers[volume]} and Volume={word} name one volume with "
+                f"two drivers; keep one of them (a volume is either local or shared)"
+            )
         variable = volume_environment_name(volume)
         if by_variable.get(variable, volume) != volume:
             raise InvalidFleetOptions(
@@ -304,9 +334,11 @@ def _volumes(unit_name: str, name: UnitName, values: list[list[str]]) -> tuple[s
                 f"${variable}; rename one"
             )
         by_variable[variable] = volume
-        if volume not in volumes:
-            volumes.append(volume)
-    return tuple(volumes)
+        drivers.setdefault(volume, driver)
+    return {
+        "volumes": tuple(v for v, d in drivers.items() if d == LOCAL),
+        "shared_volumes": tuple(v for v, d in drivers.items() if d == SHARED),
+    }
 
 
 def _names_like(values: list[list[str]]) -> tuple[str, ...]:
