@@ -31,7 +31,7 @@ def test_a_unit_whose_volume_machine_is_gone_is_pending_until_the_volume_is_forg
     unit_dir,  # noqa: F811
 ) -> None:
     assert fleet.call(fleet.registry.claim_volume("data", GONE)) == GONE
-    assert _ok(fleet.run("list-volumes", "-l")) == f"VOLUME\tMACHINE\ndata\t{GONE}\n"
+    assert _ok(fleet.run("list-volumes", "-l")) == f"VOLUME\tMACHINE\t\t\t\t\tMOVE\ndata\t{GONE}\t-\n"
     (unit_dir / "db.service").write_text("[Service]\nExecStart=/bin/sleep 1000\n[X-Fleet]\nVolume=data\n")
     _ok(fleet.run("start", "--no-block", "db.service"))
     reason = _pending_reason(fleet)
@@ -42,6 +42,6 @@ def test_a_unit_whose_volume_machine_is_gone_is_pending_until_the_volume_is_forg
     # Destroyed first: once forgotten, the unit would start here and make its volume on this disk.
     _ok(fleet.run("destroy", "db.service"))
     assert _ok(fleet.run("volume", "rm", "data")) == "Volume data forgotten\n"
-    assert _ok(fleet.run("list-volumes")) == "VOLUME\tMACHINE\n"
+    assert _ok(fleet.run("list-volumes")) == "VOLUME\tMACHINE\tMOVE\n"
     result = fleet.run("volume", "rm", "data")
     assert result.exit_code != 0 and "volume data not found" in result.output

@@ -6,6 +6,7 @@ the API and two fleetds; tests/test_volumes_lab.py on a real lab."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import tarfile
@@ -20,6 +21,7 @@ from fleetpy.agent.moves import (
     SERVE,
     SET_ASIDE,
     MoveError,
+    VolumeMoves,
     next_step,
     pack,
     refusal,
@@ -28,6 +30,7 @@ from fleetpy.agent.moves import (
     unpack,
 )
 from fleetpy.engine.scheduler import plan
+from fleetpy.events import AgentEvents
 from fleetpy.registry import (
     MOVE_COPYING,
     MOVE_DONE,
@@ -40,6 +43,7 @@ from fleetpy.registry import (
     Registry,
     VolumeMove,
     VolumeRecord,
+    memory_registry,
     moves,
 )
 from fleetpy.unit import load_unit
@@ -316,3 +320,77 @@ async def test_the_stream_is_packed_in_a_thread_and_stops_when_the_reader_goes(t
 
     with pytest.raises(ConnectionResetError):
         await stream(volume, broken)
+
+
+# --- a fleetd that restarts half-way ------------------------------------------------------------
+
+
+class PackingSource:
+    """A VolumeSource that packs a directory on this disk, as the source's fleetd would serve it."""
+
+    def __init__(self, volume: Path):
+        self.volume = volume
+        self.fetched: list[tuple[str, str]] = []
+
+    async def fetch_volume(self, machine_id: str, name: str, sink) -> None:  # type: ignore[no-untyped-def]
+        self.fetched.append((machine_id, name))
+        pack(self.volume, sink)
+
+
+async def _run_until(moves_: VolumeMoves, registry: Registry, done) -> VolumeRecord:  # type: ignore[no-untyped-def]
+    task = asyncio.create_task(moves_.run())
+    try:
+        async with asyncio.timeout(10):
+            while not done(record := await registry.volume_record("data")):
+                await asyncio.sleep(0.01)
+        return record
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_target_restarted_mid_copy_starts_over_from_the_record_and_finishes(tmp_path: Path) -> None:
+    source = _volume(tmp_path / "a")
+    os.unlink(source / "outside")
+    registry = memory_registry()
+    await registry.claim_volume("data", A)
+    await registry.update_volume("data", lambda r: moving(MOVE_COPYING))
+    # What the previous fleetd left when it died: half a spool, half an unpacked tree.
+    root = tmp_path / "b"
+    (root / "data~incoming" / "data").mkdir(parents=True)
+    (root / "data~incoming" / "data" / "records").write_text("one\n")
+    (root / "data~incoming.tar").write_bytes(b"half a tar")
+    fetcher = PackingSource(source)
+    target = VolumeMoves(registry, B, root, _idle, fetcher, AgentEvents())
+    record = await _run_until(target, registry, lambda r: r.move.state == MOVE_DONE)
+    assert record.machine_id == B and fetcher.fetched == [(A, "data")]
+    assert (root / "data" / "records").read_text() == "one\ntwo\n"
+    assert sorted(p.name for p in root.iterdir()) == ["data"]
+
+
+async def test_a_source_restarted_while_stopping_serves_once_its_units_are_gone(tmp_path: Path) -> None:
+    registry = memory_registry()
+    await registry.claim_volume("data", A)
+    await registry.update_volume("data", lambda r: moving(MOVE_STOPPING))
+    busy = True
+
+    async def idle(name: str) -> bool:
+        return not busy
+
+    source = VolumeMoves(registry, A, tmp_path, idle, None, AgentEvents())
+    task = asyncio.create_task(source.run())
+    try:
+        await asyncio.sleep(0.05)
+        assert (await registry.volume_record("data")).move.state == MOVE_STOPPING  # a unit still runs
+        busy = False
+        source.wanted.set()  # as the agent does after the pass that stopped it
+        async with asyncio.timeout(10):
+            while (await registry.volume_record("data")).move.state != MOVE_COPYING:
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _idle(name: str) -> bool:
+    return True

@@ -184,6 +184,8 @@ def test_a_volume_moves_with_its_data_and_its_unit_follows(cluster: Cluster, tmp
     record = cluster.client().volume("data")
     assert record["machineID"] == M2 and record["move"]["state"] == "done"
     assert record["move"]["bytes"] == len("one\ntwo\n") + 100_000
+    listed = cluster.run("list-volumes", "--no-legend").output
+    assert listed.startswith("data\t2c9a1b3e.../10.0.0.2\tmoved from 113f16a7... in "), listed
     cluster.wait(
         "the VolumeMoved event",
         lambda: "volume data moved from 113f16a7 to 2c9a1b3e" in cluster.run("events", "--no-legend").output,
@@ -243,6 +245,10 @@ def test_a_failed_copy_leaves_the_volume_and_its_unit_on_the_source_with_the_rea
     assert not (cluster.volumes[M2] / "data").exists() and not list(cluster.volumes[M2].glob("data~*"))
     record = cluster.client().volume("data")
     assert record["machineID"] == M1 and record["move"]["state"] == "failed"
+    listed = cluster.run("list-volumes", "--no-legend").output
+    assert listed.startswith(
+        "data\t113f16a7.../10.0.0.1\tmove to 2c9a1b3e... failed: copying from 113f16a7..."
+    ), listed
     cluster.wait(
         "the VolumeMoveFailed event",
         lambda: "VolumeMoveFailed" in cluster.run("events", "--no-legend").output,
@@ -306,3 +312,26 @@ async def test_the_engine_fails_a_move_whose_target_is_gone_and_runs_the_unit_on
     assert record.move.reason == "target machine ffee0000... is gone"
     assert [a.machine_id for a in await registry.assignments()] == [M1]
     assert any(e.kind == "VolumeMoveFailed" for e in engine.events.recorder.queued)
+
+
+def test_draining_the_volume_machine_says_how_to_move_the_volume_and_the_move_out_works(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    _db_on_m1(cluster, tmp_path)
+    result = cluster.run("drain", M1[:8])
+    assert result.exit_code == 0, result.output
+    assert "Unit db.service waiting for a machine: 0/2 machines fit: 1 machine is drained, 1 volume data" in (
+        result.output
+    )
+    assert result.output.endswith(
+        "Volume data lives on this machine: its units wait for it; move it with "
+        "'fleetctl volume move data MACHINE', or 'fleetctl uncordon 113f16a7' to run them here again\n"
+    )
+    # The drained machine still serves the data: the volume leaves it, and its unit runs again.
+    result = cluster.run("volume", "move", "data", M2)
+    assert result.exit_code == 0, result.output
+    cluster.wait("db on M2", lambda: cluster.where("db.service") == [M2])
+    assert (cluster.volumes[M2] / "data" / "records").read_text() == "one\ntwo\n"
+    # A drained machine takes no volume: its units could not run there.
+    result = cluster.run("volume", "move", "data", M1)
+    assert result.exit_code == 1 and "machine 113f16a7... is drained" in result.output

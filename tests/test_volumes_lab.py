@@ -62,7 +62,7 @@ def test_a_unit_keeps_its_volume_node_waits_when_it_dies_and_moves_once_forgotte
     assert seen(home) == ["first"]
     assert (
         fleetctl(lab, "list-volumes", "--full", "--no-legend")
-        == f"data\t{home_id}/{lab.state.node(home).ip}\n"
+        == f"data\t{home_id}/{lab.state.node(home).ip}\t-\n"
     )
 
     # Stopped, its node made busier, started again: back on its volume's node, data intact.
@@ -174,7 +174,10 @@ def test_a_volume_moves_with_its_data_and_the_unit_answers_with_it_on_the_other_
     aside = wait_for("the old copy set aside", lambda: list(volumes.glob("kvdata~moved-*")))
     assert (aside[0] / "records").read_text() == "start 1\nstart 2\n" and not (volumes / "kvdata").exists()
     listed = fleetctl(lab, "list-volumes", "--full", "--no-legend")
-    assert f"kvdata\t{lab.state.node(other).machine_id}/{other_ip}\n" in listed
+    assert (
+        f"kvdata\t{lab.state.node(other).machine_id}/{other_ip}\tmoved from {lab.state.node(home).machine_id} in "
+        in listed
+    )
     print(
         f"\nvolume move on a real lab: fleetctl volume move took {moved:.2f}s, the unit answered with its "
         f"old records on the other node {answering:.2f}s after the command started; baseline in this run: "

@@ -19,7 +19,7 @@ from fleetpy.api.local import LocalUnitInfo
 from fleetpy.api.peer import FORWARDED_HEADER, Peers
 from fleetpy.conf.values import short_machine_id
 from fleetpy.engine.explain import explain_placement
-from fleetpy.registry import MOVE_COPYING, Job, VolumeRecord, moves
+from fleetpy.registry import MOVE_COPYING, Job, Machine, VolumeRecord, moves
 from fleetpy.unit import UnitFile, UnitName, load_unit
 from fleetpy.unit.errors import InvalidFleetOptions
 from fleetpy.unit.fleet import check_volume_name
@@ -39,6 +39,27 @@ def _volume_view(name: str, record: VolumeRecord) -> dict:
         "machineID": record.machine_id,
         "move": None if record.move is None else record.move.to_json(),
     }
+
+
+def _why_not_movable(name: str, home: str, target: str, machines: dict[str, Machine]) -> str | None:
+    """Why volume `name` cannot move from `home` to `target` now, if it cannot."""
+    if machines[target].cordoned:
+        return (
+            f"machine {short_machine_id(target)} is drained, so the volume's units could not run there; "
+            "choose another machine or 'fleetctl uncordon' it first"
+        )
+    source = machines.get(home)
+    if source is None:
+        return (
+            f"volume {name} lives on {short_machine_id(home)}, a machine that is gone: its data cannot be "
+            f"copied ('fleetctl volume rm {name}' starts it afresh elsewhere)"
+        )
+    if not source.api_endpoint:
+        return (
+            f"machine {short_machine_id(home)} has no API endpoint, and the target fetches the data from "
+            "it; start its fleetd with --api-listen"
+        )
+    return None
 
 
 class FleetpyV1:
@@ -157,20 +178,10 @@ class FleetpyV1:
         record = await self.etcd.volume_record(name)
         if record is None:
             raise ApiError(404, f"volume {name} not found; see 'fleetctl list-volumes'")
-        source = machines.get(record.machine_id)
         if record.machine_id != target and record.moving is None:
-            if source is None:
-                raise ApiError(
-                    409,
-                    f"volume {name} lives on {short_machine_id(record.machine_id)}, a machine that is gone: "
-                    f"its data cannot be copied ('fleetctl volume rm {name}' starts it afresh elsewhere)",
-                )
-            if not source.api_endpoint:
-                raise ApiError(
-                    409,
-                    f"machine {short_machine_id(source.id)} has no API endpoint, and the target fetches the "
-                    "data from it; start its fleetd with --api-listen",
-                )
+            refusal = _why_not_movable(name, record.machine_id, target, machines)
+            if refusal is not None:
+                raise ApiError(409, refusal)
         try:
             after = await self.etcd.update_volume(name, moves.start(name, target, time.time()))
         except moves.MoveRefused as refused:

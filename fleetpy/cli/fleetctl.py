@@ -409,6 +409,14 @@ def drain(session: _Session, machine: str, no_block: bool, block_attempts: int) 
                 f"timed out waiting for {', '.join(late)} to leave machine {short_machine_id(machine_id)}"
             )
     click.echo(f"Machine {session.legend(machine_id, False)} drained")
+    # A drain never copies data: the units of a local volume living here wait for it.
+    for volume in client.volumes():
+        if volume["machineID"] == machine_id:
+            click.echo(
+                f"Volume {volume['name']} lives on this machine: its units wait for it; move it with "
+                f"'fleetctl volume move {volume['name']} MACHINE', or 'fleetctl uncordon "
+                f"{short_machine_id(machine_id).rstrip('.')}' to run them here again"
+            )
 
 
 def _moved_off(session: _Session, machine_id: str, names: list[str]) -> set[str]:
@@ -435,10 +443,26 @@ def _moved_off(session: _Session, machine_id: str, names: list[str]) -> set[str]
 @click.option("--no-legend", is_flag=True, help="do not print column headers")
 @pass_session
 def list_volumes(session: _Session, full: bool, no_legend: bool) -> None:
-    """List local volumes and the machine each lives on (fleetpy extension)."""
-    rows = [] if no_legend else [["VOLUME", "MACHINE"]]
-    rows += [[v["name"], session.legend(v["machineID"], full)] for v in session.client.volumes()]
+    """List local volumes, the machine each lives on and its last move (fleetpy extension)."""
+    rows = [] if no_legend else [["VOLUME", "MACHINE", "MOVE"]]
+    rows += [
+        [v["name"], session.legend(v["machineID"], full), _move_text(v["move"], full)]
+        for v in session.client.volumes()
+    ]
     click.echo(tabulate(rows), nl=False)
+
+
+def _move_text(move: dict | None, full: bool) -> str:
+    """A volume's last move, for list-volumes: where it stands, or how it ended."""
+    if move is None:
+        return "-"
+    source = move["source"] if full else short_machine_id(move["source"])
+    target = move["target"] if full else short_machine_id(move["target"])
+    if move["state"] == "done":
+        return f"moved from {source} in {move['finished'] - move['started']:.1f}s"
+    if move["state"] == "failed":
+        return f"move to {target} failed: {move.get('reason', '')}"
+    return f"{move['state']}: {source} -> {target}"
 
 
 @cli.group("volume")
