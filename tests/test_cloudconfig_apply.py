@@ -45,6 +45,7 @@ coreos:
     etcd_servers: http://10.0.0.1:2379,http://10.0.0.2:2379
     agent_ttl: 20s
     disable_engine: true
+    shared_volume_dir: /mnt/fleet-volumes
     token_limit: 50
   units:
     - name: hello.service
@@ -151,6 +152,7 @@ def test_fleet_conf_is_what_fleetd_reads(tmp_path: Path) -> None:
     assert config.etcd_servers == ("http://10.0.0.1:2379", "http://10.0.0.2:2379")
     assert config.agent_ttl == 20.0
     assert config.disable_engine is True
+    assert config.shared_volume_dir == "/mnt/fleet-volumes"
     # token_limit is CoreOS fleet's; our fleetd would refuse a file that has it.
     assert "token_limit" not in conf.read_text()
     assert "fleet: options fleetd does not read, left out: token_limit" in lines

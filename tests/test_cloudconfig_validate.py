@@ -546,6 +546,7 @@ def test_load_header_only() -> None:
         ("capacity", "cpus=2,memory=4G"), ("capacity", "memory=1.5G,disk=100G"), ("capacity", "cpus=150%"),
         ("capacity", "gpus=1"), ("capacity", "memory=lots"), ("capacity", "cpus"),
         ("facts_interval", "10s"), ("facts_interval", "0"), ("facts_interval", "soon"),
+        ("shared_volume_dir", "/mnt/volumes"), ("shared_volume_dir", "mnt/volumes"),
     ],
 )  # fmt: skip
 def test_validate_accepts_exactly_what_fleetd_accepts(option: str, value: str, tmp_path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fleetpy.fleetd.config import ConfigError, build_config, machine_id, parse_duration
@@ -78,3 +80,18 @@ def test_events_retention_defaults_to_a_day_and_reaches_the_engine(tmp_path):
     assert config.events_retention == 7200
     engine = build_fleetd(config, memory_registry(), FakeSystemd()).engine
     assert engine is not None and engine.events.retention == 7200
+
+
+def test_the_shared_volume_dir_is_an_absolute_path_and_the_machine_record_says_it_has_one(tmp_path):
+    absent = {"FLEET_CONFIG": str(tmp_path / "absent.conf")}
+    without = build_config({"machine_id": "m1"}, absent)
+    assert without.shared_volume_dir == ""
+    assert not build_fleetd(without, memory_registry(), FakeSystemd()).machine.shared_volumes
+    conf = tmp_path / "fleet.conf"
+    conf.write_text('shared_volume_dir="/mnt/file"\n')
+    config = build_config({"machine_id": "m1"}, {"FLEET_SHARED_VOLUME_DIR": "/mnt/env"}, str(conf))
+    assert config.shared_volume_dir == "/mnt/env"
+    fleetd = build_fleetd(config, memory_registry(), FakeSystemd())
+    assert fleetd.machine.shared_volumes and fleetd.agent.shared_volume_dir == Path("/mnt/env")
+    with pytest.raises(ConfigError, match="shared_volume_dir 'mnt' must be an absolute path"):
+        build_config({"shared_volume_dir": "mnt"}, absent)

@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from fleetpy.agent.agent import Agent
-from fleetpy.agent.volumes import VolumeError, prepare_volume, with_volumes
+from fleetpy.agent.volumes import VolumeError, prepare_shared_volume, prepare_volume, with_volumes
 from fleetpy.api import create_app
 from fleetpy.engine.scheduler import Reason, plan
 from fleetpy.registry import Assignment, Machine, memory_registry
@@ -237,6 +237,58 @@ async def test_agent_refuses_a_volume_that_lives_on_another_machine(tmp_path: Pa
     assert tasks.start == ["other.service"] and "db.service" not in systemd.files
     assert "volume data lives on machine " + B in agent._quarantined["db.service"]
     assert await registry.volumes() == {"data": B}
+
+
+async def test_agent_makes_a_shared_volume_in_the_shared_dir_hands_it_over_and_records_nothing(
+    tmp_path: Path,
+) -> None:
+    registry = memory_registry()
+    systemd = FakeSystemd()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    agent = Agent(
+        registry,
+        systemd,
+        Machine(A, shared_volumes=True),
+        ttl=5,
+        volume_dir=tmp_path / "volumes",
+        shared_volume_dir=shared,
+    )
+    digest = await registry.put_unit_file(UnitFile.parse(SLEEP + "[X-Fleet]\nVolume=pg-data:shared logs\n"))
+    await registry.assign(Assignment("db.service", A, digest, "launched"))
+    tasks = await agent.reconcile(await registry.assignments(A))
+    assert tasks.start == ["db.service"]
+    assert await registry.volumes() == {"logs": A}  # the local one only: a shared one pins nothing
+    path = (shared / "pg-data").resolve()
+    assert path.is_dir() and stat.S_IMODE(os.lstat(path).st_mode) == 0o750
+    assert not (tmp_path / "volumes" / "pg-data").exists()
+    assert f'Environment="FLEET_VOLUME_pg_data={path}"' in systemd.files["db.service"]
+    assert "FLEET_VOLUME_logs=" in systemd.files["db.service"]
+
+
+async def test_agent_sets_aside_a_shared_volume_unit_without_a_shared_dir_or_with_it_unmounted(
+    tmp_path: Path,
+) -> None:
+    registry = memory_registry()
+    digest = await registry.put_unit_file(UnitFile.parse(SLEEP + "[X-Fleet]\nVolume=pg:shared\n"))
+    good = await registry.put_unit_file(UnitFile.parse(SLEEP))
+    await registry.assign(Assignment("db.service", A, digest, "launched"))
+    await registry.assign(Assignment("other.service", A, good, "launched"))
+    for shared_dir, why in (
+        (None, "volume pg is shared and this fleetd has no shared volume directory (--shared-volume-dir)"),
+        (tmp_path / "nfs", f"the shared volume directory {tmp_path / 'nfs'} is missing (is the shared"),
+    ):
+        systemd = FakeSystemd()
+        agent = Agent(registry, systemd, Machine(A), ttl=5, shared_volume_dir=shared_dir)
+        tasks = await agent.reconcile(await registry.assignments(A))
+        assert tasks.start == ["other.service"] and "db.service" not in systemd.files
+        assert why in agent._quarantined["db.service"]
+    assert not (tmp_path / "nfs").exists()  # never made: it would hide the real storage
+    (tmp_path / "nfs").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "pg").symlink_to(tmp_path)
+    with pytest.raises(VolumeError, match="not a plain directory"):
+        prepare_shared_volume(tmp_path / "nfs", "pg")
 
 
 # --- the API -----------------------------------------------------------------------------------

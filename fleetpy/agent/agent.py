@@ -15,7 +15,7 @@ from fleetpy.agent.facts import Facts, FactSource, changed_enough
 from fleetpy.agent.health import STARTING, ExecContext, HealthMonitor, Probe, judge, probe
 from fleetpy.agent.moves import VolumeMoves, VolumeSource
 from fleetpy.agent.tasks import RUNNING, STARTED, Desired, Tasks, plan_tasks
-from fleetpy.agent.volumes import VolumeError, prepare_volume, with_volumes
+from fleetpy.agent.volumes import VolumeError, prepare_shared_volume, prepare_volume, with_volumes
 from fleetpy.conf import metrics
 from fleetpy.events import AgentEvents
 from fleetpy.registry import Assignment, Health, HistoryLost, Machine, Registry, StoreError, UnitState
@@ -50,7 +50,8 @@ class _UnitText:
     fence: bool
     health: HealthCheck | None
     exec_context: ExecContext
-    volumes: tuple[str, ...] = ()
+    volumes: tuple[str, ...] = ()  # local ones
+    shared_volumes: tuple[str, ...] = ()
 
 
 class Agent:
@@ -70,6 +71,7 @@ class Agent:
         health_probe: Probe = probe,
         volume_dir: Path = Path("/var/lib/fleetpy/volumes"),
         volume_source: VolumeSource | None = None,
+        shared_volume_dir: Path | None = None,
     ):
         self.registry = registry
         # Live facts: read every `facts_interval` (0: only at start), written with a heartbeat
@@ -84,6 +86,9 @@ class Agent:
         self.ttl = ttl
         self.fence = fence  # fence every unit, as [X-Fleet] Fence=true fences one
         self.volume_dir = volume_dir
+        # Where shared volumes live (storage every machine mounts), or None: then the machine
+        # record says so (Machine.shared_volumes) and the engine sends no such unit here.
+        self.shared_volume_dir = shared_volume_dir
         # This machine's steps of volume moves; `volume_source` fetches from the source machine.
         self.volume_moves = VolumeMoves(
             registry, machine.id, volume_dir, self._volume_idle, volume_source, self.events
@@ -333,7 +338,9 @@ class Agent:
                     raise LookupError(unreadable[a.hash])
                 unit = self._texts[a.hash]
                 text = (
-                    with_volumes(unit.text, await self._volumes(unit.volumes)) if unit.volumes else unit.text
+                    with_volumes(unit.text, await self._volumes(unit))
+                    if unit.volumes or unit.shared_volumes
+                    else unit.text
                 )
                 desired[a.unit] = Desired(text, a.desired_state)
                 if self.fence or unit.fence:
@@ -349,15 +356,18 @@ class Agent:
         self._set_checks(checks)
         return desired
 
-    async def _volumes(self, names: tuple[str, ...]) -> dict[str, Path]:
-        """Each volume's directory, made here if missing, and recorded as living on this machine
-        before the unit starts, so the engine keeps the unit here from now on."""
+    async def _volumes(self, unit: _UnitText) -> dict[str, Path]:
+        """Each volume's directory, made here if missing. A local one is recorded as living on
+        this machine before the unit starts, so the engine keeps the unit here from now on; a
+        shared one is on every machine and recorded nowhere."""
         paths = {}
-        for name in names:
+        for name in unit.volumes:
             paths[name] = prepare_volume(self.volume_dir, name)
             home = await self.registry.claim_volume(name, self.machine.id)
             if home != self.machine.id:
                 raise VolumeError(f"volume {name} lives on machine {home}, not on this one")
+        for name in unit.shared_volumes:
+            paths[name] = prepare_shared_volume(self.shared_volume_dir, name)
         return paths
 
     async def _volume_idle(self, name: str) -> bool:
@@ -407,6 +417,7 @@ class Agent:
                     options.health,
                     ExecContext.of(unit_file),
                     options.volumes,
+                    options.shared_volumes,
                 )
             except Exception as error:  # noqa: BLE001 - one bad file quarantines its units only
                 unreadable[digest] = str(error)

@@ -1,9 +1,10 @@
-"""Local volumes on this machine: made safely under the volume directory, handed to units.
+"""Volumes on this machine: made safely under their directory, handed to units.
 
-A volume is a directory `<volume dir>/<name>` (mode 0750). It is made without following a
-symlink and never outside the volume directory, whatever was planted there. A unit finds its
-volume's path in $FLEET_VOLUME_<NAME>, from an Environment= line the agent adds to the unit
-file it installs (no shell, no drop-in to keep in step).
+A local volume is a directory `<volume dir>/<name>` (mode 0750); a shared one
+(Volume=NAME:shared) is `<shared volume dir>/<name>`, on storage every machine mounts. Either
+is made without following a symlink and never outside its directory, whatever was planted
+there. A unit finds its volume's path in $FLEET_VOLUME_<NAME>, from an Environment= line the
+agent adds to the unit file it installs (no shell, no drop-in to keep in step).
 """
 
 from __future__ import annotations
@@ -42,6 +43,22 @@ def prepare_volume(root: Path, name: str) -> Path:
     if path.resolve() != path:
         raise VolumeError(f"volume {name}: {path} resolves outside {base}")
     return path
+
+
+def prepare_shared_volume(root: Path | None, name: str) -> Path:
+    """The directory of shared volume `name` under the shared volume directory `root`, as
+    prepare_volume makes it. `root` itself is never made: missing, it is shared storage that is
+    not mounted, and a directory made in its place would hide the data on local disk."""
+    if root is None:
+        raise VolumeError(
+            f"volume {name} is shared and this fleetd has no shared volume directory (--shared-volume-dir)"
+        )
+    if not root.is_dir():
+        raise VolumeError(
+            f"volume {name} is shared and the shared volume directory {root} is missing "
+            "(is the shared storage mounted?)"
+        )
+    return prepare_volume(root, name)
 
 
 def with_volumes(text: str, paths: dict[str, Path]) -> str:

@@ -40,6 +40,7 @@ FLEETD_OPTIONS = (
     "capacity",
     "facts_dir",
     "facts_interval",
+    "shared_volume_dir",
     "agent_ttl",
     "engine_reconcile_interval",
     "disable_engine",

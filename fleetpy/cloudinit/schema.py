@@ -19,7 +19,14 @@ from itertools import pairwise
 from typing import Literal
 
 from fleetpy.cloudinit.substitute import substitute
-from fleetpy.conf.values import BadValue, parse_agent_ttl, parse_capacity, parse_duration, parse_metadata
+from fleetpy.conf.values import (
+    BadValue,
+    parse_agent_ttl,
+    parse_capacity,
+    parse_duration,
+    parse_metadata,
+    parse_shared_volume_dir,
+)
 from fleetpy.registry import ETCD_APIS
 from fleetpy.unit.errors import InvalidUnitName
 from fleetpy.unit.name import validate_unit_name
@@ -343,6 +350,8 @@ FLEET = Spec(
         # fleetpy's own (docs/resources.md): what units may reserve, and the facts directory.
         "capacity": Spec("str", check=_capacity),
         "facts_dir": STR,
+        # and where shared volumes live (docs/resources.md): storage every machine mounts.
+        "shared_volume_dir": Spec("str", check=_as_fleet_reads(parse_shared_volume_dir)),
         "facts_interval": Spec("str", check=_as_fleet_reads(parse_duration)),
         "public_ip": Spec("str", check=_ip_address),
         "token_limit": INT,

@@ -139,3 +139,15 @@ def parse_capacity(value: str) -> dict[str, float]:
             raise BadValue(f"bad capacity {key!r}: use {', '.join(CAPACITY_KEYS)}, e.g. cpus=2,memory=4G")
         capacity[key] = parse_cpus(amount) if key == "cpus" else float(parse_bytes(amount))
     return capacity
+
+
+def parse_shared_volume_dir(value: str) -> str:
+    """Where shared volumes live: an absolute path (every machine mounts the storage at its own
+    path, and fleetd's working directory means nothing there), or "" for none."""
+    text = value.strip().strip('"')
+    if text and not text.startswith("/"):
+        raise BadValue(
+            f"shared_volume_dir {value!r} must be an absolute path, where this machine mounts the "
+            "shared storage, e.g. /mnt/fleet-volumes"
+        )
+    return text

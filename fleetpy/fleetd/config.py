@@ -9,7 +9,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from fleetpy.conf.values import parse_agent_ttl, parse_capacity, parse_duration, parse_metadata
+from fleetpy.conf.values import (
+    parse_agent_ttl,
+    parse_capacity,
+    parse_duration,
+    parse_metadata,
+    parse_shared_volume_dir,
+)
 
 DEFAULT_CONFIG_FILE = "/etc/fleet/fleet.conf"
 SYSTEM_MACHINE_ID = "/etc/machine-id"
@@ -43,6 +49,9 @@ class Config:
     unit_dir: str = "/run/fleetpy/units"
     # Local volumes ([X-Fleet] Volume=): kept on disk, so not under /run.
     volume_dir: str = "/var/lib/fleetpy/volumes"
+    # Shared volumes ([X-Fleet] Volume=NAME:shared): a directory on storage every machine
+    # mounts (NFS, say); empty: this machine runs no unit with a shared volume.
+    shared_volume_dir: str = ""
     api_socket: str = "/var/run/fleet.sock"
     api_listen: str = ""
     api_token_file: str = ""
@@ -84,6 +93,7 @@ _CONVERT = {
     "etcd_servers": _list,
     "metadata": parse_metadata,
     "capacity": parse_capacity,
+    "shared_volume_dir": parse_shared_volume_dir,
     "facts_interval": parse_duration,
     "agent_ttl": parse_agent_ttl,
     "engine_reconcile_interval": parse_duration,

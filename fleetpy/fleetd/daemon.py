@@ -28,7 +28,12 @@ def machine_of(config: Config) -> Machine:
     offers where the config does not say."""
     capacity = {**detect_capacity(config.unit_dir), **config.capacity}
     return Machine(
-        machine_id(config), config.public_ip, dict(config.metadata), api_endpoint(config), capacity=capacity
+        machine_id(config),
+        config.public_ip,
+        dict(config.metadata),
+        api_endpoint(config),
+        capacity=capacity,
+        shared_volumes=bool(config.shared_volume_dir),
     )
 
 
@@ -91,6 +96,7 @@ def build_fleetd(
         facts_interval=config.facts_interval,
         volume_dir=Path(config.volume_dir),
         volume_source=volume_source,
+        shared_volume_dir=Path(config.shared_volume_dir) if config.shared_volume_dir else None,
     )
     engine = (
         None

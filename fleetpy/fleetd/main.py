@@ -142,6 +142,10 @@ async def _until_ready(what: str, attempt: Callable[[], Awaitable[T]]) -> T:
 @click.option("--machine-id", help="machine id (default /etc/machine-id, else generated and kept)")
 @click.option("--unit-dir", help="where unit files are written (default /run/fleetpy/units)")
 @click.option("--volume-dir", help="where local volumes live (default /var/lib/fleetpy/volumes)")
+@click.option(
+    "--shared-volume-dir",
+    help="where shared volumes (Volume=NAME:shared) live: storage every machine mounts (default: none)",
+)
 @click.option("--api-socket", help="unix socket of the API (default /var/run/fleet.sock)")
 @click.option("--api-listen", help="also serve the API on HOST:PORT (needs a token or a client CA)")
 @click.option("--api-token-file", help="file holding the bearer token for TCP clients and peers")
