@@ -222,6 +222,17 @@ def test_unknown_volumes_and_machines_and_bad_requests_are_refused_clearly(clust
     with pytest.raises(APIError) as error:
         client._request("POST", "/fleetpy/v1/volumes/data/move", json={"machine": M2})
     assert error.value.code == 400 and '{"machineID":' in str(error.value)
+    # A shared volume has nothing to move.
+    cluster.call(
+        _replace_unit(
+            cluster.registry, "web.service", "[Service]\nExecStart=/bin/true\n[X-Fleet]\nVolume=site:shared\n"
+        )
+    )
+    result = cluster.run("volume", "move", "site", M2)
+    assert (
+        result.exit_code == 1
+        and "volume site is shared (Volume=site:shared): every machine mounts" in result.output
+    )
     # A volume whose machine is gone cannot be copied from it.
     cluster.call(cluster.registry.claim_volume("lost", GONE))
     with pytest.raises(APIError) as error:

@@ -176,6 +176,14 @@ class FleetpyV1:
         if target not in machines:
             raise ApiError(404, f"machine {target} not found; see 'fleetctl list-machines -l'")
         record = await self.etcd.volume_record(name)
+        if record is None and any(
+            name in unit.fleet.shared_volumes for _, unit in await self.context.all_units()
+        ):
+            raise ApiError(
+                400,
+                f"volume {name} is shared (Volume={name}:shared): every machine mounts its data, so it has "
+                "nothing to move; its units find it wherever they run",
+            )
         if record is None:
             raise ApiError(404, f"volume {name} not found; see 'fleetctl list-volumes'")
         if record.machine_id != target and record.moving is None:
