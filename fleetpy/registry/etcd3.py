@@ -374,13 +374,17 @@ class EtcdV3Store:
             lease = self._leases[key] = response.kvs[0].lease
 
         async def keepalive(c: _Connection) -> Any:
-            # One request, then the end of the stream from our side, so etcd ends it too once it
-            # answered. (A request iterator left unfinished made gRPC cancel the call and format
-            # a traceback for its debug log on every heartbeat.)
+            # One request, its answer, then the stream is cancelled. (With a request iterator,
+            # gRPC formatted a traceback for its debug log on every heartbeat when the call
+            # ended under the iterator; half-closing instead fails outside gRPC's own errors
+            # when etcd ended the stream first.) A failed call raises AioRpcError from read().
             stream = c.lease.LeaseKeepAlive(timeout=self._timeout, metadata=c.metadata)
-            await stream.write(rpc.LeaseKeepAliveRequest(ID=lease))
-            await stream.done_writing()
-            reply = await stream.read()
+            try:
+                with contextlib.suppress(asyncio.InvalidStateError):  # the call ended already
+                    await stream.write(rpc.LeaseKeepAliveRequest(ID=lease))
+                reply = await stream.read()
+            finally:
+                stream.cancel()
             return None if reply is grpc.aio.EOF else reply
 
         reply = await self._call(keepalive)
