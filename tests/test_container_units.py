@@ -65,6 +65,24 @@ def test_podman_template_unit() -> None:
     assert unit.fleet.metadata_matches({"role": "web"})
 
 
+def test_a_fleet_volume_is_asked_for_in_x_fleet_and_bound_from_the_path_fleetd_hands_over() -> None:
+    text = generate_unit(
+        "db@.service", IMAGE, volumes=["pg-%i:shared:/var/lib/db:ro", "logs:/l$x%n", "/etc/hosts:/etc/hosts"]
+    )
+    unit = load_unit("db@7.service", text)
+    assert (unit.fleet.shared_volumes, unit.fleet.volumes) == (("pg-7",), ("logs",))
+    words = _split_exec(unit.file.values("Service", "ExecStart")[0])
+    mounts = [words[i + 1] for i, word in enumerate(words) if word == "-v"]
+    # What systemd makes of it for instance 7: its variable for pg-7; other "$" and "%" literal.
+    assert [m.replace("%i", "7") for m in mounts] == [
+        "${FLEET_VOLUME_pg_7}:/var/lib/db:ro",
+        "${FLEET_VOLUME_logs}:/l$x%n",
+        "/etc/hosts:/etc/hosts",
+    ]
+    with pytest.raises(InvalidVolume, match="unknown volume driver 'nfs'; write Volume=pg for a local"):
+        generate_unit("db.service", IMAGE, volumes=["pg:nfs:/data"])
+
+
 def test_docker_non_template_unit() -> None:
     text = generate_unit(
         "es.service", "docker.io/library/elasticsearch:7.17.18", runtime="docker", is_global=True
@@ -115,7 +133,10 @@ def test_line_breaks_and_control_characters_are_refused(value: str) -> None:
         ({"ports": ["http"]}, InvalidPort),
         ({"env": ["1A=b"]}, InvalidEnv),
         ({"env": ["NOEQUALS"]}, InvalidEnv),
-        ({"volumes": ["data:/data"]}, InvalidVolume),
+        ({"volumes": ["data/x:/data"]}, InvalidVolume),
+        ({"volumes": ["pg:nfs:/data"]}, InvalidVolume),
+        ({"volumes": ["pg:shared:rel"]}, InvalidVolume),
+        ({"volumes": ["pg:/data:bogus"]}, InvalidVolume),
         ({"volumes": ["/data:rel"]}, InvalidVolume),
         ({"volumes": ["/a:/b:bogus"]}, InvalidVolume),
         ({"runtime": "lxc"}, InvalidValue),

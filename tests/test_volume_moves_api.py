@@ -185,7 +185,7 @@ def test_a_volume_moves_with_its_data_and_its_unit_follows(cluster: Cluster, tmp
     assert record["machineID"] == M2 and record["move"]["state"] == "done"
     assert record["move"]["bytes"] == len("one\ntwo\n") + 100_000
     listed = cluster.run("list-volumes", "--no-legend").output
-    assert listed.startswith("data\t2c9a1b3e.../10.0.0.2\tmoved from 113f16a7... in "), listed
+    assert listed.startswith("data\tlocal\t2c9a1b3e.../10.0.0.2\tmoved from 113f16a7... in "), listed
     cluster.wait(
         "the VolumeMoved event",
         lambda: "volume data moved from 113f16a7 to 2c9a1b3e" in cluster.run("events", "--no-legend").output,
@@ -258,7 +258,7 @@ def test_a_failed_copy_leaves_the_volume_and_its_unit_on_the_source_with_the_rea
     assert record["machineID"] == M1 and record["move"]["state"] == "failed"
     listed = cluster.run("list-volumes", "--no-legend").output
     assert listed.startswith(
-        "data\t113f16a7.../10.0.0.1\tmove to 2c9a1b3e... failed: copying from 113f16a7..."
+        "data\tlocal\t113f16a7.../10.0.0.1\tmove to 2c9a1b3e... failed: copying from 113f16a7..."
     ), listed
     cluster.wait(
         "the VolumeMoveFailed event",

@@ -316,8 +316,20 @@ async def test_api_refuses_a_bad_volume_at_the_door_lists_and_forgets_volumes() 
 
         await registry.claim_volume("data", A)
         assert await (await client.get("/fleetpy/v1/volumes")).json() == {
-            "volumes": [{"name": "data", "machineID": A, "move": None}]
+            "volumes": [{"name": "data", "driver": "local", "machineID": A, "move": None, "units": []}]
         }
+        # A shared volume is listed with the units naming it; a template's %i names none.
+        for name, value in (("db.service", "data zz:shared"), ("web@.service", "web-%i:shared")):
+            options[1]["value"] = value
+            state = "inactive" if "@." in name else "loaded"
+            resp = await client.put(
+                f"/fleet/v1/units/{name}", json={"desiredState": state, "options": options}
+            )
+            assert resp.status == 201, await resp.text()
+        assert (await (await client.get("/fleetpy/v1/volumes")).json())["volumes"] == [
+            {"name": "data", "driver": "local", "machineID": A, "move": None, "units": ["db.service"]},
+            {"name": "zz", "driver": "shared", "machineID": None, "move": None, "units": ["db.service"]},
+        ]
         assert (await client.delete("/fleetpy/v1/volumes/data")).status == 204
         assert await registry.volumes() == {}
         assert (await client.delete("/fleetpy/v1/volumes/data")).status == 404

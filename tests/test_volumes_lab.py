@@ -62,7 +62,7 @@ def test_a_unit_keeps_its_volume_node_waits_when_it_dies_and_moves_once_forgotte
     assert seen(home) == ["first"]
     assert (
         fleetctl(lab, "list-volumes", "--full", "--no-legend")
-        == f"data\t{home_id}/{lab.state.node(home).ip}\t-\n"
+        == f"data\tlocal\t{home_id}/{lab.state.node(home).ip}\t-\tdb.service\n"
     )
 
     # Stopped, its node made busier, started again: back on its volume's node, data intact.
@@ -95,7 +95,7 @@ def test_a_unit_keeps_its_volume_node_waits_when_it_dies_and_moves_once_forgotte
     wait_for("db to run on the other worker", lambda: active_on(lab, "db.service") == [other], 30)
     assert seen(other) == ["first"]
     other_id = lab.state.node(other).machine_id
-    assert fleetctl(lab, "list-volumes", "--full", "--no-legend").startswith(f"data\t{other_id}")
+    assert fleetctl(lab, "list-volumes", "--full", "--no-legend").startswith(f"data\tlocal\t{other_id}")
     fleetctl(lab, "destroy", "db.service", "busy.service")
 
 
@@ -175,7 +175,7 @@ def test_a_volume_moves_with_its_data_and_the_unit_answers_with_it_on_the_other_
     assert (aside[0] / "records").read_text() == "start 1\nstart 2\n" and not (volumes / "kvdata").exists()
     listed = fleetctl(lab, "list-volumes", "--full", "--no-legend")
     assert (
-        f"kvdata\t{lab.state.node(other).machine_id}/{other_ip}\tmoved from {lab.state.node(home).machine_id} in "
+        f"kvdata\tlocal\t{lab.state.node(other).machine_id}/{other_ip}\tmoved from {lab.state.node(home).machine_id} in "
         in listed
     )
     print(

@@ -1,5 +1,5 @@
 """fleetpy's /fleetpy/v1 routes: why a unit is pending or placed, its status and its journal,
-draining machines, and local volumes and their moves."""
+draining machines, and volumes (local ones and their moves, shared ones)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from aiohttp import web
@@ -20,9 +21,9 @@ from fleetpy.api.peer import FORWARDED_HEADER, Peers
 from fleetpy.conf.values import short_machine_id
 from fleetpy.engine.explain import explain_placement
 from fleetpy.registry import MOVE_COPYING, Job, Machine, VolumeRecord, moves
-from fleetpy.unit import UnitFile, UnitName, load_unit
+from fleetpy.unit import Unit, UnitFile, UnitName, load_unit
 from fleetpy.unit.errors import InvalidFleetOptions
-from fleetpy.unit.fleet import check_volume_name
+from fleetpy.unit.fleet import LOCAL, SHARED, check_volume_name
 
 
 def _volume_name(request: web.Request) -> str:
@@ -33,9 +34,22 @@ def _volume_name(request: web.Request) -> str:
         raise ApiError(400, str(error)) from None
 
 
+def volume_users(units: Iterable[tuple[Job, Unit]]) -> dict[tuple[str, str], list[str]]:
+    """The volumes submitted units name, by (name, driver), each with those units in name order
+    (templates' names hold %i: their instances say which volumes they use)."""
+    found: dict[tuple[str, str], list[str]] = {}
+    for job, unit in sorted(units, key=lambda pair: pair[0].name):
+        if not unit.name.is_template:
+            for driver, names in ((LOCAL, unit.fleet.volumes), (SHARED, unit.fleet.shared_volumes)):
+                for name in names:
+                    found.setdefault((name, driver), []).append(job.name)
+    return found
+
+
 def _volume_view(name: str, record: VolumeRecord) -> dict:
     return {
         "name": name,
+        "driver": LOCAL,
         "machineID": record.machine_id,
         "move": None if record.move is None else record.move.to_json(),
     }
@@ -153,9 +167,17 @@ class FleetpyV1:
         raise ApiError(404, f"unit {name.full} is not submitted; send its options to plan it")
 
     async def volumes(self, request: web.Request) -> web.Response:
-        """Every local volume, the machine it lives on and its last move."""
+        """Every local volume, the machine it lives on and its last move; and every shared volume
+        a submitted unit names (recorded nowhere: they live on every machine's shared directory)."""
         records = await self.registry.volume_records()
-        return web.json_response({"volumes": [_volume_view(n, r) for n, r in sorted(records.items())]})
+        users = volume_users(await self.context.all_units())
+        views = [{**_volume_view(n, r), "units": users.get((n, LOCAL), [])} for n, r in records.items()]
+        views += [
+            {"name": name, "driver": SHARED, "machineID": None, "move": None, "units": units}
+            for (name, driver), units in users.items()
+            if driver == SHARED
+        ]
+        return web.json_response({"volumes": sorted(views, key=lambda v: (v["name"], v["driver"]))})
 
     async def volume(self, request: web.Request) -> web.Response:
         """One volume, as etcd has it now (fleetctl volume move follows its move here)."""

@@ -43,7 +43,20 @@ _VOLUME = {
     "type": "object",
     "properties": {
         "name": {"type": "string"},
-        "machineID": {"type": "string"},
+        "driver": {
+            "type": "string",
+            "enum": ["local", "shared"],
+            "description": "local: lives on one machine; shared: on the shared volume directory of every machine",
+        },
+        "machineID": {
+            "type": ["string", "null"],
+            "description": "where a local volume lives; null for shared",
+        },
+        "units": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "listVolumes: the submitted units that name the volume",
+        },
         "move": {
             "type": ["object", "null"],
             "description": "the last move: stopping, copying, done or failed (with the reason)",
@@ -444,7 +457,8 @@ def _extensions() -> dict[str, Any]:
         "/fleetpy/v1/volumes": {
             "get": {
                 "operationId": "listVolumes",
-                "description": "every local volume ([X-Fleet] Volume=), the machine it lives on and its last move",
+                "description": "every local volume ([X-Fleet] Volume=), the machine it lives on and its last "
+                "move, and every shared volume (Volume=NAME:shared) a submitted unit names, with those units",
                 "responses": {
                     "200": _json(
                         {

@@ -443,10 +443,18 @@ def _moved_off(session: _Session, machine_id: str, names: list[str]) -> set[str]
 @click.option("--no-legend", is_flag=True, help="do not print column headers")
 @pass_session
 def list_volumes(session: _Session, full: bool, no_legend: bool) -> None:
-    """List local volumes, the machine each lives on and its last move (fleetpy extension)."""
-    rows = [] if no_legend else [["VOLUME", "MACHINE", "MOVE"]]
+    """List volumes: local ones with the machine each lives on and its last move, shared ones
+    with the units that use them (fleetpy extension)."""
+    rows = [] if no_legend else [["VOLUME", "DRIVER", "MACHINE", "MOVE", "UNITS"]]
     rows += [
-        [v["name"], session.legend(v["machineID"], full), _move_text(v["move"], full)]
+        [
+            v["name"],
+            v.get("driver", "local"),  # an older fleetd knew local volumes only
+            # A shared volume is on every machine's shared volume directory.
+            "-" if v["machineID"] is None else session.legend(v["machineID"], full),
+            _move_text(v["move"], full),
+            ",".join(v.get("units") or ["-"]),
+        ]
         for v in session.client.volumes()
     ]
     click.echo(tabulate(rows), nl=False)

@@ -339,7 +339,8 @@ class Client:
         self._request("PUT" if cordoned else "DELETE", f"/fleetpy/v1/machines/{_quoted(machine_id)}/cordon")
 
     def volumes(self) -> list[dict]:
-        """Every local volume: {"name", "machineID", "move"}."""
+        """Every volume: {"name", "driver", "machineID" (None if shared), "move", "units" (the
+        submitted units naming it)}."""
         return self._request("GET", "/fleetpy/v1/volumes").json()["volumes"]
 
     def volume(self, name: str) -> dict:

@@ -16,7 +16,12 @@ from fleetpy.containers.generate import NETWORKS, RESTART_POLICIES, RUNTIMES, ge
 @click.option("--runtime", type=click.Choice(sorted(RUNTIMES)), default="podman", show_default=True)
 @click.option("--port", "ports", multiple=True, help="[ip:]hostPort:containerPort[/proto]; repeatable.")
 @click.option("--env", "env", multiple=True, help="KEY=VALUE for the container; repeatable.")
-@click.option("--volume", "volumes", multiple=True, help="/abs/src:/abs/dst[:ro]; repeatable.")
+@click.option(
+    "--volume",
+    "volumes",
+    multiple=True,
+    help="/abs/src:/abs/dst[:ro], or NAME[:local|shared]:/abs/dst[:ro] for a fleet volume; repeatable.",
+)
 @click.option("--conflicts", multiple=True, help="[X-Fleet] Conflicts glob, e.g. 'web@*.service'.")
 @click.option("--metadata", multiple=True, help="[X-Fleet] MachineMetadata key=value; repeatable.")
 @click.option("--global", "is_global", is_flag=True, help="[X-Fleet] Global=true.")

@@ -15,7 +15,9 @@ from functools import cache
 import jinja2
 
 from fleetpy.unit import UnitError, UnitName, load_unit, validate_unit_name
-from fleetpy.unit.quoting import escape_specifiers, quote_word
+from fleetpy.unit.errors import InvalidFleetOptions
+from fleetpy.unit.fleet import check_volume_name, split_volume, volume_environment_name
+from fleetpy.unit.quoting import escape_specifiers, quote_value, quote_word
 
 RUNTIMES = {"podman": "/usr/bin/podman", "docker": "/usr/bin/docker"}
 RESTART_POLICIES = ("no", "always", "on-success", "on-failure", "on-abnormal", "on-abort", "on-watchdog")
@@ -144,7 +146,8 @@ def generate_unit(
         run.append(f"--network={network}")
     run += [a for port in ports for a in ("-p", systemd_quote(_check_port(port)))]
     run += [a for item in env for a in ("-e", systemd_quote(_check_env(item)))]
-    run += [a for volume in volumes for a in ("-v", systemd_quote(_check_volume(volume)))]
+    mounts = [_volume_mount(volume) for volume in volumes]
+    run += [a for mount, _ in mounts for a in ("-v", mount)]
     run.append(systemd_quote(image))
     run += [systemd_quote(arg) for arg in command]
 
@@ -163,7 +166,10 @@ def generate_unit(
         success_exit_status=SUCCESS_EXIT_STATUS,
         start_timeout=start_timeout,
         stop_timeout=stop_timeout + 5,
-        fleet=tuple(_fleet_options(conflicts, metadata, is_global, machine_of)),
+        fleet=(
+            *_fleet_options(conflicts, metadata, is_global, machine_of),
+            *(("Volume", word) for _, word in mounts if word),
+        ),
     )
     text = _template().render(unit=rendered)
     # The last word on [X-Fleet]: its own parser, so contradictions fail here, not at scheduling time.
@@ -345,21 +351,43 @@ def _check_env(item: str) -> str:
     return item
 
 
-def _check_volume(spec: str) -> str:
+def _volume_mount(spec: str) -> tuple[str, str | None]:
+    """The -v word for `spec`, and the [X-Fleet] Volume= word it needs (None for a host path).
+
+    /SRC:/DST[:OPTIONS] binds a host path; NAME[:DRIVER]:/DST[:OPTIONS] (docker's named-volume
+    form) binds the fleet volume NAME, local or shared, from the path fleetd hands the unit in
+    $FLEET_VOLUME_<NAME>, and asks for it in [X-Fleet].
+    """
     _check_text("volume", spec)
     parts = spec.split(":")
+    fleet_word = None
+    if parts[0] and not parts[0].startswith("/"):
+        named = 3 if len(parts) > 2 and not parts[1].startswith("/") else 2
+        fleet_word = ":".join(parts[: named - 1])
+        try:
+            name, _ = split_volume(fleet_word)
+            check_volume_name(name.replace("%i", "1"))  # a template's, as an instance fills it
+        except InvalidFleetOptions as error:
+            raise InvalidVolume(f"volume {spec!r}: {error}") from None
+        parts = [f"${{{volume_environment_name(name)}}}", *parts[named - 1 :]]
     if len(parts) not in (2, 3):
         raise InvalidVolume(
-            f"volume {spec!r}: write SRC:DST[:OPTIONS] with absolute paths, e.g. /srv/data:/data:ro"
+            f"volume {spec!r}: write SRC:DST[:OPTIONS] with absolute paths, e.g. /srv/data:/data:ro, "
+            "or NAME[:DRIVER]:DST[:OPTIONS] for a fleet volume, e.g. pgdata:shared:/data"
         )
     for label, path in (("source", parts[0]), ("destination", parts[1])):
-        if not path.startswith("/"):
+        if not path.startswith("/") and not (label == "source" and fleet_word):
             raise InvalidVolume(f"volume {spec!r}: the {label} {path!r} must be an absolute path")
     if len(parts) == 3 and not set(parts[2].split(",")) <= _VOLUME_OPTIONS:
         raise InvalidVolume(
             f"volume {spec!r}: unknown options {parts[2]!r}; use some of {', '.join(sorted(_VOLUME_OPTIONS))}"
         )
-    return spec
+    if fleet_word is None:
+        return systemd_quote(spec), None
+    # systemd expands the variable (and a template's %i in its name); every other "$" and "%"
+    # stays literal.
+    rest = escape_specifiers(":".join(parts[1:])).replace("$", "$$")
+    return quote_value(f"{parts[0]}:{rest}", specifiers=True), fleet_word
 
 
 def _check_absolute(label: str, path: str) -> None:

@@ -114,6 +114,14 @@ def start_node(book: StateFile, ns: NodeState) -> Node:
     return node
 
 
+def shared_volume_dir(book: StateFile) -> Path:
+    """The lab's stand-in for NFS: one host directory every node's fleetd gets as its shared
+    volume directory (fleetd never makes that directory itself, so the lab does)."""
+    path = book.dir / "shared-volumes"
+    path.mkdir(mode=0o755, exist_ok=True)
+    return path
+
+
 def fleetd_argv(book: StateFile, ns: NodeState) -> list[str]:
     """The lab's own fleetd for node `ns`: its etcd, its paths, its API on the node's address."""
     state = book.require()
@@ -128,6 +136,7 @@ def fleetd_argv(book: StateFile, ns: NodeState) -> list[str]:
         "--machine-id", ns.machine_id,
         "--unit-dir", str(node_dir / "units"),
         "--volume-dir", str(node_dir / "volumes"),
+        "--shared-volume-dir", str(shared_volume_dir(book)),
         "--api-socket", str(node_dir / "fleet.sock"),
         "--api-listen", f"{ns.ip}:{port}",
         "--api-token-file", state.token_file,

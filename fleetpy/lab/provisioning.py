@@ -19,7 +19,7 @@ from pathlib import Path
 from fleetpy.lab import etcd_access
 from fleetpy.lab.image import ImageError, build_busybox_image, prepare_node, write_podman_config
 from fleetpy.lab.node import Node
-from fleetpy.lab.processes import API_PORT, REPO_ROOT, pythonpath
+from fleetpy.lab.processes import API_PORT, REPO_ROOT, pythonpath, shared_volume_dir
 from fleetpy.lab.state import LabError, NodeState, StateFile
 from fleetpy.unit.quoting import environment, quote_value
 
@@ -114,6 +114,8 @@ def lab_drop_in(book: StateFile, ns: NodeState) -> str:
         # Host paths that every node would otherwise share.
         "FLEET_UNIT_DIR": str(node_dir / "units"),
         "FLEET_VOLUME_DIR": str(node_dir / "volumes"),
+        # What every node shares, as every machine mounts the same NFS.
+        "FLEET_SHARED_VOLUME_DIR": str(shared_volume_dir(book)),
         "FLEET_API_SOCKET": str(node_dir / "fleet.sock"),
         # As in every lab: peers forward status and journal requests to this node.
         "FLEET_API_LISTEN": f"{ns.ip}:{API_PORT}",
