@@ -295,6 +295,9 @@ def test_a_volume_is_served_only_while_it_is_copied_from_here_and_only_to_its_ta
     assert reply.status_code == 200 and reply.headers["Content-Type"] == "application/x-tar"
     unpack(io.BytesIO(reply.content), tmp_path / "fetched")
     assert (tmp_path / "fetched" / "data" / "records").read_text() == "one\ntwo\n"
+    # explain replays the scheduler with the move, as the engine plans.
+    explained = cluster.run("explain", "db.service").output
+    assert "volume data is moving from 113f16a7... to ffee0000..." in explained, explained
     # While it moves, it cannot be forgotten, nor moved again.
     with pytest.raises(APIError, match="is moving; wait"):
         cluster.client().forget_volume("data")

@@ -117,9 +117,9 @@ class FleetpyV1:
         await self.context.existing_job(name)
         units = await self.context.all_units()
         machines, current = await self.registry.machines(), await self.registry.assignments()
-        pending, volumes = await self.registry.pending(), await self.registry.volumes()
-        avoided = await self.registry.avoided()
-        lines = explain_placement(name, machines, units, current, pending, volumes, avoided)
+        pending, avoided = await self.registry.pending(), await self.registry.avoided()
+        volumes, moving = moves.where(await self.registry.volume_records())
+        lines = explain_placement(name, machines, units, current, pending, volumes, avoided, moving)
         return web.json_response({"name": name, "lines": lines})
 
     async def cordon(self, request: web.Request) -> web.Response:
@@ -153,8 +153,11 @@ class FleetpyV1:
         units = [(job, u) for job, u in await self.context.all_units() if job.name != name.full]
         units.append((Job(name.full, unit_file.hash, "launched"), unit))
         machines, current = await self.registry.machines(), await self.registry.assignments()
-        volumes, avoided = await self.registry.volumes(), await self.registry.avoided()
-        lines = explain_placement(name.full, machines, units, current, volumes=volumes, avoided=avoided)
+        volumes, moving = moves.where(await self.registry.volume_records())
+        avoided = await self.registry.avoided()
+        lines = explain_placement(
+            name.full, machines, units, current, volumes=volumes, avoided=avoided, moving=moving
+        )
         return web.json_response({"name": name.full, "lines": lines})
 
     async def _stored_file(self, name: UnitName) -> UnitFile:

@@ -406,7 +406,7 @@ class Engine:
             view.volume_records(),
             view.avoided(),
         )
-        volumes = {name: record.machine_id for name, record in volume_records.items()}
+        volumes = moves.where(volume_records)[0]
         moving = await self._volume_moves(volume_records, machines, check_lease)
         parsed, quarantined = await self.units.split(jobs)
         # A job record that cannot be read at all is quarantined the same way, under its key.
@@ -510,11 +510,7 @@ class Engine:
             after = await self.registry.update_volume(name, moves.failed(move, reason, now))
             if after is not None and after.move == moves.failed_move(move, reason, now):
                 self.events.volume_move_failed(name, move, reason)
-        return {
-            name: (record.moving.source, record.moving.target)
-            for name, record in records.items()
-            if record.moving is not None and name not in stranded
-        }
+        return {name: move for name, move in moves.where(records)[1].items() if name not in stranded}
 
     async def _ask_facts(self, new_plan: Plan, parsed: list[tuple[Job, Unit]]) -> None:
         """Tell the agents which facts pending units wait on (written only when that changes)."""

@@ -26,6 +26,7 @@ def explain_placement(
     pending: Mapping[str, str] | None = None,
     volumes: Mapping[str, str] | None = None,
     avoided: Sequence[Avoidance] = (),
+    moving: Mapping[str, tuple[str, str]] | None = None,
 ) -> list[str]:
     """The scheduler's steps for `name`, replayed on the given cluster.
 
@@ -33,11 +34,11 @@ def explain_placement(
     instead of the unit being simply "kept where it runs". A unit the engine quarantined (its
     file does not load, or the scheduler fails on it) is explained by the reason the engine
     recorded in `pending`. `avoided` are the registry's avoidances (those that no longer hold
-    for the units' content are left out here, as the engine does).
+    for the units' content are left out here, as the engine does); `moving` the volumes moving.
     """
     others = [a for a in current if a.unit != name]
     machines_avoided = avoided_machines(avoided, [job for job, _ in units])
-    new_plan, failed = plan_guarded(machines, units, others, {name}, volumes, machines_avoided)
+    new_plan, failed = plan_guarded(machines, units, others, {name}, volumes, machines_avoided, moving)
     decision = new_plan.decisions.get(name)
     placed = sorted(short_machine_id(a.machine_id) for a in current if a.unit == name)
     where = f"  now on {', '.join(placed) if placed else 'no machine'}"

@@ -99,6 +99,18 @@ def failed(seen: VolumeMove, reason: str, now: float) -> Change:
     return change
 
 
+def where(records: Mapping[str, VolumeRecord]) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """What the scheduler reads of the records: the machine each volume lives on, and the
+    (source, target) of each volume moving."""
+    homes = {name: record.machine_id for name, record in records.items()}
+    moving = {
+        name: (record.moving.source, record.moving.target)
+        for name, record in records.items()
+        if record.moving is not None
+    }
+    return homes, moving
+
+
 def stranded(records: Mapping[str, VolumeRecord], alive: Iterable[str]) -> dict[str, tuple[VolumeMove, str]]:
     """Moves under way that cannot finish because their source or target machine is gone, with why."""
     live = set(alive)
