@@ -149,11 +149,14 @@ async def test_the_agent_publishes_facts_with_a_heartbeat_only_when_they_changed
             assert (await registry.machines())[0].facts == {"load1": 0.1, "gpu": "none"}
             source.facts["load1"] = 0.3  # under the step: heartbeats stay keepalives
             await asyncio.sleep(0.1)
-            assert len(writes) == 1
+            # (On a loaded machine a beat can come after the 60 ms TTL: the agent registers
+            # again, with the facts it published, never with the change under the step.)
+            assert {w["load1"] for w in writes} == {0.1}
             source.facts["gpu"] = "tesla"
             while (await registry.machines())[0].facts.get("gpu") != "tesla":
                 await asyncio.sleep(0.005)
-            assert writes[-1] == {"load1": 0.3, "gpu": "tesla"} and len(writes) == 2
+            assert writes[-1] == {"load1": 0.3, "gpu": "tesla"}
+            assert [w for w in writes if w != {"load1": 0.1, "gpu": "none"}] == [writes[-1]]
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
