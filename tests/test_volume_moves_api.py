@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from fleetpy.agent.moves import unpack
 from fleetpy.api import create_app, serve
-from fleetpy.api.peer import FORWARDED_HEADER, Peers
+from fleetpy.api.peer import FORWARDED_HEADER, Peers, peer_tls
 from fleetpy.cli import fleetctl
 from fleetpy.cli.fleetctl import cli
 from fleetpy.client import APIError, Client
@@ -41,6 +41,8 @@ from fleetpy.registry import (
 )
 from fleetpy.systemd import FakeSystemd
 from fleetpy.unit import load_unit
+
+pytest_plugins = ["fixtures_pki"]
 
 M1 = "113f16a7" + "a" * 24
 M2 = "2c9a1b3e" + "b" * 24
@@ -85,24 +87,36 @@ class Cluster:
         raise AssertionError(f"timed out waiting for {what}")
 
 
-async def _start(registry: Registry, tmp_path: Path) -> tuple[list, list, Cluster]:
+async def _start(registry: Registry, tmp_path: Path, pki: Path | None = None) -> tuple[list, list, Cluster]:
+    """Two fleetds with their APIs; with `pki`, over https with the cluster CA and no token."""
     runners, tasks = [], []
     sockets, tcp, volumes = {}, {}, {}
     for machine_id, ip in ((M1, "10.0.0.1"), (M2, "10.0.0.2")):
         port = _port()
         volumes[machine_id] = tmp_path / machine_id[:4] / "volumes"
+        cert, key = (str(pki / "server.pem"), str(pki / "server.key")) if pki else ("", "")
         config = Config(
             machine_id=machine_id,
             public_ip=ip,
             agent_ttl=600,
             api_listen=f"127.0.0.1:{port}",
+            api_tls_cert=cert,
+            api_tls_key=key,
             volume_dir=str(volumes[machine_id]),
         )
-        app = create_app(registry, machine_id=machine_id, peer_token=TOKEN, volume_dir=volumes[machine_id])
+        token = None if pki else TOKEN
+        tls = peer_tls(str(pki / "ca.pem"), cert, key) if pki else None
+        app = create_app(
+            registry, machine_id=machine_id, peer_token=token, peer_tls=tls, volume_dir=volumes[machine_id]
+        )
         sock = tmp_path / f"{machine_id[:4]}.sock"
-        runners.append(await serve(app, socket_path=str(sock), listen=f"127.0.0.1:{port}", token=TOKEN))
-        sockets[machine_id], tcp[machine_id] = f"unix://{sock}", f"http://127.0.0.1:{port}"
-        peers = Peers(registry, machine_id, TOKEN)
+        secured = {"tls_cert": cert, "tls_key": key, "client_ca": str(pki / "ca.pem")} if pki else {}
+        runners.append(
+            await serve(app, socket_path=str(sock), listen=f"127.0.0.1:{port}", token=token, **secured)
+        )
+        scheme = "https" if pki else "http"
+        sockets[machine_id], tcp[machine_id] = f"unix://{sock}", f"{scheme}://127.0.0.1:{port}"
+        peers = Peers(registry, machine_id, token, tls)
         tasks.append(
             asyncio.create_task(build_fleetd(config, registry, FakeSystemd(), volume_source=peers).run())
         )
@@ -121,13 +135,22 @@ async def _stop(runners: list, tasks: list) -> None:
 
 @pytest.fixture
 def cluster(tmp_path: Path, monkeypatch) -> Iterator[Cluster]:
+    yield from _cluster(tmp_path, monkeypatch, None)
+
+
+@pytest.fixture
+def tls_cluster(tmp_path: Path, monkeypatch, pki: Path) -> Iterator[Cluster]:
+    yield from _cluster(tmp_path, monkeypatch, pki)
+
+
+def _cluster(tmp_path: Path, monkeypatch, pki: Path | None) -> Iterator[Cluster]:
     monkeypatch.setattr(fleetctl, "STARTUP_GRACE", 0.01)
     monkeypatch.setattr(fleetctl, "POLL_INTERVAL", 0.02)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     registry = memory_registry()
-    runners, tasks, found = asyncio.run_coroutine_threadsafe(_start(registry, tmp_path), loop).result(30)
+    runners, tasks, found = asyncio.run_coroutine_threadsafe(_start(registry, tmp_path, pki), loop).result(30)
     try:
         yield found
     finally:
@@ -196,6 +219,20 @@ def test_a_volume_moves_with_its_data_and_its_unit_follows(cluster: Cluster, tmp
     assert result.exit_code == 0, result.output
     assert (source / "records").read_text() == "one\ntwo\nthree\n"
     cluster.wait("db on M1 again", lambda: cluster.where("db.service") == [M1])
+
+
+def test_a_volume_moves_between_fleetds_that_prove_who_they_are_with_the_cluster_ca(
+    tls_cluster: Cluster, tmp_path: Path
+) -> None:
+    # No token anywhere: the target's fleetd presents its certificate, and checks the source's.
+    assert all(
+        m.api_endpoint.startswith("https://") for m in tls_cluster.call(tls_cluster.registry.machines())
+    )
+    _db_on_m1(tls_cluster, tmp_path)
+    result = tls_cluster.run("volume", "move", "data", M2)
+    assert result.exit_code == 0, result.output
+    assert (tls_cluster.volumes[M2] / "data" / "records").read_text() == "one\ntwo\n"
+    tls_cluster.wait("db on M2", lambda: tls_cluster.where("db.service") == [M2])
 
 
 def test_moving_a_volume_to_where_it_lives_is_a_clear_no_op(cluster: Cluster, tmp_path: Path) -> None:
