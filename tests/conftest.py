@@ -208,6 +208,9 @@ def elapse(any_registry, memory_clock) -> Callable[[float], Awaitable[None]]:
             return
         await asyncio.sleep(0)
         memory_clock.advance(seconds)
-        await asyncio.sleep(2 * MemoryStore.POLL)  # how often its waiters look at the clock
+        any_registry.store.clock_moved()
+        # A few turns of the loop: the wake, each watcher's look at the clock, its caller's return.
+        for _ in range(5):
+            await asyncio.sleep(0)
 
     return elapse

@@ -38,11 +38,19 @@ async def wait(client, timeout: float, *units: str, state: str = "launched") -> 
     return await response.json()
 
 
-async def test_wait_answers_when_the_agent_publishes_the_state(client, registry) -> None:
+async def test_wait_answers_when_the_agent_publishes_the_state(client, registry, monkeypatch) -> None:
     assert (await wait(client, 0, "hello.service"))["done"] is False
+    watching = asyncio.Event()
+    watch = registry.wait
+
+    async def watch_and_tell(*args, **kwargs):
+        watching.set()
+        return await watch(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "wait", watch_and_tell)
 
     async def agent_reports() -> None:
-        await asyncio.sleep(0.3)
+        await watching.wait()  # the request is blocked on its watch: the state comes after
         await registry.publish_state(
             UnitState("hello.service", M1, HELLO.hash, "loaded", "active", "running")
         )

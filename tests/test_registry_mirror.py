@@ -47,7 +47,7 @@ class CountingStore:
         return counted
 
 
-async def test_changes_carry_each_write_with_its_value_and_deletes_as_none(registry):
+async def test_changes_carry_each_write_with_its_value_and_deletes_as_none(registry, elapse):
     start = await registry.index()
     await registry.store.put(registry.key("job", "a"), "1")
     await registry.store.delete(registry.key("job", "a"))
@@ -63,7 +63,9 @@ async def test_changes_carry_each_write_with_its_value_and_deletes_as_none(regis
         (registry.key("job", "a"), None),
     ]
     assert start < seen[0].index < seen[1].index
-    assert await registry.store.changes(registry.key("job"), index, timeout=0.2) == []
+    nothing_more = asyncio.create_task(registry.store.changes(registry.key("job"), index, timeout=0.2))
+    await elapse(0.2)
+    assert await asyncio.wait_for(nothing_more, 5) == []
 
 
 async def test_changes_from_a_forgotten_index_report_history_lost(registry):

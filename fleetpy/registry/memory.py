@@ -54,6 +54,14 @@ class MemoryStore:
         self._index += 1
         self._events.append(Change(self._index, key, value))
         del self._events[: -self.HISTORY]
+        self._wake_all()
+
+    def clock_moved(self) -> None:
+        """Has every watcher look at the clock at once rather than at its next poll: a test that
+        moved the clock on need not wait out a poll in real time."""
+        self._wake_all()
+
+    def _wake_all(self) -> None:
         for waiter in list(self._waiters):
             # A loop that is already closed has nobody left waiting.
             with contextlib.suppress(RuntimeError):
