@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,7 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from fleetpy.api import create_app, serve
 from fleetpy.conf import metrics
 from fleetpy.engine.engine import Engine
+from fleetpy.lab.etcd import start_cluster
 from fleetpy.registry import Job, Machine, Registry
+from fleetpy.registry.etcd3 import EtcdV3Store
 from fleetpy.registry.measured import MeasuredStore
 from fleetpy.systemd import DbusManager, SystemdError
 from fleetpy.unit import UnitFile
@@ -111,3 +116,37 @@ async def test_dbus_calls_are_timed_by_method_and_refusals_counted(systemd_node)
         await manager.close()
     assert metrics.DBUS_SECONDS.values[("ListUnitsByNames",)].count > before_count
     assert metrics.DBUS_ERRORS.values[("StartUnit",)] == refused_before + 1
+
+
+async def test_metrics_answer_while_etcd_has_no_quorum_and_say_so(tmp_path):
+    # A scrape when etcd is away is when an operator needs fleetd's own counters most.
+    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="fleetpy-etcd-3-") as base:
+        members = start_cluster(Path(base), 3)
+        registry = Registry(MeasuredStore(EtcdV3Store([m.client_url for m in members], retry_for=30)))
+        app = create_app(registry, machine_id="m1")
+        runner = await serve(app, socket_path=str(tmp_path / "fleet.sock"))
+        transport = httpx.AsyncHTTPTransport(uds=str(tmp_path / "fleet.sock"))
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://fleetd", timeout=30) as http:
+                await registry.register_machine(Machine("m1"), 60)
+                before = samples((await http.get("/metrics")).text)
+                members[0].stop()
+                members[1].stop()
+                for _ in range(200):  # until the member left noticed that its leader is gone
+                    if not members[2].healthy():
+                        break
+                    await asyncio.sleep(0.05)
+                answer = await http.get("/metrics")
+        finally:
+            await runner.cleanup()
+            await registry.close()
+            for member in members:
+                member.stop()
+    assert before[("fleetpy_machines", ())] == 1
+    assert before[("fleetpy_etcd_state", (("state", "ok"),))] == 1
+    assert answer.status_code == 200, answer.text
+    during = samples(answer.text)
+    assert during[("fleetpy_etcd_state", (("state", "no_quorum"),))] == 1
+    assert during[("fleetpy_etcd_state", (("state", "ok"),))] == 0
+    assert ("fleetpy_machines", ()) not in during  # the registry cannot be read: no stale count
+    assert any(name == "fleetpy_etcd_request_seconds_count" for name, _labels in during)  # its own
