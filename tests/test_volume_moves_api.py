@@ -308,27 +308,28 @@ def test_a_failed_copy_leaves_the_volume_and_its_unit_on_the_source_with_the_rea
 
 
 def test_a_volume_is_served_only_while_it_is_copied_from_here_and_only_to_its_target(
-    cluster: Cluster, tmp_path: Path
+    cluster: Cluster, tmp_path: Path, default_tls
 ) -> None:
     import httpx
+
+    def get(url: str, **kwargs) -> httpx.Response:
+        return httpx.get(url, verify=default_tls, **kwargs)  # not a CA bundle load per request
 
     _db_on_m1(cluster, tmp_path)
     url = f"{cluster.tcp[M1]}/fleetpy/v1/volumes/data/data"
     bearer = {"Authorization": f"Bearer {TOKEN}"}
-    reply = httpx.get(url, headers={**bearer, FORWARDED_HEADER: M2})
+    reply = get(url, headers={**bearer, FORWARDED_HEADER: M2})
     assert reply.status_code == 409 and "not being copied from this machine" in reply.text
-    assert httpx.get(url).status_code == 401
+    assert get(url).status_code == 401
     # Copying to a machine with no agent here (the engine gives it a lease's time to come back),
     # as far as the record says.
     copying = VolumeRecord(M1, VolumeMove(M1, GONE, MOVE_COPYING, time.time()))
     cluster.call(cluster.registry.store.put(cluster.registry.key("volumes", "data"), copying.to_text()))
-    reply = httpx.get(url, headers={**bearer, FORWARDED_HEADER: M2})
+    reply = get(url, headers={**bearer, FORWARDED_HEADER: M2})
     assert reply.status_code == 403 and "only the fleetd of machine ffee0000..." in reply.text
-    reply = httpx.get(
-        f"{cluster.tcp[M2]}/fleetpy/v1/volumes/data/data", headers={**bearer, FORWARDED_HEADER: GONE}
-    )
+    reply = get(f"{cluster.tcp[M2]}/fleetpy/v1/volumes/data/data", headers={**bearer, FORWARDED_HEADER: GONE})
     assert reply.status_code == 409  # M2 is not the source
-    reply = httpx.get(url, headers={**bearer, FORWARDED_HEADER: GONE})
+    reply = get(url, headers={**bearer, FORWARDED_HEADER: GONE})
     assert reply.status_code == 200 and reply.headers["Content-Type"] == "application/x-tar"
     unpack(io.BytesIO(reply.content), tmp_path / "fetched")
     assert (tmp_path / "fetched" / "data" / "records").read_text() == "one\ntwo\n"
