@@ -132,7 +132,7 @@ async def _until(predicate, timeout=3.0):
 
 async def test_engine_hands_over_on_cordon_and_uncordon_lets_units_back(monkeypatch) -> None:
     # The engine looks this often whether a new copy runs yet: a few looks fit in a short wait.
-    monkeypatch.setattr(engine_module, "HANDOVER_POLL", 0.05)
+    monkeypatch.setattr(engine_module, "HANDOVER_POLL", 0.01)
     registry = memory_registry()
     for mid in (A, B):
         await registry.register_machine(Machine(id=mid), ttl=60)
