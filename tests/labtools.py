@@ -36,6 +36,17 @@ def short_lab_dir(tag: str) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@contextmanager
+def lab_up(tag: str, *flags: str) -> Iterator[Lab]:
+    """A lab started by `fleetpy lab up --dir DIR *flags` as its own process, in a short lab dir
+    named after `tag` (see `short_lab_dir`), and torn down afterwards."""
+    with short_lab_dir(tag) as path:
+        argv = [sys.executable, "-m", "fleetpy.cli.fleetpy", "lab", "up", "--dir", str(path), *flags]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+        yield Lab(path)
+
+
 def fleetctl(lab: Lab, *args: str) -> str:
     """Run fleetctl as its own process against the lab; its output, once it succeeded."""
     env = {**os.environ, "FLEETCTL_ENDPOINT": lab.endpoint()}

@@ -6,14 +6,12 @@ back; scale starts and destroys template instances and says where they went."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from labtools import active_on, fleetctl, short_lab_dir, wait_for
+from labtools import active_on, fleetctl, lab_up, wait_for
 
 from fleetpy.lab.lab import Lab
 
@@ -22,15 +20,12 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    with short_lab_dir("fdr") as path:
-        argv = [
-            sys.executable, "-m", "fleetpy.cli.fleetpy", "lab", "up", "--dir", str(path),
-            "--nodes", "3", "--etcd-members", "1", "--agent-ttl", "2s",
-            "--metadata", "node1=role=api", "--metadata", "node2=role=worker", "--metadata", "node3=role=worker",
-        ]  # fmt: skip
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-        assert result.returncode == 0, result.stdout + result.stderr
-        yield Lab(path)
+    with lab_up(
+        "fdr",
+        "--nodes", "3", "--etcd-members", "1", "--agent-ttl", "2s",
+        "--metadata", "node1=role=api", "--metadata", "node2=role=worker", "--metadata", "node3=role=worker",
+    ) as lab:  # fmt: skip
+        yield lab
 
 
 def test_drain_moves_the_unit_new_copy_first_and_keeps_new_units_off(lab: Lab, tmp_path: Path) -> None:

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from labtools import fleetctl, short_lab_dir, wait_for
+from labtools import fleetctl, lab_up, wait_for
 
 from fleetpy.lab.lab import Lab
 
@@ -26,14 +24,11 @@ CHECK = "HealthCheckInterval=1s\nHealthCheckThreshold=1\n"
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    with short_lab_dir("fhm") as path:
-        argv = [
-            sys.executable, "-m", "fleetpy.cli.fleetpy", "lab", "up", "--dir", str(path),
-            "--nodes", "3", "--etcd-members", "1", "--agent-ttl", "2s",
-        ]  # fmt: skip
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-        assert result.returncode == 0, result.stdout + result.stderr
-        yield Lab(path)
+    with lab_up(
+        "fhm",
+        "--nodes", "3", "--etcd-members", "1", "--agent-ttl", "2s",
+    ) as lab:  # fmt: skip
+        yield lab
 
 
 def _states(lab: Lab, unit: str) -> list[dict]:

@@ -5,13 +5,11 @@ say, and a constraint on a fact a node's facts.d executable publishes places the
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from labtools import fleetctl, short_lab_dir, wait_for
+from labtools import fleetctl, lab_up, wait_for
 
 from fleetpy.conf.values import format_bytes
 from fleetpy.lab.lab import Lab
@@ -21,14 +19,11 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    with short_lab_dir("frs") as path:
-        argv = [
-            sys.executable, "-m", "fleetpy.cli.fleetpy", "lab", "up", "--dir", str(path),
-            "--nodes", "2", "--etcd-members", "1", "--agent-ttl", "2s",
-        ]  # fmt: skip
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-        assert result.returncode == 0, result.stdout + result.stderr
-        yield Lab(path)
+    with lab_up(
+        "frs",
+        "--nodes", "2", "--etcd-members", "1", "--agent-ttl", "2s",
+    ) as lab:  # fmt: skip
+        yield lab
 
 
 def machines(lab: Lab) -> dict[str, dict]:

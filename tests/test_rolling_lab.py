@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from labtools import short_lab_dir, wait_for
+from labtools import lab_up, wait_for
 
 from fleetpy.client import Client
 from fleetpy.lab.lab import Lab
@@ -97,14 +97,11 @@ class HealthySampler:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    with short_lab_dir("frr") as path:
-        argv = [
-            sys.executable, "-m", "fleetpy.cli.fleetpy", "lab", "up", "--dir", str(path),
-            "--nodes", "3", "--etcd-members", "1", "--agent-ttl", "2s",
-        ]  # fmt: skip
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
-        assert result.returncode == 0, result.stdout + result.stderr
-        yield Lab(path)
+    with lab_up(
+        "frr",
+        "--nodes", "3", "--etcd-members", "1", "--agent-ttl", "2s",
+    ) as lab:  # fmt: skip
+        yield lab
 
 
 def test_rolling_replace_keeps_n_minus_1_healthy_and_a_bad_version_rolls_back(

@@ -8,15 +8,13 @@ with its old records and a new one."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from labtools import active_on, fleetctl, short_lab_dir, wait_for
+from labtools import active_on, fleetctl, lab_up, wait_for
 
 from fleetpy.lab.lab import Lab
 
@@ -25,15 +23,12 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    with short_lab_dir("fvl") as path:
-        argv = [
-            sys.executable, "-m", "fleetpy.cli.fleetpy", "lab", "up", "--dir", str(path),
-            "--nodes", "3", "--etcd-members", "1", "--agent-ttl", "2s",
-            "--metadata", "node1=role=api", "--metadata", "node2=role=worker", "--metadata", "node3=role=worker",
-        ]  # fmt: skip
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-        assert result.returncode == 0, result.stdout + result.stderr
-        yield Lab(path)
+    with lab_up(
+        "fvl",
+        "--nodes", "3", "--etcd-members", "1", "--agent-ttl", "2s",
+        "--metadata", "node1=role=api", "--metadata", "node2=role=worker", "--metadata", "node3=role=worker",
+    ) as lab:  # fmt: skip
+        yield lab
 
 
 def test_a_unit_keeps_its_volume_node_waits_when_it_dies_and_moves_once_forgotten(
