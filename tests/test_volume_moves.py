@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fleetpy.agent import moves as agent_moves
 from fleetpy.agent.moves import (
     DATA,
     END,
@@ -394,3 +395,33 @@ async def test_a_source_restarted_while_stopping_serves_once_its_units_are_gone(
 
 async def _idle(name: str) -> bool:
     return True
+
+
+class _DeafWatches(MemoryStore):
+    """A store whose watches miss every change: they only ever time out."""
+
+    async def wait(self, prefix, after_index, timeout):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(timeout)
+        return None
+
+
+async def test_a_machine_in_a_move_reads_its_record_again_even_when_the_watch_misses_a_change(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(agent_moves, "MOVE_POLL", 0.02)
+    source = _volume(tmp_path / "a")
+    os.unlink(source / "outside")
+    registry = Registry(_DeafWatches())
+    await registry.claim_volume("data", A)
+    await registry.update_volume("data", lambda r: moving(MOVE_STOPPING))
+    target = VolumeMoves(registry, B, tmp_path / "b", _idle, PackingSource(source), AgentEvents())
+    task = asyncio.create_task(target.run())
+    try:
+        await asyncio.sleep(0.05)
+        await registry.update_volume("data", moves.serving(moving().move))  # the source's step
+        async with asyncio.timeout(10):
+            while (await registry.volume_record("data")).machine_id != B:
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

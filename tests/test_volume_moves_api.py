@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from click.testing import CliRunner
 
 from fleetpy.agent.moves import unpack
-from fleetpy.api import create_app, serve
+from fleetpy.api import create_app, extensions, serve
+from fleetpy.api.connections import LIMITS
 from fleetpy.api.peer import FORWARDED_HEADER, Peers, peer_tls
 from fleetpy.cli import fleetctl
 from fleetpy.cli.fleetctl import cli
@@ -64,6 +66,7 @@ class Cluster:
     sockets: dict[str, str]  # machine id -> unix endpoint
     tcp: dict[str, str]
     volumes: dict[str, Path]  # machine id -> volume dir
+    apps: dict[str, web.Application]
 
     def call(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(30)
@@ -90,7 +93,7 @@ class Cluster:
 async def _start(registry: Registry, tmp_path: Path, pki: Path | None = None) -> tuple[list, list, Cluster]:
     """Two fleetds with their APIs; with `pki`, over https with the cluster CA and no token."""
     runners, tasks = [], []
-    sockets, tcp, volumes = {}, {}, {}
+    sockets, tcp, volumes, apps = {}, {}, {}, {}
     for machine_id, ip in ((M1, "10.0.0.1"), (M2, "10.0.0.2")):
         port = _port()
         volumes[machine_id] = tmp_path / machine_id[:4] / "volumes"
@@ -109,6 +112,7 @@ async def _start(registry: Registry, tmp_path: Path, pki: Path | None = None) ->
         app = create_app(
             registry, machine_id=machine_id, peer_token=token, peer_tls=tls, volume_dir=volumes[machine_id]
         )
+        apps[machine_id] = app
         sock = tmp_path / f"{machine_id[:4]}.sock"
         secured = {"tls_cert": cert, "tls_key": key, "client_ca": str(pki / "ca.pem")} if pki else {}
         runners.append(
@@ -122,7 +126,7 @@ async def _start(registry: Registry, tmp_path: Path, pki: Path | None = None) ->
         )
     while len(await registry.machines()) < 2:
         await asyncio.sleep(0.01)
-    return runners, tasks, Cluster(registry, asyncio.get_running_loop(), sockets, tcp, volumes)
+    return runners, tasks, Cluster(registry, asyncio.get_running_loop(), sockets, tcp, volumes, apps)
 
 
 async def _stop(runners: list, tasks: list) -> None:
@@ -308,7 +312,7 @@ def test_a_failed_copy_leaves_the_volume_and_its_unit_on_the_source_with_the_rea
 
 
 def test_a_volume_is_served_only_while_it_is_copied_from_here_and_only_to_its_target(
-    cluster: Cluster, tmp_path: Path, default_tls
+    cluster: Cluster, tmp_path: Path, default_tls, monkeypatch
 ) -> None:
     import httpx
 
@@ -333,6 +337,18 @@ def test_a_volume_is_served_only_while_it_is_copied_from_here_and_only_to_its_ta
     assert reply.status_code == 200 and reply.headers["Content-Type"] == "application/x-tar"
     unpack(io.BytesIO(reply.content), tmp_path / "fetched")
     assert (tmp_path / "fetched" / "data" / "records").read_text() == "one\ntwo\n"
+    # A volume takes as long as it takes: the API's deadline for etcd does not cut its stream.
+    object.__setattr__(cluster.apps[M1][LIMITS], "registry_deadline", 0.2)  # this app's own, frozen
+
+    async def slow(path: Path, write) -> int:  # type: ignore[no-untyped-def]
+        for _ in range(5):
+            await write(b"x" * 10)
+            await asyncio.sleep(0.1)
+        return 50
+
+    monkeypatch.setattr(extensions, "stream", slow)
+    reply = get(url, headers={**bearer, FORWARDED_HEADER: GONE})
+    assert reply.status_code == 200 and reply.content == b"x" * 50
     # explain replays the scheduler with the move, as the engine plans.
     explained = cluster.run("explain", "db.service").output
     assert "volume data is moving from 113f16a7... to ffee0000..." in explained, explained

@@ -49,6 +49,7 @@ DATA = "data"
 END = "end-of-volume"
 CHUNK = 1 << 16
 WATCH_TIMEOUT = 300.0
+MOVE_POLL = 1.0
 OUTAGE_PAUSE = 1.0
 
 
@@ -303,7 +304,10 @@ class VolumeMoves:
                         records = await self.registry.volume_records()
                     self.wanted.clear()
                     await self.act(records)
-                    if await self._changed(index):
+                    # While a move of this machine is under way, its record is also read every
+                    # MOVE_POLL: a watch event missed must not hold a move for WATCH_TIMEOUT.
+                    busy = any(self._in(record) for record in records.values())
+                    if await self._changed(index, MOVE_POLL if busy else WATCH_TIMEOUT) or busy:
                         index = None
                 except HistoryLost:
                     index = None
@@ -315,9 +319,15 @@ class VolumeMoves:
             for task in self._pulls.values():
                 task.cancel()
 
-    async def _changed(self, index: int) -> bool:
-        """Wait for a change of the volumes' records (True) or for the agent's word (False)."""
-        watch = asyncio.ensure_future(self.registry.wait(index, "volumes", timeout=WATCH_TIMEOUT))
+    def _in(self, record: VolumeRecord) -> bool:
+        """Whether this machine takes part in the record's move under way."""
+        move = record.moving
+        return move is not None and self.machine_id in (move.source, move.target)
+
+    async def _changed(self, index: int, timeout: float) -> bool:
+        """Wait for a change of the volumes' records (True) or for the agent's word or the
+        timeout (False)."""
+        watch = asyncio.ensure_future(self.registry.wait(index, "volumes", timeout=timeout))
         poked = asyncio.ensure_future(self.wanted.wait())
         try:
             done, _ = await asyncio.wait([watch, poked], return_when=asyncio.FIRST_COMPLETED)
@@ -341,7 +351,9 @@ class VolumeMoves:
         move = record.move
         if move is None or move.state == MOVE_FAILED or self.machine_id not in (move.source, move.target):
             return  # most volumes, on most passes: nothing to ask systemd or the disk
-        idle = move.state == MOVE_STOPPING and await self.idle(name)
+        # Only the source waits for its units (the target's agent is not asked: its passes are
+        # no business of the move).
+        idle = move.state == MOVE_STOPPING and move.source == self.machine_id and await self.idle(name)
         here = os.path.lexists(volume_path(self.root, name))
         step = next_step(record, self.machine_id, idle, name in self._pulls, here)
         if step == SERVE:

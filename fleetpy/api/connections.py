@@ -159,7 +159,7 @@ async def clock(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 # Routes that stream or ask another machine; they bound their own registry part (see `deadline`).
-UNBOUNDED_ROUTES = frozenset({"status", "journal", "events", "dashboard-stream"})
+UNBOUNDED_ROUTES = frozenset({"status", "journal", "events", "dashboard-stream", "volume-data"})
 
 
 @web.middleware

@@ -106,7 +106,7 @@ class FleetpyV1:
         router.add_delete("/fleetpy/v1/volumes/{name}", self.forget_volume)
         router.add_get("/fleetpy/v1/volumes/{name}", self.volume)
         router.add_post("/fleetpy/v1/volumes/{name}/move", self.move_volume)
-        router.add_get("/fleetpy/v1/volumes/{name}/data", self.volume_data)
+        router.add_get("/fleetpy/v1/volumes/{name}/data", self.volume_data, name="volume-data")
 
     async def stop_followers(self, app: web.Application) -> None:
         for task in self.followers:
@@ -229,7 +229,8 @@ class FleetpyV1:
         """The volume's data as a tar stream (agent.moves.pack): only to the target of its move,
         only while the move is copying from this machine, when no unit using it runs here."""
         name = _volume_name(request)
-        record = await self.etcd.volume_record(name)
+        async with deadline(request):  # the stream itself takes as long as the volume needs
+            record = await self.etcd.volume_record(name)
         move = record.moving if record is not None else None
         if move is None or move.state != MOVE_COPYING or move.source != self.machine_id:
             raise ApiError(409, f"volume {name} is not being copied from this machine")
