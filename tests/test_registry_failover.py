@@ -113,3 +113,30 @@ async def test_etcd_without_quorum_is_told_apart_from_etcd_down_and_forgotten_wh
             await store.close()
             for member in members:
                 member.stop()
+
+
+async def test_a_wait_cancelled_while_its_watch_is_created_leaves_the_next_watch_its_own_changes() -> None:
+    # fleetd's agent cancels its wait on volumes/ after each reconcile pass; cancelled while
+    # aetcd was creating the watch, it used to hand that watch to the next creation on the
+    # stream (the schedule's), whose own changes then never came: an agent that never ran its
+    # units.
+    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="fleetpy-etcd-1-") as base:
+        members = start_cluster(Path(base), 1)
+        store = EtcdV3Store([members[0].client_url], retry_for=5)
+        try:
+            await store.put("/cancel/start", "1")
+            for ticks in range(12):
+                index = await store.index("/cancel")
+                abandoned = asyncio.create_task(store.wait(f"/cancel/a{ticks}", index, timeout=30))
+                for _ in range(ticks):
+                    await asyncio.sleep(0)
+                abandoned.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await abandoned
+                waiting = asyncio.create_task(store.wait(f"/cancel/b{ticks}", index, timeout=10))
+                await asyncio.sleep(0.05)
+                written = await store.put(f"/cancel/b{ticks}/x", "1")
+                assert await waiting == written, f"the watch on b{ticks} missed its write"
+        finally:
+            await store.close()
+            members[0].stop()

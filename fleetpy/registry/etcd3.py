@@ -132,6 +132,7 @@ class EtcdV3Store:
         self._failures: dict[str, grpc.aio.AioRpcError | aetcd_errors.ClientError] = {}
         self._leases: dict[str, int] = {}  # key -> the lease this store attached to it
         self._watches: dict[str, _PrefixWatch] = {}
+        self._opening: set[asyncio.Task] = set()  # watches being opened (see _open_watch)
 
     # -- connection -------------------------------------------------------------------------
     async def _connect(self) -> _Connection:
@@ -250,6 +251,8 @@ class EtcdV3Store:
         return NoQuorum(f"{message}; etcd takes no reads or writes until a majority of its members is back")
 
     async def close(self) -> None:
+        for opening in list(self._opening):
+            opening.cancel()
         self._watches.clear()
         if self._connection is not None:
             await self._drop(self._connection, next_member=False)
@@ -436,6 +439,19 @@ class EtcdV3Store:
                 continue  # on the new stream, from the same revision: nothing missed
 
     async def _open_watch(self, prefix: str, start: int) -> _PrefixWatch:
+        """A new watch on `prefix` from `start`, opened to the end even if the caller is cancelled
+        meanwhile (as a wait is, when its caller stops waiting): aetcd hands etcd's "created"
+        answer to whichever creation is pending on the stream, so a creation abandoned halfway
+        gave its watch to the next one, another prefix's, which then never saw its own changes.
+        Opened without a caller, the watch is kept for the next wait on that prefix."""
+        opening = asyncio.ensure_future(self._opened_watch(prefix, start))
+        self._opening.add(opening)
+        opening.add_done_callback(self._opening.discard)
+        # An error after its caller left is retrieved here, not reported as never retrieved.
+        opening.add_done_callback(lambda task: task.cancelled() or task.exception())
+        return await asyncio.shield(opening)
+
+    async def _opened_watch(self, prefix: str, start: int) -> _PrefixWatch:
         old = self._watches.pop(prefix, None)
         if old is not None:
             await old.cancel()
