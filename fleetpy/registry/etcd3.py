@@ -377,18 +377,12 @@ class EtcdV3Store:
             lease = self._leases[key] = response.kvs[0].lease
 
         async def keepalive(c: _Connection) -> Any:
-            # One request, its answer, then the stream is cancelled. (With a request iterator,
-            # gRPC formatted a traceback for its debug log on every heartbeat when the call
-            # ended under the iterator; half-closing instead fails outside gRPC's own errors
-            # when etcd ended the stream first.) A failed call raises AioRpcError from read().
-            stream = c.lease.LeaseKeepAlive(timeout=self._timeout, metadata=c.metadata)
-            try:
-                with contextlib.suppress(asyncio.InvalidStateError):  # the call ended already
-                    await stream.write(rpc.LeaseKeepAliveRequest(ID=lease))
-                reply = await stream.read()
-            finally:
-                stream.cancel()
-            return None if reply is grpc.aio.EOF else reply
+            stream = c.lease.LeaseKeepAlive(
+                iter([rpc.LeaseKeepAliveRequest(ID=lease)]), timeout=self._timeout, metadata=c.metadata
+            )
+            async for reply in stream:
+                return reply
+            return None
 
         reply = await self._call(keepalive)
         if reply is None or reply.TTL <= 0:
