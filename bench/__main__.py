@@ -19,9 +19,9 @@ from bench.common import RESULTS, write
 # In the order `python -m bench` runs them; the last two need root (they start lab nodes).
 BENCHES = ("placement", "state_notes", "cli", "launch", "failover", "e2e", "fleetd")
 # Run only by name: they need programs built outside this repository (Go fleet), or start
-# a whole lab per etcd backend (lab_launch, a few minutes), or run rolling replaces or volume
-# moves on a lab (rolling, volume_move).
-BY_NAME_ONLY = ("gofleet", "lab_launch", "rolling", "volume_move")
+# a whole lab per etcd backend (lab_launch, a few minutes), or run rolling replaces, volume moves
+# or node kills under a shared-volume unit on a lab (rolling, volume_move, shared_volume).
+BY_NAME_ONLY = ("gofleet", "lab_launch", "rolling", "volume_move", "shared_volume")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -3,7 +3,9 @@ unit keeps the machine its volume lives on and finds its data there after a stop
 with that node killed it waits, and fleetctl list-units says why; `fleetctl volume rm` lets it
 start afresh on the other worker; `fleetctl list-volumes` shows where each volume lives; and
 `fleetctl volume move` takes a database-like unit's data to the other worker, where it answers
-with its old records and a new one."""
+with its old records and a new one; and with its volume shared (Volume=NAME:shared, the lab's
+one host directory given to every node), the same unit, its node killed, is started on the other
+worker by the engine alone and answers there with its old records."""
 
 from __future__ import annotations
 
@@ -115,9 +117,9 @@ http.server.HTTPServer(("", int(sys.argv[2])), Records).serve_forever()
 KVDB_PORT = 8086
 
 
-def _records(ip: str) -> str | None:
+def _records(ip: str, port: int = KVDB_PORT) -> str | None:
     try:
-        with urllib.request.urlopen(f"http://{ip}:{KVDB_PORT}/", timeout=2) as response:
+        with urllib.request.urlopen(f"http://{ip}:{port}/", timeout=2) as response:
             return response.read().decode()
     except OSError:
         return None
@@ -179,3 +181,48 @@ def test_a_volume_moves_with_its_data_and_the_unit_answers_with_it_on_the_other_
         f"stop and start in place until it answered {in_place:.2f}s"
     )
     fleetctl(lab, "destroy", "kvdb.service")
+
+
+def _both_workers_up(lab: Lab) -> None:
+    assert lab.state is not None
+    for name in ("node2", "node3"):
+        if lab.state.node(name).machine_id not in lab.machines():
+            lab.restart_node(name)
+
+
+def test_a_shared_volume_unit_answers_with_its_old_records_on_another_node_after_its_node_dies(
+    lab: Lab, tmp_path: Path
+) -> None:
+    assert lab.state is not None
+    _both_workers_up(lab)
+    port = KVDB_PORT + 1
+    os.chmod(tmp_path, 0o755)
+    (tmp_path / "kvdb.py").write_text(KVDB)
+    (tmp_path / "shareddb.service").write_text(
+        f"[Service]\nExecStart=/usr/bin/python3 {tmp_path / 'kvdb.py'} ${{FLEET_VOLUME_dbshared}} {port}\n"
+        "[X-Fleet]\nVolume=dbshared:shared\nMachineMetadata=role=worker\n"
+    )
+    fleetctl(lab, "start", str(tmp_path / "shareddb.service"))
+    (home,) = wait_for("shareddb to run", lambda: active_on(lab, "shareddb.service"))
+    other = {"node2": "node3", "node3": "node2"}[home]
+    home_ip, other_ip = lab.state.node(home).ip, lab.state.node(other).ip
+    assert wait_for("shareddb to answer", lambda: _records(home_ip, port)) == "start 1\n"
+    # In the directory every node shares, not in the node's own volume dir, and pinned nowhere.
+    records = lab.book.dir / "shared-volumes" / "dbshared" / "records"
+    assert records.read_text() == "start 1\n" and not (lab.book.dir / home / "volumes" / "dbshared").exists()
+    listed = [line.split() for line in fleetctl(lab, "list-volumes", "--no-legend").splitlines()]
+    assert ["dbshared", "shared", "-", "-", "shareddb.service"] in listed, listed
+
+    began = time.monotonic()
+    lab.kill_node(home)
+    answered = wait_for(
+        "shareddb to answer on the other node", lambda: _records(other_ip, port), timeout=60, interval=0.1
+    )
+    answering = time.monotonic() - began
+    assert answered == "start 1\nstart 2\n", answered
+    assert active_on(lab, "shareddb.service") == [other]
+    print(
+        f"\nshared volume on a real lab (agent TTL 2s): node killed to the unit answering with its old "
+        f"records on the other node in {answering:.2f}s"
+    )
+    fleetctl(lab, "destroy", "shareddb.service")
