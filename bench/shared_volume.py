@@ -112,7 +112,11 @@ def kill_and_time(lab: Lab, client: Client, unit: str, keeps_data: bool) -> dict
                 return found
         return None
 
-    wait(f"{unit} answering on another node", answer, interval=0.02)
+    try:
+        wait(f"{unit} answering on another node", answer, interval=0.02)
+    except TimeoutError as error:
+        answers = {ip: records(ip) for ip in others}
+        raise TimeoutError(f"{error}; expected {expect!r}, got {answers}\n{fleetctl(lab, 'list-units')}") from None
     took = time.monotonic() - killed
     lab.restart_node(home)
     wait(f"{home} registered again", lambda: lab.state.node(home).machine_id in lab.machines())
@@ -124,13 +128,14 @@ def one_lab(ttl: float, rounds: int, base: Path) -> list[dict]:
     work = base / "units"
     work.mkdir(exist_ok=True)
     (work / "server.py").write_text(SERVER)
-    # Its data on the shared volume; the baseline's on the node's /tmp, lost with the node.
+    # Its data on the shared volume; the baseline's in the node's own runtime directory.
     (work / "shared.service").write_text(
         f"[Service]\nExecStart=/usr/bin/python3 {work / 'server.py'} ${{FLEET_VOLUME_db}} {PORT}\n"
         "[X-Fleet]\nVolume=db:shared\n"
     )
     (work / "stateless.service").write_text(
-        f"[Service]\nPrivateTmp=yes\nExecStart=/usr/bin/python3 {work / 'server.py'} /tmp/db {PORT}\n"
+        f"[Service]\nRuntimeDirectory=stateless\n"
+        f"ExecStart=/usr/bin/python3 {work / 'server.py'} ${{RUNTIME_DIRECTORY}} {PORT}\n"
     )
     rows = []
     try:

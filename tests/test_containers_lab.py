@@ -36,6 +36,7 @@ UNIT_FILES = (
     "db.service",
     "es-offline.service",
     "kv.service",
+    "records.service",
 )
 
 
@@ -178,6 +179,22 @@ def test_kv_finds_its_volume_again_after_a_stop_and_start(lab: Lab, workdir: Pat
     ]
     wait_for("a second start in the volume", lambda: len(starts.read_text().splitlines()) == 2)
     fleetctl(lab, workdir, "destroy", "kv.service")
+
+
+def test_records_keep_their_data_on_the_shared_volume_wherever_they_start(lab: Lab, workdir: Path) -> None:
+    fleetctl(lab, workdir, "start", "records.service")
+    placed = wait_for("records active", lambda: _all_active(lab, workdir, ["records.service"]))
+    assert isinstance(placed, dict)
+    url = f"http://{node_ip(lab, placed['records.service'][0])}:8088/records"
+    assert wait_for("records answering", lambda: http_get(url)) == "start"
+    # podman's -v "${FLEET_VOLUME_records}:/data" is the directory every node shares.
+    assert (lab.dir / "shared-volumes" / "records" / "records").read_text() == "start\n"
+    fleetctl(lab, workdir, "stop", "records.service")
+    fleetctl(lab, workdir, "start", "records.service")
+    placed = wait_for("records active again", lambda: _all_active(lab, workdir, ["records.service"]))
+    url = f"http://{node_ip(lab, placed['records.service'][0])}:8088/records"
+    assert wait_for("records answering again", lambda: http_get(url) == "start\nstart" and http_get(url))
+    fleetctl(lab, workdir, "destroy", "records.service")
 
 
 def test_killed_node_moves_web_with_its_sidekick(lab: Lab, workdir: Path) -> None:
