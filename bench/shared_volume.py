@@ -54,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, help="node kills per unit and TTL (default 3; --quick 1)")
 
 
-def fleetctl(lab: Lab, *args: str) -> str:
-    env = {**os.environ, "FLEETCTL_ENDPOINT": lab.endpoint()}
+def fleetctl(lab: Lab, *args: str, node: str = "node1") -> str:
+    env = {**os.environ, "FLEETCTL_ENDPOINT": f"unix://{lab.dir / node / 'fleet.sock'}"}
     argv = [sys.executable, "-m", "fleetpy.cli.fleetctl", *args]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, check=False)
     if result.returncode != 0:
@@ -115,8 +115,12 @@ def kill_and_time(lab: Lab, client: Client, unit: str, keeps_data: bool) -> dict
     try:
         wait(f"{unit} answering on another node", answer, interval=0.02)
     except TimeoutError as error:
+        alive = next(n.name for n in lab.state.nodes if n.name != home)
         answers = {ip: records(ip) for ip in others}
-        raise TimeoutError(f"{error}; expected {expect!r}, got {answers}\n{fleetctl(lab, 'list-units')}") from None
+        logs = {n.name: (lab.dir / n.name / "fleetd.log").read_text()[-3000:] for n in lab.state.nodes}
+        raise TimeoutError(
+            f"{error}; expected {expect!r}, got {answers}\n{fleetctl(lab, 'list-units', node=alive)}\n{logs}"
+        ) from None
     took = time.monotonic() - killed
     lab.restart_node(home)
     wait(f"{home} registered again", lambda: lab.state.node(home).machine_id in lab.machines())
