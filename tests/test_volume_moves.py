@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from fleetpy.agent import moves as agent_moves
 from fleetpy.agent.moves import (
     DATA,
     END,
@@ -397,31 +396,36 @@ async def _idle(name: str) -> bool:
     return True
 
 
-class _DeafWatches(MemoryStore):
-    """A store whose watches miss every change: they only ever time out."""
-
-    async def wait(self, prefix, after_index, timeout):  # type: ignore[no-untyped-def]
-        await asyncio.sleep(timeout)
-        return None
-
-
-async def test_a_machine_in_a_move_reads_its_record_again_even_when_the_watch_misses_a_change(
-    tmp_path: Path, monkeypatch
+async def test_a_target_pulls_on_the_watch_alone_while_its_agent_keeps_interrupting_it(
+    tmp_path: Path, v3_registry
 ) -> None:
-    monkeypatch.setattr(agent_moves, "MOVE_POLL", 0.02)
+    # The agent's word (after each of its passes) cancels the target's wait on volumes/, often
+    # while etcd is still creating its watch: the move must go on from the watch's event alone
+    # (no re-read on a timer). Before the store created watches under its own ids, such a
+    # cancelled creation could hand its watch to the next one and the target slept through.
     source = _volume(tmp_path / "a")
     os.unlink(source / "outside")
-    registry = Registry(_DeafWatches())
+    registry = v3_registry
     await registry.claim_volume("data", A)
     await registry.update_volume("data", lambda r: moving(MOVE_STOPPING))
     target = VolumeMoves(registry, B, tmp_path / "b", _idle, PackingSource(source), AgentEvents())
     task = asyncio.create_task(target.run())
+
+    async def agent_passes() -> None:
+        while True:
+            target.wanted.set()
+            await asyncio.sleep(0)
+
+    passes = asyncio.create_task(agent_passes())
     try:
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        passes.cancel()
+        await asyncio.sleep(0.3)  # the target waits on its watch again, and only on it
         await registry.update_volume("data", moves.serving(moving().move))  # the source's step
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(20):
             while (await registry.volume_record("data")).machine_id != B:
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.05)
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        for running in (task, passes):
+            running.cancel()
+        await asyncio.gather(task, passes, return_exceptions=True)

@@ -49,7 +49,6 @@ DATA = "data"
 END = "end-of-volume"
 CHUNK = 1 << 16
 WATCH_TIMEOUT = 300.0
-MOVE_POLL = 1.0
 OUTAGE_PAUSE = 1.0
 
 
@@ -304,10 +303,7 @@ class VolumeMoves:
                         records = await self.registry.volume_records()
                     self.wanted.clear()
                     await self.act(records)
-                    # While a move of this machine is under way, its record is also read every
-                    # MOVE_POLL: a watch event missed must not hold a move for WATCH_TIMEOUT.
-                    busy = any(self._in(record) for record in records.values())
-                    if await self._changed(index, MOVE_POLL if busy else WATCH_TIMEOUT) or busy:
+                    if await self._changed(index):
                         index = None
                 except HistoryLost:
                     index = None
@@ -319,15 +315,10 @@ class VolumeMoves:
             for task in self._pulls.values():
                 task.cancel()
 
-    def _in(self, record: VolumeRecord) -> bool:
-        """Whether this machine takes part in the record's move under way."""
-        move = record.moving
-        return move is not None and self.machine_id in (move.source, move.target)
-
-    async def _changed(self, index: int, timeout: float) -> bool:
+    async def _changed(self, index: int) -> bool:
         """Wait for a change of the volumes' records (True) or for the agent's word or the
         timeout (False)."""
-        watch = asyncio.ensure_future(self.registry.wait(index, "volumes", timeout=timeout))
+        watch = asyncio.ensure_future(self.registry.wait(index, "volumes", timeout=WATCH_TIMEOUT))
         poked = asyncio.ensure_future(self.wanted.wait())
         try:
             done, _ = await asyncio.wait([watch, poked], return_when=asyncio.FIRST_COMPLETED)
