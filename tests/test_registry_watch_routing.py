@@ -7,6 +7,7 @@ watch took it: that watch then saw the first watch's keys (a volume record read 
 entry, "KeyError: 'unit'") and never its own (a volume move held in copying until something
 else woke its agent). A watch is now opened to the end even when its caller leaves (53ad2da);
 these tests reproduce the two symptoms as the lab showed them, and fail without that change.
+A creation aetcd gave up on (its timeout) does the same, so the store then starts a new stream.
 """
 
 from __future__ import annotations
@@ -77,3 +78,25 @@ async def test_a_record_at_a_schedules_own_key_is_quarantined_by_its_listing_and
     registry.unreadable.clear()
     assert await registry.assignments("m1") == []
     assert "schedule/m1/" in registry.unreadable
+
+
+async def test_a_watch_whose_creation_timed_out_leaves_the_next_watch_its_own_keys(v3_registry) -> None:
+    # etcd's late "created" answer to a creation aetcd gave up on (its watch timeout, 5 s on a
+    # slow etcd) would go to the next watch created on that stream, another prefix's: the store
+    # starts a new stream instead.
+    registry = v3_registry
+    store = registry.store
+    store._retry_for = 0.5  # type: ignore[attr-defined]
+    index = await registry.index()
+    connection = store._connection or await store._connect()  # type: ignore[attr-defined]
+    connection.watcher._timeout = 1e-9  # every creation on this stream times out
+    await asyncio.gather(registry.wait(index, "asked-facts", timeout=0.5), return_exceptions=True)
+    connection.watcher._timeout = 5.0
+    schedule = registry.key("schedule", "m1") + "/"
+    changes = asyncio.ensure_future(store.changes(schedule, index, timeout=10))
+    await asyncio.sleep(0.3)  # the schedule's watch is open
+    await store.put(registry.key("asked-facts"), "[]")
+    await store.put(schedule + "web.service", '{"unit": "web.service"}')
+    async with asyncio.timeout(10):
+        seen = await changes
+    assert [change.key for change in seen] == [schedule + "web.service"]

@@ -453,9 +453,15 @@ class EtcdV3Store:
         watch = _PrefixWatch(prefix, start)
 
         async def create(c: _Connection) -> _PrefixWatch:
-            callback = await c.watcher.add_callback(
-                directory, watch.deliver, range_end=prefix_range_end(directory), start_revision=start
-            )
+            try:
+                callback = await c.watcher.add_callback(
+                    directory, watch.deliver, range_end=prefix_range_end(directory), start_revision=start
+                )
+            except aetcd_errors.WatchTimeoutError:
+                # etcd's late answer to this creation would go to the next one on this stream,
+                # whatever its prefix (aetcd pairs them by order): go on on a new stream.
+                await self._drop(c, next_member=False)
+                raise
             watch.attach(c, callback.watch_id, self)
             return watch
 
