@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from labtools import active_on, fleetctl, lab_up, wait_for
 
+from bench.shared_volume import SERVER as KVDB  # a database in miniature: records over HTTP
 from fleetpy.lab.lab import Lab
 
 pytestmark = pytest.mark.integration
@@ -96,24 +97,6 @@ def test_a_unit_keeps_its_volume_node_waits_when_it_dies_and_moves_once_forgotte
     fleetctl(lab, "destroy", "db.service", "busy.service")
 
 
-# A database in miniature: at each start it appends a record to the file in its volume, then
-# serves the file's records over HTTP on its node's address.
-KVDB = """\
-import http.server, os, sys
-path = os.path.join(sys.argv[1], "records")
-count = sum(1 for _ in open(path)) if os.path.exists(path) else 0
-with open(path, "a") as f:
-    f.write(f"start {count + 1}\\n")
-    f.flush()
-    os.fsync(f.fileno())
-class Records(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = open(path, "rb").read()
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(body)
-http.server.HTTPServer(("", int(sys.argv[2])), Records).serve_forever()
-"""
 KVDB_PORT = 8086
 
 

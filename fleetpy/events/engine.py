@@ -191,10 +191,7 @@ class EngineEvents:
 
     def volume_move_failed(self, name: str, move: VolumeMove, reason: str) -> None:
         self.recorder.emit(
-            kinds.VOLUME_MOVE_FAILED,
-            f"moving volume {name} to {machine_id_prefix(move.target)} failed: {reason}; "
-            f"it stays on {machine_id_prefix(move.source)}",
-            machine_id=move.target,
+            kinds.VOLUME_MOVE_FAILED, kinds.volume_move_failed(name, move, reason), machine_id=move.target
         )
 
     async def expire_histories(self, alive: set[str]) -> None:

@@ -1,5 +1,14 @@
 """The kinds of event, with their type: Normal, or Warning for what an operator should look at."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fleetpy.conf.values import machine_id_prefix
+
+if TYPE_CHECKING:
+    from fleetpy.registry import VolumeMove
+
 MACHINE_JOINED = "MachineJoined"
 MACHINE_LEFT = "MachineLeft"
 MACHINE_LOST = "MachineLost"
@@ -48,3 +57,11 @@ ALL = (
 
 def event_type(kind: str) -> str:
     return "Warning" if kind in WARNINGS else "Normal"
+
+
+def volume_move_failed(name: str, move: VolumeMove, reason: str) -> str:
+    """A VolumeMoveFailed event's message, whichever of the engine and the agents failed it."""
+    return (
+        f"moving volume {name} to {machine_id_prefix(move.target)} failed: {reason}; "
+        f"it stays on {machine_id_prefix(move.source)}"
+    )
