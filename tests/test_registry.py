@@ -72,28 +72,6 @@ async def test_a_v3_multi_key_read_is_one_transaction_per_128_keys(v3_registry):
     assert calls == 3
 
 
-async def test_schedule_changes_carry_the_records_and_removals(registry):
-    start = await registry.index()
-    await registry.assign(Assignment("a.service", "m1", "h1", "launched"))
-    await registry.assign(Assignment("b.service", "m1", "h2", "launched"))
-    await registry.assign(Assignment("c.service", "m10", "h3", "launched"))  # another machine
-    await registry.unassign("a.service", "m1")
-    await registry.store.put(registry.key("schedule", "m1", "bad.service"), "{not json")
-    seen: dict = {}
-    index = start
-    while len(seen) < 3:
-        index, changed = await registry.schedule_changes("m1", index, timeout=5)
-        assert changed, "a schedule change was not seen within 5 s"
-        seen.update(changed)
-    assert seen == {
-        "a.service": None,
-        "b.service": Assignment("b.service", "m1", "h2", "launched"),
-        "bad.service": None,
-    }
-    assert "schedule/m1/bad.service" in registry.unreadable
-    assert await registry.schedule_changes("m1", index, timeout=0.05) == (index, {})
-
-
 async def test_job_lifecycle(registry):
     await registry.create_job(Job("hello.service", HELLO.hash, "inactive"))
     with pytest.raises(Conflict):

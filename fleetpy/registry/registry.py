@@ -399,35 +399,6 @@ class Registry:
         directory = f"schedule/{machine_id}" if machine_id else "schedule"
         return await self._records(directory, Assignment.from_json)
 
-    async def schedule_changes(
-        self, machine_id: str, after_index: int, timeout: float
-    ) -> tuple[int, dict[str, Assignment | None]]:
-        """What changed in `machine_id`'s schedule after `after_index`, from the watch's own
-        records (no re-read): each changed unit's assignment now, or None once it is gone; and
-        the index that brings the schedule to. Nothing, and `after_index`, after `timeout`.
-
-        A record that cannot be read counts as gone, as a listing leaves it out (and is logged).
-        Raises HistoryLost when the store lost those changes: list the schedule again.
-        """
-        base = self.key("schedule", machine_id) + "/"
-        changes = await self.store.changes(base, after_index, timeout)
-        changed: dict[str, Assignment | None] = {}
-        for change in changes:
-            unit = change.key[len(base) :]
-            path = f"schedule/{machine_id}/{unit}"
-            self.unreadable.pop(path, None)
-            if change.value is None:
-                changed[unit] = None
-                continue
-            try:
-                changed[unit] = Assignment.from_json(json.loads(change.value))
-            except (ValueError, KeyError, TypeError, AttributeError) as error:
-                reason = f"its record {self.prefix}{path} cannot be read ({type(error).__name__}: {error})"
-                log.error("registry: skipping %s", reason)
-                self.unreadable[path] = reason
-                changed[unit] = None
-        return (changes[-1].index if changes else after_index), changed
-
     async def set_pending(self, unit: str, reason: str | None) -> None:
         await self.apply(self.batch().set_pending(unit, reason))
 
