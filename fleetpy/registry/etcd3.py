@@ -18,11 +18,16 @@ import asyncio
 import collections
 import contextlib
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
+
+# fleetd forks only to exec (health checks, tools). gRPC's fork handlers, run while its threads
+# were busy, made such a child abort before its exec (SIGABRT), so they stay off.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import grpc
 from aetcd import exceptions as aetcd_errors
