@@ -173,6 +173,15 @@ async def open_backend(request, backend: str, prefix: str) -> Registry:
     return Registry(EtcdV3Store([url]), prefix)
 
 
+@pytest.fixture
+def running():
+    """Start a coroutine as a task for the test; every one still running is cancelled after it."""
+    tasks = []
+    yield lambda coro: tasks.append(asyncio.create_task(coro)) or tasks[-1]
+    for task in tasks:
+        task.cancel()
+
+
 @pytest.fixture(params=ETCD_BACKENDS)
 async def etcd_registry(request, etcd_prefix):
     """A registry on real etcd, once per etcd backend."""

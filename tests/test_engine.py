@@ -8,8 +8,6 @@ import asyncio
 import json
 import logging
 
-import pytest
-
 from fleetpy.engine import engine as engine_module
 from fleetpy.engine import scheduler
 from fleetpy.engine.engine import LEASE_MARGIN, Engine
@@ -64,14 +62,6 @@ async def _leader_is(registry, *ids):
 
 async def _flag(event):
     return event.is_set()
-
-
-@pytest.fixture
-def running():
-    tasks = []
-    yield lambda coro: tasks.append(asyncio.create_task(coro)) or tasks[-1]
-    for task in tasks:
-        task.cancel()
 
 
 async def test_only_one_engine_leads_and_another_takes_over(running):

@@ -5,21 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from fleetpy.engine.engine import Engine
 from fleetpy.registry import Machine, Registry, memory_registry
 from fleetpy.registry.models import UnitState
 from tests.test_engine import _placed, _submit, _submit_unparsable, _until
 from tests.test_registry_mirror import CountingStore
-
-
-@pytest.fixture
-def running():
-    tasks = []
-    yield lambda coro: tasks.append(asyncio.create_task(coro)) or tasks[-1]
-    for task in tasks:
-        task.cancel()
 
 
 class CountedEngine(Engine):

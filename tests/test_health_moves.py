@@ -5,7 +5,6 @@ mirror). The real version, on a lab cluster, is tests/test_health_move_lab.py.""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -286,14 +285,6 @@ async def test_a_destroyed_unit_forgets_its_avoided_machines() -> None:
     await registry.delete_job("web.service")
     await engine.reconcile()
     assert await registry.avoided() == []
-
-
-@pytest.fixture
-def running():
-    tasks = []
-    yield lambda coro: tasks.append(asyncio.create_task(coro)) or tasks[-1]
-    for task in tasks:
-        task.cancel()
 
 
 async def test_event_fed_only_a_state_at_move_after_starts_a_pass_and_it_moves_the_unit(running) -> None:
