@@ -23,7 +23,7 @@ from fleetpy.registry import (
 )
 from fleetpy.registry.etcd2 import EtcdV2Store
 from fleetpy.registry.etcd3 import EtcdV3Store
-from fleetpy.registry.store import Put
+from fleetpy.registry.store import AlreadyExists, CompareFailed, Put
 from fleetpy.unit import UnitFile
 
 
@@ -207,6 +207,28 @@ async def test_a_v3_batch_is_one_transaction(v3_registry):
         batch.assign(Assignment(f"u{i}.service", "m1", "h", "launched"))
     await v3_registry.apply(batch)
     assert await v3_registry.index() == start + 1
+
+
+async def test_a_guarded_write_takes_its_companions_along_or_nothing(registry):
+    store, key = registry.store, registry.key
+    bell = [Put(key("bells", "m", "x"), "rung")]
+    await store.compare_and_put(key("rec", "x"), "1", None, bell)
+    assert await store.get(key("rec", "x")) == "1" and await store.get(key("bells", "m", "x")) == "rung"
+    await store.delete(key("bells", "m", "x"))
+    with pytest.raises(AlreadyExists):
+        await store.compare_and_put(key("rec", "x"), "2", None, bell)
+    with pytest.raises(CompareFailed):
+        await store.compare_and_put(key("rec", "x"), "2", "0", bell)
+    assert await store.get(key("rec", "x")) == "1" and await store.get(key("bells", "m", "x")) is None
+    await store.compare_and_put(key("rec", "x"), "2", "1", bell)
+    assert await store.get(key("rec", "x")) == "2" and await store.get(key("bells", "m", "x")) == "rung"
+
+
+async def test_a_v3_guarded_write_and_its_companions_are_one_revision(v3_registry):
+    store, key = v3_registry.store, v3_registry.key
+    before = await v3_registry.index()
+    await store.compare_and_put(key("rec", "x"), "1", None, [Put(key("bells", "m", "x"), "rung")])
+    assert await v3_registry.index() == before + 1
 
 
 async def test_submit_writes_the_file_and_the_job_together(registry):

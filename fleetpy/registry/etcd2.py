@@ -37,6 +37,7 @@ from fleetpy.registry.store import (
     Credentials,
     HistoryLost,
     Op,
+    PartlyWritten,
     Put,
     StoreError,
     Unavailable,
@@ -216,6 +217,22 @@ class EtcdV2Store:
         indexes = await asyncio.gather(*(one(op) for op in plain))
         indexes += await asyncio.gather(*(one(op) for op in ops if isinstance(op, Put) and op.create_only))
         return max(indexes, default=0)
+
+    async def compare_and_put(
+        self, key: str, value: str, prev_value: str | None, also: Sequence[Op] = ()
+    ) -> int:
+        """The guarded write, then `also` (v2 has no multi-key transaction): see Store."""
+        if prev_value is None:
+            index = await self._write(key, value, create_only=True)
+        else:
+            index = await self._write(key, value, prev_value=prev_value)
+        try:
+            await self.apply(also)
+        except StoreError as error:
+            raise PartlyWritten(
+                f"{key} was written, but not {', '.join(op.key for op in also)}: {error}"
+            ) from None
+        return index
 
     async def refresh(self, key: str, ttl: float) -> bool:
         try:

@@ -372,6 +372,19 @@ class EtcdV3Store:
             self._leases.pop(op.key, None)
         return response.header.revision if _changed_anything(chunk, response) else 0
 
+    async def compare_and_put(
+        self, key: str, value: str, prev_value: str | None, also: Sequence[Op] = ()
+    ) -> int:
+        compare = _compare_created(key, 0) if prev_value is None else _compare_value(key, prev_value)
+        put = rpc.RequestOp(request_put=rpc.PutRequest(key=key.encode(), value=value.encode()))
+        request = rpc.TxnRequest(compare=[compare], success=[put, *(_request(op) for op in also)])
+        response = await self._txn(request)
+        if not response.succeeded:
+            raise AlreadyExists(key) if prev_value is None else CompareFailed(key)
+        for written in (key, *(op.key for op in also)):
+            self._leases.pop(written, None)
+        return response.header.revision
+
     async def refresh(self, key: str, ttl: float) -> bool:
         lease = self._leases.get(key)
         if lease is None:

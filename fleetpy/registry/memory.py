@@ -130,6 +130,23 @@ class MemoryStore:
                 await self.delete(op.key)
         return self._index
 
+    async def compare_and_put(
+        self, key: str, value: str, prev_value: str | None, also: Sequence[Op] = ()
+    ) -> int:
+        self._expire()
+        existing = self._entries.get(key)
+        if prev_value is None and existing is not None:
+            raise AlreadyExists(key)
+        if prev_value is not None and (existing is None or existing.value != prev_value):
+            raise CompareFailed(key)
+        index = await self.put(key, value)
+        for op in also:
+            if isinstance(op, Put):
+                await self.put(op.key, op.value)
+            else:
+                await self.delete(op.key)
+        return index
+
     async def refresh(self, key: str, ttl: float) -> bool:
         self._expire()
         entry = self._entries.get(key)

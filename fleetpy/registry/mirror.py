@@ -256,6 +256,13 @@ class MirrorStore:
         await self._written(index)
         return index
 
+    async def compare_and_put(
+        self, key: str, value: str, prev_value: str | None, also: Sequence[Op] = ()
+    ) -> int:
+        index = await self.inner.compare_and_put(key, value, prev_value, also)
+        await self._written(index)
+        return index
+
     async def refresh(self, key: str, ttl: float) -> bool:
         return await self.inner.refresh(key, ttl)  # a refresh changes no record
 

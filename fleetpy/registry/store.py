@@ -33,6 +33,12 @@ class CompareFailed(StoreError):
     pass
 
 
+class PartlyWritten(StoreError):
+    """A guarded write went through but the writes meant to go with it did not (etcd v2, which
+    has no multi-key transaction, after the guarded write's own request): see
+    Store.compare_and_put."""
+
+
 class HistoryLost(StoreError):
     """The watch index is older than the store's event history; re-read everything."""
 
@@ -111,6 +117,21 @@ class Store(Protocol):
         (a create-only op that finds its key writes nothing of that transaction) and sends the
         transactions of unconditional ops alone concurrently; v2 sends concurrent requests.
         Raises AlreadyExists when a create-only key exists.
+        """
+        ...
+
+    async def compare_and_put(
+        self, key: str, value: str, prev_value: str | None, also: Sequence[Op] = ()
+    ) -> int:
+        """Write `value` at `key` if it holds `prev_value` (if it does not exist, when None), and
+        the ops in `also` only with it; returns the index of the write.
+
+        etcd v3 and memory write them all at once (one transaction). etcd v2 has no multi-key
+        transaction: it writes `also` after the guarded write succeeded, so a reader that sees
+        one of them finds the guarded write in place; when `also` then fails (etcd went away, or
+        this fleetd stopped in between), the guarded write stands and PartlyWritten says so.
+        Raises CompareFailed (AlreadyExists when `prev_value` is None) and writes nothing when
+        the key does not hold what was expected.
         """
         ...
 
