@@ -130,11 +130,11 @@ class _Racing(MemoryStore):
         super().__init__()
         self.value: str | None = value
 
-    async def put(self, key, value, ttl=None, *, create_only=False, prev_value=None):  # type: ignore[no-untyped-def]
+    async def compare_and_put(self, key, value, prev_value, also=()):  # type: ignore[no-untyped-def]
         if prev_value is not None and self.value is not None:
             other, self.value = self.value, None
             await super().put(key, other)
-        return await super().put(key, value, ttl, create_only=create_only, prev_value=prev_value)
+        return await super().compare_and_put(key, value, prev_value, also)
 
 
 async def test_update_volume_compares_and_swaps_and_decides_again_when_another_wrote_first() -> None:

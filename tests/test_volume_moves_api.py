@@ -208,6 +208,10 @@ def test_a_volume_moves_with_its_data_and_its_unit_follows(cluster: Cluster, tmp
     aside = cluster.wait("the old copy set aside", lambda: list(cluster.volumes[M1].glob("data~moved-*")))
     assert (aside[0] / "records").read_text() == "one\ntwo\n" and not source.exists()
     assert not list(cluster.volumes[M2].glob("data~*"))  # nothing left of the spool
+    # Each machine answered its doorbell once its part was over: no key of the move is left.
+    cluster.wait(
+        "the doorbells answered", lambda: cluster.call(cluster.registry.all_volume_doorbells()) == {}
+    )
     record = cluster.client().volume("data")
     assert record["machineID"] == M2 and record["move"]["state"] == "done"
     assert record["move"]["bytes"] == len("one\ntwo\n") + 100_000
@@ -297,6 +301,9 @@ def test_a_failed_copy_leaves_the_volume_and_its_unit_on_the_source_with_the_rea
     assert not (cluster.volumes[M2] / "data").exists() and not list(cluster.volumes[M2].glob("data~*"))
     record = cluster.client().volume("data")
     assert record["machineID"] == M1 and record["move"]["state"] == "failed"
+    cluster.wait(
+        "the doorbells answered", lambda: cluster.call(cluster.registry.all_volume_doorbells()) == {}
+    )
     listed = cluster.run("list-volumes", "--no-legend").output
     assert listed.startswith(
         "data\tlocal\t113f16a7.../10.0.0.1\tmove to 2c9a1b3e... failed: copying from 113f16a7..."

@@ -1,6 +1,8 @@
 """Moving a local volume between machines (`fleetctl volume move`): the agents' part.
 
-The move is a record on the volume's key (fleetpy.registry.moves). While it is under way the
+The move is a record on the volume's key (fleetpy.registry.moves). An agent learns of the moves
+it takes part in from its own doorbells, volume-moves/<machine>/<name>, which each step rings:
+it watches that directory alone and reads the records it names. While a move is under way the
 engine runs the volume's units nowhere. The source agent marks it `copying` once no unit using
 the volume runs here; its fleetd then serves the volume as a tar stream to the target's fleetd
 only (`pack`, behind GET /fleetpy/v1/volumes/NAME/data). The target agent spools the stream to
@@ -246,6 +248,18 @@ def next_step(record: VolumeRecord, me: str, idle: bool, pulling: bool, here: bo
     return None
 
 
+def over(record: VolumeRecord | None, me: str, pulling: bool, here: bool) -> bool:
+    """Whether this machine's part in the move on `record` is over, so that its doorbell may go:
+    the volume was forgotten, the move concerns other machines (a newer one), or it ended and
+    there is nothing left to do here (no pull still ending, no old copy to set aside)."""
+    move = record.move if record is not None else None
+    if move is None or me not in (move.source, move.target):
+        return True
+    if move.under_way or pulling:
+        return False
+    return next_step(record, me, idle=False, pulling=False, here=here) is None
+
+
 def volume_path(root: Path, name: str) -> Path:
     check_volume_name(name)
     return root / name
@@ -262,7 +276,7 @@ def set_aside(root: Path, name: str, why: str, now: float) -> Path | None:
 
 
 class VolumeMoves:
-    """Follows the volumes' records and does this machine's steps of their moves.
+    """Follows this machine's doorbells and does its steps of the moves they name.
 
     `idle(name)` says whether no unit using the volume is assigned here; the agent answers it
     between its reconcile passes, so a unit the engine took away has been stopped by then.
@@ -290,19 +304,22 @@ class VolumeMoves:
         self._stale = False  # a pull ended: its own write is in etcd, not in the records read
 
     async def run(self) -> None:
-        """Read the records when they change; between changes, the agent's word (after each of its
-        passes) acts again on the records as last read, which costs etcd nothing."""
+        """Read the doorbells, and the records they name, when a doorbell changes; between
+        changes, the agent's word (after each of its passes) acts again on the records as last
+        read, which costs etcd nothing."""
         index = None
-        records: dict[str, VolumeRecord] = {}
+        doorbells: dict[str, str] = {}
+        records: dict[str, VolumeRecord | None] = {}
         try:
             while True:
                 try:
                     if index is None or self._stale:
                         self._stale = False
                         index = await self.registry.index()
-                        records = await self.registry.volume_records()
+                        doorbells = await self.registry.volume_doorbells(self.machine_id)
+                        records = await self.registry.volume_records_of(doorbells) if doorbells else {}
                     self.wanted.clear()
-                    await self.act(records)
+                    await self.act(doorbells, records)
                     if await self._changed(index):
                         index = None
                 except HistoryLost:
@@ -316,9 +333,11 @@ class VolumeMoves:
                 task.cancel()
 
     async def _changed(self, index: int) -> bool:
-        """Wait for a change of the volumes' records (True) or for the agent's word or the
+        """Wait for a change of this machine's doorbells (True) or for the agent's word or the
         timeout (False)."""
-        watch = asyncio.ensure_future(self.registry.wait(index, "volumes", timeout=WATCH_TIMEOUT))
+        watch = asyncio.ensure_future(
+            self.registry.wait(index, "volume-moves", self.machine_id, timeout=WATCH_TIMEOUT)
+        )
         poked = asyncio.ensure_future(self.wanted.wait())
         try:
             done, _ = await asyncio.wait([watch, poked], return_when=asyncio.FIRST_COMPLETED)
@@ -328,11 +347,23 @@ class VolumeMoves:
             await asyncio.gather(watch, poked, return_exceptions=True)
         return watch in done and watch.result() is not None
 
-    async def act(self, records: dict[str, VolumeRecord]) -> None:
-        """This machine's step of every move, each inside its own error boundary."""
-        for name, record in records.items():
+    async def act(self, doorbells: dict[str, str], records: dict[str, VolumeRecord | None]) -> None:
+        """This machine's step of every move its doorbells name, each inside its own error
+        boundary; a doorbell whose move needs nothing more of this machine is removed."""
+        for name, seen in list(doorbells.items()):
+            if name not in records:
+                continue  # its record cannot be read (logged): the doorbell stays for later
+            record = records[name]
             try:
-                await self._step(name, record)
+                if record is not None:
+                    await self._step(name, record)
+                pulling = name in self._pulls
+                if over(record, self.machine_id, pulling, os.path.lexists(volume_path(self.root, name))):
+                    move = record.move if record is not None else None
+                    if move is not None and move.state == MOVE_FAILED and move.target == self.machine_id:
+                        await asyncio.to_thread(self._clean, name)  # what a copy cut short left here
+                    await self.registry.answer_volume_doorbell(self.machine_id, name, seen)
+                    del doorbells[name]
             except StoreError:
                 raise
             except Exception as error:  # noqa: BLE001 - one volume must not stop the others
@@ -341,7 +372,7 @@ class VolumeMoves:
     async def _step(self, name: str, record: VolumeRecord) -> None:
         move = record.move
         if move is None or move.state == MOVE_FAILED or self.machine_id not in (move.source, move.target):
-            return  # most volumes, on most passes: nothing to ask systemd or the disk
+            return  # nothing to ask systemd or the disk
         # Only the source waits for its units (the target's agent is not asked: its passes are
         # no business of the move).
         idle = move.state == MOVE_STOPPING and move.source == self.machine_id and await self.idle(name)

@@ -156,6 +156,8 @@ class Engine:
         self._grace_left = 0.0  # seconds until held units may move; 0 when none are held
         self._quarantined: dict[str, str] = {}  # as of the last pass, to log each one once
         self._handing_over: set[str] = set()  # units whose old copy waits for the new one
+        # Machines not told of their volume moves' last steps, by when this leader first saw it.
+        self._untold: dict[moves.Untold, float] = {}
         self._asked_facts: list[str] | None = None  # as last written by this leader
         self._mirror: Mirror | None = None  # while leading, mirrored
         # States whose restarts reached HealthCheckMoveAfter, noted by the mirror, until a pass
@@ -191,6 +193,7 @@ class Engine:
         """Schedule until the lease is lost (True) or scheduling fails (False); then resign."""
         self.leading.set()
         self._leading_since = self.clock()
+        self._untold = {}
         lease = asyncio.create_task(self._keep_lease())
         if self.mirrored:
             mirror = Mirror(
@@ -306,6 +309,10 @@ class Engine:
         """Seconds until a pass is due without any change."""
         # While units are held for missing machines, look again when their grace ends.
         timeout = min(self.reconcile_interval, self._grace_left or self.reconcile_interval)
+        if self._untold:
+            # Look again when the first untold machine is due to be told.
+            due = min(self._untold.values()) + moves.RING_AFTER - self.clock()
+            timeout = min(timeout, max(due, 0.1))
         if self._handing_over:
             timeout = min(timeout, HANDOVER_POLL)
         return timeout
@@ -499,8 +506,10 @@ class Engine:
     ) -> dict[str, tuple[str, str]]:
         """The volumes moving (source, target), whose units run nowhere meanwhile. A move whose
         source or target machine is gone is failed here (once a new leader's grace is over: the
-        machine may only be registering again), so its units go back to the source."""
-        stranded = moves.stranded(records, (m.id for m in machines))
+        machine may only be registering again), so its units go back to the source. A machine
+        left untold of its move's last step is told (see _tell)."""
+        alive = [m.id for m in machines]
+        stranded = moves.stranded(records, alive)
         if stranded and self.clock() - self._leading_since < self.lease_ttl:
             stranded = {}
         for name, (move, reason) in stranded.items():
@@ -510,7 +519,34 @@ class Engine:
             after = await self.registry.update_volume(name, moves.failed(move, reason, now))
             if after is not None and after.move == moves.failed_move(move, reason, now):
                 self.events.volume_move_failed(name, move, reason)
+        await self._tell({n: r for n, r in records.items() if n not in stranded}, alive, check_lease)
         return {name: move for name, move in moves.where(records)[1].items() if name not in stranded}
+
+    async def _tell(self, records: dict[str, VolumeRecord], alive: list[str], check_lease: bool) -> None:
+        """Ring the doorbells of machines left untold of a move's step for RING_AFTER: a fleetd
+        on etcd v2 stopped between the step and its doorbells, or the move began under fleetds
+        that rang none (before volume-moves/ existed). Without this such a move would wait for
+        ever; with it, it goes on."""
+        if not any(record.move is not None for record in records.values()):
+            self._untold = {}
+            return
+        now = self.clock()
+        found = moves.untold(records, await self._view.all_volume_doorbells(), alive)
+        self._untold = {u: self._untold.get(u, now) for u in found}
+        for untold, since in self._untold.items():
+            if now - since < moves.RING_AFTER:
+                continue
+            if check_lease and not self._lease_is_sure():
+                raise LeaseUncertain()
+            if await self.registry.ring_volume_doorbell(
+                untold.machine_id, untold.name, untold.text, untold.seen
+            ):
+                log.warning(
+                    "engine: machine %s was not told of volume %s's move for %.0fs; rang its doorbell",
+                    untold.machine_id,
+                    untold.name,
+                    now - since,
+                )
 
     async def _ask_facts(self, new_plan: Plan, parsed: list[tuple[Job, Unit]]) -> None:
         """Tell the agents which facts pending units wait on (written only when that changes)."""

@@ -195,8 +195,9 @@ class EngineEvents:
         )
 
     async def expire_histories(self, alive: set[str]) -> None:
-        """Remove the histories of machines missing for the retention period; call it on every
-        pass of the leader with the machines alive. Never raises: what fails is tried next pass."""
+        """Remove the histories of machines missing for the retention period, and their volume
+        doorbells (a machine gone that long answers none); call it on every pass of the leader
+        with the machines alive. Never raises: what fails is tried next pass."""
         registry = self.recorder.registry
         if not self.retention or registry is None:
             return
@@ -210,10 +211,11 @@ class EngineEvents:
                 self._reporters, alive, self._missing_since, now, self.retention
             )
             for machine_id in expired:
+                await registry.forget_volume_doorbells(machine_id)
                 await registry.delete_events(machine_id)
                 self._reporters.discard(machine_id)
                 log.info(
-                    "engine: removed the event history of machine %s, gone for %gs or more",
+                    "engine: removed the event history and volume doorbells of machine %s, gone for %gs or more",
                     machine_id,
                     self.retention,
                 )

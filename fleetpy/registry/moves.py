@@ -12,12 +12,22 @@ it, or none. Each party writes only its own steps, and only over the move it saw
 
 Each change function returns None when the record is not (or no longer) what it applies to, so
 `Registry.update_volume` leaves it alone: a step that lost a race does nothing.
+
+An agent watches only its own keys, so each step also rings the doorbells of the source and the
+target, volume-moves/<machine>/<name>, with the record as the step left it: in the same
+transaction on etcd v3; on v2 (no multi-key transaction) right after the compare-and-swap, so an
+agent woken by its doorbell always finds the step in the record. A v2 writer that stops between
+the two, or a move begun by a fleetd that rang no doorbells, leaves a machine untold: the engine
+leader, which follows every record, rings its doorbell once that has lasted RING_AFTER (`untold`).
+The record stays the truth; a doorbell only says "read it". Each agent removes its own doorbell
+(compare-and-delete, so a newer step's stays) once its part of the move is over.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 from fleetpy.conf.values import short_machine_id
 from fleetpy.registry.models import (
@@ -30,6 +40,9 @@ from fleetpy.registry.models import (
 )
 
 Change = Callable[[VolumeRecord | None], VolumeRecord | None]
+# How long the engine leader lets a machine stay untold of its move's step before ringing its
+# doorbell itself: a v2 writer rings right after its compare-and-swap, within a request's retries.
+RING_AFTER = 10.0
 
 
 class MoveRefused(Exception):
@@ -123,4 +136,47 @@ def stranded(records: Mapping[str, VolumeRecord], alive: Iterable[str]) -> dict[
             found[name] = (move, f"target machine {short_machine_id(move.target)} is gone")
         elif move.source not in live:
             found[name] = (move, f"source machine {short_machine_id(move.source)} is gone")
+    return found
+
+
+def concerned(record: VolumeRecord) -> list[str]:
+    """The machines whose doorbells a step of the record's move rings: its source and its target."""
+    return [] if record.move is None else sorted({record.move.source, record.move.target})
+
+
+@dataclass(frozen=True)
+class Untold:
+    """A machine whose doorbell of volume `name` does not hold the record `text` as it is now;
+    `seen` is what it holds (None: there is none)."""
+
+    machine_id: str
+    name: str
+    text: str
+    seen: str | None
+
+
+def _holds(doorbell: str | None, record: VolumeRecord) -> bool:
+    try:
+        return doorbell is not None and VolumeRecord.from_text(doorbell) == record
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def untold(
+    records: Mapping[str, VolumeRecord], doorbells: Mapping[tuple[str, str], str], alive: Iterable[str]
+) -> list[Untold]:
+    """The live machines a move concerns that were not told of its last step. While the move is
+    under way, a doorbell must hold the record; once it ended, only a doorbell left over from an
+    earlier step is untold (a missing one was answered: that machine's part is over)."""
+    live = set(alive)
+    found = []
+    for name, record in sorted(records.items()):
+        move = record.move
+        if move is None:
+            continue
+        for machine_id in concerned(record):
+            seen = doorbells.get((machine_id, name))
+            if machine_id not in live or _holds(seen, record) or (seen is None and not move.under_way):
+                continue
+            found.append(Untold(machine_id, name, record.to_text(), seen))
     return found

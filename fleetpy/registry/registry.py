@@ -13,9 +13,19 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from fleetpy.conf import metrics
+from fleetpy.registry import moves
 from fleetpy.registry.memory import MemoryStore
 from fleetpy.registry.models import Assignment, Avoidance, Event, Job, Machine, UnitState, VolumeRecord
-from fleetpy.registry.store import AlreadyExists, CompareFailed, Delete, Op, Put, Store, Unavailable
+from fleetpy.registry.store import (
+    AlreadyExists,
+    CompareFailed,
+    Delete,
+    Op,
+    PartlyWritten,
+    Put,
+    Store,
+    Unavailable,
+)
 from fleetpy.unit import UnitFile
 
 SCHEMA_VERSION = "1"
@@ -145,6 +155,10 @@ class Registry:
                                    on; JSON with its last move once  once; the API forgets it); a move's
                                    it moved                          steps by compare-and-swap: API,
                                                                      source and target agents, engine
+      volume-moves/<machine>/<name> the volume's record as a step of  written with each step, in its
+                                   its move left it: that machine's  transaction (v2: right after it);
+                                   doorbell (it watches only these)  deleted by that machine's agent
+                                                                     once its part is over
       events/<machine>             that fleetd's recent events, JSON that machine's event recorder
                                    (the leader removes it once the machine is gone for long)
     """
@@ -363,7 +377,11 @@ class Registry:
         """Write `change(record)` over volume `name`'s record by compare-and-swap, so that the
         several parties of a move (API, agents, engine) never undo each other's step: when another
         wrote first, `change` decides again on what it wrote. `change` returns None to leave the
-        record as it is. Returns the record as it is now."""
+        record as it is. Returns the record as it is now.
+
+        The step rings the doorbells of the move's source and target machines with it (the same
+        transaction on v3; right after it on v2, where a fleetd stopping in between leaves them
+        for the engine leader to ring: see fleetpy/registry/moves.py)."""
         key = self.key("volumes", name)
         for _ in range(CAS_ATTEMPTS):
             text = await self.store.get(key)
@@ -371,15 +389,73 @@ class Registry:
             wanted = change(current)
             if wanted is None or wanted == current:
                 return current
+            written = wanted.to_text()
+            bells = [Put(self._doorbell(m, name), written) for m in moves.concerned(wanted)]
             try:
-                if text is None:
-                    await self.store.put(key, wanted.to_text(), create_only=True)
-                else:
-                    await self.store.put(key, wanted.to_text(), prev_value=text)
+                await self.store.compare_and_put(key, written, text, bells)
                 return wanted
             except (AlreadyExists, CompareFailed):
                 continue
+            except PartlyWritten as error:
+                log.warning(
+                    "registry: volume %s: the step is written, its machines' doorbells not (%s); the "
+                    "engine leader rings them",
+                    name,
+                    error,
+                )
+                return wanted
         raise Conflict(f"volume {name} kept changing while being updated; try again")
+
+    # Volume doorbells: volume-moves/<machine>/<name>, so that an agent learns of the moves it
+    # takes part in from its own directory alone (docs/registry.md).
+    def _doorbell(self, machine_id: str, name: str) -> str:
+        return self.key("volume-moves", machine_id, name)
+
+    async def volume_doorbells(self, machine_id: str) -> dict[str, str]:
+        """The doorbells of `machine_id`: each volume's record as the last step it was told of left it."""
+        return await self._list("volume-moves", machine_id)
+
+    async def all_volume_doorbells(self) -> dict[tuple[str, str], str]:
+        """Every machine's doorbells, by (machine, volume)."""
+        found = {}
+        for path, text in (await self._list("volume-moves")).items():
+            machine_id, _, name = path.partition("/")
+            found[(machine_id, name)] = text
+        return found
+
+    async def volume_records_of(self, names: Iterable[str]) -> dict[str, VolumeRecord | None]:
+        """The records of these volumes (None: none is recorded), in one read (one transaction
+        on v3); one that cannot be read is left out, logged."""
+        keys = {self.key("volumes", name): name for name in names}
+        texts = await self.store.get_many(list(keys))
+        found: dict[str, VolumeRecord | None] = {}
+        for key, name in keys.items():
+            try:
+                found[name] = None if key not in texts else VolumeRecord.from_text(texts[key])
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                log.error("registry: skipping the record %s: %s: %s", key, type(error).__name__, error)
+        return found
+
+    async def ring_volume_doorbell(self, machine_id: str, name: str, text: str, seen: str | None) -> bool:
+        """Tell `machine_id` of volume `name`'s record `text`, if its doorbell still holds `seen`
+        (is missing, when None); whether it was rung."""
+        try:
+            await self.store.compare_and_put(self._doorbell(machine_id, name), text, seen)
+            return True
+        except (AlreadyExists, CompareFailed):
+            return False
+
+    async def answer_volume_doorbell(self, machine_id: str, name: str, seen: str) -> bool:
+        """Remove `machine_id`'s doorbell of volume `name` if it still holds `seen` (a new step
+        rang it meanwhile: it stays); whether it was removed."""
+        try:
+            return await self.store.delete(self._doorbell(machine_id, name), prev_value=seen)
+        except CompareFailed:
+            return False
+
+    async def forget_volume_doorbells(self, machine_id: str) -> None:
+        """Remove every doorbell of a machine gone for good."""
+        await self.store.delete(self.key("volume-moves", machine_id), recursive=True)
 
     async def forget_volume(self, name: str) -> bool:
         """Forget where volume `name` lives; False if nothing was recorded."""
