@@ -1,7 +1,10 @@
 """Benchmark: `fleetctl volume move` of a local volume between two nodes of a real lab, by size.
 
-A 2-node lab (real etcd, systemd --user managers, fleetds in their own network namespaces) runs
-one unit with a local volume. For each size the volume is filled with that many MB (half in 4 MB
+A 4-node lab (real etcd, systemd --user managers, fleetds in their own network namespaces) runs
+one unit with a local volume. It moves between two nodes that do not hold the engine's lease;
+a fourth node, a bystander in no move and not the leader, shows what the moves cost the rest of
+the cluster: the etcd requests its fleetd made meanwhile (from its /metrics, heartbeats
+included), and those of its agent following volume moves. For each size the volume is filled with that many MB (half in 4 MB
 files, half in 64 KiB files), then moved to the other node and back, timing fleetctl from start
 to exit (its units stopped, the data streamed from one fleetd to the other as a checked tar, put
 in place, the unit started there). The baseline, in the same run, is copying the same directory
@@ -21,9 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from bench.common import table
 from fleetpy.client import Client
 from fleetpy.lab.lab import Lab
+from fleetpy.lab.metrics import scrape
 
 UNIT = "[Service]\nExecStart=/bin/sleep 100000\n[X-Fleet]\nVolume=benchvol\n"
 
@@ -76,6 +82,21 @@ def until_on(client: Client, lab: Lab, node: str, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
+def etcd_requests(lab: Lab, node: str) -> dict[str, float]:
+    """The etcd requests `node`'s fleetd has made so far, by the registry call they served."""
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(scrape(lab.book)):
+        for sample in family.samples:
+            if sample.name == "fleetpy_etcd_request_seconds_count" and sample.labels["node"] == node:
+                call = sample.labels["call"]
+                found[call] = found.get(call, 0.0) + sample.value
+    return found
+
+
+# The registry calls with which an agent follows volume moves (old and new key layouts).
+FOLLOWING_MOVES = ("volume_records", "volume_doorbells", "volume_records_of")
+
+
 def move(lab: Lab, client: Client, node: str) -> float:
     assert lab.state is not None
     began = time.monotonic()
@@ -94,7 +115,7 @@ def run(args: argparse.Namespace) -> dict:
         work.mkdir()
         os.chmod(base, 0o755)
         try:
-            lab.up(node_count=2, network="netns", agent_ttl="5s", containers=False)
+            lab.up(node_count=4, network="netns", agent_ttl="5s", containers=False)
             client = Client(lab.endpoint(), timeout=30)
             (work / "bench-db.service").write_text(UNIT)
             fleetctl(lab, "start", "--no-block", str(work / "bench-db.service"))
@@ -103,14 +124,20 @@ def run(args: argparse.Namespace) -> dict:
                 if time.monotonic() > deadline:
                     raise RuntimeError("bench-db.service did not start")
                 time.sleep(0.1)
-            other = {"node1": "node2", "node2": "node1"}[home]
+            assert lab.state is not None
+            by_id = {n.machine_id: n.name for n in lab.state.nodes}
+            leader = by_id.get(lab.leader() or "")
+            other, bystander = [n.name for n in lab.state.nodes if n.name not in (home, leader)][:2]
             for megabytes in sizes:
                 written = fill(volume_dir(lab, home) / "benchvol", megabytes)
                 began = time.monotonic()
                 shutil.copytree(volume_dir(lab, home) / "benchvol", Path(base) / "copy")
                 copytree = time.monotonic() - began
                 shutil.rmtree(Path(base) / "copy")
+                before = etcd_requests(lab, bystander)
                 there, back = move(lab, client, other), move(lab, client, home)
+                after = etcd_requests(lab, bystander)
+                spent = {call: after.get(call, 0.0) - before.get(call, 0.0) for call in after}
                 for node in (home, other):
                     for aside in volume_dir(lab, node).glob("benchvol~*"):
                         shutil.rmtree(aside)
@@ -122,6 +149,8 @@ def run(args: argparse.Namespace) -> dict:
                         "move_back_s": round(back, 2),
                         "copytree_s": round(copytree, 2),
                         "move_mb_per_s": round(written / (1 << 20) / statistics.mean((there, back)), 1),
+                        "bystander_etcd_requests": int(sum(spent.values())),
+                        "bystander_following_moves": int(sum(spent.get(c, 0.0) for c in FOLLOWING_MOVES)),
                         "loadavg_1m": round(os.getloadavg()[0], 1),
                     }
                 )
@@ -129,11 +158,12 @@ def run(args: argparse.Namespace) -> dict:
             client.close()
         finally:
             lab.down()
-    return {"nodes": 2, "rows": rows}
+    return {"nodes": 4, "rows": rows}
 
 
 def render(result: dict) -> str:
     return (
-        f"volume moves between {result['nodes']} lab nodes (baseline: shutil.copytree on one disk)\n"
+        f"volume moves between 2 of {result['nodes']} lab nodes (baseline: shutil.copytree on one disk; "
+        "bystander: a node in no move, not the leader, its etcd requests during both moves)\n"
         + table(result["rows"])
     )
