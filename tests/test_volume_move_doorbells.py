@@ -12,7 +12,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import open_backend
 
 from fleetpy.agent.agent import Agent
 from fleetpy.agent.moves import VolumeMoves, over, pack
@@ -33,6 +32,7 @@ from fleetpy.registry import (
 from fleetpy.registry.etcd2 import EtcdV2Store
 from fleetpy.registry.memory import ManualClock
 from fleetpy.systemd import FakeSystemd
+from tests.conftest import open_backend
 
 A = "1a2b" + "0" * 28
 B = "2b3c" + "0" * 28
