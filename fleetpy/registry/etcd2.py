@@ -35,6 +35,7 @@ from fleetpy.registry.store import (
     Change,
     CompareFailed,
     Credentials,
+    DataLineage,
     HistoryLost,
     Op,
     PartlyWritten,
@@ -87,25 +88,33 @@ class EtcdV2Store:
         self._retry_for = retry_for
         self._last_failure = -float("inf")
         self._failing: type[BaseException] | None = None  # the latest request's error, if it failed
-
-    @property
-    def _client(self) -> etcd.Client:
-        return self._servers[self._current].client
+        # Members by URL; python-etcd checks the cluster id itself (EtcdClusterIdChanged).
+        self._lineage = DataLineage()
 
     def _call_blocking(self, operation: Callable[[etcd.Client], Any]) -> Any:
         def attempt() -> Any:
+            self._lineage.check_usable()
+            server = self._servers[self._current]
+            floor = self._lineage.floor(server.url)
             try:
-                result = operation(self._client)
-                self._failing = None
-                return result
+                result = operation(server.client)
             except etcd.EtcdWatchTimedOut:
                 raise  # a long poll that saw no change: an answer, not a failure
+            except etcd.EtcdClusterIdChanged as error:
+                raise self._lineage.mismatch(server.url, f"its cluster id changed ({error})") from None
             except _TRANSIENT as error:
                 self._last_failure = time.monotonic()
                 self._failing = type(error)
                 # Try the next member on the next attempt; a cluster keeps serving without one.
                 self._current = (self._current + 1) % len(self._servers)
                 raise
+            except etcd.EtcdException as error:  # etcd's answer, "key not found" say: at its index
+                index = (getattr(error, "payload", None) or {}).get("index")
+                self._lineage.seen(server.url, server.url, floor, index)
+                raise
+            self._lineage.seen(server.url, server.url, floor, getattr(result, "etcd_index", None))
+            self._failing = None
+            return result
 
         retrying = Retrying(
             retry=retry_if_exception_type(_TRANSIENT) & retry_if_not_exception_type(etcd.EtcdWatchTimedOut),
@@ -130,6 +139,8 @@ class EtcdV2Store:
         return self._last_failure
 
     def outage(self) -> Unavailable | None:
+        if self._lineage.replaced is not None:
+            return self._lineage.replaced
         return None if self._failing is None else self._unreachable(self._failing)
 
     def _unreachable(self, cause: type[BaseException]) -> Unavailable:

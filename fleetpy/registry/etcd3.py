@@ -41,6 +41,7 @@ from fleetpy.registry.store import (
     Change,
     CompareFailed,
     Credentials,
+    DataLineage,
     HistoryLost,
     NoQuorum,
     Op,
@@ -138,6 +139,7 @@ class EtcdV3Store:
         self._leases: dict[str, int] = {}  # key -> the lease this store attached to it
         self._watches: dict[str, _PrefixWatch] = {}
         self._opening: set[asyncio.Task] = set()  # watches being opened (see _open_watch)
+        self._lineage = DataLineage()  # members by their id in answers' headers
 
     # -- connection -------------------------------------------------------------------------
     async def _connect(self) -> _Connection:
@@ -196,10 +198,13 @@ class EtcdV3Store:
         delay = 0.05
         reauthenticated = False
         while True:
+            self._lineage.check_usable()
             connection = None
+            floors = self._lineage.floors()  # as they were when this request went out
             try:
                 connection = await self._connect()
                 result = await operation(connection)
+                self._answered(connection.url, floors, result)
                 self._failures.clear()
                 return result
             except aetcd_errors.RevisionCompactedError:
@@ -235,6 +240,13 @@ class EtcdV3Store:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
+    def _answered(self, url: str, floors: dict[object, int], result: Any) -> None:
+        """Check the answer's header (a watch's creation has none) against earlier answers."""
+        header = getattr(result, "header", None)
+        if header is not None and header.cluster_id:
+            floor = floors.get(header.member_id, 0)
+            self._lineage.seen(url, header.member_id, floor, header.revision, f"{header.cluster_id:x}")
+
     def _failed(self, member: str, error: grpc.aio.AioRpcError | aetcd_errors.ClientError) -> None:
         self._last_failure = time.monotonic()
         self._failures[member] = error
@@ -243,6 +255,8 @@ class EtcdV3Store:
         return self._last_failure
 
     def outage(self) -> Unavailable | None:
+        if self._lineage.replaced is not None:
+            return self._lineage.replaced
         if not self._failures:
             return None
         leaderless = [url for url in self._urls if _no_leader(self._failures.get(url))]
@@ -446,9 +460,11 @@ class EtcdV3Store:
                 # 100 ms); one opened at the next revision and left open delivers at once.
                 watch = await self._open_watch(prefix, after_index + 1)
             try:
-                return await watch.first_after(after_index, max(0.0, deadline - time.monotonic())), watch
+                first = await watch.first_after(after_index, max(0.0, deadline - time.monotonic()))
             except _LoggedInAgain:
                 continue  # on the new stream, from the same revision: nothing missed
+            self._lineage.check_usable()  # what a watch delivers now may come from other data
+            return first, watch
 
     async def _open_watch(self, prefix: str, start: int) -> _PrefixWatch:
         """A new watch on `prefix` from `start`, opened to the end even if the caller is cancelled

@@ -7,9 +7,13 @@ above them: etcd's v2 API (`etcd2.py`), etcd's v3 API (`etcd3.py`) and memory (`
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(Exception):
@@ -23,6 +27,70 @@ class Unavailable(StoreError):
 class NoQuorum(Unavailable):
     """etcd members answer, but none has a leader: a majority of the cluster is gone, and etcd
     takes no reads or writes until enough members are back."""
+
+
+class DataReplaced(Unavailable):
+    """etcd answers, but not with the data this store followed: a member's index went back, or
+    its cluster id changed (its data dir wiped or restored from an older copy, or another etcd
+    at the same address). See DataLineage."""
+
+    def __init__(self, url: str, why: str):
+        super().__init__(
+            f"etcd at {url} no longer holds the data this fleetd followed: {why}; its data dir was "
+            "wiped or restored from an older copy, or another etcd answers there. fleetd acts on "
+            "nothing it reads there, so every unit keeps running as it is: put etcd's data back, "
+            "or restart fleetd to take etcd's data as it is now (units not scheduled there stop)"
+        )
+
+
+class DataLineage:
+    """Whether etcd's answers still come from the data a store has followed.
+
+    A member's index (v2) or revision (v3) never goes back while it keeps its data, and a
+    cluster keeps its id. An answer below what the same member had answered before the request
+    went out (a request sent earlier may come back later), or from another cluster, means the
+    data was replaced: a wiped etcd lists no schedule at all, and an agent acting on that would
+    stop every unit. From then on every request of the store fails with DataReplaced, an outage
+    to every caller; a new store (fleetd restarted) takes etcd's data as it is. One per store,
+    shared by its threads.
+    """
+
+    def __init__(self) -> None:
+        self.replaced: DataReplaced | None = None
+        self._highest: dict[object, int] = {}  # by member
+        self._cluster: object = None
+        self._lock = threading.Lock()
+
+    def check_usable(self) -> None:
+        if self.replaced is not None:
+            raise self.replaced
+
+    def floor(self, member: object) -> int:
+        return self._highest.get(member, 0)
+
+    def floors(self) -> dict[object, int]:
+        return dict(self._highest)
+
+    def seen(self, url: str, member: object, floor: int, index: int | None, cluster: object = None) -> None:
+        """`member` (reached at `url`) answered at `index` (None: unknown), from `cluster` (None:
+        unknown); `floor` is `floor(member)` from before the request went out."""
+        with self._lock:
+            if cluster is not None:
+                if self._cluster is not None and cluster != self._cluster:
+                    raise self.mismatch(url, f"its cluster id changed from {self._cluster} to {cluster}")
+                self._cluster = cluster
+            if index is None:
+                return
+            if index < floor:
+                raise self.mismatch(url, f"its index went back from {floor} to {index}")
+            self._highest[member] = max(self._highest.get(member, 0), index)
+
+    def mismatch(self, url: str, why: str) -> DataReplaced:
+        """The error every request fails with from now on (logged once)."""
+        if self.replaced is None:
+            self.replaced = DataReplaced(url, why)
+            log.error("registry: %s", self.replaced)
+        return self.replaced
 
 
 class AlreadyExists(StoreError):
