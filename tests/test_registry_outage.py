@@ -1,6 +1,7 @@
 """The stores through etcd outages on real etcd processes of their own: killed (SIGKILL) or
 stopped (SIGSTOP) and back on the same port and data, or back with its data dir wiped or
-restored from an older copy.
+restored from an older copy; and a reader behind etcd's history across a change that a later
+write undid.
 
 Losing etcd stops nothing: a store follows etcd on when it comes back with its data, and refuses
 (DataReplaced, an outage to every caller) data that is not the data it followed, which a wiped
@@ -159,6 +160,24 @@ async def test_etcd_back_on_its_own_data_is_followed_on(etcd, fault):
     assert await asyncio.wait_for(waiting, 30) == written
     assert len(await store.list(SCHEDULE)) == 4
     assert store.outage() is None
+    await store.close()
+
+
+async def test_a_reader_behind_never_gets_a_change_that_a_later_write_undid(etcd):
+    """As in the fault suite on v2: a machine cut off from etcd lost its unit's schedule entry
+    and got it back when it returned; its agent, reading etcd's history one change per request,
+    acted on the deletion, and etcd went down before the next request."""
+    store = etcd.store()
+    key = SCHEDULE + "web@3.service"
+    await store.put(key, '{"hash": "a"}')
+    index = await store.index(PREFIX)
+    await store.delete(key)
+    await store.put(key, '{"hash": "a"}')
+    await store.put(PREFIX + "machines/m2", "{}")  # etcd moves on elsewhere
+    copy = {key: '{"hash": "a"}'}
+    for change in await store.changes(SCHEDULE, index, timeout=5):
+        copy[change.key] = change.value
+    assert copy[key] == await store.get(key)
     await store.close()
 
 

@@ -281,14 +281,31 @@ class EtcdV2Store:
         return None if found is None else found.modifiedIndex
 
     async def changes(self, prefix: str, after_index: int, timeout: float) -> list[Change]:
-        found = await self._long_poll(prefix, after_index, timeout)
-        if found is None:
-            return []
-        if found.dir or found.etcd_index - found.modifiedIndex > CATCH_UP_LIMIT:
-            # A whole directory went (or the reader is far behind): one listing says it all.
-            raise HistoryLost(prefix)
-        value = None if found.action in _GONE else found.value
-        return [Change(found.modifiedIndex, found.key, value)]
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            found = await self._long_poll(prefix, after_index, remaining)
+            if found is None:
+                return []
+            if found.dir or found.etcd_index - found.modifiedIndex > CATCH_UP_LIMIT:
+                # A whole directory went (or the reader is far behind): one listing says it all.
+                raise HistoryLost(prefix)
+            change = Change(found.modifiedIndex, found.key, None if found.action in _GONE else found.value)
+            # An answer from etcd's event history (its index at or past the change's) may be a
+            # change that a later one undid: a schedule entry deleted while its machine was cut
+            # off and written again when it came back. Handed out alone, that deletion stopped a
+            # running unit, and an etcd outage before the next request kept it stopped.
+            if found.etcd_index <= found.modifiedIndex or await self._still_current(change):
+                return [change]
+            after_index = change.index
+        return []
+
+    async def _still_current(self, change: Change) -> bool:
+        """Whether `change` still holds: no later write has replaced or removed its key."""
+        try:
+            now = await self._call(lambda c: c.read(change.key))
+        except etcd.EtcdKeyNotFound:
+            return change.value is None
+        return change.value is not None and now.modifiedIndex == change.index
 
     async def _long_poll(self, prefix: str, after_index: int, timeout: float) -> etcd.EtcdResult | None:
         loop = asyncio.get_running_loop()

@@ -218,7 +218,10 @@ class Store(Protocol):
 
     async def changes(self, prefix: str, after_index: int, timeout: float) -> list[Change]:
         """The changes under `prefix` after `after_index`, oldest first: at least one, or none
-        after `timeout` seconds. All the changes of one index come in the same answer.
+        after `timeout` seconds. All the changes of one index come in the same answer, and an
+        answer never ends on a change that a later write to its key already undid (a reader that
+        acts on each answer never acts on a state etcd has left; etcd v2 hands out its history one
+        change per request, so its store skips such changes).
 
         Raises HistoryLost when the store no longer knows them all (or when reading everything
         again is cheaper than catching up); the caller lists the prefix and goes on from there.
