@@ -44,11 +44,15 @@ class Recorder:
         history: int = HISTORY,
         queue: int = QUEUE,
         clock: Callable[[], float] = time.time,
+        batch_delay: float = BATCH_DELAY,
+        retry_pause: float = RETRY_PAUSE,
     ):
         self.registry = registry
         self.machine_id = machine_id
         self.history_size = history
         self.clock = clock
+        self.batch_delay = batch_delay
+        self.retry_pause = retry_pause
         self.queued: collections.deque[Event] = collections.deque(maxlen=queue)
         self.dropped = 0
         self._history: list[Event] | None = None  # read back from etcd on the first write
@@ -87,12 +91,12 @@ class Recorder:
             if not self.queued:
                 await self._wanted.wait()
             self._wanted.clear()
-            await asyncio.sleep(BATCH_DELAY)
+            await asyncio.sleep(self.batch_delay)
             try:
                 await self.flush()
             except StoreError as error:
                 log.debug("events wait for etcd: %s", error)
-                await asyncio.sleep(RETRY_PAUSE)
+                await asyncio.sleep(self.retry_pause)
             except Exception:  # noqa: BLE001 - a bad batch must not stop recording
                 log.exception("cannot write events; dropping %d", len(self.queued))
                 self.queued.clear()
