@@ -93,7 +93,7 @@ async def _settle(registry, unit, want, timeout=3.0):
             states = {s.unit: s.active_state for s in await registry.states()}
             if states.get(unit) == want:
                 return
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.002)
 
     await asyncio.wait_for(published(), timeout)
 
@@ -114,10 +114,10 @@ async def test_agent_runs_what_is_assigned_and_publishes_state():
         await _settle(registry, "a.service", "inactive")
 
         await registry.unassign("a.service", "m1")
-        for _ in range(300):
+        for _ in range(1500):
             if "a.service" not in systemd.files:
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.002)
         assert "a.service" not in systemd.files
         assert await registry.states() == []
     finally:
@@ -172,10 +172,10 @@ async def test_scheduling_a_unit_wakes_only_the_agent_of_its_machine():
         agent.reconcile = counted
     tasks = [asyncio.create_task(a.run()) for a in agents.values()]
     try:
-        for _ in range(300):
+        for _ in range(1500):
             if all(wakes.values()):
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.002)
         before = dict(wakes)
         digest = await registry.put_unit_file(UnitFile.parse(SLEEP))
         await registry.assign(Assignment("a.service", "m2", digest, "launched"))
@@ -195,7 +195,7 @@ async def test_new_units_cost_the_agent_one_read_of_their_files():
     task = asyncio.create_task(agent.run())
     try:
         await asyncio.wait_for(agent.reconciled.wait(), 5)
-        await asyncio.sleep(0.05)  # the publisher's first (empty) pass and the watch are set up
+        await asyncio.sleep(0.01)  # the publisher's first (empty) pass and the watch are set up
         digests = [
             await registry.put_unit_file(UnitFile.parse(SLEEP.replace("1000", str(i)))) for i in range(5)
         ]
@@ -211,10 +211,10 @@ async def test_new_units_cost_the_agent_one_read_of_their_files():
         assert not counted.calls["get"]
 
         await registry.unassign("u0.service", "m1")
-        for _ in range(300):
+        for _ in range(1500):
             if "u0.service" not in {s.unit for s in await registry.states()}:
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.002)
         assert "u0.service" not in {s.unit for s in await registry.states()}
         assert (await agent.systemd.unit_state("u1.service"))[1] == "active"
     finally:
@@ -248,8 +248,8 @@ async def _published(registry, agent) -> dict:
     agent._write_states = counted
     publisher = asyncio.create_task(agent._publish_states())
     try:
-        for _ in range(500):
-            await asyncio.sleep(0.01)
+        for _ in range(2500):
+            await asyncio.sleep(0.002)
             if writes and not agent._to_publish and not agent._publish_wanted.is_set():
                 break
     finally:
@@ -355,11 +355,11 @@ async def test_a_crashed_background_task_is_logged_and_started_again(caplog):
             raise RuntimeError("boom")
         await asyncio.sleep(3600)
 
-    task = asyncio.create_task(supervise("flaky", flaky, pause=0.01))
-    for _ in range(100):
+    task = asyncio.create_task(supervise("flaky", flaky, pause=0.002))
+    for _ in range(500):
         if len(runs) == 2:
             break
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.002)
     task.cancel()
     assert len(runs) == 2
     crash = [r for r in caplog.records if "flaky crashed" in r.message]
@@ -367,7 +367,7 @@ async def test_a_crashed_background_task_is_logged_and_started_again(caplog):
 
 
 async def test_the_heartbeat_survives_an_unexpected_error(monkeypatch):
-    monkeypatch.setattr("fleetpy.supervise.RESTART_PAUSE", 0.01)
+    monkeypatch.setattr("fleetpy.supervise.RESTART_PAUSE", 0.002)
     registry = memory_registry()
     real_refresh = registry.refresh_machine
     calls = []
@@ -379,13 +379,13 @@ async def test_the_heartbeat_survives_an_unexpected_error(monkeypatch):
         return await real_refresh(machine_id, ttl)
 
     registry.refresh_machine = refresh
-    agent = Agent(registry, FakeSystemd(), Machine("m1"), ttl=0.06)
+    agent = Agent(registry, FakeSystemd(), Machine("m1"), ttl=0.03)
     task = asyncio.create_task(agent.run())
     try:
-        for _ in range(300):
+        for _ in range(1500):
             if len(calls) >= 3:
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.002)
         assert len(calls) >= 3 and not task.done()
     finally:
         task.cancel()

@@ -47,9 +47,9 @@ async def test_a_write_made_elsewhere_shows_once_the_watch_delivers_it():
     async with TestClient(TestServer(app)) as client:
         assert (await (await client.get("/fleet/v1/machines")).json())["machines"] == []
         await base.register_machine(Machine(M1, "10.0.0.1"), ttl=60)
-        for _ in range(300):
+        for _ in range(1500):
             found = (await (await client.get("/fleet/v1/machines")).json())["machines"]
             if found:
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.002)
         assert [m["id"] for m in found] == [M1]

@@ -125,14 +125,14 @@ def test_unit_with_nowhere_to_go_leaves_the_drained_machine() -> None:
 async def _until(predicate, timeout=3.0):
     async def check():
         while not await predicate():
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.002)
 
     await asyncio.wait_for(check(), timeout)
 
 
 async def test_engine_hands_over_on_cordon_and_uncordon_lets_units_back(monkeypatch) -> None:
     # The engine looks this often whether a new copy runs yet: a few looks fit in a short wait.
-    monkeypatch.setattr(engine_module, "HANDOVER_POLL", 0.01)
+    monkeypatch.setattr(engine_module, "HANDOVER_POLL", 0.002)
     registry = memory_registry()
     for mid in (A, B):
         await registry.register_machine(Machine(id=mid), ttl=60)

@@ -30,7 +30,7 @@ TRUE = "[Service]\nExecStart=/bin/true\n"
 async def _until(predicate, timeout=3.0):
     async def check():
         while not await predicate():
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.002)
 
     await asyncio.wait_for(check(), timeout)
 
@@ -112,7 +112,7 @@ class WithoutQuorum(MemoryStore):
 async def test_without_quorum_scheduling_pauses_once_with_why_and_resumes_with_its_own_lease(
     running, monkeypatch, caplog
 ):
-    monkeypatch.setattr(engine_module, "OUTAGE_PAUSE", 0.01)
+    monkeypatch.setattr(engine_module, "OUTAGE_PAUSE", 0.002)
     caplog.set_level(logging.INFO, logger="fleetpy.engine.engine")
     clock = ManualClock()  # never advanced: m1's lease from before the outage never expires
     store = WithoutQuorum(clock)

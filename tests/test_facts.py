@@ -132,13 +132,21 @@ class FakeFacts:
 async def test_the_agent_publishes_facts_with_a_heartbeat_only_when_they_changed_enough() -> None:
     registry = memory_registry()
     writes = []
-    register = registry.register_machine
+    beats = []  # every write of the machine record, and every keepalive
+    register, refresh = registry.register_machine, registry.refresh_machine
 
     async def counting(machine: Machine, ttl: float) -> None:
         writes.append(dict(machine.facts))
+        beats.append(machine.id)
         await register(machine, ttl)
 
+    async def keepalive(machine_id: str, ttl: float) -> bool:
+        beats.append(machine_id)
+        return await refresh(machine_id, ttl)
+
     registry.register_machine = counting  # type: ignore[method-assign]
+
+    registry.refresh_machine = keepalive  # type: ignore[method-assign]
     source = FakeFacts({"load1": 0.1, "gpu": "none"})
     agent = Agent(registry, FakeSystemd(), Machine("m1"), ttl=0.06, facts=source, facts_interval=0.005)
     task = asyncio.create_task(agent.run())
@@ -148,7 +156,10 @@ async def test_the_agent_publishes_facts_with_a_heartbeat_only_when_they_changed
                 await asyncio.sleep(0.005)
             assert (await registry.machines())[0].facts == {"load1": 0.1, "gpu": "none"}
             source.facts["load1"] = 0.3  # under the step: heartbeats stay keepalives
-            await asyncio.sleep(0.1)
+            # Three beats, each after the agent read the facts again (every 5 ms).
+            beaten = len(beats) + 3
+            while len(beats) < beaten:
+                await asyncio.sleep(0.005)
             # (On a loaded machine a beat can come after the 60 ms TTL: the agent registers
             # again, with the facts it published, never with the change under the step.)
             assert {w["load1"] for w in writes} == {0.1}

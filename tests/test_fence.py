@@ -19,7 +19,7 @@ SLEEP = "[Service]\nExecStart=/bin/sleep 1000\n"
 # The agent and the memory store read one manual clock, which the tests move: the heartbeat is
 # lost, and the record expires, only when a test says so, however loaded the machine. Real time
 # only paces the agent's loops (a beat every TTL/3, a fence check every TTL/20).
-TTL = 0.6
+TTL = 0.15
 # Past the share of the TTL after which the agent fences (FENCE_AFTER), and short of the TTL.
 FENCED_BY = 0.75 * TTL
 
@@ -36,7 +36,7 @@ async def _until(what, check, timeout=5.0):
     deadline = asyncio.get_running_loop().time() + timeout
     while not check():
         assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.002)
 
 
 async def _fenced_cluster(fence_flag: bool):

@@ -16,7 +16,7 @@ def _ok(result) -> str:
 
 def test_drain_moves_units_and_uncordon_takes_units_again(fleet, unit_dir, monkeypatch):  # noqa: F811
     # How often the engine looks whether a moved unit's new copy runs: not what is tested here.
-    monkeypatch.setattr(engine, "HANDOVER_POLL", 0.01)
+    monkeypatch.setattr(engine, "HANDOVER_POLL", 0.002)
     _ok(fleet.run("start", "hello.service"))
     assert fleet.call(fleet.registry.assignments())[0].machine_id == M1
     out = _ok(fleet.run("drain", M1[:6]))

@@ -22,7 +22,7 @@ def _pending_reason(fleet) -> str | None:  # noqa: F811
         reason = fleet.call(fleet.registry.pending()).get("db.service")
         if reason:
             return reason
-        time.sleep(0.05)
+        time.sleep(0.005)
     return None
 
 

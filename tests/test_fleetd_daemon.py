@@ -25,7 +25,7 @@ M1 = "1" * 32
 async def _until(predicate, timeout=5.0):
     async def check():
         while not await predicate():
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.002)
 
     await asyncio.wait_for(check(), timeout)
 
@@ -39,7 +39,7 @@ async def test_supervise_logs_each_failure_with_its_traceback_and_starts_the_tas
             raise RuntimeError(f"failure {len(runs)}")
         await asyncio.Event().wait()
 
-    task = asyncio.create_task(supervise("flaky", flaky, pause=0.01))
+    task = asyncio.create_task(supervise("flaky", flaky, pause=0.002))
     await _until(lambda: _is(len(runs) == 3))
     task.cancel()
     failures = [r for r in caplog.records if "flaky crashed" in r.getMessage()]

@@ -184,8 +184,8 @@ async def test_http_probe_passes_on_2xx_3xx_and_fails_otherwise() -> None:
 async def test_probes_fail_on_refusal_and_time_out() -> None:
     server, port = await _server(None)
     async with server:
-        ok, message = await probe(HealthCheck("http", "127.0.0.1", port, timeout=0.05), ExecContext())
-        assert not ok and message.endswith("no answer within 0.05s")
+        ok, message = await probe(HealthCheck("http", "127.0.0.1", port, timeout=0.01), ExecContext())
+        assert not ok and message.endswith("no answer within 0.01s")
         assert await probe(HealthCheck("tcp", "127.0.0.1", port), ExecContext()) == (True, "")
     server.close()
     await server.wait_closed()

@@ -23,6 +23,7 @@ from fleetpy.registry import (
 )
 from fleetpy.registry.etcd2 import EtcdV2Store
 from fleetpy.registry.etcd3 import EtcdV3Store
+from fleetpy.registry.memory import MemoryStore
 from fleetpy.registry.store import AlreadyExists, CompareFailed, Put
 from fleetpy.unit import UnitFile
 
@@ -288,7 +289,7 @@ async def test_after_history_is_lost_a_relist_and_rewatch_misses_nothing(registr
 
 @pytest.mark.parametrize("store", [EtcdV2Store, EtcdV3Store])
 async def test_unreachable_etcd_is_a_clear_error(store):
-    registry = Registry(store(["http://127.0.0.1:9"], retry_for=0.1, request_timeout=0.2))
+    registry = Registry(store(["http://127.0.0.1:9"], retry_for=0.01, request_timeout=0.2))
     with pytest.raises(Unavailable, match="etcd is unreachable at http://127.0.0.1:9"):
         await registry.jobs()
     await registry.close()
@@ -300,7 +301,7 @@ async def test_the_memory_store_runs_ttls_and_watch_timeouts_on_its_clock():
     registry = memory_registry(clock=clock)
     await registry.register_machine(Machine("m1"), ttl=30)
     watch = asyncio.create_task(registry.wait(await registry.index(), "job", timeout=60))
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(2 * MemoryStore.POLL)  # it has looked at the clock again since
     assert not watch.done() and await registry.machines() == [Machine("m1")]
     clock.advance(31)
     assert await registry.machines() == []

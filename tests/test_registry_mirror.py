@@ -23,7 +23,7 @@ def registry(any_registry):
 async def _until(predicate, timeout=5.0):
     async def check():
         while not predicate():
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.002)
 
     await asyncio.wait_for(check(), timeout)
 

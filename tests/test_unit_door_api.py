@@ -113,10 +113,10 @@ async def test_a_name_the_api_accepts_runs_and_the_agent_survives(client, regist
     agent = asyncio.create_task(Agent(registry, systemd, Machine(M1), ttl=5).run())
     try:
         await registry.assign(Assignment(name, M1, (await registry.job(name)).hash, "launched"))
-        for _ in range(300):
+        for _ in range(1500):
             if (await systemd.unit_state(name))[1] == "active" or agent.done():
                 break
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.002)
         assert not agent.done(), agent.exception() if agent.done() else None
         assert (await systemd.unit_state(name))[1] == "active"
     finally:

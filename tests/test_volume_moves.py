@@ -342,7 +342,7 @@ async def _run_until(moves_: VolumeMoves, registry: Registry, done) -> VolumeRec
     try:
         async with asyncio.timeout(10):
             while not done(record := await registry.volume_record("data")):
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.002)
         return record
     finally:
         task.cancel()
@@ -386,7 +386,7 @@ async def test_a_source_restarted_while_stopping_serves_once_its_units_are_gone(
         source.wanted.set()  # as the agent does after the pass that stopped it
         async with asyncio.timeout(10):
             while (await registry.volume_record("data")).move.state != MOVE_COPYING:
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.002)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

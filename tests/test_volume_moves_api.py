@@ -86,7 +86,7 @@ class Cluster:
             found = condition()
             if found:
                 return found
-            time.sleep(0.02)
+            time.sleep(0.005)
         raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -125,7 +125,7 @@ async def _start(registry: Registry, tmp_path: Path, pki: Path | None = None) ->
             asyncio.create_task(build_fleetd(config, registry, FakeSystemd(), volume_source=peers).run())
         )
     while len(await registry.machines()) < 2:
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.002)
     return runners, tasks, Cluster(registry, asyncio.get_running_loop(), sockets, tcp, volumes, apps)
 
 
@@ -345,12 +345,13 @@ def test_a_volume_is_served_only_while_it_is_copied_from_here_and_only_to_its_ta
     unpack(io.BytesIO(reply.content), tmp_path / "fetched")
     assert (tmp_path / "fetched" / "data" / "records").read_text() == "one\ntwo\n"
     # A volume takes as long as it takes: the API's deadline for etcd does not cut its stream.
-    object.__setattr__(cluster.apps[M1][LIMITS], "registry_deadline", 0.2)  # this app's own, frozen
+    deadline = 0.05
+    object.__setattr__(cluster.apps[M1][LIMITS], "registry_deadline", deadline)  # this app's own, frozen
 
     async def slow(path: Path, write) -> int:  # type: ignore[no-untyped-def]
-        for _ in range(5):
+        for _ in range(5):  # three deadlines in all
             await write(b"x" * 10)
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(deadline * 3 / 5)
         return 50
 
     monkeypatch.setattr(extensions, "stream", slow)
