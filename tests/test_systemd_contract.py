@@ -116,6 +116,23 @@ async def test_rewriting_the_same_content_changes_nothing(manager) -> None:
     assert await manager.installed_units() == {"hello.service": FAILING}
 
 
+async def test_new_content_of_a_unit_systemd_ran_is_what_starts_after_link(manager) -> None:
+    await install(manager, "hello.service", SLEEPER)
+    assert await manager.start("hello.service") == "done"
+    assert await manager.stop("hello.service") == "done"
+    assert await manager.write_unit("hello.service", FAILING)
+    await manager.link(["hello.service"])
+    assert await manager.start("hello.service") == "failed"
+
+
+async def test_a_unit_asked_about_before_its_file_was_linked_starts_after_link(manager) -> None:
+    assert await manager.unit_state("later.service") == UNKNOWN_STATE
+    await install(manager, "later.service", SLEEPER)
+    assert await manager.unit_state("later.service") == ("loaded", "inactive", "dead")
+    assert await manager.start("later.service") == "done"
+    await manager.stop("later.service")
+
+
 async def test_starting_a_unit_never_linked_raises(manager) -> None:
     with pytest.raises(SystemdError):
         await manager.start("missing.service")

@@ -76,6 +76,29 @@ async def test_rewriting_the_same_content_changes_nothing(manager) -> None:
     assert await manager.installed_units() == {"hello.service": FAILING}
 
 
+async def test_linking_units_systemd_never_loaded_does_not_reload_it(manager, monkeypatch) -> None:
+    """A reload re-reads every unit and stalls systemd: it is for units it holds an old copy of."""
+    calls = []
+    real = manager._manager
+
+    async def counted(member, *args):
+        calls.append(member)
+        return await real(member, *args)
+
+    monkeypatch.setattr(manager, "_manager", counted)
+    await install(manager, "new1.service", SLEEPER)
+    assert await manager.write_unit("new2.service", SLEEPER)
+    assert await manager.write_unit("new3.service", SLEEPER)
+    await manager.link(["new2.service", "new3.service"])
+    assert "Reload" not in calls
+    assert await manager.start("new3.service") == "done"
+
+    assert await manager.write_unit("new3.service", FAILING)  # it runs: systemd holds the old copy
+    await manager.link(["new3.service"])
+    assert calls.count("Reload") == 1
+    await manager.stop("new3.service")
+
+
 async def test_twenty_concurrent_starts_all_get_their_job_result(manager) -> None:
     names = [f"sleeper{i}.service" for i in range(20)]
     for name in names:
