@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import threading
@@ -55,3 +56,77 @@ def test_many_units_are_asked_for_in_one_round_trip(tmp_path) -> None:
         "b.service": "b.service",
         "c.service": "c.service",
     }
+
+
+def _serve_lanes(path: str, seen: list, together: threading.Event) -> socket.socket:
+    """A server that answers no connection until a second one is open, then each request with
+    its method, target and connection number; `seen` gets (connection, method, target)."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen()
+
+    def serve(connection: socket.socket, number: int) -> None:
+        connection.settimeout(5)
+        together.wait(5)
+        buffer = b""
+        with connection:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    chunk = connection.recv(65536)
+                    if not chunk:
+                        return
+                    buffer += chunk
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                lines = head.decode().split("\r\n")
+                length = next(
+                    int(v) for k, _, v in (line.partition(": ") for line in lines) if k == "Content-Length"
+                )
+                while len(buffer) < length:
+                    buffer += connection.recv(65536)
+                buffer = buffer[length:]
+                method, target, _ = lines[0].split(" ")
+                seen.append((number, method, target))
+                body = json.dumps({"method": method, "target": target, "connection": number}).encode()
+                connection.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+
+    def accept() -> None:
+        for number in itertools.count():
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            if number == 1:
+                together.set()
+            threading.Thread(target=serve, args=(connection, number), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server
+
+
+def test_a_command_about_many_units_is_answered_over_several_connections_at_once(tmp_path) -> None:
+    """fleetd answers one connection's requests one at a time, each waiting on etcd: a command
+    about many units spreads them over connections, each unit's requests on one, in order."""
+    path = str(tmp_path / "fleet.sock")
+    seen: list = []
+    together = threading.Event()
+    server = _serve_lanes(path, seen, together)
+    names = [f"u{i}.service" for i in range(20)]
+    requests = [("GET", f"/fleet/v1/units/{n}", None, None) for n in names]
+    requests += [("PUT", f"/fleet/v1/units/{n}", None, {"desiredState": "launched"}) for n in names]
+    try:
+        with Client(f"unix://{path}", timeout=5) as client:
+            answers = [a.json() for a in client.pipeline(requests)]
+    finally:
+        server.close()
+    assert together.is_set()  # a second connection was open before anything was answered
+    assert [(a["method"], a["target"]) for a in answers] == [(m, p) for m, p, _, _ in requests]
+    connections = {a["connection"] for a in answers}
+    assert len(connections) > 1
+    for name in names:
+        mine = [(c, m) for c, m, t in seen if t.endswith(f"/{name}")]
+        assert [m for _, m in mine] == ["GET", "PUT"]  # in order, and on one connection:
+        assert len({c for c, _ in mine}) == 1

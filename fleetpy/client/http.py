@@ -17,6 +17,13 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Self
 from urllib.parse import quote, urlencode, urlsplit
 
+# (method, path, query parameters, JSON body)
+_Request = tuple[str, str, dict | list | None, Any]
+# A command about many units spreads its requests over up to LANES connections, at least
+# PER_LANE requests each (fewer are not worth another connection).
+LANES = 8
+PER_LANE = 4
+
 
 class APIError(Exception):
     """fleetd answered with an error; `message` is its explanation."""
@@ -215,7 +222,7 @@ class Client:
         _raise_for_error(response)
         return response
 
-    def pipeline(self, requests: Iterable[tuple[str, str, dict | None, Any]]) -> list[_Response]:
+    def pipeline(self, requests: Iterable[_Request]) -> list[_Response]:
         """Send every (method, path, params, json body) back to back on the one connection,
         then read the answers in order (HTTP/1.1 pipelining); errors are left to the caller."""
         requests = list(requests)
@@ -239,8 +246,53 @@ class Client:
             self.close()
             raise self._unreachable(error) from None
 
-    def _pipeline(self, requests: list[tuple[str, str, dict | None, Any]]) -> list[_Response]:
+    def _pipeline(self, requests: list[_Request]) -> list[_Response]:
+        lanes = min(LANES, len(requests) // PER_LANE)
+        if lanes > 1:
+            return self._pipeline_in_lanes(requests, lanes)
         connection = self._open()
+        assert connection.sock is not None
+        connection.sock.sendall(self._payload(requests))
+        responses, closing = _read_answers(connection.sock, requests)
+        if closing:
+            self.close()
+        return responses
+
+    def _pipeline_in_lanes(self, requests: list[_Request], count: int) -> list[_Response]:
+        """Spread the requests over `count` connections, the requests about one path on one
+        connection in their order: fleetd answers a connection's requests one after another,
+        each waiting on etcd, but works on several connections at once."""
+        lanes = _lanes(requests, count)
+        connections = [self._open()]
+        senders = []
+        try:
+            for _ in range(count - 1):
+                connections.append(self._connect())
+                connections[-1].connect()
+            # Each lane sends while its answers are read, so a big batch cannot fill both ways.
+            for connection, lane in zip(connections, lanes, strict=True):
+                senders.append(_Sender(connection, self._payload([requests[i] for i in lane])))
+            responses: list[_Response] = [None] * len(requests)  # type: ignore[list-item]
+            closing = []
+            for connection, lane in zip(connections, lanes, strict=True):
+                assert connection.sock is not None
+                answers, closes = _read_answers(connection.sock, [requests[i] for i in lane])
+                closing.append(closes)
+                for i, answer in zip(lane, answers, strict=True):
+                    responses[i] = answer
+            for sender in senders:
+                sender.done()
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            for extra in connections[1:]:
+                extra.close()
+        if closing[0]:
+            self.close()
+        return responses
+
+    def _payload(self, requests: list[_Request]) -> bytes:
         payload = bytearray()
         for method, path, params, body in requests:
             target, data, headers = self._message(method, path, params, body)
@@ -250,19 +302,7 @@ class Client:
             payload += ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
             if data is not None:
                 payload += data
-        assert connection.sock is not None
-        connection.sock.sendall(payload)
-        reader = _SharedReader(connection.sock)
-        responses = []
-        closing = False
-        for method, *_ in requests:
-            answer = http.client.HTTPResponse(reader, method=method)  # type: ignore[arg-type]
-            answer.begin()
-            responses.append(_Response(answer.status, answer.reason, answer.read()))
-            closing = closing or answer.will_close
-        if closing:
-            self.close()
-        return responses
+        return bytes(payload)
 
     def _paged(self, path: str, key: str, params: dict[str, str] | None = None) -> list[dict]:
         items: list[dict] = []
@@ -418,6 +458,52 @@ def _quoted(name: str) -> str:
 
 def _unit_path(name: str) -> str:
     return f"/fleet/v1/units/{_quoted(name)}"
+
+
+def _lanes(requests: list[_Request], count: int) -> list[list[int]]:
+    """The requests' places, dealt into `count` lanes by path in turn; one path, one lane."""
+    lanes: list[list[int]] = [[] for _ in range(count)]
+    lane_of: dict[str, int] = {}
+    for i, (_, path, _, _) in enumerate(requests):
+        lanes[lane_of.setdefault(path, len(lane_of) % count)].append(i)
+    return lanes
+
+
+class _Sender:
+    """Sends one lane's requests from a thread of its own."""
+
+    def __init__(self, connection: http.client.HTTPConnection, payload: bytes):
+        import threading  # only for a command about many units
+
+        assert connection.sock is not None
+        self._sock = connection.sock
+        self._failure: OSError | None = None
+        self._thread = threading.Thread(target=self._send, args=(payload,), daemon=True)
+        self._thread.start()
+
+    def _send(self, payload: bytes) -> None:
+        try:
+            self._sock.sendall(payload)
+        except OSError as error:  # raised by done(), in the caller's thread
+            self._failure = error
+
+    def done(self) -> None:
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+
+
+def _read_answers(sock: socket.socket, requests: list[_Request]) -> tuple[list[_Response], bool]:
+    """The answers to `requests`, pipelined on `sock`; and whether fleetd closes the connection."""
+    reader = _SharedReader(sock)
+    responses = []
+    closing = False
+    for method, *_ in requests:
+        answer = http.client.HTTPResponse(reader, method=method)  # type: ignore[arg-type]
+        answer.begin()
+        responses.append(_Response(answer.status, answer.reason, answer.read()))
+        closing = closing or answer.will_close
+    return responses, closing
 
 
 def _raise_for_error(response: _Response) -> None:
