@@ -183,6 +183,27 @@ def test_start_blocks_until_launched_and_says_where(fleet, unit_dir):
     assert result.output == f"hello.service\tlaunched\tlaunched\t{M1}/10.0.0.1\tHello\n"
 
 
+def test_start_creates_new_units_launched_in_one_request_each(fleet, unit_dir, monkeypatch):
+    """Go fleetctl creates a unit inactive, then sets it launched; one PUT does both."""
+    puts = []
+    pipeline = Client.pipeline
+
+    def recorded(self, requests):
+        requests = list(requests)
+        puts.extend((path, body["desiredState"]) for method, path, _, body in requests if method == "PUT")
+        return pipeline(self, requests)
+
+    monkeypatch.setattr(Client, "pipeline", recorded)
+    fleet.run("submit", "web@.service")
+    puts.clear()
+    result = fleet.run("start", "hello.service", "web@1.service", "web@.service")
+    assert "it is a template" in result.output  # checked after the instances were created
+    assert puts == [
+        ("/fleet/v1/units/hello.service", "launched"),
+        ("/fleet/v1/units/web%401.service", "launched"),
+    ]
+
+
 def test_load_stop_unload_destroy(fleet, unit_dir):
     assert fleet.run("load", "hello.service").output == "Unit hello.service loaded on 113f16a7.../10.0.0.1\n"
     assert fleet.run("start", "hello").output == "Unit hello.service launched on 113f16a7.../10.0.0.1\n"

@@ -663,7 +663,7 @@ def load(
     session: _Session, units: tuple[str, ...], replace: bool, no_block: bool, block_attempts: int
 ) -> None:
     """Schedule units onto machines and load them into systemd there, without starting them."""
-    names = _create_units(session.client, units, replace)
+    names = _create_units(session.client, units, replace, "loaded")
     _change_state(session, names, "loaded", no_block, block_attempts)
 
 
@@ -676,7 +676,7 @@ def start(
     session: _Session, units: tuple[str, ...], replace: bool, no_block: bool, block_attempts: int
 ) -> None:
     """Schedule and start units, submitting local unit files first if needed."""
-    names = _create_units(session.client, units, replace)
+    names = _create_units(session.client, units, replace, "launched")
     _change_state(session, names, "launched", no_block, block_attempts)
 
 
@@ -873,8 +873,11 @@ def _hash(options: list[dict]) -> str:
     return fleet_unit.UnitFile.from_options(options).hash
 
 
-def _create_units(client: Client, args: Iterable[str], replace: bool) -> list[str]:
-    """Submit what is not in the registry yet (fleet's lazy create) and return all names."""
+def _create_units(client: Client, args: Iterable[str], replace: bool, desired: str = "inactive") -> list[str]:
+    """Submit what is not in the registry yet (fleet's lazy create) and return all names.
+
+    New units are created in `desired` state at once (templates: inactive), where Go fleetctl
+    creates them inactive and then sets the state: the same result with one request less."""
     names = []
     given: dict[str, str] = {}
     for arg in args:
@@ -886,6 +889,7 @@ def _create_units(client: Client, args: Iterable[str], replace: bool) -> list[st
         names.append(name)
         given.setdefault(name, arg)
     registered = client.many_units(given)
+    created = []
     for name, arg in given.items():
         local = _local_options(arg)
         existing = registered[name]
@@ -903,7 +907,9 @@ def _create_units(client: Client, args: Iterable[str], replace: bool) -> list[st
         options = local or _template_options(name, arg)
         if options:
             _warn_deprecated(name, options)
-        client.create_unit(name, "inactive", options)
+        state = "inactive" if fleet_unit.UnitName.parse(name).is_template else desired
+        created.append((name, state, options))
+    client.create_units(created)
     return list(dict.fromkeys(names))
 
 
