@@ -7,7 +7,9 @@ import json
 import socket
 import threading
 
-from fleetpy.client import Client
+import pytest
+
+from fleetpy.client import Client, ConnectionFailed
 
 
 def _serve_pipelined(path: str, expected: int, seen: dict) -> socket.socket:
@@ -130,3 +132,59 @@ def test_a_command_about_many_units_is_answered_over_several_connections_at_once
         mine = [(c, m) for c, m, t in seen if t.endswith(f"/{name}")]
         assert [m for _, m in mine] == ["GET", "PUT"]  # in order, and on one connection:
         assert len({c for c, _ in mine}) == 1
+
+
+def _serve_once(path: str, answer: bytes) -> socket.socket:
+    """A server that reads one request head and sends `answer` as it is, then closes."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen()
+
+    def run() -> None:
+        connection, _ = server.accept()
+        with connection:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += connection.recv(65536)
+            connection.sendall(answer)
+
+    threading.Thread(target=run, daemon=True).start()
+    return server
+
+
+def _answer(tmp_path, answer: bytes, call):
+    path = str(tmp_path / "fleet.sock")
+    server = _serve_once(path, answer)
+    try:
+        with Client(f"unix://{path}", timeout=2) as client:
+            return call(client)
+    finally:
+        server.close()
+
+
+def test_a_chunked_stream_is_read_as_lines_across_chunk_boundaries(tmp_path) -> None:
+    body = b"".join(f"{len(c):x}\r\n".encode() + c + b"\r\n" for c in (b"one\ntw", b"o\n", b"thr", b"ee"))
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body + b"0\r\n\r\n"
+    lines = _answer(tmp_path, answer, lambda c: list(c.unit_journal("a.service")))
+    assert lines == ["one", "two", "three"]
+
+
+def test_an_answer_without_a_length_ends_with_the_connection(tmp_path) -> None:
+    answer = b'HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{"name": "a.service"}'
+    unit = _answer(tmp_path, answer, lambda c: c.unit("a.service"))
+    assert unit == {"name": "a.service"}
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"SSH-2.0-OpenSSH_9.2\r\n",  # something else listens there
+        b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{}",  # cut short
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        b"",
+    ],
+)
+def test_what_is_not_a_whole_http_answer_is_reported_as_fleetd_unreachable(tmp_path, answer) -> None:
+    with pytest.raises(ConnectionFailed, match="cannot reach fleetd"):
+        _answer(tmp_path, answer, lambda c: c.unit("a.service"))
