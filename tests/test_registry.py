@@ -244,6 +244,48 @@ async def test_submit_writes_the_file_and_the_job_together(registry):
     assert await registry.job("hello.service") == Job("hello.service", other.hash, "inactive")
 
 
+def _unit(n: int) -> UnitFile:
+    return UnitFile.parse(f"[Service]\nExecStart=/bin/sleep {n}\n")
+
+
+async def test_submits_made_together_all_land_and_a_conflict_answers_only_its_own(registry):
+    await registry.submit(_unit(0), Job("taken.service", _unit(0).hash, "launched"))
+    names = [f"u{i}.service" for i in range(30)]
+    jobs = [Job(n, _unit(i).hash, "launched") for i, n in enumerate(names)]
+    taken = Job("taken.service", _unit(99).hash, "launched")
+    answers = await asyncio.gather(
+        *(registry.submit(_unit(i), job) for i, job in enumerate(jobs)),
+        registry.submit(_unit(99), taken),
+        registry.submit(_unit(0), Job("twice.service", _unit(0).hash, "inactive")),
+        registry.submit(_unit(1), Job("twice.service", _unit(1).hash, "launched")),
+        return_exceptions=True,
+    )
+    assert answers[:30] == [None] * 30
+    assert isinstance(answers[30], Conflict)
+    # The same unit twice at once: one is created, the other finds it there.
+    assert sorted(type(a).__name__ for a in answers[31:]) == ["Conflict", "NoneType"]
+    won = Job("twice.service", _unit(0).hash, "inactive") if answers[31] is None else None
+    found = {j.name: j for j in await registry.jobs()}
+    assert found == {
+        **{j.name: j for j in jobs},
+        "taken.service": Job("taken.service", _unit(0).hash, "launched"),
+        "twice.service": won or Job("twice.service", _unit(1).hash, "launched"),
+    }
+    assert await registry.unit_file(_unit(29).hash) == _unit(29)
+
+
+async def test_submits_made_together_share_transactions_on_v3(v3_registry):
+    """A burst of submits (fleetctl's PUTs on several connections) is a few etcd
+    transactions, not one each: the jobs carry few distinct revisions."""
+    start = await v3_registry.index()
+    await asyncio.gather(
+        *(v3_registry.submit(_unit(i), Job(f"u{i}.service", _unit(i).hash, "launched")) for i in range(40))
+    )
+    changes = await v3_registry.store.changes(v3_registry.key("job"), start, timeout=5)
+    assert len(changes) == 40
+    assert len({c.index for c in changes}) <= 3  # the first alone, the rest together
+
+
 async def forget_history(registry: Registry) -> None:
     """Make the store drop the events written so far: v2 and memory keep the last 1000, v3
     keeps all until compacted."""

@@ -71,6 +71,9 @@ _TRANSIENT = (
 class EtcdV2Store:
     """etcd's v2 API, retrying with bounded exponential backoff across the members."""
 
+    # No transactions: a batch's ops are separate requests, some may be written and not others.
+    atomic_batches = False
+
     def __init__(
         self,
         servers: list[str],

@@ -115,6 +115,9 @@ class _Connection:
 class EtcdV3Store:
     """etcd's v3 API, retrying with bounded exponential backoff across the members."""
 
+    # One transaction per 128 ops: a batch that fits is written whole or not at all.
+    atomic_batches = True
+
     def __init__(
         self,
         servers: list[str],

@@ -39,6 +39,8 @@ class MemoryStore:
     several loops (a test's and a server thread's).
     """
 
+    atomic_batches = True  # apply checks every create-only key before it writes any
+
     HISTORY = 1000  # events kept for watches, as etcd v2 does
     # How often a waiting watcher looks at the clock: TTLs expire without any writer.
     POLL = 0.02

@@ -204,6 +204,7 @@ class MirrorStore:
         self.mirror = mirror
         self.inner = mirror.store
         self._start = start
+        self.atomic_batches = getattr(self.inner, "atomic_batches", False)
 
     def _from_copy(self, key: str) -> bool:
         if self._start:

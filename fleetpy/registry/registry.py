@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from fleetpy.conf import metrics
 from fleetpy.registry import moves
+from fleetpy.registry.groups import SubmitGroups
 from fleetpy.registry.memory import MemoryStore
 from fleetpy.registry.models import Assignment, Avoidance, Event, Job, Machine, UnitState, VolumeRecord
 from fleetpy.registry.store import (
@@ -169,6 +170,8 @@ class Registry:
         # Records a listing could not read, by their path under the prefix, with why: kept out of
         # every listing (one bad record must not stop a reader) and shown by whoever owns them.
         self.unreadable: dict[str, str] = {}
+        # Submits that arrive together share a transaction where a batch is all-or-nothing.
+        self._submits = SubmitGroups(store.apply) if getattr(store, "atomic_batches", False) else None
 
     async def _records(self, directory: str, parse: Callable[[dict], _Record]) -> list[_Record]:
         """The records under `directory` that parse, in key order; the others go to `unreadable`."""
@@ -218,13 +221,17 @@ class Registry:
 
     async def submit(self, unit_file: UnitFile, job: Job, *, replace: bool = False) -> None:
         """A unit's file and its job in one transaction (v3): the file first, so no reader sees
-        the job without it. Raises Conflict if the job exists and `replace` is false."""
+        the job without it. Raises Conflict if the job exists and `replace` is false. Submits
+        made while one is written share the next transaction (groups.py)."""
         ops: list[Op] = [
             Put(self.key("unit", unit_file.hash), unit_file.to_text()),
             Put(self.key("job", job.name), json.dumps(job.to_json()), create_only=not replace),
         ]
         try:
-            await self.store.apply(ops)
+            if self._submits is not None:
+                await self._submits.submit(job.name, ops)
+            else:
+                await self.store.apply(ops)
         except AlreadyExists:
             raise Conflict(f"unit {job.name} already exists") from None
 

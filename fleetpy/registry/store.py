@@ -157,6 +157,9 @@ class Change:
 class Store(Protocol):
     """What the registry needs from a key-value store. Keys are absolute paths, values text."""
 
+    # Whether `apply` of at most 128 ops writes all of them or none (etcd v3, memory; not v2).
+    atomic_batches: bool
+
     async def get(self, key: str) -> str | None: ...
     async def get_many(self, keys: Sequence[str]) -> dict[str, str]:
         """The values of those `keys` that exist, in as few round trips as the store allows:
