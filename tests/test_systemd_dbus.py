@@ -14,6 +14,8 @@ from statelog import StateLog, install
 
 from fleetpy.lab.node import Node
 from fleetpy.systemd import DbusManager, SystemdError
+from fleetpy.systemd.bus import UNIT_IFACE
+from fleetpy.systemd.manager import unit_name_to_path
 
 pytest_plugins = ["fixtures_nodes"]
 pytestmark = pytest.mark.integration
@@ -97,6 +99,29 @@ async def test_linking_units_systemd_never_loaded_does_not_reload_it(manager, mo
     await manager.link(["new3.service"])
     assert calls.count("Reload") == 1
     await manager.stop("new3.service")
+
+
+async def test_signals_about_units_not_ours_are_left_undecoded(manager) -> None:
+    """systemd sends PropertiesChanged for every unit, the slice and targets ours join among
+    them; decoding those was most of an agent's CPU in a burst of starts."""
+    bodies: dict[str, list] = {}
+
+    def seen(message) -> None:
+        if message.member == "PropertiesChanged":
+            bodies.setdefault(message.path, []).append(message.body)
+
+    manager._bus.add_message_handler(seen)
+    await install(manager, "mine.service", SLEEPER)
+    assert await manager.start("mine.service") == "done"
+    ours = unit_name_to_path("mine.service")
+    for _ in range(100):
+        if len(bodies) > 1 and ours in bodies:
+            break
+        await asyncio.sleep(0.02)
+    assert bodies[ours] and all(body[0] == UNIT_IFACE for body in bodies[ours])
+    others = [body for path, found in bodies.items() if path != ours for body in found]
+    assert others and all(body == [None, None, None] for body in others)
+    await manager.stop("mine.service")
 
 
 async def test_twenty_concurrent_starts_all_get_their_job_result(manager) -> None:

@@ -70,6 +70,9 @@ class DbusManager(SystemdBus):
         # systemd emits several PropertiesChanged per transition; report each state once.
         self._last_state: dict[str, tuple[str, str, str]] = {}
         self._reading: set[str] = set()  # units whose state is being read after a partial signal
+        # Object paths of the units whose files are in unit_dir: the only ones whose
+        # PropertiesChanged signals are read.
+        self._paths = {unit_name_to_path(p.name) for p in unit_dir.iterdir() if is_unit_name(p.name)}
 
     @classmethod
     async def connect(cls, bus: str, unit_dir: str | Path) -> DbusManager:
@@ -90,6 +93,7 @@ class DbusManager(SystemdBus):
             pass
         # Its temporary name ends in '~', so installed_units() never mistakes it for a unit.
         write_atomic(path, text)
+        self._paths.add(unit_name_to_path(name))
         return True
 
     async def link(self, names: list[str]) -> None:
@@ -140,6 +144,7 @@ class DbusManager(SystemdBus):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             self._last_state.pop(path.name, None)
+            self._paths.discard(unit_name_to_path(path.name))
         # systemd keeps a failed unit in memory after its file is gone; one assigned here again
         # later must start from a clean slate, not look failed already.
         for name, (_load, active, _sub) in (await self.unit_states(list(names))).items():
@@ -220,6 +225,9 @@ class DbusManager(SystemdBus):
         if path.parent != self.unit_dir:
             raise ValueError(f"{name!r}: unit file would leave {self.unit_dir}")
         return path
+
+    def _wants_signal(self, path: str | None, member: str | None) -> bool:
+        return member != "PropertiesChanged" or path in self._paths
 
     def _on_signal(self, msg: Message) -> None:
         if (
