@@ -286,6 +286,17 @@ async def test_submits_made_together_share_transactions_on_v3(v3_registry):
     assert len({c.index for c in changes}) <= 3  # the first alone, the rest together
 
 
+async def test_a_machines_schedule_comes_with_the_index_a_watch_goes_on_from(registry):
+    await registry.assign(Assignment("a.service", "m1", HELLO.hash, "launched"))
+    await registry.assign(Assignment("other.service", "m2", HELLO.hash, "launched"))
+    assignments, index = await registry.schedule_of("m1")
+    assert [a.unit for a in assignments] == ["a.service"]
+    assert await registry.wait(index, "schedule", "m1", timeout=0.2) is None  # nothing missed or replayed
+    await registry.assign(Assignment("b.service", "m1", HELLO.hash, "launched"))
+    assert await registry.wait(index, "schedule", "m1", timeout=5) is not None
+    assert (await registry.schedule_of("m1"))[1] > index
+
+
 async def forget_history(registry: Registry) -> None:
     """Make the store drop the events written so far: v2 and memory keep the last 1000, v3
     keeps all until compacted."""

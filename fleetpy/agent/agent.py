@@ -237,8 +237,8 @@ class Agent:
         while True:
             try:
                 if index is None:
-                    index = await self.registry.index()
-                    await self.reconcile(await self.registry.assignments(self.machine.id))
+                    assignments, index = await self.registry.schedule_of(self.machine.id)
+                    await self.reconcile(assignments)
                 changed = await self.registry.wait(index, "schedule", self.machine.id, timeout=WATCH_TIMEOUT)
                 if changed is not None:
                     index = None  # read again from the current index

@@ -37,6 +37,7 @@ from fleetpy.registry.store import (
     Credentials,
     DataLineage,
     HistoryLost,
+    Listing,
     Op,
     PartlyWritten,
     Put,
@@ -175,12 +176,12 @@ class EtcdV2Store:
         values = await asyncio.gather(*(one(key) for key in unique))
         return {key: value for key, value in zip(unique, values, strict=True) if value is not None}
 
-    async def list(self, prefix: str) -> dict[str, str]:
+    async def list(self, prefix: str) -> Listing:
         try:
             result = await self._call(lambda c: c.read(prefix, recursive=True))
-        except etcd.EtcdKeyNotFound:
-            return {}
-        return {leaf.key: leaf.value for leaf in result.leaves if not leaf.dir}
+        except etcd.EtcdKeyNotFound as missing:
+            return Listing({}, missing.payload["index"])
+        return Listing({leaf.key: leaf.value for leaf in result.leaves if not leaf.dir}, result.etcd_index)
 
     async def put(
         self,

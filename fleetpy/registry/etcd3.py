@@ -43,6 +43,7 @@ from fleetpy.registry.store import (
     Credentials,
     DataLineage,
     HistoryLost,
+    Listing,
     NoQuorum,
     Op,
     Put,
@@ -300,10 +301,10 @@ class EtcdV3Store:
                 found.update({kv.key.decode(): kv.value.decode() for kv in answer.response_range.kvs})
         return found
 
-    async def list(self, prefix: str) -> dict[str, str]:
+    async def list(self, prefix: str) -> Listing:
         directory = (prefix.rstrip("/") + "/").encode()
         response = await self._range(rpc.RangeRequest(key=directory, range_end=prefix_range_end(directory)))
-        return {kv.key.decode(): kv.value.decode() for kv in response.kvs}
+        return Listing({kv.key.decode(): kv.value.decode() for kv in response.kvs}, response.header.revision)
 
     async def index(self, prefix: str) -> int:
         # Any read answers with the store's revision; counting one key of ours is the cheapest

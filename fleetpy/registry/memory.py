@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from fleetpy.registry.store import AlreadyExists, Change, CompareFailed, HistoryLost, Op, Put
+from fleetpy.registry.store import AlreadyExists, Change, CompareFailed, HistoryLost, Listing, Op, Put
 
 
 class ManualClock:
@@ -93,10 +93,12 @@ class MemoryStore:
         self._expire()
         return {k: self._entries[k].value for k in keys if k in self._entries}
 
-    async def list(self, prefix: str) -> dict[str, str]:
+    async def list(self, prefix: str) -> Listing:
         directory = prefix.rstrip("/") + "/"
         self._expire()
-        return {k: e.value for k, e in sorted(self._entries.items()) if k.startswith(directory)}
+        return Listing(
+            {k: e.value for k, e in sorted(self._entries.items()) if k.startswith(directory)}, self._index
+        )
 
     async def put(
         self,

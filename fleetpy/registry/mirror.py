@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable, Collection, Sequence
 
 from fleetpy.conf import metrics
-from fleetpy.registry.store import Change, HistoryLost, Op, Store, StoreError, Unavailable
+from fleetpy.registry.store import Change, HistoryLost, Listing, Op, Store, StoreError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -227,11 +227,13 @@ class MirrorStore:
         texts = self.mirror.texts
         return {key: texts[key] for key in keys if key in texts}
 
-    async def list(self, prefix: str) -> dict[str, str]:
+    async def list(self, prefix: str) -> Listing:
         directory = prefix.rstrip("/") + "/"
         if not self._from_copy(directory):
             return await self.inner.list(prefix)
-        return {k: v for k, v in self.mirror.texts.items() if k.startswith(directory)}
+        return Listing(
+            {k: v for k, v in self.mirror.texts.items() if k.startswith(directory)}, self.mirror.index
+        )
 
     async def index(self, prefix: str) -> int:
         if not self._from_copy(prefix):

@@ -21,6 +21,7 @@ from fleetpy.registry.store import (
     AlreadyExists,
     CompareFailed,
     Delete,
+    Listing,
     Op,
     PartlyWritten,
     Put,
@@ -175,6 +176,12 @@ class Registry:
 
     async def _records(self, directory: str, parse: Callable[[dict], _Record]) -> list[_Record]:
         """The records under `directory` that parse, in key order; the others go to `unreadable`."""
+        return (await self._records_at(directory, parse))[0]
+
+    async def _records_at(
+        self, directory: str, parse: Callable[[dict], _Record]
+    ) -> tuple[list[_Record], int]:
+        """`_records`, and the store's index when they were read."""
         texts = await self._list(directory)
         before = {p: r for p, r in self.unreadable.items() if p.startswith(directory + "/")}
         for path in before:
@@ -189,15 +196,16 @@ class Registry:
                 if before.get(path) != reason:
                     log.error("registry: skipping %s", reason)
                 self.unreadable[path] = reason
-        return records
+        return records, texts.index
 
     def key(self, *parts: str) -> str:
         return self.prefix + "/".join(parts)
 
-    async def _list(self, *parts: str) -> dict[str, str]:
+    async def _list(self, *parts: str) -> Listing:
         """Records under a directory, by their path relative to it."""
         base = self.key(*parts) + "/"
-        return {k[len(base) :]: v for k, v in (await self.store.list(base)).items()}
+        listing = await self.store.list(base)
+        return Listing({k[len(base) :]: v for k, v in listing.items()}, listing.index)
 
     async def ensure_schema(self) -> None:
         try:
@@ -481,6 +489,11 @@ class Registry:
     async def assignments(self, machine_id: str | None = None) -> list[Assignment]:
         directory = f"schedule/{machine_id}" if machine_id else "schedule"
         return await self._records(directory, Assignment.from_json)
+
+    async def schedule_of(self, machine_id: str) -> tuple[list[Assignment], int]:
+        """A machine's assignments, and the index they were read at: a watch from there misses
+        no change since (one request, where index() and then assignments() were two)."""
+        return await self._records_at(f"schedule/{machine_id}", Assignment.from_json)
 
     async def set_pending(self, unit: str, reason: str | None) -> None:
         await self.apply(self.batch().set_pending(unit, reason))

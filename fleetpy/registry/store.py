@@ -145,6 +145,15 @@ class Delete:
 Op = Put | Delete
 
 
+class Listing(dict[str, str]):
+    """The records under a prefix, by key, and the store's index when they were read: a watch
+    from that index misses no change made since, without another request for the index."""
+
+    def __init__(self, records: dict[str, str], index: int):
+        super().__init__(records)
+        self.index = index
+
+
 @dataclass(frozen=True)
 class Change:
     """One write seen by a watch: the key's new value, or None when it was deleted or expired."""
@@ -166,7 +175,7 @@ class Store(Protocol):
         one transaction of range reads per 128 keys on etcd v3, concurrent GETs on v2."""
         ...
 
-    async def list(self, prefix: str) -> dict[str, str]: ...
+    async def list(self, prefix: str) -> Listing: ...
     async def put(
         self,
         key: str,
