@@ -267,7 +267,7 @@ async def test_a_failing_check_restarts_the_unit_and_a_passing_one_never_does() 
 async def test_the_health_is_published_with_the_state() -> None:
     agent, systemd, clock, scripted, _ = await _running_agent({"web.service": "HealthCheckTCP=83"})
     await step(agent, clock, 1)
-    state = await agent._state("web.service", await systemd.unit_state("web.service"))
+    (state,) = await agent._records({"web.service": await systemd.unit_state("web.service")})
     assert state.health == Health("healthy") and state.to_json()["health"] == {
         "status": "healthy",
         "failures": 0,
@@ -275,7 +275,7 @@ async def test_the_health_is_published_with_the_state() -> None:
         "message": "",
     }
     await systemd.stop("web.service")
-    state = await agent._state("web.service", await systemd.unit_state("web.service"))
+    (state,) = await agent._records({"web.service": await systemd.unit_state("web.service")})
     assert state.health is None and "health" not in state.to_json()
     assert not agent.health_monitor.watching("web.service")
 

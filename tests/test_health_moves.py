@@ -99,7 +99,7 @@ async def test_the_agent_restarts_m_times_then_leaves_the_unit_to_the_engine_and
     assert verdicts == [("unhealthy", 0, True), ("unhealthy", 1, True), ("unhealthy", 2, False)]
     health = published(agent, "web.service")
     assert (health.status, health.restarts) == ("unhealthy", 2) and health.failures > 1
-    state = await agent._state("web.service", await systemd.unit_state("web.service"))
+    (state,) = await agent._records({"web.service": await systemd.unit_state("web.service")})
     assert state.active_state == "active" and state.health.restarts == 2
     messages = [e.message for e in events.recorder.queued if e.kind == "UnitUnhealthy"]
     assert messages[-1].endswith(

@@ -595,27 +595,41 @@ class Agent:
             await self._publish_wanted.wait()
             self._publish_wanted.clear()
             batch, self._to_publish = self._to_publish, {}
-            states = await asyncio.gather(*(self._state(name, state) for name, state in batch.items()))
-            changed = [s for s in states if s is not None and (self._published or {}).get(s.unit) != s]
+            states = await self._records(batch)
+            changed = [s for s in states if (self._published or {}).get(s.unit) != s]
             async with self._state_writes:
                 written = await self._write_states(changed)
             if not written:
                 await asyncio.sleep(OUTAGE_PAUSE)
 
-    async def _state(self, name: str, state: State) -> UnitState | None:
-        """The record to publish for `name`, with systemd's reason if it failed or cannot load."""
-        assignment = self._assigned.get(name)
-        if assignment is None:
-            return None
-        load, active, sub = state
-        reason = self._quarantined.get(name, "")
-        if not reason and (active == "failed" or load not in ("loaded", "not-found")):
-            try:
-                reason = await self.systemd.failure_reason(name)
-            except SystemdError as error:
-                reason = f"systemd did not say why: {error}"
-        health = self._health.get(name) if active == "active" else None
-        return UnitState(name, self.machine.id, assignment.hash, load, active, sub, reason, health)
+    async def _records(self, states: dict[str, State]) -> list[UnitState]:
+        """The records to publish, with systemd's reason where a unit failed or cannot load
+        (asked for all such units at once; the others need no call)."""
+        failing = [
+            name
+            for name, (load, active, _) in states.items()
+            if name in self._assigned
+            and name not in self._quarantined
+            and (active == "failed" or load not in ("loaded", "not-found"))
+        ]
+        reasons = dict(zip(failing, await asyncio.gather(*map(self._failure_reason, failing)), strict=True))
+        records = []
+        for name, (load, active, sub) in states.items():
+            assignment = self._assigned.get(name)
+            if assignment is None:
+                continue
+            reason = self._quarantined.get(name) or reasons.get(name, "")
+            health = self._health.get(name) if active == "active" else None
+            records.append(
+                UnitState(name, self.machine.id, assignment.hash, load, active, sub, reason, health)
+            )
+        return records
+
+    async def _failure_reason(self, name: str) -> str:
+        try:
+            return await self.systemd.failure_reason(name)
+        except SystemdError as error:
+            return f"systemd did not say why: {error}"
 
     async def _write_states(self, states: list[UnitState]) -> bool:
         """Every state seen since the last write, in one batch: one transaction on etcd v3."""

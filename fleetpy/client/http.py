@@ -200,8 +200,9 @@ class Client:
         return response
 
     def pipeline(self, requests: Iterable[_Request]) -> list[_Response]:
-        """Send every (method, path, params, json body) back to back on the one connection,
-        then read the answers in order (HTTP/1.1 pipelining); errors are left to the caller."""
+        """Send every (method, path, params, json body) back to back on the keep-alive
+        connection (HTTP/1.1 pipelining; many go over several, see _pipeline_in_lanes), and
+        return the answers in the requests' order; errors are left to the caller."""
         requests = list(requests)
         reused = self._connection is not None
         try:

@@ -147,6 +147,8 @@ class EtcdV3Store:
 
     # -- connection -------------------------------------------------------------------------
     async def _connect(self) -> _Connection:
+        if self._connection is not None:  # every call passes here: no lock while connected
+            return self._connection
         async with self._connecting:
             if self._connection is not None:
                 return self._connection
@@ -367,6 +369,8 @@ class EtcdV3Store:
         # The transactions of unconditional ops alone go out together (at most one op per key,
         # so their order does not matter); those holding conditional ops go once they are all
         # written, one after another.
+        if len(chunks) == 1:  # most batches: no tasks to gather
+            return await self._apply_chunk(chunks[0])
         alone = len(plain) // MAX_TXN_OPS
         gate = asyncio.Semaphore(CONCURRENT_TXNS)
 
