@@ -22,7 +22,7 @@ from urllib.parse import quote, urlencode, urlsplit
 _Request = tuple[str, str, dict | list | None, Any]
 # A command about many units spreads its requests over up to LANES connections, at least
 # PER_LANE requests each (fewer are not worth another connection).
-LANES = 8
+LANES = 16
 PER_LANE = 4
 
 
