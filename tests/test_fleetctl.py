@@ -184,24 +184,29 @@ def test_start_blocks_until_launched_and_says_where(fleet, unit_dir):
 
 
 def test_start_creates_new_units_launched_in_one_request_each(fleet, unit_dir, monkeypatch):
-    """Go fleetctl creates a unit inactive, then sets it launched; one PUT does both."""
-    puts = []
+    """Go fleetctl creates a unit inactive, then sets it launched; one PUT does both, and a unit
+    this command created is not read again."""
+    puts, gets = [], []
     pipeline = Client.pipeline
 
     def recorded(self, requests):
         requests = list(requests)
         puts.extend((path, body["desiredState"]) for method, path, _, body in requests if method == "PUT")
+        gets.extend(path for method, path, _, _ in requests if method == "GET" and "/units/" in path)
         return pipeline(self, requests)
 
     monkeypatch.setattr(Client, "pipeline", recorded)
     fleet.run("submit", "web@.service")
     puts.clear()
+    gets.clear()
     result = fleet.run("start", "hello.service", "web@1.service", "web@.service")
     assert "it is a template" in result.output  # checked after the instances were created
     assert puts == [
         ("/fleet/v1/units/hello.service", "launched"),
         ("/fleet/v1/units/web%401.service", "launched"),
     ]
+    units = ("hello.service", "web%401.service", "web%40.service")
+    assert sorted(gets) == sorted(f"/fleet/v1/units/{name}" for name in units)
 
 
 def test_load_stop_unload_destroy(fleet, unit_dir):

@@ -663,8 +663,8 @@ def load(
     session: _Session, units: tuple[str, ...], replace: bool, no_block: bool, block_attempts: int
 ) -> None:
     """Schedule units onto machines and load them into systemd there, without starting them."""
-    names = _create_units(session.client, units, replace, "loaded")
-    _change_state(session, names, "loaded", no_block, block_attempts)
+    names, known = _create_units(session.client, units, replace, "loaded")
+    _change_state(session, names, "loaded", no_block, block_attempts, known)
 
 
 @cli.command("start")
@@ -676,8 +676,8 @@ def start(
     session: _Session, units: tuple[str, ...], replace: bool, no_block: bool, block_attempts: int
 ) -> None:
     """Schedule and start units, submitting local unit files first if needed."""
-    names = _create_units(session.client, units, replace, "launched")
-    _change_state(session, names, "launched", no_block, block_attempts)
+    names, known = _create_units(session.client, units, replace, "launched")
+    _change_state(session, names, "launched", no_block, block_attempts, known)
 
 
 @cli.command("stop")
@@ -753,8 +753,9 @@ def scale(session: _Session, targets: tuple[str, ...], no_block: bool, block_att
         wanted, surplus = scale_steps(template, [u["name"] for u in client.units()], int(count))
         _destroy(client, surplus, no_block, block_attempts)
         if wanted:
-            _create_units(client, wanted, replace=False)  # instances take the submitted template
-            _change_state(session, wanted, "launched", no_block, block_attempts)
+            # Instances take the submitted template; created launched, they need no other request.
+            _, known = _create_units(client, wanted, replace=False, desired="launched")
+            _change_state(session, wanted, "launched", no_block, block_attempts, known)
 
 
 @cli.command("rolling-replace")
@@ -873,8 +874,11 @@ def _hash(options: list[dict]) -> str:
     return fleet_unit.UnitFile.from_options(options).hash
 
 
-def _create_units(client: Client, args: Iterable[str], replace: bool, desired: str = "inactive") -> list[str]:
-    """Submit what is not in the registry yet (fleet's lazy create) and return all names.
+def _create_units(
+    client: Client, args: Iterable[str], replace: bool, desired: str = "inactive"
+) -> tuple[list[str], dict[str, dict]]:
+    """Submit what is not in the registry yet (fleet's lazy create); all names, and the units
+    whose state is known now (as fleetd has them, or as just created), by name.
 
     New units are created in `desired` state at once (templates: inactive), where Go fleetctl
     creates them inactive and then sets the state: the same result with one request less."""
@@ -889,6 +893,7 @@ def _create_units(client: Client, args: Iterable[str], replace: bool, desired: s
         names.append(name)
         given.setdefault(name, arg)
     registered = client.many_units(given)
+    known = {name: unit for name, unit in registered.items() if unit is not None}
     created = []
     for name, arg in given.items():
         local = _local_options(arg)
@@ -904,22 +909,27 @@ def _create_units(client: Client, args: Iterable[str], replace: bool, desired: s
                 )
                 continue
             client.destroy_unit(name)
+            del known[name]
         options = local or _template_options(name, arg)
-        if options:
-            _warn_deprecated(name, options)
         state = "inactive" if fleet_unit.UnitName.parse(name).is_template else desired
+        parsed = _checked_options(name, options) if options else None
+        if parsed is not None:
+            known[name] = {"name": name, "desiredState": state, "global": parsed.is_global}
         created.append((name, state, options))
     client.create_units(created)
-    return list(dict.fromkeys(names))
+    return list(dict.fromkeys(names)), known
 
 
-def _warn_deprecated(name: str, options: list[dict]) -> None:
+def _checked_options(name: str, options: list[dict]) -> fleet_unit.FleetOptions | None:
+    """The unit's [X-Fleet] options, after warning about deprecated ones; None if fleetd will
+    refuse them (it says why)."""
     try:
-        warnings = fleet_unit.parse_fleet_options(name, fleet_unit.UnitFile.from_options(options)).warnings
+        parsed = fleet_unit.parse_fleet_options(name, fleet_unit.UnitFile.from_options(options))
     except fleet_unit.UnitError:
-        return  # fleetd refuses it with the same message
-    for warning in warnings:
+        return None
+    for warning in parsed.warnings:
         click.echo(f"WARNING: {warning}", err=True)
+    return parsed
 
 
 def _template_options(name: str, arg: str) -> list[dict] | None:
@@ -931,9 +941,20 @@ def _template_options(name: str, arg: str) -> list[dict] | None:
     return _local_options(os.path.join(os.path.dirname(arg), parsed.template))
 
 
-def _change_state(session: _Session, names: list[str], target: str, no_block: bool, attempts: int) -> None:
+def _change_state(
+    session: _Session,
+    names: list[str],
+    target: str,
+    no_block: bool,
+    attempts: int,
+    known: dict[str, dict] | None = None,
+) -> None:
+    """Set the units' desired state and wait for it; `known`: units already read (or just
+    created) by this command, not asked for again."""
     client = session.client
-    units = client.many_units(names)
+    known = known or {}
+    units = {**client.many_units([n for n in names if n not in known]), **known}
+    units = {name: units[name] for name in names}
     for name, unit in units.items():
         if unit is None:
             raise click.ClickException(f"unable to find unit {name}")
