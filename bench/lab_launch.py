@@ -2,8 +2,9 @@
 
 For each backend a fresh lab (`fleetpy lab up --etcd-api v2|v3`: real etcd 3.4 with TLS, client
 certificates and auth, three real systemd --user managers, three fleetds) runs on loopback
-addresses. All units are submitted in one pipelined API request batch (what `fleetctl start`
-does); the time runs until every one is active in its node's systemd, as the agents publish it.
+addresses. The units are started as a user starts them, one `fleetctl start` process with 60
+local unit files; the time runs until every one is active in its node's systemd, as the agents
+publish it (an etcd watch in the bench), and until fleetctl returned.
 The baseline, in the same run, is systemd alone: the same unit files started straight in the
 same three managers (one `systemctl --user start` per node, in parallel), with no fleet at all.
 
@@ -52,30 +53,69 @@ def wait_for(what: str, check, timeout: float) -> None:
         time.sleep(0.05)
 
 
-def fleet_launch(lab: Lab, units: int) -> dict:
-    """Submit `units` launched units through the API; seconds until all are active."""
-    client = Client(lab.endpoint(), timeout=60)
+class ActiveWatch:
+    """When each unit's state was first published active, from a watch on the lab's etcd."""
+
+    def __init__(self, lab: Lab):
+        self.first_active: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._follow(lab)), daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    async def _follow(self, lab: Lab) -> None:
+        registry = lab.registry(retry_for=5)
+        prefix = registry.key("state")
+        try:
+            index = await registry.store.index(prefix)
+            self._ready.set()
+            while not self._stop.is_set():
+                for change in await registry.store.changes(prefix, index, 0.5):
+                    index = max(index, change.index)
+                    if change.value and '"systemdActiveState": "active"' in change.value:
+                        name = change.key[len(prefix) + 1 :].split("/")[0]
+                        self.first_active.setdefault(name, time.monotonic())
+        finally:
+            await registry.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def fleet_launch(lab: Lab, units: int, watch: ActiveWatch) -> dict:
+    """`fleetctl start` of `units` local unit files: seconds until all are active, and until
+    fleetctl returned."""
     names = [f"b{i}.service" for i in range(units)]
-    options = {
-        n: [{"section": "Service", "name": "ExecStart", "value": f"/bin/sleep {100000 + i}"}]
-        for i, n in enumerate(names)
-    }
-    started = time.monotonic()
-    answers = client.pipeline(
-        ("PUT", f"/fleet/v1/units/{n}", None, {"desiredState": "launched", "options": options[n]})
-        for n in names
-    )
-    refused = [a.text for a in answers if a.status_code >= 300]
-    assert not refused, refused[:3]
-
-    def active() -> list[dict]:
-        return [s for s in client.unit_states() if s["systemdActiveState"] == "active"]
-
-    wait_for(f"{units} units active", lambda: len(active()) >= units, 300)
-    took = time.monotonic() - started
-    by_machine = Counter(s["machineID"] for s in active())
+    with tempfile.TemporaryDirectory(prefix="fbl-many-") as work:
+        for i, name in enumerate(names):
+            Path(work, name).write_text(UNIT.format(n=100000 + i))
+        started = time.monotonic()
+        run = fleetctl(lab, work, "start", *names)
+        returned = time.monotonic() - started
+    assert run.returncode == 0, run.stderr
+    wait_for(f"{units} units active", lambda: all(n in watch.first_active for n in names), 300)
+    took = max(watch.first_active[n] for n in names) - started
+    client = Client(lab.endpoint(), timeout=60)
+    by_machine = Counter(s["machineID"] for s in client.unit_states() if s["name"] in names)
     client.close()
-    return {"all_active_s": round(took, 2), "per_node": sorted(by_machine.values(), reverse=True)}
+    return {
+        "all_active_s": round(took, 2),
+        "fleetctl_returned_s": round(returned, 2),
+        "per_node": sorted(by_machine.values(), reverse=True),
+    }
+
+
+def fleetctl(lab: Lab, work: str, *args: str) -> subprocess.CompletedProcess:
+    """A whole fleetctl process, in `work` (where the local unit files are)."""
+    return subprocess.run(
+        [sys.executable, "-m", "fleetpy.cli.fleetctl", *args],
+        cwd=work,
+        env=dict(os.environ, FLEETCTL_ENDPOINT=lab.endpoint()),
+        capture_output=True,
+        text=True,
+    )
 
 
 def systemd_launch(lab: Lab, units: int) -> dict:
@@ -108,65 +148,23 @@ def systemd_launch(lab: Lab, units: int) -> dict:
     return {"all_active_s": round(took, 2)}
 
 
-class ActiveWatch:
-    """When each unit's state was first published active, from a watch on the lab's etcd."""
-
-    def __init__(self, lab: Lab):
-        self.first_active: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._follow(lab)), daemon=True)
-        self._thread.start()
-        self._ready.wait(10)
-
-    async def _follow(self, lab: Lab) -> None:
-        registry = lab.registry(retry_for=5)
-        prefix = registry.key("state")
-        try:
-            index = await registry.store.index(prefix)
-            self._ready.set()
-            while not self._stop.is_set():
-                for change in await registry.store.changes(prefix, index, 0.5):
-                    index = max(index, change.index)
-                    if change.value and '"systemdActiveState": "active"' in change.value:
-                        name = change.key[len(prefix) + 1 :].split("/")[0]
-                        self.first_active.setdefault(name, time.monotonic())
-        finally:
-            await registry.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-
-def single_starts(lab: Lab, runs: int) -> dict:
+def single_starts(lab: Lab, runs: int, watch: ActiveWatch) -> dict:
     """`fleetctl start` of one new unit, one after another: until published active, and until
     fleetctl returned."""
-    watch = ActiveWatch(lab)
     to_active, returned = [], []
     client = Client(lab.endpoint(), timeout=60)
     with tempfile.TemporaryDirectory(prefix="fbl-units-") as work:
-        env = dict(os.environ, FLEETCTL_ENDPOINT=lab.endpoint())
-        try:
-            for i in range(runs):
-                name = f"one{i}.service"
-                Path(work, name).write_text(UNIT.format(n=300000 + i))
-                started = time.monotonic()
-                run = subprocess.run(
-                    [sys.executable, "-m", "fleetpy.cli.fleetctl", "start", name],
-                    cwd=work,
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                )
-                returned.append(time.monotonic() - started)
-                assert run.returncode == 0, run.stderr
-                wait_for(f"{name} active", lambda n=name: n in watch.first_active, 30)
-                to_active.append(watch.first_active[name] - started)
-                client.destroy_unit(name)
-        finally:
-            watch.close()
-            client.close()
+        for i in range(runs):
+            name = f"one{i}.service"
+            Path(work, name).write_text(UNIT.format(n=300000 + i))
+            started = time.monotonic()
+            run = fleetctl(lab, work, "start", name)
+            returned.append(time.monotonic() - started)
+            assert run.returncode == 0, run.stderr
+            wait_for(f"{name} active", lambda n=name: n in watch.first_active, 30)
+            to_active.append(watch.first_active[name] - started)
+            client.destroy_unit(name)
+    client.close()
     return {"to_active": summary(to_active), "fleetctl_returned": summary(returned)}
 
 
@@ -178,8 +176,12 @@ def measure(api: str, units: int, singles: int) -> dict:
             lab.up(node_count=NODES, network="loopback", agent_ttl="10s", containers=False, etcd_api=api)
             up_s = round(time.monotonic() - started, 2)
             baseline = systemd_launch(lab, units)
-            fleet = fleet_launch(lab, units)
-            single = single_starts(lab, singles)
+            watch = ActiveWatch(lab)
+            try:
+                fleet = fleet_launch(lab, units, watch)
+                single = single_starts(lab, singles, watch)
+            finally:
+                watch.close()
             assert lab.state is not None
             raw = raw_baseline(lab.node(lab.state.nodes[0].name), singles)
         finally:
@@ -190,6 +192,7 @@ def measure(api: str, units: int, singles: int) -> dict:
         "nodes": NODES,
         "lab_up_s": up_s,
         "fleet_all_active_s": fleet["all_active_s"],
+        "fleetctl_returned_s": fleet["fleetctl_returned_s"],
         "units_per_node": fleet["per_node"],
         "baseline_systemd_alone_s": baseline["all_active_s"],
         "single_to_active_ms": single["to_active"],
@@ -216,7 +219,8 @@ def render(result: dict) -> str:
     rows = [
         {
             "backend": r["backend"],
-            f"{r['units']} units all active s": r["fleet_all_active_s"],
+            f"fleetctl start {r['units']}: all active s": r["fleet_all_active_s"],
+            "returned s": r["fleetctl_returned_s"],
             "systemd alone s": r["baseline_systemd_alone_s"],
             "per node": r["units_per_node"],
             "single start -> active ms p50/p95": p50_p95(r["single_to_active_ms"]),
