@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import json
 import socket
+import struct
 import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -188,3 +190,71 @@ def test_an_answer_without_a_length_ends_with_the_connection(tmp_path) -> None:
 def test_what_is_not_a_whole_http_answer_is_reported_as_fleetd_unreachable(tmp_path, answer) -> None:
     with pytest.raises(ConnectionFailed, match="cannot reach fleetd"):
         _answer(tmp_path, answer, lambda c: c.unit("a.service"))
+
+
+def _serve_some_connections(path: str, seen: list, taken: Callable[[int], bool]) -> socket.socket:
+    """A server at its connection limit: it aborts the connections `taken(number)` refuses at
+    once, as fleetd's connection guard does, and answers each request of the others in turn."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(64)
+
+    def serve(connection: socket.socket) -> None:
+        buffer = b""
+        with connection:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    chunk = connection.recv(65536)
+                    if not chunk:
+                        return
+                    buffer += chunk
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                lines = head.decode().split("\r\n")
+                length = next(
+                    int(v) for k, _, v in (x.partition(": ") for x in lines) if k == "Content-Length"
+                )
+                while len(buffer) < length:
+                    buffer += connection.recv(65536)
+                buffer = buffer[length:]
+                target = lines[0].split(" ")[1]
+                seen.append(target)
+                body = json.dumps({"target": target}).encode()
+                connection.sendall(
+                    b"HTTP/1.1 200 OK\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+                )
+
+    def accept() -> None:
+        for number in itertools.count():
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            if not taken(number):
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                connection.close()  # a reset, as transport.abort()
+            else:
+                threading.Thread(target=serve, args=(connection,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize(
+    "taken",
+    [lambda number: number == 0, lambda number: number > 0, lambda number: number % 3 == 1],
+    ids=["only the first", "all but the first", "every third"],
+)
+def test_requests_on_connections_fleetd_did_not_take_go_again(tmp_path, taken) -> None:
+    """fleetd at its connection limit aborts a connection at once; a burst of fleetctl
+    commands, each on several connections, must not fail for it."""
+    path = str(tmp_path / "fleet.sock")
+    seen: list = []
+    server = _serve_some_connections(path, seen, taken)
+    requests = [("GET", f"/fleet/v1/units/u{i}.service", None, None) for i in range(40)]
+    try:
+        with Client(f"unix://{path}", timeout=5) as client:
+            answers = [a.json()["target"] for a in client.pipeline(requests)]
+    finally:
+        server.close()
+    assert answers == [path for _, path, _, _ in requests]
+    assert sorted(seen) == sorted(answers)  # each answered once

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Self
 from urllib.parse import quote, urlencode, urlsplit
@@ -24,6 +25,8 @@ _Request = tuple[str, str, dict | list | None, Any]
 # PER_LANE requests each (fewer are not worth another connection).
 LANES = 16
 PER_LANE = 4
+# Pauses before trying again the requests of connections fleetd did not take.
+AGAIN_PAUSES = (0.05, 0.2, 0.5)
 
 
 class APIError(Exception):
@@ -228,44 +231,78 @@ class Client:
         lanes = min(LANES, len(requests) // PER_LANE)
         if lanes > 1:
             return self._pipeline_in_lanes(requests, lanes)
+        return self._pipeline_on_one(requests)
+
+    def _pipeline_on_one(self, requests: list[_Request]) -> list[_Response]:
         connection = self._open()
         connection.sock.sendall(self._payload(requests))
-        responses, closing = _read_answers(connection, requests)
-        if closing:
+        responses: list[_Response] = []
+        if _read_answers(connection, requests, responses):
             self.close()
         return responses
 
     def _pipeline_in_lanes(self, requests: list[_Request], count: int) -> list[_Response]:
-        """Spread the requests over `count` connections, the requests about one path on one
-        connection in their order: fleetd answers a connection's requests one after another,
-        each waiting on etcd, but works on several connections at once."""
-        lanes = _lanes(requests, count)
-        connections = [self._open()]
-        senders = []
+        """Spread the requests over up to `count` connections, the requests about one path on
+        one connection in their order: fleetd answers a connection's requests one after another,
+        each waiting on etcd, but works on several connections at once. A connection fleetd
+        did not take (it is at its connection limit) answers nothing: its requests go again on
+        one connection, after the others (all the requests sent in lanes are idempotent: reads,
+        creates and desired states)."""
+        connections = self._connections(count)
+        responses: list[_Response] = [None] * len(requests)  # type: ignore[list-item]
+        refused: list[int] = []
+        main_closes = False
         try:
-            for _ in range(count - 1):
-                connections.append(self._connect())
+            lanes = _lanes(requests, len(connections))
             # Each lane sends while its answers are read, so a big batch cannot fill both ways.
-            for connection, lane in zip(connections, lanes, strict=True):
-                senders.append(_Sender(connection, self._payload([requests[i] for i in lane])))
-            responses: list[_Response] = [None] * len(requests)  # type: ignore[list-item]
-            closing = []
-            for connection, lane in zip(connections, lanes, strict=True):
-                answers, closes = _read_answers(connection, [requests[i] for i in lane])
-                closing.append(closes)
+            senders = [
+                _Sender(connection, self._payload([requests[i] for i in lane]))
+                for connection, lane in zip(connections, lanes, strict=True)
+            ]
+            for k, (connection, lane, sender) in enumerate(zip(connections, lanes, senders, strict=True)):
+                answers, closing = _read_lane(connection, [requests[i] for i in lane], sender)
+                main_closes = main_closes or (k == 0 and closing)
+                if answers is None:
+                    refused += lane
+                    continue
                 for i, answer in zip(lane, answers, strict=True):
                     responses[i] = answer
-            for sender in senders:
-                sender.done()
         except BaseException:
             self.close()
             raise
         finally:
             for extra in connections[1:]:
                 extra.close()
-        if closing[0]:
+        if main_closes:
             self.close()
+        if refused:
+            refused.sort()
+            for i, answer in zip(refused, self._again([requests[i] for i in refused]), strict=True):
+                responses[i] = answer
         return responses
+
+    def _again(self, requests: list[_Request]) -> list[_Response]:
+        """Requests a connection fleetd did not take, on one connection; fleetd may still be at
+        its limit while other clients' connections close, so a few tries, a moment apart."""
+        for pause in AGAIN_PAUSES:
+            try:
+                return self._pipeline_on_one(requests)
+            except TimeoutError:
+                raise  # fleetd took them and is slow: not a refusal
+            except OSError:
+                self.close()
+                time.sleep(pause)
+        return self._pipeline_on_one(requests)
+
+    def _connections(self, count: int) -> list[_Connection]:
+        """The keep-alive connection, and up to `count` - 1 more as fleetd takes them."""
+        connections = [self._open()]
+        for _ in range(count - 1):
+            try:
+                connections.append(self._connect())
+            except OSError:
+                break  # fewer lanes
+        return connections
 
     def _payload(self, requests: list[_Request]) -> bytes:
         payload = bytearray()
@@ -469,13 +506,13 @@ class _Sender:
     def _send(self, payload: bytes) -> None:
         try:
             self._sock.sendall(payload)
-        except OSError as error:  # raised by done(), in the caller's thread
+        except OSError as error:  # told by join(), in the caller's thread
             self._failure = error
 
-    def done(self) -> None:
+    def join(self) -> OSError | None:
+        """Wait until all is sent; what went wrong, if anything."""
         self._thread.join()
-        if self._failure is not None:
-            raise self._failure
+        return self._failure
 
 
 def _unix_connection(path: str, timeout: float) -> _Connection:
@@ -501,16 +538,34 @@ def _tcp_connection(host: str, port: int, timeout: float, tls: Any = None) -> _C
     return _Connection(sock)
 
 
-def _read_answers(connection: _Connection, requests: list[_Request]) -> tuple[list[_Response], bool]:
-    """The answers to `requests`, pipelined on `connection`; and whether fleetd closes it."""
-    responses = []
+def _read_lane(
+    connection: _Connection, requests: list[_Request], sender: _Sender
+) -> tuple[list[_Response] | None, bool]:
+    """One lane's answers, and whether fleetd closes its connection after them; None when
+    fleetd closed the connection before answering any: it was at its connection limit."""
+    answers: list[_Response] = []
+    try:
+        closing = _read_answers(connection, requests, answers)
+    except OSError:
+        if answers:
+            raise
+        sender.join()  # it failed too, or sent into a connection nobody reads
+        return None, True
+    if (failure := sender.join()) is not None:
+        raise failure
+    return answers, closing
+
+
+def _read_answers(connection: _Connection, requests: list[_Request], answers: list[_Response]) -> bool:
+    """Read the answers to `requests`, pipelined on `connection`, into `answers` as they come
+    (on an error, those read so far are there); whether fleetd closes the connection."""
     closing = False
     for method, *_ in requests:
         status, reason, headers, closes = _read_head(connection.reader)
         body = b"".join(_body_parts(connection.reader, method, status, headers))
-        responses.append(_Response(status, reason, body))
+        answers.append(_Response(status, reason, body))
         closing = closing or closes or not _length_known(method, status, headers)
-    return responses, closing
+    return closing
 
 
 # No line of an answer's head is longer from fleetd; a longer one is not an HTTP answer.
