@@ -62,16 +62,21 @@ def test_many_units_are_asked_for_in_one_round_trip(tmp_path) -> None:
     }
 
 
-def _serve_lanes(path: str, seen: list, together: threading.Event) -> socket.socket:
-    """A server that answers no connection until a second one is open, then each request with
-    its method, target and connection number; `seen` gets (connection, method, target)."""
+def _serve(
+    path: str, seen: list, *, taken: Callable[[int], bool] = lambda number: True, together=None
+) -> socket.socket:
+    """A fake fleetd that answers each request of a connection in turn with its method, target
+    and the connection's number; `seen` gets (connection, method, target). It aborts at once
+    the connections `taken(number)` refuses, as fleetd's connection guard does at its limit.
+    With `together` (an Event), it answers nothing until a second connection is open."""
     server = socket.socket(socket.AF_UNIX)
     server.bind(path)
-    server.listen()
+    server.listen(64)
 
     def serve(connection: socket.socket, number: int) -> None:
         connection.settimeout(5)
-        together.wait(5)
+        if together is not None:
+            together.wait(5)
         buffer = b""
         with connection:
             while True:
@@ -103,7 +108,11 @@ def _serve_lanes(path: str, seen: list, together: threading.Event) -> socket.soc
                 connection, _ = server.accept()
             except OSError:
                 return
-            if number == 1:
+            if not taken(number):
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                connection.close()  # a reset, as transport.abort()
+                continue
+            if number == 1 and together is not None:
                 together.set()
             threading.Thread(target=serve, args=(connection, number), daemon=True).start()
 
@@ -117,7 +126,7 @@ def test_a_command_about_many_units_is_answered_over_several_connections_at_once
     path = str(tmp_path / "fleet.sock")
     seen: list = []
     together = threading.Event()
-    server = _serve_lanes(path, seen, together)
+    server = _serve(path, seen, together=together)
     names = [f"u{i}.service" for i in range(20)]
     requests = [("GET", f"/fleet/v1/units/{n}", None, None) for n in names]
     requests += [("PUT", f"/fleet/v1/units/{n}", None, {"desiredState": "launched"}) for n in names]
@@ -192,53 +201,6 @@ def test_what_is_not_a_whole_http_answer_is_reported_as_fleetd_unreachable(tmp_p
         _answer(tmp_path, answer, lambda c: c.unit("a.service"))
 
 
-def _serve_some_connections(path: str, seen: list, taken: Callable[[int], bool]) -> socket.socket:
-    """A server at its connection limit: it aborts the connections `taken(number)` refuses at
-    once, as fleetd's connection guard does, and answers each request of the others in turn."""
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(path)
-    server.listen(64)
-
-    def serve(connection: socket.socket) -> None:
-        buffer = b""
-        with connection:
-            while True:
-                while b"\r\n\r\n" not in buffer:
-                    chunk = connection.recv(65536)
-                    if not chunk:
-                        return
-                    buffer += chunk
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
-                lines = head.decode().split("\r\n")
-                length = next(
-                    int(v) for k, _, v in (x.partition(": ") for x in lines) if k == "Content-Length"
-                )
-                while len(buffer) < length:
-                    buffer += connection.recv(65536)
-                buffer = buffer[length:]
-                target = lines[0].split(" ")[1]
-                seen.append(target)
-                body = json.dumps({"target": target}).encode()
-                connection.sendall(
-                    b"HTTP/1.1 200 OK\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
-                )
-
-    def accept() -> None:
-        for number in itertools.count():
-            try:
-                connection, _ = server.accept()
-            except OSError:
-                return
-            if not taken(number):
-                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                connection.close()  # a reset, as transport.abort()
-            else:
-                threading.Thread(target=serve, args=(connection,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    return server
-
-
 @pytest.mark.parametrize(
     "taken",
     [lambda number: number == 0, lambda number: number > 0, lambda number: number % 3 == 1],
@@ -249,7 +211,7 @@ def test_requests_on_connections_fleetd_did_not_take_go_again(tmp_path, taken) -
     commands, each on several connections, must not fail for it."""
     path = str(tmp_path / "fleet.sock")
     seen: list = []
-    server = _serve_some_connections(path, seen, taken)
+    server = _serve(path, seen, taken=taken)
     requests = [("GET", f"/fleet/v1/units/u{i}.service", None, None) for i in range(40)]
     try:
         with Client(f"unix://{path}", timeout=5) as client:
@@ -257,4 +219,4 @@ def test_requests_on_connections_fleetd_did_not_take_go_again(tmp_path, taken) -
     finally:
         server.close()
     assert answers == [path for _, path, _, _ in requests]
-    assert sorted(seen) == sorted(answers)  # each answered once
+    assert sorted(target for _, _, target in seen) == sorted(answers)  # each answered once
