@@ -204,7 +204,7 @@ class MirrorStore:
         self.mirror = mirror
         self.inner = mirror.store
         self._start = start
-        self.atomic_batches = getattr(self.inner, "atomic_batches", False)
+        self.atomic_batches = self.inner.atomic_batches
 
     def _from_copy(self, key: str) -> bool:
         if self._start:

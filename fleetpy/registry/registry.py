@@ -172,7 +172,7 @@ class Registry:
         # every listing (one bad record must not stop a reader) and shown by whoever owns them.
         self.unreadable: dict[str, str] = {}
         # Submits that arrive together share a transaction where a batch is all-or-nothing.
-        self._submits = SubmitGroups(store.apply) if getattr(store, "atomic_batches", False) else None
+        self._submits = SubmitGroups(store.apply) if store.atomic_batches else None
 
     async def _records(self, directory: str, parse: Callable[[dict], _Record]) -> list[_Record]:
         """The records under `directory` that parse, in key order; the others go to `unreadable`."""
