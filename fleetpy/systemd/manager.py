@@ -110,20 +110,8 @@ class DbusManager(SystemdBus):
 
     async def _held_old_copy(self, names: list[str]) -> bool:
         """Whether systemd runs any of these units from a file that changed since it loaded it."""
-        flags = await asyncio.gather(
-            *(
-                self._call(
-                    SYSTEMD_BUS_NAME,
-                    unit_name_to_path(n),
-                    PROPS_IFACE,
-                    "Get",
-                    "ss",
-                    [UNIT_IFACE, "NeedDaemonReload"],
-                )
-                for n in names
-            )
-        )
-        return any(reply[0].value for reply in flags)
+        flags = await asyncio.gather(*(self._unit_property(n, UNIT_IFACE, "NeedDaemonReload") for n in names))
+        return any(flags)
 
     async def remove_units(self, names: list[str]) -> None:
         files = [self._unit_file(name) for name in names]
@@ -200,8 +188,10 @@ class DbusManager(SystemdBus):
             return f"{result}: the main process was killed by signal {status}"
 
     async def _unit_property(self, name: str, interface: str, prop: str) -> Any:
-        path = (await self._manager("LoadUnit", "s", [name]))[0]
-        reply = await self._call(SYSTEMD_BUS_NAME, path, PROPS_IFACE, "Get", "ss", [interface, prop])
+        # systemd loads the unit an object path names when asked about it: no LoadUnit first.
+        reply = await self._call(
+            SYSTEMD_BUS_NAME, unit_name_to_path(name), PROPS_IFACE, "Get", "ss", [interface, prop]
+        )
         return reply[0].value
 
     async def main_pid(self, name: str) -> int:
